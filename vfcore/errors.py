@@ -1,0 +1,68 @@
+"""Typed errors. Every message names the file (or object) and the problem.
+
+Catch :class:`VfcoreError` to handle any of them.
+"""
+from __future__ import annotations
+
+from os import PathLike
+
+
+class VfcoreError(Exception):
+    """Base class: ``VfcoreError(path, problem)`` prints as ``"<path>: <problem>"``."""
+
+    def __init__(self, path: str | PathLike | None, problem: str):
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(problem if path is None else f"{path}: {problem}")
+
+
+class CorruptFileError(VfcoreError):
+    """A file cannot be read: truncated or corrupt gzip/NIfTI, unreadable JSON or table."""
+
+
+class FormatError(VfcoreError):
+    """A file reads but is not in the expected format (e.g. centroid JSON without ``direction``)."""
+
+
+class GeometryError(VfcoreError):
+    """Shapes, affines, orientation codes or coordinates disagree (e.g. centroid outside the volume)."""
+
+
+class LabelError(VfcoreError):
+    """A vertebra label that VerSe does not define."""
+
+
+class DataValueError(VfcoreError):
+    """Voxel or table values that cannot be used (NaN, inf, out of range)."""
+
+
+class EmptyRootError(VfcoreError):
+    """A data root with no VerSe-layout cases in it."""
+
+
+class GradeTableError(VfcoreError):
+    """A fracture grade table that is malformed or names unknown cases."""
+
+
+class DownloadError(VfcoreError):
+    """A download or archive extraction failed (checksum, size, unsafe path, network)."""
+
+
+class CheckpointError(VfcoreError):
+    """A checkpoint that cannot be loaded: wrong architecture or preset, not weights-only, corrupt."""
+
+
+class StaleArtifactError(VfcoreError):
+    """An artifact in the run folder was produced from other inputs (checkpoint, split, q, data)."""
+
+
+class MissingArtifactError(VfcoreError):
+    """An artifact a stage needs is not in the run folder (the message says which notebook makes it)."""
+
+
+class LayerNotFoundError(VfcoreError):
+    """A layer name that the model does not have (the message lists the available ones)."""
+
+
+class InputError(VfcoreError):
+    """A user-supplied input (e.g. an uploaded patch) that cannot be used."""
