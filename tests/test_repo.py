@@ -1,0 +1,84 @@
+"""The collection as a whole: the series is complete, badges are right, outputs are stripped."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+
+from vfcore.notebooks import GITHUB_REPO, NOTEBOOKS_DIR, PROJECT, QUICK, series
+
+EXPECTED = [
+    "01_preprocessing",
+    "02_training",
+    "03_quantile_thresholding",
+    "04_correlation_ranking",
+    "05_concept_explorer",
+]
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_series_is_complete_and_ordered():
+    assert [p.stem for p in series()] == EXPECTED
+    assert set(QUICK) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("stem", EXPECTED)
+def test_outputs_are_stripped(stem):
+    nb = _load(NOTEBOOKS_DIR / f"{stem}.ipynb")
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] == "code":
+            assert cell.get("outputs") == [], f"{stem}: cell {i} has outputs committed"
+            assert cell.get("execution_count") is None, f"{stem}: cell {i} has an execution count"
+    assert "widgets" not in nb.get("metadata", {}), f"{stem}: widget state committed"
+
+
+@pytest.mark.parametrize("stem", EXPECTED)
+def test_parameters_cell(stem):
+    nb = _load(NOTEBOOKS_DIR / f"{stem}.ipynb")
+    tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{stem}: needs exactly one cell tagged 'parameters'"
+    source = "".join(tagged[0]["source"])
+    names = re.findall(r"^([A-Za-z_]\w*)\s*=", source, flags=re.M)
+    assert "RUN_DIR" in names and "SEED" in names
+    assert all(n.isupper() for n in names), f"{stem}: parameter names must be UPPER_CASE: {names}"
+    # the quick parameters CI passes must exist in the notebook (papermill would only warn)
+    assert set(QUICK[stem]) <= set(names), f"{stem}: QUICK names unknown parameters"
+
+
+@pytest.mark.parametrize("stem", EXPECTED)
+def test_badges_point_at_this_notebook(stem):
+    """Each notebook's first cell carries Colab and Binder badges for its own path."""
+    path = NOTEBOOKS_DIR / f"{stem}.ipynb"
+    first = "".join(_load(path)["cells"][0]["source"])
+    colab = re.findall(r"\((https://colab\.research\.google\.com/github/[^)]+)\)", first)
+    binder = re.findall(r"\((https://mybinder\.org/v2/gh/[^)]+)\)", first)
+    assert len(colab) == 1 and len(binder) == 1, f"{stem}: expected one Colab and one Binder badge"
+    prefix = f"https://colab.research.google.com/github/{GITHUB_REPO}/blob/main/"
+    assert colab[0].startswith(prefix)
+    assert (PROJECT / colab[0][len(prefix):]).resolve() == path.resolve()
+    repo, _, query = binder[0].removeprefix("https://mybinder.org/v2/gh/").partition("?labpath=")
+    assert repo == f"{GITHUB_REPO}/main"
+    assert (PROJECT / unquote(query)).resolve() == path.resolve()
+
+
+@pytest.mark.parametrize("stem", EXPECTED)
+def test_setup_cell_installs_only_on_colab(stem):
+    nb = _load(NOTEBOOKS_DIR / f"{stem}.ipynb")
+    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    assert '"google.colab" in sys.modules' in code[0]
+    assert "describe_runtime" in code[0]
+
+
+def test_ci_runs_the_readme_commands():
+    readme = (PROJECT / "README.md").read_text()
+    ci = (PROJECT / ".ci" / "run").read_text()
+    for command in ('pip install -e ".[dev]"', "python -m pytest"):
+        assert command in readme
+        assert command.replace("pip", "python3 -m pip", 1) in ci or command in ci or \
+            command.replace("python", "python3", 1) in ci
