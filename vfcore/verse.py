@@ -18,7 +18,6 @@ flat folders of loose files (like the test fixtures) and clinical data with sess
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import gzip
 import http.client
@@ -888,6 +887,19 @@ def extract_zip(archive: str | os.PathLike, target: str | os.PathLike) -> list[P
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _check_zip(part: Path, archive: Path) -> None:
+    """Delete ``part`` and raise :class:`DownloadError` unless it is a zip with sound CRCs."""
+    try:
+        with zipfile.ZipFile(part) as zf:
+            bad = zf.testzip()
+        problem = f"member {bad!r} fails its CRC check" if bad else None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+        problem = f"not a readable zip ({err})"
+    if problem:
+        part.unlink()
+        raise DownloadError(archive, f"corrupt zip archive: {problem}; the download was deleted")
+
+
 def download(archives: Iterable[str] | Mapping[str, str], target: str | os.PathLike, *,
              extract: bool = True, retries: int = 3, timeout: float = 60.0,
              chunk_size: int = 1 << 20, progress: bool = True) -> list[Path]:
@@ -899,7 +911,8 @@ def download(archives: Iterable[str] | Mapping[str, str], target: str | os.PathL
     call), then renamed to ``target/<file>.zip``. VerSe publishes no checksums, so the size
     and sha256 are recorded in ``target/archives.sha256.json`` on first download and every
     later call verifies the archive against that record (:class:`DownloadError` on mismatch; a
-    mismatching new download is deleted). Extraction: see :func:`extract_zip`; an archive
+    mismatching new download is deleted). A first download is recorded only after its zip
+    CRCs check out. Extraction: see :func:`extract_zip`; an archive
     whose folder already exists is not unpacked again.
     """
     target = Path(target)
@@ -940,7 +953,8 @@ def download(archives: Iterable[str] | Mapping[str, str], target: str | os.PathL
                     raise DownloadError(archive, f"{err.problem}; the new download was deleted "
                                                  "(the server's file changed or the transfer "
                                                  "was corrupted)") from None
-            else:
+            else:  # first download: record it only once it is a sound zip (CRCs checked)
+                _check_zip(part, archive)
                 record[filename] = {"url": url, "size": part.stat().st_size,
                                     "sha256": sha256_file(part),
                                     "recorded": _dt.datetime.now(_dt.timezone.utc)
@@ -958,16 +972,14 @@ def download(archives: Iterable[str] | Mapping[str, str], target: str | os.PathL
         if not extract:
             out.append(archive)
             continue
-        with contextlib.suppress(zipfile.BadZipFile, OSError):
-            with zipfile.ZipFile(archive) as zf:
-                tops = {m.filename.replace("\\", "/").split("/", 1)[0] for m in zf.infolist()}
-            if len(tops) == 1 and (target / next(iter(tops))).is_dir():
-                out.append(target / next(iter(tops)))
-                continue
-            if (target / archive.stem).is_dir():
-                out.append(target / archive.stem)
-                continue
-        out.extend(extract_zip(archive, target))
+        done = record[filename].get("extracted")
+        if done and (target / done).is_dir():
+            out.append(target / done)  # unpacked by an earlier call
+            continue
+        (folder,) = extract_zip(archive, target)
+        record[filename]["extracted"] = folder.name
+        write_json(record_path, record)
+        out.append(folder)
     return out
 
 
