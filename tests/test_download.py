@@ -157,8 +157,8 @@ def test_retries_resume_within_one_call(server, tmp_path):
     body = verse_like_zip(2)
     server.files["b.zip"] = body
     server.cut_after = [1000, 30000]
-    verse.download({"b": server.url("b.zip")}, tmp_path, retries=2, extract=False,
-                   progress=False)
+    verse.download({"b": server.url("b.zip")}, tmp_path, retries=2, retry_wait=0,
+                   extract=False, progress=False)
     assert [r for _, r in server.requests] == [None, "bytes=1000-", "bytes=31000-"]
     assert (tmp_path / "b.zip").read_bytes() == body
 
@@ -251,6 +251,22 @@ def test_zip_without_single_top_folder_goes_to_archive_stem(tmp_path):
     assert leftovers(tmp_path / "t") == []
 
 
+def test_archive_placed_by_hand_is_recorded_then_verified(tmp_path):
+    body = verse_like_zip(8)
+    (tmp_path / "dataset-verse19training.zip").write_bytes(body)  # e.g. fetched from OSF
+    out = verse.download(["verse19training"], tmp_path, progress=False)  # no network needed
+    assert out == [tmp_path / "dataset-verse19training"]
+    record = json.loads((tmp_path / verse.RECORD_NAME).read_text())
+    assert record["dataset-verse19training.zip"]["sha256"] == hashlib.sha256(body).hexdigest()
+    assert record["dataset-verse19training.zip"]["extracted"] == "dataset-verse19training"
+    broken = tmp_path / "other" / "dataset-verse20test.zip"
+    broken.parent.mkdir()
+    broken.write_bytes(body[:-100])
+    with pytest.raises(DownloadError) as err:
+        verse.download(["verse20test"], broken.parent, progress=False)
+    assert str(broken) in str(err.value) and broken.exists()  # the user's file is kept
+
+
 def test_http_errors_and_unknown_names(server, tmp_path):
     with pytest.raises(DownloadError) as err:
         verse.download({"g": server.url("missing.zip")}, tmp_path, progress=False)
@@ -259,3 +275,9 @@ def test_http_errors_and_unknown_names(server, tmp_path):
     with pytest.raises(DownloadError) as err:
         verse.download(["verse21training"], tmp_path, progress=False)
     assert "verse19training" in str(err.value)
+
+
+def test_command_line(tmp_path, capsys):
+    (tmp_path / "dataset-verse19test.zip").write_bytes(verse_like_zip(9))
+    assert verse.main(["download", "--target", str(tmp_path), "verse19test"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "dataset-verse19training")

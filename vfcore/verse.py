@@ -26,10 +26,11 @@ import math
 import os
 import re
 import shutil
-import socket
 import stat
 import tempfile
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 import zipfile
@@ -207,8 +208,8 @@ def find_cases(root: str | os.PathLike, *, require_ct: bool = True) -> list[Case
             if kind is None:
                 continue
             path = Path(folder) / name
-            ses_dirs = [p.name for p in path.parents if p.name.startswith("ses-")]
-            session = f"ses-{pairs['ses']}" if "ses" in pairs else (ses_dirs[0] if ses_dirs else None)
+            ses_dirs = [d for d in Path(folder).relative_to(root).parts if d.startswith("ses-")]
+            session = f"ses-{pairs['ses']}" if "ses" in pairs else (ses_dirs[-1] if ses_dirs else None)
             key = (_dataset_root(path, root), session, stem)
             files_of = groups.setdefault(key, {})
             if kind == "centroids":
@@ -283,8 +284,12 @@ class Volume:
 _READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, ImageFileError, gzip.BadGzipFile)
 
 
-def _load_nifti(path: Path, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
-    """Scaled voxel values (scl_slope/scl_inter applied by nibabel) and the affine."""
+def _load_nifti(path: Path, dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel values (scl_slope/scl_inter applied by nibabel) and the affine.
+
+    ``dtype=None`` keeps the stored integer type when the file has no scaling (a uint8 mask
+    stays uint8: VerSe scans reach 512 x 512 x 1000 voxels, so float64 copies matter).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -292,7 +297,7 @@ def _load_nifti(path: Path, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
         img = nib.load(path)
         if len(img.shape) != 3:
             raise FormatError(path, f"expected a 3D image, got shape {img.shape}")
-        data = img.get_fdata(dtype=dtype)
+        data = np.asarray(img.dataobj) if dtype is None else img.get_fdata(dtype=dtype)
         affine = np.asarray(img.affine, dtype=np.float64)
     except FormatError:
         raise
@@ -305,6 +310,8 @@ def _load_nifti(path: Path, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_finite(path: Path, data: np.ndarray) -> None:
+    if data.dtype.kind != "f":
+        return
     bad = ~np.isfinite(data)
     if bad.any():
         first = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -333,17 +340,22 @@ def read_mask(path: str | os.PathLike,
     :class:`DataValueError`; labels outside ``valid`` raise :class:`LabelError`.
     """
     path = Path(path)
-    data, affine = _load_nifti(path, dtype=np.float64)
-    _check_finite(path, data)
-    rounded = np.rint(data)
-    off = np.abs(data - rounded) > 0.01
-    if off.any():
-        raise DataValueError(path, f"{int(off.sum())} voxels are not integer labels (e.g. "
-                                   f"{data[off][0]:g}); was the mask resampled with linear "
-                                   "interpolation instead of nearest neighbour?")
-    if rounded.min() < np.iinfo(np.int16).min or rounded.max() > np.iinfo(np.int16).max:
-        raise LabelError(path, f"labels outside the int16 range: {rounded.min():g}..{rounded.max():g}")
-    labels = rounded.astype(np.int16)
+    data, affine = _load_nifti(path)
+    if data.dtype.kind == "f":
+        _check_finite(path, data)
+        rounded = np.rint(data)
+        off = np.abs(data - rounded) > 0.01
+        if off.any():
+            raise DataValueError(path, f"{int(off.sum())} voxels are not integer labels (e.g. "
+                                       f"{data[off][0]:g}); was the mask resampled with linear "
+                                       "interpolation instead of nearest neighbour?")
+        data = rounded
+    elif data.dtype.kind not in "iub":
+        raise FormatError(path, f"voxel type {data.dtype} is not a label type")
+    low, high = data.min(), data.max()
+    if low < np.iinfo(np.int16).min or high > np.iinfo(np.int16).max:
+        raise LabelError(path, f"labels outside the int16 range: {low:g}..{high:g}")
+    labels = data.astype(np.int16)
     if valid is not None:
         unknown = sorted(set(np.unique(labels).tolist()) - set(valid))
         if unknown:
@@ -470,15 +482,21 @@ def check_centroids(centroids: Centroids, reference: Volume) -> None:
                                                 f"{list(reference.shape)}")
 
 
-def centroids_json(voxel: Mapping[int, Sequence[float]], affine: np.ndarray) -> str:
-    """The exact VerSe text: ``json.dumps`` default separators, 1 decimal, labels ascending."""
+def centroids_json(voxel: Mapping[int, Sequence[float]], affine: np.ndarray,
+                   path: str | os.PathLike | None = None) -> str:
+    """The exact VerSe text: ``json.dumps`` default separators, 1 decimal, labels ascending.
+
+    ``path`` only names the destination in error messages.
+    """
     entries: list[dict] = [{"direction": list(nib.aff2axcodes(affine))}]
     for label in sorted(int(k) for k in voxel):
         xyz = np.asarray(voxel[label], dtype=np.float64).reshape(-1)
         if xyz.shape != (3,) or not np.all(np.isfinite(xyz)):
-            raise DataValueError(None, f"centroid of label {label} must be 3 finite numbers, "
+            raise DataValueError(path, f"centroid of label {label} must be 3 finite numbers, "
                                        f"got {xyz.tolist()}")
-        level_name(label)
+        if label not in LEVEL_NAMES:
+            raise LabelError(path, f"centroid label {label} is not a VerSe vertebra label "
+                                   f"(allowed: {_ranges(LEVEL_NAMES)})")
         entries.append({"label": label,
                         **{k: round(float(v), 1) + 0.0 for k, v in zip("XYZ", xyz)}})
     return json.dumps(entries)
@@ -491,7 +509,7 @@ def write_centroids(path: str | os.PathLike, voxel: Mapping[int, Sequence[float]
     ``direction`` is ``nib.aff2axcodes(affine)``; coordinates are rounded to 1 decimal; no
     trailing newline (the format of VerSe's own ``sub-verse004_seg-subreg_ctd.json``).
     """
-    text = centroids_json(voxel, affine)
+    text = centroids_json(voxel, affine, path)
     with atomic_write(path, "wb") as f:
         f.write(text.encode("utf-8"))
     return Path(path)
@@ -595,8 +613,13 @@ def _row(path, case, label, grade, shape, where) -> dict:
             "status": status, "reason": reason}
 
 
-def _frame(rows: list[dict]) -> pd.DataFrame:
+def _frame(path: Path, rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=GRADE_COLUMNS)
+    twice = df[df.duplicated(["case", "label"])]
+    if len(twice):
+        first = twice.iloc[0]
+        raise GradeTableError(path, f"{first.case} {first.level} appears more than once "
+                                    f"({len(twice)} repeated rows)")
     df = df.astype({"case": str, "label": int, "level": str, "grade": "Int64",
                     "shape": "Int64", "fracture": "boolean", "status": str, "reason": str})
     order = df["label"].map(_RANK)
@@ -643,7 +666,7 @@ def _read_appendix(path: Path) -> pd.DataFrame:
                                             f"{rec[f'{level}_fx-g']!r}/{rec.get(f'{level}_fx-s')!r}"
                                             " is not 0-3, x or empty") from None
             rows.append(_row(path, case, LEVEL_LABELS[level], grade, shape, where))
-    return _frame(rows)
+    return _frame(path, rows)
 
 
 def _read_text_table(path: Path) -> pd.DataFrame:
@@ -686,7 +709,7 @@ def _read_text_table(path: Path) -> pd.DataFrame:
             raise GradeTableError(path, f"{where}: grade/shape {rec['grade']!r}/"
                                         f"{rec.get('shape')!r} is not 0-3, x or empty") from None
         rows.append(_row(path, case, label, grade, shape, where))
-    return _frame(rows)
+    return _frame(path, rows)
 
 
 def _read_fxgrader(path: Path, table: pd.DataFrame) -> pd.DataFrame:
@@ -711,7 +734,7 @@ def _read_fxgrader(path: Path, table: pd.DataFrame) -> pd.DataFrame:
             else:
                 raise GradeTableError(path, f"{where}: {code!r} is not an FX-Grader code (0-11)")
             rows.append(row)
-    return _frame(rows)
+    return _frame(path, rows)
 
 
 def read_grades(path: str | os.PathLike, known_cases: Iterable[str] | None = None) -> pd.DataFrame:
@@ -768,7 +791,8 @@ def _fetch(url: str, part: Path, *, timeout: float, chunk_size: int, progress: b
     if offset:
         request.add_header("Range", f"bytes={offset}-")
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        # a fresh opener reads the proxy settings of the environment at call time
+        response = urllib.request.build_opener().open(request, timeout=timeout)
     except urllib.error.HTTPError as err:
         if err.code == 416 and offset:  # range not satisfiable: .part is complete or too long
             total = _total_size(err.headers)
@@ -887,64 +911,91 @@ def extract_zip(archive: str | os.PathLike, target: str | os.PathLike) -> list[P
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_zip(part: Path, archive: Path) -> None:
-    """Delete ``part`` and raise :class:`DownloadError` unless it is a zip with sound CRCs."""
+def _zip_problem(path: Path) -> str | None:
+    """Why ``path`` is not a sound zip (CRCs of all members checked), or None."""
     try:
-        with zipfile.ZipFile(part) as zf:
+        with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
-        problem = f"member {bad!r} fails its CRC check" if bad else None
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
-        problem = f"not a readable zip ({err})"
+        return f"not a readable zip ({err})"
+    return f"member {bad!r} fails its CRC check" if bad else None
+
+
+def _check_zip(part: Path, archive: Path) -> None:
+    """Delete a fresh download ``part`` and raise :class:`DownloadError` unless it is sound."""
+    problem = _zip_problem(part)
     if problem:
         part.unlink()
         raise DownloadError(archive, f"corrupt zip archive: {problem}; the download was deleted")
 
 
+def _check_zip_kept(archive: Path) -> None:
+    """Like :func:`_check_zip` for an archive the user placed: it is kept, not deleted."""
+    problem = _zip_problem(archive)
+    if problem:
+        raise DownloadError(archive, f"corrupt zip archive: {problem}; delete it to download "
+                                     "it again")
+
+
+def _fetch_with_retries(url: str, part: Path, *, retries: int, retry_wait: float,
+                        **fetch_kwargs) -> None:
+    """:func:`_fetch`, resumed up to ``retries`` times after a dropped connection."""
+    for attempt in range(retries + 1):
+        try:
+            return _fetch(url, part, **fetch_kwargs)
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
+                TimeoutError) as err:
+            if isinstance(err, urllib.error.HTTPError) or attempt == retries:
+                kept = part.stat().st_size if part.exists() else 0
+                raise DownloadError(url, f"download failed ({err}); {kept} bytes kept in "
+                                         f"{part}, run again to resume") from err
+            time.sleep(retry_wait * 2 ** attempt)
+
+
+def _record_entry(url: str, archive: Path) -> dict:
+    return {"url": url, "size": archive.stat().st_size, "sha256": sha256_file(archive),
+            "recorded": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
 def download(archives: Iterable[str] | Mapping[str, str], target: str | os.PathLike, *,
-             extract: bool = True, retries: int = 3, timeout: float = 60.0,
-             chunk_size: int = 1 << 20, progress: bool = True) -> list[Path]:
+             extract: bool = True, retries: int = 3, retry_wait: float = 2.0,
+             timeout: float = 60.0, chunk_size: int = 1 << 20,
+             progress: bool = True) -> list[Path]:
     """Download and unpack VerSe archives into ``target``; returns the extracted folders.
 
     ``archives``: names of :data:`VERSE_ARCHIVES` (``"verse19training"``, ...) or a mapping
     name -> URL. Each archive is fetched to ``target/<file>.zip.part`` (resumed with an HTTP
     Range request after an interruption, up to ``retries`` times per call, and on the next
     call), then renamed to ``target/<file>.zip``. VerSe publishes no checksums, so the size
-    and sha256 are recorded in ``target/archives.sha256.json`` on first download and every
-    later call verifies the archive against that record (:class:`DownloadError` on mismatch; a
-    mismatching new download is deleted). A first download is recorded only after its zip
-    CRCs check out. Extraction: see :func:`extract_zip`; an archive
-    whose folder already exists is not unpacked again.
+    and sha256 are recorded in ``target/archives.sha256.json`` on first download (only once
+    the zip's CRCs check out) and every later call verifies the archive against that record
+    (:class:`DownloadError` on mismatch; a mismatching new download is deleted). Extraction:
+    :func:`extract_zip`, once per archive (the record remembers the folder). With
+    ``extract=False`` the archive paths are returned.
     """
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
+    if isinstance(archives, str):
+        archives = [archives]
     if isinstance(archives, Mapping):
         urls = dict(archives)
     else:
-        urls = {}
-        for name in archives:
-            if name not in VERSE_ARCHIVES:
-                raise DownloadError(None, f"unknown archive {name!r}; choose from "
-                                          f"{sorted(VERSE_ARCHIVES)}")
-            urls[name] = VERSE_ARCHIVES[name]
+        unknown = [name for name in archives if name not in VERSE_ARCHIVES]
+        if unknown:
+            raise DownloadError(None, f"unknown archive(s) {unknown}; choose from "
+                                      f"{sorted(VERSE_ARCHIVES)}")
+        urls = {name: VERSE_ARCHIVES[name] for name in archives}
     record_path = target / RECORD_NAME
     out = []
     for name, url in urls.items():
-        filename = Path(urllib.request.url2pathname(url.rsplit("/", 1)[-1])).name or f"{name}.zip"
+        filename = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name or f"{name}.zip"
         archive = target / filename
         record = _load_record(record_path)
         if not archive.exists():
             part = archive.with_name(archive.name + ".part")
-            for attempt in range(retries + 1):
-                try:
-                    _fetch(url, part, timeout=timeout, chunk_size=chunk_size,
-                           progress=progress, desc=filename)
-                    break
-                except (urllib.error.URLError, http.client.HTTPException, socket.timeout,
-                        ConnectionError, TimeoutError) as err:
-                    if isinstance(err, urllib.error.HTTPError) or attempt == retries:
-                        raise DownloadError(url, f"download failed ({err}); "
-                                                 f"{part.stat().st_size if part.exists() else 0} "
-                                                 f"bytes kept in {part}, run again to resume") from err
+            _fetch_with_retries(url, part, retries=retries, retry_wait=retry_wait,
+                                timeout=timeout, chunk_size=chunk_size, progress=progress,
+                                desc=filename)
             if filename in record:
                 try:
                     _verify(part, record[filename], record_path)
@@ -953,21 +1004,16 @@ def download(archives: Iterable[str] | Mapping[str, str], target: str | os.PathL
                     raise DownloadError(archive, f"{err.problem}; the new download was deleted "
                                                  "(the server's file changed or the transfer "
                                                  "was corrupted)") from None
-            else:  # first download: record it only once it is a sound zip (CRCs checked)
+            else:
                 _check_zip(part, archive)
-                record[filename] = {"url": url, "size": part.stat().st_size,
-                                    "sha256": sha256_file(part),
-                                    "recorded": _dt.datetime.now(_dt.timezone.utc)
-                                    .isoformat(timespec="seconds")}
+                record[filename] = _record_entry(url, part)
                 write_json(record_path, record)
             os.replace(part, archive)
         elif filename in record:
             _verify(archive, record[filename], record_path)
         else:  # an archive put there by hand: record it now (trust on first use)
-            record[filename] = {"url": url, "size": archive.stat().st_size,
-                                "sha256": sha256_file(archive),
-                                "recorded": _dt.datetime.now(_dt.timezone.utc)
-                                .isoformat(timespec="seconds")}
+            _check_zip_kept(archive)
+            record[filename] = _record_entry(url, archive)
             write_json(record_path, record)
         if not extract:
             out.append(archive)
