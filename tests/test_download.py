@@ -277,6 +277,16 @@ def test_http_errors_and_unknown_names(server, tmp_path):
     assert "verse19training" in str(err.value)
 
 
+def test_release_names_expand_to_their_splits(tmp_path):
+    for split in ("training", "validation", "test"):
+        folder = f"dataset-verse20{split}"
+        (tmp_path / f"{folder}.zip").write_bytes(make_zip({f"{folder}/x.txt": split.encode()}))
+    out = verse.download("verse20", tmp_path, progress=False)
+    assert [p.name for p in out] == ["dataset-verse20training", "dataset-verse20validation",
+                                     "dataset-verse20test"]
+    assert (out[2] / "x.txt").read_text() == "test"
+
+
 def test_command_line(tmp_path, capsys):
     (tmp_path / "dataset-verse19test.zip").write_bytes(verse_like_zip(9))
     assert verse.main(["download", "--target", str(tmp_path), "verse19test"]) == 0

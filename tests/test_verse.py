@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from vfcore import verse
+from vfcore.io import sha256_file
 from vfcore.errors import (
     CorruptFileError,
     DataValueError,
@@ -73,6 +74,14 @@ def test_level_names_and_order():
 
 
 # ---------------------------------------------------------------------------------- fixtures
+
+
+def test_fixtures_are_intact(fixtures_dir):
+    lines = (fixtures_dir / "SHA256SUMS").read_text().split("\n")
+    sums = dict(reversed(line.split(maxsplit=1)) for line in lines if line.strip())
+    assert len(sums) >= 10
+    for name, digest in sums.items():
+        assert sha256_file(fixtures_dir / name) == digest, name
 
 
 def test_find_cases_on_fixtures(fixtures_dir):

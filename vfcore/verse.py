@@ -777,6 +777,11 @@ VERSE_ARCHIVES: dict[str, str] = {
     f"verse{year}{split}": f"{_S3}/dataset-verse{year}{split}.zip"
     for year in ("19", "20") for split in ("training", "validation", "test")
 }
+#: Release name -> its archives (``download("verse19", ...)`` fetches all three splits).
+VERSE_RELEASES: dict[str, list[str]] = {
+    f"verse{year}": [f"verse{year}{split}" for split in ("training", "validation", "test")]
+    for year in ("19", "20")
+}
 #: Name of the JSON record (size + sha256 per archive) kept beside the archives.
 RECORD_NAME = "archives.sha256.json"
 
@@ -963,8 +968,8 @@ def download(archives: Iterable[str] | Mapping[str, str], target: str | os.PathL
              progress: bool = True) -> list[Path]:
     """Download and unpack VerSe archives into ``target``; returns the extracted folders.
 
-    ``archives``: names of :data:`VERSE_ARCHIVES` (``"verse19training"``, ...) or a mapping
-    name -> URL. Each archive is fetched to ``target/<file>.zip.part`` (resumed with an HTTP
+    ``archives``: names of :data:`VERSE_ARCHIVES` (``"verse19training"``, ...) or of
+    :data:`VERSE_RELEASES` (``"verse19"``: its three splits), or a mapping name -> URL. Each archive is fetched to ``target/<file>.zip.part`` (resumed with an HTTP
     Range request after an interruption, up to ``retries`` times per call, and on the next
     call), then renamed to ``target/<file>.zip``. VerSe publishes no checksums, so the size
     and sha256 are recorded in ``target/archives.sha256.json`` on first download (only once
@@ -980,11 +985,12 @@ def download(archives: Iterable[str] | Mapping[str, str], target: str | os.PathL
     if isinstance(archives, Mapping):
         urls = dict(archives)
     else:
-        unknown = [name for name in archives if name not in VERSE_ARCHIVES]
+        names = [n for name in archives for n in VERSE_RELEASES.get(name, [name])]
+        unknown = [name for name in names if name not in VERSE_ARCHIVES]
         if unknown:
             raise DownloadError(None, f"unknown archive(s) {unknown}; choose from "
-                                      f"{sorted(VERSE_ARCHIVES)}")
-        urls = {name: VERSE_ARCHIVES[name] for name in archives}
+                                      f"{sorted(VERSE_ARCHIVES)} or {sorted(VERSE_RELEASES)}")
+        urls = {name: VERSE_ARCHIVES[name] for name in names}
     record_path = target / RECORD_NAME
     out = []
     for name, url in urls.items():
@@ -1036,7 +1042,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     dl = sub.add_parser("download", help="download, verify and unpack archives")
     dl.add_argument("archives", nargs="*", default=list(VERSE_ARCHIVES),
-                    help=f"any of {', '.join(VERSE_ARCHIVES)} (default: all)")
+                    help=f"any of {', '.join([*VERSE_RELEASES, *VERSE_ARCHIVES])} "
+                         "(default: all)")
     dl.add_argument("--target", required=True, help="folder for the archives and data")
     dl.add_argument("--no-extract", action="store_true", help="only download and verify")
     args = parser.parse_args(argv)
