@@ -1,0 +1,226 @@
+"""Figures for notebook 01: the curved spine and its spline, straightening, patch galleries.
+
+Every function draws with matplotlib and returns the figure (or draws into ``ax``), so the
+notebook keeps a static picture. Images follow the radiological habit (and
+the real patches shown in the course's research notes): sagittal views with the head up and anterior on the
+left, coronal views with the head up and the patient's left on the right.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from scipy.ndimage import map_coordinates
+
+from vfcore.patches import Patch, Spine
+from vfcore.verse import Volume, craniocaudal, level_name
+
+#: CT window for bone in the figures (HU).
+WINDOW = (-400, 1200)
+FRACTURE_COLOUR, HEALTHY_COLOUR, TARGET_COLOUR = "tab:red", "tab:green", "tab:red"
+
+
+def resample_plane(volume: Volume, origin: np.ndarray, u: np.ndarray, v: np.ndarray,
+                   shape: tuple[int, int], order: int = 1, fill: float = -1024) -> np.ndarray:
+    """Sample ``volume`` on the plane world(r, c) = origin + r u + c v (u, v in mm per pixel)."""
+    r, c = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    world = origin[:, None, None] + u[:, None, None] * r + v[:, None, None] * c
+    inv = np.linalg.inv(volume.affine)
+    vox = np.einsum("ij,jrc->irc", inv[:3, :3], world) + inv[:3, 3][:, None, None]
+    return map_coordinates(volume.data, vox, order=order, mode="constant", cval=fill,
+                           output=np.float32 if order else volume.data.dtype)
+
+
+def _sagittal_reformat(volume: Volume, spine: Spine, margin: float = 40.0, order: int = 1,
+                       fill: float = -1024):
+    """A curved sagittal reformat that follows the spine's left-right course.
+
+    Rows: world z from head to feet (1 mm); columns: world y from anterior to posterior (1 mm);
+    each row is sampled at the spline's x for that height, so a scoliotic spine stays in view.
+    Returns the image and the (z, y) of its first pixel.
+    """
+    pts = spine.points
+    z_top, z_bot = pts[:, 2].max() + margin, pts[:, 2].min() - margin
+    y_ant, y_post = pts[:, 1].max() + margin + 20, pts[:, 1].min() - margin - 30
+    n_rows, n_cols = int(z_top - z_bot) + 1, int(y_ant - y_post) + 1
+    z = z_top - np.arange(n_rows)
+    order_z = np.argsort(pts[:, 2])
+    x = np.interp(z, pts[order_z, 2], pts[order_z, 0])  # spine's x at each height (ends flat)
+    y = y_ant - np.arange(n_cols)
+    world = np.stack([np.broadcast_to(x[:, None], (n_rows, n_cols)),
+                      np.broadcast_to(y[None, :], (n_rows, n_cols)),
+                      np.broadcast_to(z[:, None], (n_rows, n_cols))])
+    inv = np.linalg.inv(volume.affine)
+    vox = np.einsum("ij,jrc->irc", inv[:3, :3], world) + inv[:3, 3][:, None, None]
+    img = map_coordinates(volume.data, vox, order=order, mode="constant", cval=fill,
+                          output=np.float32 if order else volume.data.dtype)
+    return img, (z_top, y_ant)
+
+
+def show_spine(ct: Volume | None, mask: Volume | None, spine: Spine, ax=None, title: str = ""):
+    """The curved spine on a sagittal reformat, its body centroids and the fitted spline."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 9))
+    (z0, y0) = (None, None)
+    if ct is not None:
+        img, (z0, y0) = _sagittal_reformat(ct, spine)
+        ax.imshow(img, cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1], interpolation="none")
+    if mask is not None:
+        lab, (z0, y0) = _sagittal_reformat(mask, spine, order=0, fill=0)
+        if ct is None:
+            ax.imshow(lab > 0, cmap="gray", interpolation="none")
+        ax.contour(lab, levels=np.unique(lab)[1:] - 0.5, colors="gold", linewidths=0.5)
+    to_px = lambda p: (y0 - p[..., 1], z0 - p[..., 0 + 2])  # noqa: E731  (column, row)
+    if spine.spline is not None:
+        t = np.linspace(spine.t[0] - 15, spine.t[-1] + 15, 300)
+        col, row = to_px(spine.spline(t))
+        ax.plot(col, row, "-", color="tab:cyan", lw=1.5, label="cubic spline")
+    col, row = to_px(spine.points)
+    ax.plot(col, row, "o", color="tab:red", ms=4, label="body centroids")
+    for lb, cc, rr in zip(spine.labels, col, row):
+        ax.text(cc - 8, rr, level_name(lb), color="white", fontsize=7, ha="right", va="center")
+    ax.set_title(title or "sagittal reformat (anterior left)")
+    ax.set_xlabel("anterior  <-  y (mm)  ->  posterior")
+    ax.set_ylabel("head  <-  z (mm)  ->  feet")
+    ax.legend(loc="lower right", fontsize=7)
+    return ax.figure
+
+
+def show_straightening(ct: Volume, mask: Volume | None, spine: Spine, patch: Patch,
+                       size: int = 96):
+    """One vertebra before (scanner-aligned sagittal plane through c, patch outline) and after
+    straightening (the patch's mid-sagittal and mid-coronal slices, target contour)."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.3))
+    f = patch.frame
+    half = size / 2 + 20
+    # before: plane through c spanned by world -z (rows) and -y (columns): head up, anterior left
+    origin = f.c + np.array([0.0, half, half])
+    img = resample_plane(ct, origin, np.array([0, 0, -1.0]), np.array([0, -1.0, 0]),
+                         (int(2 * half), int(2 * half)))
+    ax = axes[0]
+    ax.imshow(img, cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1])
+    if mask is not None:
+        lab = resample_plane(mask, origin, np.array([0, 0, -1.0]), np.array([0, -1.0, 0]),
+                             (int(2 * half), int(2 * half)), order=0, fill=0)
+        ax.contour(lab == patch.label, [0.5], colors=TARGET_COLOUR, linewidths=0.8)
+    corners = np.array([[-1, -1], [-1, 1], [1, 1], [1, -1], [-1, -1]]) * (size - 1) / 2
+    world = f.c + corners[:, :1] * -f.e_S + corners[:, 1:] * -f.e_A
+    ax.plot(origin[1] - world[:, 1], origin[2] - world[:, 2], "-", color="tab:cyan", lw=1.2)
+    axis = f.c + np.outer([-40, 40], f.e_S)
+    ax.plot(origin[1] - axis[:, 1], origin[2] - axis[:, 2], "--", color="tab:cyan", lw=1)
+    ax.set_title(f"{patch.level} in the scanner frame\n(cyan: patch outline, spline tangent)")
+    for ax, sl, name in ((axes[1], (slice(None), slice(None), size // 2), "sagittal (rows I, cols P)"),
+                         (axes[2], (slice(None), size // 2, slice(None)), "coronal (rows I, cols L)")):
+        ax.imshow(patch.ct[sl], cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1])
+        if patch.mask is not None:
+            ax.contour(patch.mask[sl] == patch.label, [0.5], colors=TARGET_COLOUR, linewidths=0.8)
+        ax.axhline((size - 1) / 2, color="tab:cyan", lw=0.5)
+        ax.axvline((size - 1) / 2, color="tab:cyan", lw=0.5)
+        ax.set_title(f"straightened patch, {name}")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def load_patch(patches_dir: str | os.PathLike, row) -> dict[str, np.ndarray | None]:
+    """The arrays of one manifest row (``ct``, ``mask``, ``concepts``; None where absent)."""
+    patches_dir = Path(patches_dir)
+    get = lambda p: np.load(patches_dir / p) if isinstance(p, str) and p else None  # noqa: E731
+    return {"ct": get(row["ct_path"]), "mask": get(row["mask_path"]),
+            "concepts": get(row["concept_path"])}
+
+
+def _caption(row) -> str:
+    grade = row["grade"]
+    g = "" if pd.isna(grade) else f" G{int(grade)}"
+    shape = {1: " wedge", 2: " biconcave", 3: " crush"}.get(
+        None if pd.isna(row["shape"]) else int(row["shape"]), "")
+    return f"{row['case'][-10:]} {row['level']}{g}{shape if g and int(grade) else ''}"
+
+
+def patch_gallery(manifest: pd.DataFrame, patches_dir: str | os.PathLike, n: int = 4,
+                  seed: int = 0, size: int = 96):
+    """Fractured and healthy patches side by side: sagittal + coronal, target contour, grade.
+
+    Picks up to ``n`` fractured vertebrae (highest grades first, then random) and ``n``
+    healthy ones from nearby levels.
+    """
+    rng = np.random.default_rng(seed)
+    labelled = manifest[manifest["fracture"].notna()]
+    fx = labelled[labelled["fracture"] == 1]
+    ok = labelled[labelled["fracture"] == 0]
+    if len(fx):
+        fx = fx.assign(_r=rng.random(len(fx))).sort_values(["grade", "_r"], ascending=[False, True])
+    fx = fx.head(n)
+    picks = []
+    for _, row in fx.iterrows():
+        same = ok[(ok["level"] == row["level"]) & ~ok.index.isin([p.name for p in picks])]
+        pool = same if len(same) else ok[~ok.index.isin([p.name for p in picks])]
+        if len(pool):
+            picks.append(pool.iloc[int(rng.integers(len(pool)))])
+    while len(picks) < min(n, len(ok)):
+        pool = ok[~ok.index.isin([p.name for p in picks])]
+        picks.append(pool.iloc[int(rng.integers(len(pool)))])
+    columns = [("fractured", r) for _, r in fx.iterrows()] + [("healthy", r) for r in picks]
+    if not columns:
+        raise ValueError("the manifest has no labelled vertebrae to show")
+    fig, axes = plt.subplots(2, len(columns), figsize=(2.3 * len(columns), 5), squeeze=False)
+    mid = size // 2
+    for c, (kind, row) in enumerate(columns):
+        arrays = load_patch(patches_dir, row)
+        colour = FRACTURE_COLOUR if kind == "fractured" else HEALTHY_COLOUR
+        for r, sl in enumerate(((slice(None), slice(None), mid), (slice(None), mid, slice(None)))):
+            ax = axes[r, c]
+            if arrays["ct"] is not None:
+                ax.imshow(arrays["ct"][sl], cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1])
+            if arrays["mask"] is not None:
+                ax.contour(arrays["mask"][sl] == row["label"], [0.5], colors=colour,
+                           linewidths=0.7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, c].set_title(_caption(row), fontsize=8, color=colour)
+    axes[0, 0].set_ylabel("sagittal (I x P)")
+    axes[1, 0].set_ylabel("coronal (I x L)")
+    fig.suptitle("red: fractured (Genant grade G1-G3), green: healthy (G0)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def class_balance(manifest: pd.DataFrame, ax=None):
+    """Vertebrae per level (cranio-caudal): healthy, fractured, and excluded (no label)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 3.2))
+    labels = craniocaudal(sorted(set(manifest["label"])))
+    names = [level_name(lb) for lb in labels]
+    by = manifest.groupby("label")
+    healthy = [int((by.get_group(lb)["fracture"] == 0).sum()) for lb in labels]
+    fract = [int((by.get_group(lb)["fracture"] == 1).sum()) for lb in labels]
+    excl = [int(by.get_group(lb)["fracture"].isna().sum()) for lb in labels]
+    x = np.arange(len(labels))
+    ax.bar(x, healthy, color=HEALTHY_COLOUR, label="healthy")
+    ax.bar(x, fract, bottom=healthy, color=FRACTURE_COLOUR, label="fractured")
+    ax.bar(x, excl, bottom=np.add(healthy, fract), color="lightgrey", label="excluded")
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set_ylabel("vertebrae")
+    total = sum(healthy) + sum(fract)
+    share = f"{100 * sum(fract) / total:.1f} %" if total else "n/a"
+    ax.set_title(f"class balance per level: {sum(fract)} fractured of {total} labelled ({share})")
+    ax.legend(fontsize=8)
+    return ax.figure
+
+
+def split_table(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Patients, vertebrae and fractures per split (a table for the notebook)."""
+    rows = []
+    for split in ("train", "val", "test"):
+        part = manifest[manifest["split"] == split]
+        lab = part[part["fracture"].notna()]
+        rows.append({"split": split, "patients": part["patient"].nunique(),
+                     "scans": part["case"].nunique(), "vertebrae": len(part),
+                     "labelled": len(lab), "fractured": int((lab["fracture"] == 1).sum())})
+    return pd.DataFrame(rows).set_index("split")
