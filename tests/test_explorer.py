@@ -1,0 +1,377 @@
+"""The concept explorer, kernel side: what the widgets show after the student's actions.
+
+References are independent of the explorer's code: activation maps upsampled with
+``scipy.ndimage.zoom`` (linear, grid mode) from a numpy "network" (``explorer_synthetic``),
+r_k = sum(M_k * A_k) in numpy, the expected picture written out pixel by pixel from the
+patch slice, the HU window and the mask, and decoded from the widget's PNG bytes.
+"""
+from __future__ import annotations
+
+import datetime
+import gzip
+import io
+import json
+import re
+
+import nibabel as nib
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+import explorer_synthetic as syn
+from vfcore import explorer as ex
+from vfcore.explorer import Explorer, decode_png
+
+LO, HI = ex.DISPLAY_WINDOW_HU
+
+
+# ---- independent references ---------------------------------------------------------------
+
+def ref_maps(patch: np.ndarray) -> np.ndarray:
+    """All K unit maps of one patch, upsampled to 96^3 with scipy (zero outside the crop)."""
+    A, _ = syn.activations(patch[None])
+    out = np.zeros((syn.K, 96, 96, 96), dtype=np.float32)
+    for k in range(syn.K):
+        out[k, 16:80, 16:80, 16:80] = ndi.zoom(A[0, k], 8, order=1, grid_mode=True, mode="nearest")
+    return out
+
+
+def ref_slice(vol: np.ndarray, view: str, s: int) -> np.ndarray:
+    return {"sagittal": vol[:, :, s], "coronal": vol[:, s, :], "axial": vol[s, :, :]}[view]
+
+
+def ref_best_slice(amap: np.ndarray, T: float, view: str) -> int:
+    axis = {"sagittal": 2, "coronal": 1, "axial": 0}[view]
+    m = np.where(amap > T, amap, 0.0)
+    if not m.any():  # an empty mask: the slice with the most activation
+        m = amap
+    return int(np.argmax([ref_slice(m, view, s).sum() for s in range(amap.shape[axis])]))
+
+
+def check_image(png: bytes, patch: np.ndarray, amap: np.ndarray, T: float, view: str, s: int,
+                mode: str = "overlay", min_on: int = 1) -> None:
+    """Decode the widget's PNG and compare each voxel's pixel block with the expected colour."""
+    rgb = decode_png(png).astype(np.float64)
+    assert rgb.shape == (96 * ex.SCALE, 96 * ex.SCALE, 3)
+    blocks = rgb.reshape(96, ex.SCALE, 96, ex.SCALE, 3)
+    assert np.all(blocks == blocks[:, :1, :, :1]), "each voxel must be a uniform SCALE x SCALE block"
+    img = blocks[:, 0, :, 0]
+    ct, act = ref_slice(patch, view, s).astype(np.float64), ref_slice(amap, view, s)
+    grey = np.clip((ct - LO) / (HI - LO), 0, 1) * 255
+    sure_on, sure_off = act > T + 1e-4, act < T - 1e-4  # float32 interpolation differences
+    assert sure_on.sum() >= min_on, "the test slice must show some of the mask"
+    if mode == "overlay":
+        expected_on = 0.55 * grey[..., None] + 0.45 * np.array([255, 64, 0])
+        assert np.abs(img[sure_on] - expected_on[sure_on]).max(initial=0) <= 0.5 + 1e-9
+        assert np.abs(img[sure_off] - grey[sure_off][:, None]).max(initial=0) <= 0.5 + 1e-9
+    elif mode == "contour":
+        # a mask pixel is on the outline when one of its 4 neighbours is outside the mask
+        m = np.pad(act > T, 1)
+        edge = (act > T) & ~(m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:])
+        yellow = np.all(img == [255, 230, 0], axis=-1)
+        inner = sure_on & ~edge
+        assert np.all(np.abs(img[inner] - grey[inner][:, None]) <= 0.5)
+        assert np.all(np.abs(img[sure_off] - grey[sure_off][:, None]) <= 0.5)
+        assert yellow[edge & sure_on].mean() > 0.95
+    else:
+        assert np.abs(img - grey[..., None]).max() <= 0.5
+
+
+def parse_readout(app: Explorer) -> tuple[int, str, int]:
+    m = re.search(r"unit (\d+) .*?(sagittal|coronal|axial) slice (\d+)", app.readout_text)
+    assert m, app.readout_text
+    return int(m[1]), m[2], int(m[3])
+
+
+def parse_status(app: Explorer) -> tuple[int, str, int]:
+    m = re.search(r"unit (\d+), (sagittal|coronal|axial) slice (\d+)", app.status_text)
+    assert m, app.status_text
+    return int(m[1]), m[2], int(m[3])
+
+
+@pytest.fixture
+def setup(tmp_path):
+    data, patches = syn.make_run_data(tmp_path)
+    app = Explorer(data)
+    return app, data, patches
+
+
+# ---- pure pieces --------------------------------------------------------------------------
+
+def test_upsample_matches_scipy_linear_zoom():
+    a = np.random.default_rng(0).random((3, 8, 8, 8), dtype=np.float32)
+    up = ex.upsample_to_patch(a, syn.FIELD)
+    ref = np.zeros_like(up)
+    for k in range(3):
+        ref[k, 16:80, 16:80, 16:80] = ndi.zoom(a[k], 8, order=1, grid_mode=True, mode="nearest")
+    np.testing.assert_allclose(up, ref, atol=1e-6)
+    assert np.all(up[:, :16] == 0) and np.all(up[:, 80:] == 0)
+
+
+def test_views_follow_the_patch_axes():
+    vol = np.arange(96 ** 3).reshape(96, 96, 96)
+    assert np.array_equal(ex.take_slice(vol, "sagittal", 7), vol[:, :, 7])   # rows I, columns P
+    assert np.array_equal(ex.take_slice(vol, "coronal", 7), vol[:, 7, :])    # rows I, columns L
+    assert np.array_equal(ex.take_slice(vol, "axial", 7), vol[7])            # rows P, columns L
+
+
+def test_mask_outline_hand_case():
+    m = np.zeros((5, 5), bool)
+    m[1:4, 1:4] = True
+    expected = m.copy()
+    expected[2, 2] = False
+    assert np.array_equal(ex.mask_outline(m), expected)
+    m2 = np.ones((3, 3), bool)  # the image border counts as outside
+    assert ex.mask_outline(m2).sum() == 8
+
+
+# ---- the sample and its units -----------------------------------------------------------
+
+def test_top_units_by_relevance(setup):
+    app, data, patches = setup
+    app.select_sample(3)
+    A, prob = syn.activations(patches[3][None])
+    T = data.thresholds
+    r = np.array([np.sum(np.where(A[0, k] > T[k], A[0, k], 0)) for k in range(syn.K)])  # Eq. 2
+    order = sorted(range(syn.K), key=lambda k: (-r[k], k))[:10]
+    assert app.analysis.top == order
+    np.testing.assert_allclose(app.analysis.relevance, r, rtol=1e-5)
+    assert app.analysis.probability == pytest.approx(prob[0])
+    # the list shows r_k order and each unit's c_k rank (1 = highest c_k; NaN c_k last)
+    c = np.where(np.isnan(data.c_k), -np.inf, data.c_k)
+    labels = [lab for lab, _ in app.unit_select.options]
+    for pos, (lab, k) in enumerate(zip(labels, order), start=1):
+        expected_rank = 1 + int(np.sum(c > c[k])) + int(np.sum((c == c[k]) & (np.arange(syn.K) < k)))
+        assert lab.startswith(f"{pos}. unit {k} ") and f"c_k rank {expected_rank}" in lab, lab
+    assert app.unit == order[0]
+
+
+def test_default_sample_is_most_confident_true_positive(tmp_path):
+    data, _ = syn.make_run_data(tmp_path)
+    t = data.samples.table
+    tp = t[(t.fracture == 1) & (t.probability >= 0.5)]
+    assert data.pick("TP") == tp.probability.idxmax()
+    fp = t[(t.fracture == 0) & (t.probability >= 0.5)]
+    assert data.pick("FP") == (fp.probability.idxmax() if len(fp) else None)
+
+
+def test_slider_step_shows_that_slice_of_that_unit(setup):
+    app, data, patches = setup
+    app.select_sample(6)
+    maps = ref_maps(patches[6])
+    k = app.unit
+    T = float(data.thresholds[k])
+    assert app.index == ref_best_slice(maps[k], T, "sagittal")
+    before = app.image.value
+    # a neighbouring slice where the unit's mask is still visible
+    target = max((app.index + 1, app.index - 1),
+                 key=lambda j: (ref_slice(maps[k], "sagittal", j) > T).sum())
+    app.slider.value = target  # as the student would
+    s = app.index
+    assert s == app.slider.value == target
+    check_image(app.image.value, patches[6], maps[k], T, "sagittal", s)
+    assert app.image.value != before
+    assert parse_readout(app) == (k, "sagittal", s) == parse_status(app)
+    n_on = int((ref_slice(maps[k], "sagittal", s) > T).sum())
+    assert n_on > 0
+    assert f"M_k: {n_on} voxels" in app.readout_text
+
+
+def test_choosing_another_unit_jumps_to_its_best_slice(setup):
+    app, data, patches = setup
+    app.select_sample(9)
+    maps = ref_maps(patches[9])
+    other = app.analysis.top[2]
+    app.unit_select.value = other
+    T = float(data.thresholds[other])
+    s = ref_best_slice(maps[other], T, "sagittal")
+    assert (app.unit, app.index) == (other, s)
+    check_image(app.image.value, patches[9], maps[other], T, "sagittal", s)
+    assert parse_readout(app) == (other, "sagittal", s) == parse_status(app)
+    # with "keep slice", the slice stays where the student put it
+    app.keep_slice.value = True
+    app.slider.value = s + 1
+    app.unit_select.value = app.analysis.top[4]
+    assert app.index == s + 1
+    check_image(app.image.value, patches[9], maps[app.analysis.top[4]],
+                float(data.thresholds[app.analysis.top[4]]), "sagittal", s + 1, min_on=0)
+
+
+@pytest.mark.parametrize("view", ["coronal", "axial"])
+def test_view_axis_and_modes(setup, view):
+    app, data, patches = setup
+    app.select_sample(9)
+    maps = ref_maps(patches[9])
+    k = app.unit
+    T = float(data.thresholds[k])
+    app.view_select.value = view
+    assert app.slider.max == 95
+    s = ref_best_slice(maps[k], T, view)
+    assert app.index == s
+    check_image(app.image.value, patches[9], maps[k], T, view, s)
+    for mode in ("contour", "off"):
+        app.mode_select.value = mode
+        check_image(app.image.value, patches[9], maps[k], T, view, s, mode, min_on=10)
+    app.slider.value = s - 1
+    check_image(app.image.value, patches[9], maps[k], T, view, s - 1, "off", min_on=0)
+    assert parse_readout(app) == (k, view, s - 1) == parse_status(app)
+
+
+def test_filters_list_only_that_outcome(setup):
+    app, data, _ = setup
+    t = data.samples.table
+    for o in ("TP", "FP", "TN", "FN"):
+        app.filter.value = o
+        values = [v for _, v in app.sample_select.options]
+        assert values == list(t.index[t.outcome == o])
+        assert all(f"· {o}" in lab for lab, _ in app.sample_select.options)
+    app.filter.value = "all"
+    assert len(app.sample_select.options) == syn.N
+    # choosing from the list loads that sample
+    app.sample_select.value = 4
+    assert app.analysis.name == "sub-syn004 T11"
+    assert "sub-syn004 T11" in app.prediction.value
+
+
+def test_exemplars_are_the_units_top_samples(setup):
+    app, data, patches = setup
+    app.select_sample(2)
+    k = app.unit
+    shown = data.exemplar_maps(k)
+    assert [i for i, _, _ in shown] == data.exemplars[k][:5]
+    for i, patch, amap in shown:
+        np.testing.assert_allclose(amap, ref_maps(patches[i])[k], atol=1e-5)
+    t = data.samples.table
+    captions = [f"{t.case[i]} {t.level[i]}" for i in data.exemplars[k][:5]]
+    assert [c.splitlines()[0] for c in app.exemplar_captions] == captions
+    fig = app.static_figure()
+    assert fig is not None and len(fig.axes) >= 6
+
+
+# ---- uploads ------------------------------------------------------------------------------
+
+def _npy(a) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def _nifti(a, affine, gz=True) -> bytes:
+    raw = nib.Nifti1Image(a, affine).to_bytes()
+    return gzip.compress(raw) if gz else raw
+
+
+def test_upload_npy_and_reoriented_nifti(setup):
+    app, data, patches = setup
+    p = patches[6].astype(np.float32)
+    app.load_upload("v.npy", _npy(p))
+    assert app.analysis.name == "upload v.npy" and app.analysis.truth is None
+    np.testing.assert_array_equal(app.analysis.patch, p)
+    assert "uploaded patch" in app.prediction.value
+    top_npy = app.analysis.top
+    # the same patch stored in RAS order: array axes (L->R flipped to R, P->A flipped, I->S)
+    ras = p[::-1, ::-1, ::-1].transpose(2, 1, 0)  # axes (R, A, S)
+    app.load_upload("v.nii.gz", _nifti(ras, np.eye(4)))
+    np.testing.assert_array_equal(app.analysis.patch, p)
+    assert app.analysis.top == top_npy
+    # larger than 96^3: centre crop; between the network input and 96: padded with air
+    big = np.pad(p, 4, constant_values=-1024)
+    app.load_upload("big.npy", _npy(big))
+    np.testing.assert_array_equal(app.analysis.patch, p)
+    small = p[10:80, 10:80, 10:80]
+    app.load_upload("small.npy", _npy(small))
+    assert app.analysis.patch.shape == (96, 96, 96)
+    np.testing.assert_array_equal(app.analysis.patch[13:83, 13:83, 13:83], small)
+    assert np.all(app.analysis.patch[:13] == -1024)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("flat.npy", _npy(np.zeros((96, 96), np.float32)), "2D"),
+    ("four.npy", _npy(np.zeros((2, 96, 96, 96), np.float32)), "4D"),
+    ("tiny.npy", _npy(np.zeros((96, 40, 96), np.float32)), "smaller than the network input"),
+    ("nan.npy", _npy(np.full((96, 96, 96), np.nan, np.float32)), "NaN"),
+    ("scan.dcm", b"DICM", "not a NIfTI or NumPy file"),
+    ("broken.nii.gz", b"\x1f\x8b\x08garbage", "cannot be read"),
+    ("text.npy", b"hello", "cannot be read"),
+    ("objects.npy", None, "cannot be read"),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 40 else "")
+def test_bad_uploads_leave_the_view_and_say_why(setup, name, content, message):
+    app, data, patches = setup
+    if content is None:  # a pickled object array: never unpickled
+        buf = io.BytesIO()
+        np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        content = buf.getvalue()
+    app.select_sample(0)
+    before = (app.image.value, app.analysis.name, app.readout.value)
+    app.load_upload(name, content)
+    assert message in app.status_text and name in app.status_text, app.status_text
+    assert 'data-level=\'error\'' in app.status.value
+    assert (app.image.value, app.analysis.name, app.readout.value) == before
+    # the widget path (FileUpload) says the same and is ready for the next file
+    app.upload.value = ({"name": name, "content": memoryview(content), "size": len(content),
+                         "type": "", "last_modified": datetime.datetime.now(datetime.timezone.utc)},)
+    assert message in app.status_text
+    assert app.upload.value == ()
+    app.slider.value = 20  # still working
+    assert parse_status(app)[2] == 20
+
+
+# ---- the concept dictionary ---------------------------------------------------------------
+
+def test_concepts_are_saved_atomically_and_reused(setup, tmp_path):
+    app, data, _ = setup
+    app.select_sample(1)
+    k = app.unit
+    app.concept_label.value = "upper endplate"
+    app.concept_note.value = "fires on the cranial endplate"
+    assert "not saved" in app.status_text
+    assert not (tmp_path / "concepts.json").exists()
+    app.concept_save.click()
+    doc = json.loads((tmp_path / "concepts.json").read_text())
+    assert doc["units"] == {str(k): {"label": "upper endplate", "note": "fires on the cranial endplate"}}
+    assert doc["checkpoint_sha256"] == "abc123"
+    assert not list(tmp_path.glob(".concepts.json*")), "no temporary files left"
+    assert "upper endplate" in app.unit_select.options[0][0]
+    assert ex.load_concepts(tmp_path) == {k: {"label": "upper endplate", "note": "fires on the cranial endplate"}}
+    # another unit, then back: the label is there
+    app.unit_select.value = app.analysis.top[1]
+    assert app.concept_label.value == ""
+    app.unit_select.value = k
+    assert app.concept_label.value == "upper endplate"
+    # a new explorer on the same run folder reads it
+    data2, _ = syn.make_run_data(tmp_path)
+    app2 = Explorer(data2)
+    app2.select_sample(1)
+    assert app2.concept_label.value == "upper endplate"
+    assert "upper endplate" in app2.concept_table.value
+
+
+def test_unreadable_concepts_file_is_kept(tmp_path):
+    (tmp_path / "concepts.json").write_text("{not json")
+    data, _ = syn.make_run_data(tmp_path)
+    app = Explorer(data)
+    assert "unreadable" in app.status_text
+    app.select_sample(0)
+    app.concept_label.value = "x"
+    app.save_concepts()
+    assert (tmp_path / "concepts.json.unreadable").read_text() == "{not json"
+    assert json.loads((tmp_path / "concepts.json").read_text())["units"][str(app.unit)]["label"] == "x"
+
+
+def test_concepts_of_another_checkpoint_warn(tmp_path):
+    (tmp_path / "concepts.json").write_text(json.dumps(
+        {"checkpoint_sha256": "other", "units": {"3": {"label": "a", "note": ""}}}))
+    data, _ = syn.make_run_data(tmp_path)
+    app = Explorer(data)
+    assert "another checkpoint" in app.status_text
+    assert data.concepts.units == {3: {"label": "a", "note": ""}}
+
+
+def test_unknown_sample_and_unit_are_messages(setup):
+    app, _, _ = setup
+    app.select_sample("sub-nobody L1")
+    assert "no sample named" in app.status_text
+    app.select_sample(1)
+    missing = next(k for k in range(syn.K) if k not in app.analysis.top)
+    app.select_unit(missing)
+    assert f"unit {missing} is not among" in app.status_text

@@ -1,0 +1,995 @@
+"""The concept explorer of notebook 05: one vertebra, the units that carried its prediction.
+
+The paper's single-inference system (Engstler, Keicher et al. 2022, Sec. 2.3 and 4.3,
+Table 3): for an input x, rank the units k of the dissected layer by their relevance
+r_k(x) = sum(M_k(x) * A_k(x)) (Eq. 2, with M_k(x) = A_k(x) > T_k), and show for each of the
+most relevant units (i) its response on x and (ii) its general concept: its top-activating
+samples from the data set (exemplars). We add what a student needs to *read* it: a slice
+slider over the 96^3 patch in three views, the unit's rank by c_k (Eq. 1, true positives),
+and a concept dictionary (unit -> label, note) saved to ``<run>/concepts.json``.
+
+Three layers, each usable alone:
+
+* pure drawing functions (:func:`take_slice`, :func:`render_slice`, :func:`png_bytes`,
+  :func:`best_slice`, :func:`upsample_to_patch`): numpy in, numpy/PNG out;
+* :class:`RunData` (what the explorer needs from a run: thresholds T_k, c_k ranks, the test
+  split with predictions, exemplars, and a function patch -> activations) and
+  :class:`Analysis` (one sample: its patch, probability, r_k, top units and their
+  activation maps upsampled to the patch *once*, so a slider step only slices arrays);
+* :class:`Explorer`, the ipywidgets application, opened with :func:`explore`.
+
+The slice on screen is a PNG in a ``widgets.Image`` (a slider step re-encodes one 288 x 288
+PNG in a few ms; ``bench/bench_explorer.py`` measures it); exemplars are drawn with
+matplotlib into an ``Output`` (``clear_output(wait=True)``). Every widget carries a CSS
+class (``vf-...``, see :data:`CSS_CLASSES`) so tests can find it. Errors (bad upload, missing
+or stale artifacts) go to the status line (``vf-status``); the kernel never sees them.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import html
+import io
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from vfcore.errors import InputError, VfcoreError
+from vfcore.io import write_json
+
+# --------------------------------------------------------------------------------------------
+# Constants
+# --------------------------------------------------------------------------------------------
+
+#: Patch axes are (I, P, L) (``vfcore.patches``). A view shows the plane orthogonal to one axis;
+#: the 2D slice is ``np.take(patch, index, axis)`` without transposing, which gives
+#: sagittal: rows I (head up), columns P (anterior left); coronal: rows I, columns L
+#: (patient right on the left, radiological); axial: rows P (anterior up), columns L.
+VIEWS: dict[str, int] = {"sagittal": 2, "coronal": 1, "axial": 0}
+#: Display window in HU (a bone window: level 500, width 1500).
+DISPLAY_WINDOW_HU: tuple[float, float] = (-250.0, 1250.0)
+#: On-screen pixels per patch voxel (nearest neighbour): 96 voxels -> 288 px.
+SCALE = 3
+#: Overlay modes: the thresholded activation M_k filled (alpha-blended), its outline, or none.
+MODES = ("overlay", "contour", "off")
+OVERLAY_RGB = np.array([255.0, 64.0, 0.0])
+OVERLAY_ALPHA = 0.45
+CONTOUR_RGB = np.array([255.0, 230.0, 0.0])
+#: How many units by r_k the explorer lists (paper, Table 3: ten).
+TOP_UNITS = 10
+#: Exemplars shown per unit (the paper's collages use 25; one row of five fits the widget).
+N_EXEMPLARS = 5
+#: Air, written where an uploaded patch is padded to 96^3 (as ``vfcore.patches``).
+PAD_HU = -1024
+PATCH_SHAPE = (96, 96, 96)
+CONCEPTS_FILE = "concepts.json"
+OUTCOMES = ("TP", "FP", "TN", "FN")
+UPLOAD_SUFFIXES = (".nii", ".nii.gz", ".npy")
+
+#: CSS classes of the explorer's widgets (stable names for tests and custom styling).
+CSS_CLASSES = {
+    "root": "vf-explorer",
+    "status": "vf-status",
+    "filter": "vf-filter",
+    "sample": "vf-sample-select",
+    "upload": "vf-upload",
+    "prediction": "vf-prediction",
+    "units": "vf-unit-select",
+    "view": "vf-view-axis",
+    "mode": "vf-mode",
+    "slider": "vf-slice-slider",
+    "image": "vf-image",
+    "readout": "vf-readout",
+    "exemplars": "vf-exemplars",
+    "concept_label": "vf-concept-label",
+    "concept_note": "vf-concept-note",
+    "concept_save": "vf-concept-save",
+    "concepts": "vf-concept-table",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Drawing: pure functions (numpy in, numpy/PNG out)
+# --------------------------------------------------------------------------------------------
+
+def take_slice(volume: np.ndarray, view: str, index: int) -> np.ndarray:
+    """The 2D slice ``index`` of a (I, P, L) volume in a view (see :data:`VIEWS`)."""
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}; choose one of {list(VIEWS)}")
+    return np.take(volume, int(index), axis=VIEWS[view])
+
+
+def window_hu(hu: np.ndarray, window: tuple[float, float] = DISPLAY_WINDOW_HU) -> np.ndarray:
+    """HU -> grey levels 0..255 (float), linear inside ``window``, clipped outside."""
+    lo, hi = window
+    return np.clip((np.asarray(hu, dtype=np.float32) - lo) / (hi - lo), 0.0, 1.0) * 255.0
+
+
+def mask_outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of a 2D mask with at least one 4-neighbour outside it (the image border counts
+    as outside)."""
+    m = np.pad(mask.astype(bool), 1, constant_values=False)
+    interior = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    return mask.astype(bool) & ~interior
+
+
+def render_slice(
+    ct: np.ndarray,
+    activation: np.ndarray | None = None,
+    threshold: float | None = None,
+    mode: str = "overlay",
+    scale: int = SCALE,
+) -> np.ndarray:
+    """One 2D slice as an RGB uint8 image: the CT in :data:`DISPLAY_WINDOW_HU`, and where
+    ``activation > threshold`` (the mask M_k on this slice) a blended colour (``overlay``) or
+    the mask's outline (``contour``). Each voxel becomes ``scale x scale`` pixels."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    grey = window_hu(ct)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    if activation is not None and mode != "off":
+        mask = np.asarray(activation) > threshold
+        if mode == "overlay":
+            rgb[mask] = (1.0 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * OVERLAY_RGB
+        else:
+            rgb[mask_outline(mask)] = CONTOUR_RGB
+    out = np.rint(rgb).astype(np.uint8)
+    if scale != 1:
+        out = np.repeat(np.repeat(out, scale, axis=0), scale, axis=1)
+    return out
+
+
+def png_bytes(rgb: np.ndarray, compress_level: int = 1) -> bytes:
+    """Encode an RGB uint8 image as PNG (lossless, so a test can decode the exact pixels)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> RGB uint8 array (the inverse of :func:`png_bytes`)."""
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def best_slice(activation: np.ndarray, threshold: float, view: str) -> int:
+    """The slice of a view where the unit's thresholded activation sum(M_k * A_k) is largest
+    (the paper shows "a single slice with high activation (after thresholding)"); where the
+    mask is empty everywhere, the slice with the largest activation sum."""
+    axis = VIEWS[view]
+    other = tuple(a for a in range(3) if a != axis)
+    a = np.asarray(activation, dtype=np.float64)
+    score = np.where(a > threshold, a, 0.0).sum(axis=other)
+    if not np.any(score > 0):
+        score = a.sum(axis=other)
+    return int(np.argmax(score))
+
+
+def upsample_to_patch(
+    activations: np.ndarray,
+    field_slices: Sequence[slice],
+    patch_shape: Sequence[int] = PATCH_SHAPE,
+) -> np.ndarray:
+    """Activation maps [K, h, w, d] -> [K, *patch_shape] float32: trilinear interpolation
+    (``align_corners=False``, as NetDissect upsamples before thresholding) onto the part of
+    the patch the network saw (``field_slices``), zero elsewhere."""
+    import torch
+    import torch.nn.functional as F
+
+    a = torch.as_tensor(np.asarray(activations, dtype=np.float32))
+    size = tuple(s.stop - s.start for s in field_slices)
+    up = F.interpolate(a[None], size=size, mode="trilinear", align_corners=False)[0].numpy()
+    out = np.zeros((a.shape[0], *patch_shape), dtype=np.float32)
+    out[(slice(None), *field_slices)] = up
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs: uploaded patches and the concept dictionary
+# --------------------------------------------------------------------------------------------
+
+def _suffix(name: str) -> str:
+    lower = name.lower()
+    for suffix in (".nii.gz", ".nii", ".npy"):
+        if lower.endswith(suffix):
+            return suffix
+    return Path(lower).suffix
+
+
+def _reorient_to_ipl(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Reorder/flip a NIfTI volume so its array axes point (I, P, L), like the patch store."""
+    import nibabel as nib
+    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+    transform = ornt_transform(io_orientation(affine), axcodes2ornt(("I", "P", "L")))
+    return apply_orientation(data, transform)
+
+
+def read_upload(name: str, content: bytes, min_shape: Sequence[int]) -> np.ndarray:
+    """An uploaded vertebra patch (``.nii``, ``.nii.gz``, ``.npy``) -> float32 HU (I, P, L),
+    centre-cropped or padded with air to 96^3 (the patch store's size).
+
+    NIfTI volumes are reoriented to (I, P, L) with their affine; ``.npy`` arrays are taken to
+    be in (I, P, L) already. Raises :class:`~vfcore.errors.InputError` for another format,
+    an unreadable file, a volume that is not 3D, smaller than the network input
+    (``min_shape``), or with NaN/inf values.
+    """
+    suffix = _suffix(name)
+    if suffix not in UPLOAD_SUFFIXES:
+        raise InputError(name, f"not a NIfTI or NumPy file (expected {', '.join(UPLOAD_SUFFIXES)})")
+    content = bytes(content)
+    try:
+        if suffix == ".npy":
+            data = np.load(io.BytesIO(content), allow_pickle=False)
+        else:
+            import nibabel as nib
+
+            raw = gzip.decompress(content) if suffix == ".nii.gz" else content
+            try:
+                img = nib.Nifti1Image.from_bytes(raw)
+            except Exception:
+                img = nib.Nifti2Image.from_bytes(raw)
+            data = np.asanyarray(img.dataobj)
+            if data.ndim == 3:
+                data = _reorient_to_ipl(data, img.affine)
+    except InputError:
+        raise
+    except Exception as exc:  # truncated gzip, bad header, pickled npy, ...
+        raise InputError(name, f"cannot be read as {suffix} ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, np.ndarray) or data.dtype.kind not in "iuf" or data.dtype.names:
+        raise InputError(name, f"holds {getattr(data, 'dtype', type(data))}, not a numeric volume")
+    if data.ndim != 3:
+        raise InputError(name, f"is {data.ndim}D with shape {tuple(data.shape)}; a 3D vertebra patch is needed")
+    data = data.astype(np.float32)
+    if not np.all(np.isfinite(data)):
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        raise InputError(name, f"contains {bad} NaN or infinite values")
+    if any(s < m for s, m in zip(data.shape, min_shape)):
+        raise InputError(
+            name, f"shape {tuple(data.shape)} is smaller than the network input {tuple(min_shape)}")
+    return fit_to_patch(data)
+
+
+def fit_to_patch(volume: np.ndarray, shape: Sequence[int] = PATCH_SHAPE, fill: float = PAD_HU) -> np.ndarray:
+    """Centre-crop and/or pad (with ``fill``) a volume to ``shape``."""
+    out = np.full(shape, fill, dtype=np.float32)
+    src, dst = [], []
+    for n, m in zip(volume.shape, shape):
+        if n >= m:
+            start = (n - m) // 2
+            src.append(slice(start, start + m))
+            dst.append(slice(0, m))
+        else:
+            start = (m - n) // 2
+            src.append(slice(0, n))
+            dst.append(slice(start, start + n))
+    out[tuple(dst)] = volume[tuple(src)]
+    return out
+
+
+@dataclass
+class ConceptBook:
+    """The student's concept dictionary: unit -> {"label", "note"} for one checkpoint.
+
+    Stored as ``<run>/concepts.json``: ``{"checkpoint_sha256": ..., "layer": ...,
+    "units": {"17": {"label": "endplate", "note": "..."}, ...}}``. Edits live in memory
+    until :meth:`save` (atomic); an unreadable file is never overwritten silently: it is
+    kept as ``concepts.json.unreadable`` before the first save.
+    """
+
+    path: Path
+    units: dict[int, dict[str, str]] = field(default_factory=dict)
+    checkpoint_sha256: str | None = None
+    layer: str | None = None
+    problem: str | None = None  # why the file on disk could not be used (shown in the status)
+    dirty: bool = False
+
+    @classmethod
+    def load(cls, path: str | Path, checkpoint_sha256: str | None = None, layer: str | None = None) -> "ConceptBook":
+        path = Path(path)
+        book = cls(path=path, checkpoint_sha256=checkpoint_sha256, layer=layer)
+        if not path.exists():
+            return book
+        try:
+            doc = json.loads(path.read_text())
+            units = {int(k): {"label": str(v.get("label", "")), "note": str(v.get("note", ""))}
+                     for k, v in doc.get("units", {}).items()}
+        except (ValueError, AttributeError, TypeError) as exc:
+            book.problem = f"{path}: unreadable concept dictionary ({exc}); it is kept and not overwritten"
+            return book
+        book.units = units
+        saved_for = doc.get("checkpoint_sha256")
+        if checkpoint_sha256 and saved_for and saved_for != checkpoint_sha256:
+            book.problem = (f"{path}: these labels were written for another checkpoint "
+                            f"({saved_for[:12]}...); unit numbers may mean other concepts now")
+        return book
+
+    def get(self, unit: int) -> dict[str, str]:
+        return self.units.get(int(unit), {"label": "", "note": ""})
+
+    def set(self, unit: int, label: str | None = None, note: str | None = None) -> None:
+        entry = dict(self.get(unit))
+        if label is not None:
+            entry["label"] = label
+        if note is not None:
+            entry["note"] = note
+        if entry != self.get(unit):
+            if entry["label"] or entry["note"]:
+                self.units[int(unit)] = entry
+            else:
+                self.units.pop(int(unit), None)
+            self.dirty = True
+
+    def save(self) -> Path:
+        """Write atomically; an unreadable previous file is moved aside first."""
+        if self.problem and "unreadable" in self.problem and self.path.exists():
+            aside = self.path.with_name(self.path.name + ".unreadable")
+            self.path.replace(aside)
+            self.problem = None
+        doc = {
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "layer": self.layer,
+            "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "units": {str(k): v for k, v in sorted(self.units.items())},
+        }
+        write_json(self.path, doc)
+        self.dirty = False
+        return self.path
+
+
+def load_concepts(run_dir: str | Path) -> dict[int, dict[str, str]]:
+    """The concept labels saved with the explorer (``<run>/concepts.json``): unit -> {label, note}."""
+    return ConceptBook.load(Path(run_dir) / CONCEPTS_FILE).units
+
+
+# --------------------------------------------------------------------------------------------
+# What the explorer needs from a run, and one analysed sample
+# --------------------------------------------------------------------------------------------
+
+ActivationFn = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
+
+
+@dataclass
+class Pool:
+    """A list of patches: ``table`` (one row per sample, index 0..N-1 = position in the split)
+    and ``load(i)`` giving sample i's int16 HU patch (I, P, L)."""
+
+    table: pd.DataFrame
+    load: Callable[[int], np.ndarray]
+
+
+@dataclass
+class Analysis:
+    """One sample seen by the network: everything a slider step needs, precomputed.
+
+    ``maps[k]`` is unit k's activation A_k(x) upsampled to the patch (float32, 96^3), for the
+    ``top`` units by r_k only (that is all the explorer shows).
+    """
+
+    name: str
+    patch: np.ndarray
+    probability: float
+    relevance: np.ndarray  # r_k(x) for every unit (Eq. 2)
+    top: list[int]
+    maps: dict[int, np.ndarray]
+    truth: dict | None = None  # the sample's table row (None for an upload)
+
+    @property
+    def prediction(self) -> int:
+        return int(self.probability >= 0.5)
+
+
+@dataclass
+class RunData:
+    """What the explorer reads from a run folder (see :meth:`from_run`), or builds in a test.
+
+    ``activations(patches [B, 96, 96, 96] HU) -> (A [B, K, h, w, d], probability [B])`` runs the
+    network once; ``field`` is the part of the patch its input covers (activations are
+    upsampled onto it).
+    """
+
+    thresholds: np.ndarray  # T_k
+    c_k: np.ndarray  # correlation with true-positive predictions (Eq. 1), NaN where undefined
+    samples: Pool  # the split shown in the sample list (columns below)
+    exemplar_pool: Pool  # the split the exemplars index into
+    exemplars: dict[int, list[int]]  # unit -> sample indices in exemplar_pool, best first
+    activations: ActivationFn
+    field: tuple[slice, slice, slice]
+    min_input: tuple[int, int, int]  # smallest upload the network can take
+    concepts: ConceptBook
+    meta: dict = field(default_factory=dict)
+    _exemplar_cache: "OrderedDict[int, list]" = field(default_factory=OrderedDict, repr=False)
+
+    #: columns of ``samples.table``: case, level, label, grade, fracture (0/1),
+    #: probability, prediction (0/1), outcome (TP/FP/TN/FN)
+
+    @property
+    def n_units(self) -> int:
+        return int(len(self.thresholds))
+
+    @functools.cached_property
+    def rank(self) -> np.ndarray:
+        """c_k rank of every unit, 1 = most correlated with true positives (NaN c_k last)."""
+        c = np.where(np.isfinite(self.c_k), self.c_k, -np.inf)
+        order = np.argsort(-c, kind="stable")
+        rank = np.empty(len(c), dtype=int)
+        rank[order] = np.arange(1, len(c) + 1)
+        return rank
+
+    def relevance(self, A: np.ndarray) -> np.ndarray:
+        """r_k(x) (Eq. 2) from one sample's activations [K, h, w, d]."""
+        from vfcore.dissect import relevance
+
+        return np.asarray(relevance(A, self.thresholds), dtype=np.float64)
+
+    def analyse(self, patch: np.ndarray, name: str, truth: dict | None = None, top: int = TOP_UNITS) -> Analysis:
+        """Run the network on one patch; keep r_k and the top units' upsampled maps."""
+        A, prob = self.activations(np.asarray(patch)[None])
+        A = np.asarray(A)[0]
+        r = self.relevance(A)
+        order = [int(k) for k in np.argsort(-r, kind="stable")[:top]]
+        up = upsample_to_patch(A[order], self.field, patch.shape)
+        return Analysis(name=name, patch=np.asarray(patch), probability=float(np.asarray(prob)[0]),
+                        relevance=r, top=order, maps=dict(zip(order, up)), truth=truth)
+
+    def analyse_sample(self, index: int, top: int = TOP_UNITS) -> Analysis:
+        row = self.samples.table.loc[int(index)]
+        name = f"{row['case']} {row['level']}"
+        return self.analyse(self.samples.load(int(index)), name, truth=row.to_dict(), top=top)
+
+    def exemplar_maps(self, unit: int, n: int = N_EXEMPLARS) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """(sample index, patch, unit's upsampled map) for the unit's top exemplars (cached)."""
+        unit = int(unit)
+        if unit in self._exemplar_cache:
+            self._exemplar_cache.move_to_end(unit)
+            return self._exemplar_cache[unit]
+        idx = [int(i) for i in self.exemplars.get(unit, [])[:n]]
+        out = []
+        if idx:
+            patches = np.stack([self.exemplar_pool.load(i) for i in idx])
+            A, _ = self.activations(patches)
+            maps = upsample_to_patch(np.asarray(A)[:, unit], self.field, patches.shape[1:])
+            out = list(zip(idx, patches, maps))
+        self._exemplar_cache[unit] = out
+        while len(self._exemplar_cache) > 4:
+            self._exemplar_cache.popitem(last=False)
+        return out
+
+    def pick(self, outcome: str = "TP") -> int | None:
+        """The most confident sample of an outcome (TP/FP: highest probability; TN/FN:
+        lowest); None when the split has none."""
+        t = self.samples.table
+        sub = t[t["outcome"] == outcome]
+        if sub.empty:
+            return None
+        positive = outcome in ("TP", "FP")
+        return int(sub["probability"].idxmax() if positive else sub["probability"].idxmin())
+
+    def find(self, key: int | str) -> int:
+        """A sample by table index or by ``"<case> <level>"`` (``InputError`` if unknown)."""
+        t = self.samples.table
+        if isinstance(key, (int, np.integer)):
+            if int(key) not in t.index:
+                raise InputError("SAMPLE", f"no sample {key}; the list has 0..{len(t) - 1}")
+            return int(key)
+        names = t["case"].astype(str) + " " + t["level"].astype(str)
+        hit = np.flatnonzero(names.to_numpy() == str(key))
+        if not len(hit):
+            raise InputError("SAMPLE", f"no sample named {key!r} (write '<case> <level>', e.g. {names.iloc[0]!r})")
+        return int(t.index[hit[0]])
+
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_run(cls, run_dir: str | Path, split: str = "test", device: str | None = None) -> "RunData":
+        """Read a run folder: the checkpoint (``model/best.pt``), the dissection artifacts
+        (notebooks 03/04) and the patch store (notebook 01).
+
+        Raises :class:`~vfcore.errors.MissingArtifactError` (naming the notebook to run) or
+        :class:`~vfcore.errors.StaleArtifactError` (dissection of another checkpoint).
+        """
+        return _load_run_data(Path(run_dir), split=split, device=device)
+
+
+def outcome(label: int, prediction: int) -> str:
+    """TP/FP/TN/FN of one prediction against its label."""
+    return {(1, 1): "TP", (0, 1): "FP", (0, 0): "TN", (1, 0): "FN"}[(int(label), int(prediction))]
+
+
+# --------------------------------------------------------------------------------------------
+# The widget
+# --------------------------------------------------------------------------------------------
+
+def _guarded(method):
+    """Run a widget callback; any error becomes a status message (the kernel never sees it,
+    and the view stays as it was)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except VfcoreError as exc:
+            self._set_status(str(exc), "error")
+        except Exception as exc:  # noqa: BLE001 - a widget must survive anything
+            self._set_status(f"unexpected {type(exc).__name__}: {exc} (the explorer keeps its last view)",
+                             "error")
+        return None
+
+    return wrapper
+
+
+def _pct(p: float) -> str:
+    return f"{100 * p:.1f} %"
+
+
+class Explorer:
+    """The concept explorer (ipywidgets 8). Build it with :func:`explore`; display it as the
+    last expression of a cell. The methods below do what the controls do (tests and notebooks
+    use them); they never raise: problems are shown in the status line (``status_text``)."""
+
+    def __init__(self, data: RunData | None, problem: str | None = None, top: int = TOP_UNITS):
+        import ipywidgets as w
+
+        self.data = data
+        self.top_n = top
+        self.analysis: Analysis | None = None
+        self.sample_index: int | None = None
+        self.unit: int | None = None
+        self.view = "sagittal"
+        self.index = PATCH_SHAPE[VIEWS[self.view]] // 2
+        self.mode = "overlay"
+        self._hold = False  # set while the code (not the student) changes widget values
+        self.last_redraw_ms = float("nan")
+        self.exemplar_captions: list[str] = []  # what the exemplar row shows (for tests)
+
+        c = CSS_CLASSES
+        self.status = w.HTML().add_class(c["status"])
+        self.filter = w.ToggleButtons(options=[("all", "all")], value="all",
+                                      style={"button_width": "auto"}).add_class(c["filter"])
+        self.sample_select = w.Dropdown(options=[], value=None, description="sample",
+                                        layout=w.Layout(width="520px")).add_class(c["sample"])
+        self.upload = w.FileUpload(accept=",".join(UPLOAD_SUFFIXES), multiple=False,
+                                   description="upload patch").add_class(c["upload"])
+        self.prediction = w.HTML().add_class(c["prediction"])
+        self.unit_select = w.Select(options=[], rows=top, description="units",
+                                    layout=w.Layout(width="460px")).add_class(c["units"])
+        self.keep_slice = w.Checkbox(value=False, description="keep slice when changing unit",
+                                     indent=False).add_class("vf-keep-slice")
+        self.view_select = w.ToggleButtons(options=list(VIEWS), value=self.view,
+                                           style={"button_width": "80px"}).add_class(c["view"])
+        self.mode_select = w.ToggleButtons(options=list(MODES), value=self.mode,
+                                           style={"button_width": "80px"}).add_class(c["mode"])
+        self.slider = w.IntSlider(value=self.index, min=0, max=PATCH_SHAPE[VIEWS[self.view]] - 1,
+                                  description="slice", continuous_update=True,
+                                  layout=w.Layout(width="320px")).add_class(c["slider"])
+        side = PATCH_SHAPE[0] * SCALE
+        self.image = w.Image(format="png", width=side, height=side).add_class(c["image"])
+        self.readout = w.HTML().add_class(c["readout"])
+        self.exemplars = w.Output().add_class(c["exemplars"])
+        self.concept_label = w.Text(description="concept", placeholder="e.g. anterior wedge",
+                                    continuous_update=True).add_class(c["concept_label"])
+        self.concept_note = w.Textarea(description="note", placeholder="what the unit looks at",
+                                       layout=w.Layout(height="60px")).add_class(c["concept_note"])
+        self.concept_save = w.Button(description="save concepts", icon="save").add_class(c["concept_save"])
+        self.concept_table = w.HTML().add_class(c["concepts"])
+
+        left = w.VBox([self.view_select, self.mode_select, self.slider, self.image, self.readout])
+        right = w.VBox([self.unit_select, self.keep_slice, w.HTML("<b>Concept of the selected unit</b>"),
+                        self.concept_label, self.concept_note, self.concept_save, self.concept_table])
+        self.ui = w.VBox([
+            w.HTML("<h3 style='margin:0'>Concept explorer</h3>"),
+            self.status,
+            w.HBox([self.filter]),
+            w.HBox([self.sample_select, self.upload]),
+            self.prediction,
+            w.HBox([left, right]),
+            w.HTML("<b>Exemplars of the selected unit</b> (its top-activating samples: its general concept)"),
+            self.exemplars,
+        ]).add_class(c["root"])
+
+        self.filter.observe(self._on_filter, "value")
+        self.sample_select.observe(self._on_sample, "value")
+        self.upload.observe(self._on_upload, "value")
+        self.unit_select.observe(self._on_unit, "value")
+        self.view_select.observe(self._on_view, "value")
+        self.mode_select.observe(self._on_mode, "value")
+        self.slider.observe(self._on_slider, "value")
+        self.concept_label.observe(self._on_concept_edit, "value")
+        self.concept_note.observe(self._on_concept_edit, "value")
+        self.concept_save.on_click(lambda _b: self.save_concepts())
+
+        if data is None:
+            self._set_enabled(False)
+            self._set_status(problem or "no run data", "error")
+            return
+        self._fill_filter()
+        self._fill_samples()
+        self._show_concept_table()
+        if data.concepts.problem:
+            self._set_status(data.concepts.problem, "warning")
+
+    # ---- display --------------------------------------------------------------------------
+    def _repr_mimebundle_(self, **kwargs):
+        return self.ui._repr_mimebundle_(**kwargs)
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.ui)
+
+    # ---- state read by tests ----------------------------------------------------------------
+    @property
+    def status_text(self) -> str:
+        return html.unescape(_strip_tags(self.status.value))
+
+    @property
+    def readout_text(self) -> str:
+        return html.unescape(_strip_tags(self.readout.value))
+
+    def expected_rgb(self, unit: int | None = None, view: str | None = None, index: int | None = None,
+                     mode: str | None = None) -> np.ndarray:
+        """What the image shows for (unit, view, slice, mode): the current ones by default."""
+        a = self.analysis
+        unit = self.unit if unit is None else unit
+        view = view or self.view
+        index = self.index if index is None else index
+        return render_slice(take_slice(a.patch, view, index), take_slice(a.maps[unit], view, index),
+                            float(self.data.thresholds[unit]), mode or self.mode)
+
+    # ---- actions (what the controls do) ------------------------------------------------------
+    @_guarded
+    def select_sample(self, key: int | str) -> None:
+        """Show a sample of the list (table index or ``"<case> <level>"``)."""
+        self._require_data()
+        index = self.data.find(key)
+        analysis = self.data.analyse_sample(index, top=self.top_n)
+        self.sample_index = index
+        self._hold_set(self.sample_select, "value", index if index in self._sample_values() else None)
+        self._show_analysis(analysis)
+
+    @_guarded
+    def load_upload(self, name: str, content: bytes) -> None:
+        """Show an uploaded patch (``.nii``, ``.nii.gz``, ``.npy``; see :func:`read_upload`)."""
+        self._require_data()
+        patch = read_upload(name, content, self.data.min_input)
+        analysis = self.data.analyse(patch, f"upload {name}", top=self.top_n)
+        self.sample_index = None
+        self._hold_set(self.sample_select, "value", None)
+        self._show_analysis(analysis)
+
+    @_guarded
+    def select_unit(self, unit: int) -> None:
+        """Show one of the listed units (by unit number)."""
+        self._require_analysis()
+        unit = int(unit)
+        if unit not in self.analysis.maps:
+            raise InputError("unit", f"unit {unit} is not among this sample's top {self.top_n} units "
+                                     f"{self.analysis.top}")
+        self.unit = unit
+        self._hold_set(self.unit_select, "value", unit)
+        if not self.keep_slice.value:
+            self._set_index(best_slice(self.analysis.maps[unit], self.data.thresholds[unit], self.view))
+        self._show_concept_editor()
+        self._redraw()
+        self._draw_exemplars()
+
+    @_guarded
+    def set_view(self, view: str | None = None, index: int | None = None, mode: str | None = None) -> None:
+        """Change the view axis, the slice and/or the overlay mode."""
+        self._require_analysis()
+        if view is not None and view != self.view:
+            if view not in VIEWS:
+                raise InputError("view", f"unknown view {view!r}; choose one of {list(VIEWS)}")
+            self.view = view
+            self._hold_set(self.view_select, "value", view)
+            n = self.analysis.patch.shape[VIEWS[view]]
+            self._hold_set(self.slider, "max", n - 1)
+            if index is None:
+                index = best_slice(self.analysis.maps[self.unit], self.data.thresholds[self.unit], view)
+            self._draw_exemplars()
+        if mode is not None:
+            if mode not in MODES:
+                raise InputError("mode", f"unknown mode {mode!r}; choose one of {list(MODES)}")
+            self.mode = mode
+            self._hold_set(self.mode_select, "value", mode)
+        if index is not None:
+            self._set_index(index)
+        self._redraw()
+
+    @_guarded
+    def save_concepts(self) -> Path | None:
+        """Write the concept dictionary to ``<run>/concepts.json`` (atomically)."""
+        self._require_data()
+        book = self.data.concepts
+        path = book.save()
+        self._refresh_unit_options()
+        self._show_concept_table()
+        self._set_status(f"Saved {len(book.units)} concept label(s) to {path}.", "ok")
+        return path
+
+    def static_figure(self, n_units: int = 5, view: str | None = None):
+        """A matplotlib figure of the current view (so an executed notebook shows the result):
+        top row, the sample and its ``n_units`` most relevant units, each at its best slice;
+        bottom row, the selected unit's exemplars. Returns the figure (None without a sample)."""
+        import matplotlib.pyplot as plt
+
+        if self.analysis is None:
+            print(self.status_text)
+            return None
+        a, view = self.analysis, view or self.view
+        units = a.top[:n_units]
+        ex = self.data.exemplar_maps(self.unit)
+        ncols = max(len(units) + 1, len(ex), 1)
+        fig, axes = plt.subplots(2, ncols, figsize=(2.3 * ncols, 5.2), squeeze=False)
+        for ax in axes.ravel():
+            ax.axis("off")
+        mid = a.patch.shape[VIEWS[view]] // 2
+        axes[0, 0].imshow(render_slice(take_slice(a.patch, view, mid), scale=1))
+        axes[0, 0].set_title(f"{a.name}\np = {a.probability:.2f}", fontsize=8)
+        for j, k in enumerate(units, start=1):
+            T = float(self.data.thresholds[k])
+            s = best_slice(a.maps[k], T, view)
+            axes[0, j].imshow(render_slice(take_slice(a.patch, view, s), take_slice(a.maps[k], view, s), T,
+                                           self.mode if self.mode != "off" else "overlay", scale=1))
+            label = self.data.concepts.get(k)["label"]
+            axes[0, j].set_title(f"#{j} unit {k} (c_k #{self.data.rank[k]})\n{view} {s}"
+                                 + (f"\n{label}" if label else ""), fontsize=8)
+        for j, (i, patch, amap) in enumerate(ex):
+            T = float(self.data.thresholds[self.unit])
+            s = best_slice(amap, T, view)
+            axes[1, j].imshow(render_slice(take_slice(patch, view, s), take_slice(amap, view, s), T,
+                                           "overlay", scale=1))
+            axes[1, j].set_title(self._exemplar_caption(i, view, s), fontsize=8)
+        if not ex:
+            axes[1, 0].text(0, 0.5, f"unit {self.unit}: no exemplars", fontsize=9)
+        fig.suptitle(f"{view} view; top: units by relevance r_k (Eq. 2); "
+                     f"bottom: exemplars of unit {self.unit}", fontsize=9)
+        fig.tight_layout()
+        return fig
+
+    # ---- callbacks ------------------------------------------------------------------------
+    @_guarded
+    def _on_filter(self, change) -> None:
+        if not self._hold:
+            self._fill_samples()
+
+    def _on_sample(self, change) -> None:
+        if not self._hold and change["new"] is not None and change["new"] != self.sample_index:
+            self.select_sample(int(change["new"]))
+
+    @_guarded
+    def _on_upload(self, change) -> None:
+        if self._hold or not change["new"]:
+            return
+        item = change["new"][0]
+        try:
+            self.load_upload(item["name"], item["content"])
+        finally:
+            self._hold_set(self.upload, "value", ())  # the same file can be uploaded again
+
+    def _on_unit(self, change) -> None:
+        if not self._hold and change["new"] is not None and change["new"] != self.unit:
+            self.select_unit(int(change["new"]))
+
+    def _on_view(self, change) -> None:
+        if not self._hold:
+            self.set_view(view=change["new"])
+
+    def _on_mode(self, change) -> None:
+        if not self._hold:
+            self.set_view(mode=change["new"])
+
+    def _on_slider(self, change) -> None:
+        if not self._hold:
+            self.set_view(index=int(change["new"]))
+
+    @_guarded
+    def _on_concept_edit(self, change) -> None:
+        if self._hold or self.unit is None:
+            return
+        self.data.concepts.set(self.unit, label=self.concept_label.value, note=self.concept_note.value)
+        if self.data.concepts.dirty:
+            self._set_status(f"Concept of unit {self.unit} edited (not saved yet: press 'save concepts').",
+                             "warning")
+
+    # ---- internals ------------------------------------------------------------------------
+    def _require_data(self) -> None:
+        if self.data is None:
+            raise InputError(None, "the explorer has no run data (see the message above)")
+
+    def _require_analysis(self) -> None:
+        self._require_data()
+        if self.analysis is None:
+            raise InputError(None, "choose a sample first")
+
+    def _hold_set(self, widget, name: str, value) -> None:
+        self._hold = True
+        try:
+            setattr(widget, name, value)
+        finally:
+            self._hold = False
+
+    def _set_index(self, index: int) -> None:
+        n = self.analysis.patch.shape[VIEWS[self.view]]
+        if not 0 <= int(index) < n:
+            raise InputError("slice", f"slice {index} outside 0..{n - 1} of the {self.view} view")
+        self.index = int(index)
+        self._hold_set(self.slider, "value", self.index)
+
+    def _set_status(self, text: str, level: str = "ok") -> None:
+        colour = {"ok": "#1b5e20", "warning": "#8a5a00", "error": "#b71c1c"}[level]
+        self.status.value = f"<span style='color:{colour}' data-level='{level}'>{html.escape(text)}</span>"
+
+    def _set_enabled(self, enabled: bool) -> None:
+        for wdg in (self.filter, self.sample_select, self.upload, self.unit_select, self.view_select,
+                    self.mode_select, self.slider, self.concept_label, self.concept_note,
+                    self.concept_save, self.keep_slice):
+            wdg.disabled = not enabled
+
+    def _sample_values(self) -> set:
+        return {v for _, v in self.sample_select.options}
+
+    def _fill_filter(self) -> None:
+        t = self.data.samples.table
+        counts = t["outcome"].value_counts()
+        options = [(f"all ({len(t)})", "all")] + [(f"{o} ({int(counts.get(o, 0))})", o) for o in OUTCOMES]
+        self._hold_set(self.filter, "options", options)
+        self._hold_set(self.filter, "value", "all")
+
+    def _fill_samples(self) -> None:
+        t = self.data.samples.table
+        if self.filter.value != "all":
+            t = t[t["outcome"] == self.filter.value]
+        options = [(self._sample_label(row), int(i)) for i, row in t.iterrows()]
+        keep = self.sample_index if self.sample_index in {v for _, v in options} else None
+        self._hold = True
+        try:
+            self.sample_select.options = options
+            self.sample_select.value = keep
+        finally:
+            self._hold = False
+
+    @staticmethod
+    def _sample_label(row) -> str:
+        grade = row.get("grade")
+        grade = "" if grade is None or pd.isna(grade) else f", grade {int(grade)}"
+        truth = "fracture" if int(row["fracture"]) else "healthy"
+        return (f"{row['case']} {row['level']} · {truth}{grade} · p = {row['probability']:.2f} "
+                f"· {row['outcome']}")
+
+    def _show_analysis(self, analysis: Analysis) -> None:
+        self.analysis = analysis
+        self._show_prediction()
+        self._refresh_unit_options(select=analysis.top[0])
+        n = analysis.patch.shape[VIEWS[self.view]]
+        self._hold_set(self.slider, "max", n - 1)
+        self.unit = None
+        self.select_unit(analysis.top[0])
+
+    def _show_prediction(self) -> None:
+        a = self.analysis
+        verdict = "fracture" if a.prediction else "no fracture"
+        text = f"<b>Prediction: {verdict}</b> (probability of fracture {_pct(a.probability)})"
+        if a.truth is not None:
+            grade = a.truth.get("grade")
+            grade = "" if grade is None or pd.isna(grade) else f", grade {int(grade)}"
+            truth = "fracture" if int(a.truth["fracture"]) else "no fracture"
+            o = outcome(int(a.truth["fracture"]), a.prediction)
+            names = {"TP": "true positive", "FP": "false positive", "TN": "true negative",
+                     "FN": "false negative"}
+            text += f" · label: {truth}{grade} → <b>{names[o]}</b>"
+        else:
+            text += " · uploaded patch, no label"
+        self.prediction.value = f"{html.escape(a.name)}: {text}"
+
+    def _unit_label(self, position: int, unit: int) -> str:
+        r = self.analysis.relevance[unit]
+        label = self.data.concepts.get(unit)["label"]
+        return (f"{position}. unit {unit} · r_k {r:.3g} · c_k rank {self.data.rank[unit]}"
+                + (f" · {label}" if label else ""))
+
+    def _refresh_unit_options(self, select: int | None = None) -> None:
+        if self.analysis is None:
+            return
+        options = [(self._unit_label(i, k), k) for i, k in enumerate(self.analysis.top, start=1)]
+        self._hold = True
+        try:
+            self.unit_select.options = options
+            self.unit_select.value = select if select is not None else self.unit
+        finally:
+            self._hold = False
+
+    def _show_concept_editor(self) -> None:
+        entry = self.data.concepts.get(self.unit)
+        self._hold_set(self.concept_label, "value", entry["label"])
+        self._hold_set(self.concept_note, "value", entry["note"])
+        self.concept_label.description = f"unit {self.unit}"
+
+    def _show_concept_table(self) -> None:
+        units = self.data.concepts.units
+        if not units:
+            self.concept_table.value = "<i>No concept labels yet.</i>"
+            return
+        rows = "".join(f"<tr><td>{k}</td><td>{html.escape(v['label'])}</td><td>{html.escape(v['note'])}</td></tr>"
+                       for k, v in sorted(units.items()))
+        self.concept_table.value = ("<table><tr><th>unit</th><th>label</th><th>note</th></tr>"
+                                    f"{rows}</table>")
+
+    def _redraw(self) -> None:
+        start = time.perf_counter()
+        a, k, view, s = self.analysis, self.unit, self.view, self.index
+        T = float(self.data.thresholds[k])
+        act = take_slice(a.maps[k], view, s)
+        self.image.value = png_bytes(self.expected_rgb())
+        n_on = int(np.count_nonzero(act > T))
+        rank = a.top.index(k) + 1
+        n = a.patch.shape[VIEWS[view]]
+        self.readout.value = (f"<b>unit {k}</b> (r_k #{rank}, c_k rank {self.data.rank[k]}) · "
+                              f"{view} slice {s} of 0-{n - 1} · M_k: {n_on} voxels on this slice "
+                              f"(T_k = {T:.4g})")
+        self._set_status(f"Showing {a.name}: unit {k}, {view} slice {s}.", "ok")
+        self.last_redraw_ms = 1000 * (time.perf_counter() - start)
+
+    def _exemplar_caption(self, i: int, view: str, s: int) -> str:
+        row = self.data.exemplar_pool.table.loc[i]
+        truth = "fracture" if int(row.get("fracture", 0) or 0) else "healthy"
+        return f"{row['case']} {row['level']}\n{truth}, {view} {s}"
+
+    def _draw_exemplars(self) -> None:
+        import matplotlib.pyplot as plt
+
+        unit, view = self.unit, self.view
+        ex = self.data.exemplar_maps(unit)
+        T = float(self.data.thresholds[unit])
+        label = self.data.concepts.get(unit)["label"]
+        slices = [best_slice(amap, T, view) for _, _, amap in ex]
+        self.exemplar_captions = [self._exemplar_caption(i, view, s) for (i, _, _), s in zip(ex, slices)]
+        with self.exemplars:
+            self.exemplars.clear_output(wait=True)
+            print(f"unit {unit}: concept label: {label or '(none yet)'}; "
+                  f"{len(ex)} exemplar(s) from the {self.data.meta.get('split', '?')} split")
+            if not ex:
+                return
+            fig, axes = plt.subplots(1, len(ex), figsize=(2.2 * len(ex), 2.6), squeeze=False)
+            for ax, (i, patch, amap), s in zip(axes[0], ex, slices):
+                ax.imshow(render_slice(take_slice(patch, view, s), take_slice(amap, view, s), T, "overlay", 1))
+                ax.set_title(self._exemplar_caption(i, view, s), fontsize=8)
+                ax.axis("off")
+            fig.tight_layout()
+            plt.show()
+            plt.close(fig)
+
+
+def _strip_tags(text: str) -> str:
+    import re
+
+    return re.sub(r"<[^>]+>", "", text)
+
+
+def explore(run_dir: str | Path, sample: int | str | None = None, top: int = TOP_UNITS,
+            split: str = "test", device: str | None = None) -> Explorer:
+    """Open the concept explorer on a run folder (notebook 05).
+
+    ``sample``: a row of the sample list (index, or ``"<case> <level>"``); None shows the most
+    confident true positive. A run folder without (or with stale) dissection artifacts gives
+    an explorer whose status line says which notebook to run; it never raises for that.
+    """
+    try:
+        data = RunData.from_run(run_dir, split=split, device=device)
+    except VfcoreError as exc:
+        return Explorer(None, problem=str(exc), top=top)
+    app = Explorer(data, top=top)
+    if sample is None:
+        sample = data.pick("TP")
+        if sample is None:
+            sample = int(data.samples.table["probability"].idxmax())
+    app.select_sample(sample)
+    return app
