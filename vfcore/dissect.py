@@ -1,0 +1,903 @@
+"""Network dissection, exactly: thresholds T_k, masks M_k, enabled sets E_x, c_k (Eq. 1), r_k (Eq. 2).
+
+The paper (Engstler, Keicher et al. 2022, Sec. 2.2-2.3 and 4.1) dissects the last encoder layer
+(``down_tr512``: K = 512 units on an 8^3 grid) of the fracture classifier:
+
+* T_k, per unit k, such that P(a_k > T_k) = q_tail over every position of every sample of a
+  split (q_tail = 0.005 in the paper; the published code used 0.01);
+* M_k(x) = A_k(x) > T_k (a binary map), E_x = {k | sum M_k(x) > 0} (the units that fire on x);
+* c_k = |{x in P : k in E_x}| / |P| (Eq. 1), P = the true-positive predictions;
+* r_k(x) = sum(M_k(x) * A_k(x)) (Eq. 2), the relevance of unit k for one inference.
+
+What this module does differently from the published code (``../shared/research/
+upstream_review.md``): T_k is *exact* (equal to ``numpy.quantile(values, 1 - q_tail)`` for
+every unit) instead of a sampled sketch over the first 500 samples; the model is in eval mode
+(no batch statistics, so a sample's activations do not depend on its batch); P is the set of
+true-positive *predictions* (ground-truth positives as an option); the false-positive variant
+divides by the number of false positives; exemplars come only from the requested subset.
+
+How one pass gives everything (:func:`dissect`): T_k is known only after the whole split has
+been seen, yet r_k(x) and M_k(x) need it. Every value above T_k is among the m largest values
+of unit k (m = ceil(q_tail (n - 1)) + 1, n = N x positions), and :class:`TopQuantile` keeps
+exactly those m values *with their sample and position*. After the pass, the kept values
+above T_k are the masks M_k of every sample (the "tail"), so r_k(x), |M_k(x)| and E_x follow
+exactly, with no second forward pass and without storing the layer's activations (which
+for 10,000 vertebrae x 512 units x 8^3 would be 10 GB in float32; the buffer is 0.5 % of it).
+The per-sample maximum and mean of every unit are accumulated on the way ([N, K] arrays).
+
+Layout of the file: activation capture; :class:`TopQuantile` (exact) and
+:class:`SampledQuantile` (the sketch, for comparison); :func:`dissect`; Eq. 1 and 2 and the
+rankings; exemplars; patch geometry (upsampling, best slice, NIfTI, concept overlap); the run
+folder's artifacts (:func:`dissect_run`, :func:`export_units`, :func:`load_artifacts`).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from vfcore.errors import (DataValueError, LayerNotFoundError, MissingArtifactError,
+                           StaleArtifactError, VfcoreError)
+
+#: The paper's tail probability: P(a_k > T_k) = 0.005 (Sec. 2.2).
+Q_TAIL_PAPER = 0.005
+#: What the published code used (the 0.99 quantile).
+Q_TAIL_PUBLISHED = 0.01
+#: The paper's dissected layer: the last encoder layer of the 3D U-Net.
+DEFAULT_LAYER = "down_tr512"
+#: Units whose realised tail is below this fraction of q_tail are flagged (ties at T_k).
+SPARSE_TAIL_FRACTION = 0.5
+
+
+class UndefinedCorrelationError(DataValueError):
+    """c_k (Eq. 1) over an empty set (no true positives, no false positives): undefined."""
+
+
+# --------------------------------------------------------------------------------------------
+# Activation capture (forward hooks)
+# --------------------------------------------------------------------------------------------
+
+def layer_names(model: torch.nn.Module) -> list[str]:
+    """Names of every sub-module, as ``model.named_modules()`` gives them (root excluded)."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def find_layer(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The sub-module called ``name``; :class:`LayerNotFoundError` lists the available names."""
+    modules = dict(model.named_modules())
+    if not name or name not in modules:
+        names = layer_names(model)
+        shown = ", ".join(names[:60]) + (f", ... ({len(names)} in all)" if len(names) > 60 else "")
+        raise LayerNotFoundError(type(model).__name__,
+                                 f"no layer named {name!r}; available layers: {shown}")
+    return modules[name]
+
+
+@contextlib.contextmanager
+def capture(model: torch.nn.Module, layer: str) -> Iterator[list]:
+    """Context manager: while open, every forward pass appends ``layer``'s output to the list.
+
+    >>> with capture(model, "down_tr512") as out:
+    ...     model(x)
+    >>> A = out[-1]          # [B, K, d, h, w]
+    """
+    module = find_layer(model, layer)
+    outputs: list = []
+
+    def hook(_module, _inputs, output):
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+        outputs.append(output)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model.eval()`` inside the block (batch norm uses its running statistics, dropout is
+    off: a sample's activations do not depend on the rest of its batch); the previous mode of
+    every sub-module is restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA (fp16 where bf16 is missing, e.g. a T4); nothing on CPU."""
+    if device.type == "cuda" and amp:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _probabilities(output, batch: int) -> torch.Tensor:
+    """P(fracture) from the model's output: sigmoid of one logit (softmax for two classes)."""
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    logits = output.float().reshape(batch, -1)
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits[:, 0])
+    if logits.shape[1] == 2:
+        return torch.softmax(logits, dim=1)[:, 1]
+    raise DataValueError("model output", f"expected one logit (or two classes) per sample, got "
+                         f"shape {tuple(output.shape)}")
+
+
+def _batches(data, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """Slices of ``data`` ([N, ...]: numpy, memmap or tensor) as tensors on ``device``.
+
+    On CUDA the next batch is read (and pinned) in a background thread while the GPU works.
+    """
+    n = len(data)
+
+    def load(start: int) -> torch.Tensor:
+        batch = data[start:start + batch_size]
+        t = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
+        if device.type == "cuda" and not t.is_cuda:
+            t = t.pin_memory()
+        return t
+
+    starts = range(0, n, batch_size)
+    if device.type != "cuda":
+        for s in starts:
+            yield load(s).to(device)
+        return
+    with cf.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(load, 0) if n else None
+        for s in starts:
+            t = pending.result()
+            pending = pool.submit(load, s + batch_size) if s + batch_size < n else None
+            yield t.to(device, non_blocking=True)
+
+
+def activations(model: torch.nn.Module, data, layer: str = DEFAULT_LAYER, *,
+                batch_size: int = 32, transform: Callable | None = None,
+                device: str | torch.device | None = None, amp: bool = True
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Layer activations A [N, K, ...] (float32) and P(fracture) [N] for a few samples.
+
+    For exemplars and single inferences (everything is kept in memory); a whole split goes
+    through :func:`dissect`. ``transform`` maps a batch of ``data`` (on the device) to the
+    network input, e.g. ``lambda hu: vfcore.data.to_network_input(hu, preset)``.
+    """
+    from vfcore.runtime import pick_device
+
+    device = pick_device(str(device) if device is not None else None)
+    model = model.to(device)
+    As, ps = [], []
+    with evaluating(model), capture(model, layer) as out, torch.inference_mode():
+        for x in _batches(data, batch_size, device):
+            x = transform(x) if transform is not None else x
+            with _autocast(device, amp):
+                y = model(x)
+            ps.append(_probabilities(y, x.shape[0]).cpu())
+            As.append(out.pop().float().cpu())
+    if not As:
+        raise DataValueError("data", "no samples")
+    return torch.cat(As).numpy(), torch.cat(ps).numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# Thresholds T_k: exact (TopQuantile) and a sampled sketch (SampledQuantile, for comparison)
+# --------------------------------------------------------------------------------------------
+
+def _linear_index(n: int, level: float) -> tuple[int, int, float]:
+    """numpy.quantile(method="linear") on n sorted values: (lower index, upper index, gamma).
+
+    numpy computes the virtual index (n - 1) * level in float64, interpolates between its floor
+    and floor + 1 with weight gamma = index - floor, and clips at the last value.
+    """
+    virtual = (n - 1) * np.float64(level)
+    lo = math.floor(virtual)
+    if virtual >= n - 1:
+        return n - 1, n - 1, float(virtual - lo)
+    return lo, lo + 1, float(virtual - lo)
+
+
+def _lerp(a: np.ndarray, b: np.ndarray, gamma: float) -> np.ndarray:
+    """numpy's own interpolation formula (``_lerp``), so T_k is bit-identical to np.quantile."""
+    diff = b - a
+    if gamma >= 0.5:
+        return b - diff * (1 - gamma)
+    return a + diff * gamma
+
+
+def tail_size(n: int, q_tail: float) -> int:
+    """m: how many of the largest of n values decide the (1 - q_tail) quantile
+    (= ceil(q_tail (n - 1)) + 1 up to float rounding, computed as numpy does)."""
+    lo, _, _ = _linear_index(n, 1.0 - q_tail)
+    return n - lo
+
+
+def _check_q(q_tail: float) -> float:
+    q = float(q_tail)
+    if not 0.0 < q < 1.0:
+        raise DataValueError("q_tail", f"must lie in (0, 1), got {q_tail!r} "
+                             f"(the paper uses {Q_TAIL_PAPER}, the published code {Q_TAIL_PUBLISHED})")
+    return q
+
+
+def _as_units(acts) -> torch.Tensor:
+    """[B, K, *spatial] -> [K, B * positions] (sample-major: index = sample * positions + pos)."""
+    a = torch.as_tensor(acts)
+    if a.ndim < 2:
+        raise DataValueError("activations", f"expected [batch, units, ...], got shape {tuple(a.shape)}")
+    if not a.is_floating_point():
+        a = a.float()
+    b, k = a.shape[:2]
+    return a.reshape(b, k, -1).transpose(0, 1).reshape(k, -1)
+
+
+class TopQuantile:
+    """Exact per-unit thresholds T_k with P(a_k > T_k) = q_tail, streamed, in bounded memory.
+
+    Like netdissect's ``runningstats``: ``update(acts)`` with batches [B, K, *spatial] (torch
+    or numpy, any device), then ``thresholds()``. Per unit it keeps the m largest values seen
+    (with their flat index sample * positions + position), merged with each batch by
+    ``torch.topk``; T_k is read by linear interpolation between the two order statistics around
+    (1 - q_tail)(n - 1), exactly as ``numpy.quantile(values_k, 1 - q_tail)`` (method "linear").
+    The result does not depend on batch size or order.
+
+    m depends on n, the final number of values per unit. Give ``n_samples`` (the number of
+    samples that will pass; positions are read from the first batch) and the buffer holds
+    exactly m values. Without it, a value dropped early might be needed later, so pass
+    ``capacity`` (values kept per unit; ``thresholds()`` checks it was enough and raises
+    otherwise) or nothing (every value is kept: exact, but memory grows with n).
+
+    Memory: K x m values + indices; e.g. 512 units x 25,601 (10,000 vertebrae x 8^3,
+    q = 0.005) = 52 MB of values.
+    """
+
+    def __init__(self, q_tail: float = Q_TAIL_PAPER, n_samples: int | None = None,
+                 capacity: int | None = None):
+        self.q_tail = _check_q(q_tail)
+        if n_samples is not None and n_samples < 1:
+            raise DataValueError("n_samples", f"must be >= 1, got {n_samples}")
+        self.n_samples_expected = n_samples
+        self.capacity = capacity
+        self.n_samples = 0          # samples seen
+        self.positions: int | None = None
+        self.units: int | None = None
+        self.values: torch.Tensor | None = None   # [K, <= capacity]
+        self.index: torch.Tensor | None = None    # same shape, int64 flat index
+        self.min: torch.Tensor | None = None
+        self.max: torch.Tensor | None = None
+        self.zeros: torch.Tensor | None = None    # how many values are <= 0, per unit
+        self._exact_upto: float = math.inf        # the smallest capacity that ever dropped values
+
+    @property
+    def n_values(self) -> int:
+        """n: values per unit seen so far (samples x positions)."""
+        return self.n_samples * (self.positions or 0)
+
+    def update(self, acts) -> None:
+        """Add a batch of activations [B, K, *spatial]."""
+        a = torch.as_tensor(acts)
+        flat = _as_units(a)
+        k, bp = flat.shape
+        b = a.shape[0]
+        positions = bp // b if b else 0
+        if self.units is None:
+            self.units, self.positions = k, positions
+            if self.n_samples_expected is not None:
+                self.capacity = tail_size(self.n_samples_expected * positions, self.q_tail)
+            self.values = flat.new_empty((k, 0))
+            self.index = torch.empty((k, 0), dtype=torch.int64, device=flat.device)
+            self.min = torch.full((k,), math.inf, dtype=torch.float64, device=flat.device)
+            self.max = torch.full((k,), -math.inf, dtype=torch.float64, device=flat.device)
+            self.zeros = torch.zeros(k, dtype=torch.int64, device=flat.device)
+        elif (k, positions) != (self.units, self.positions):
+            raise DataValueError("activations", f"batch has {k} units x {positions} positions; "
+                                 f"earlier batches had {self.units} x {self.positions}")
+        if b == 0:
+            return
+        if self.n_samples_expected is not None and self.n_samples + b > self.n_samples_expected:
+            raise DataValueError("activations", f"more samples than n_samples="
+                                 f"{self.n_samples_expected} (the buffer was sized for it)")
+        if not torch.isfinite(flat).all():
+            raise DataValueError("activations", "NaN or inf in the activations: T_k is undefined")
+        flat = flat.to(self.values.device, self.values.dtype)
+        self.min = torch.minimum(self.min, flat.amin(dim=1).double())
+        self.max = torch.maximum(self.max, flat.amax(dim=1).double())
+        self.zeros += (flat <= 0).sum(dim=1)
+
+        base = self.n_samples * positions
+        old = self.values.shape[1]
+        merged = torch.cat([self.values, flat], dim=1)
+        keep = merged.shape[1] if self.capacity is None else min(self.capacity, merged.shape[1])
+        if keep < merged.shape[1]:
+            self._exact_upto = min(self._exact_upto, keep)
+            self.values, pick = torch.topk(merged, keep, dim=1, sorted=False)
+            new_index = base + (pick - old)
+            self.index = torch.where(pick < old, torch.gather(self.index, 1, pick.clamp(max=max(old - 1, 0)))
+                                     if old else new_index, new_index)
+        else:
+            self.values = merged
+            self.index = torch.cat([self.index, base + torch.arange(
+                bp, device=flat.device).expand(k, bp)], dim=1)
+        self.n_samples += b
+
+    def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
+        """Kept values and indices, each unit sorted in descending order (numpy, CPU)."""
+        if self.values is None or self.n_values == 0:
+            raise DataValueError("TopQuantile", "no activations were added: call update() first")
+        if self.n_samples_expected is not None and self.n_samples != self.n_samples_expected:
+            raise DataValueError("TopQuantile", f"saw {self.n_samples} samples, n_samples="
+                                 f"{self.n_samples_expected} was promised: T_k would be wrong")
+        need = tail_size(self.n_values, self.q_tail)
+        if need > self._exact_upto:
+            raise DataValueError("TopQuantile", f"the buffer kept {self._exact_upto} values per "
+                                 f"unit but the quantile of {self.n_values} values needs the top "
+                                 f"{need}: pass n_samples= (or a larger capacity=)")
+        values, order = torch.sort(self.values, dim=1, descending=True, stable=True)
+        index = torch.gather(self.index, 1, order)
+        return values.cpu().numpy(), index.cpu().numpy()
+
+    def thresholds(self) -> np.ndarray:
+        """T_k [K] (dtype of the activations): equal to ``np.quantile(a_k, 1 - q_tail)``."""
+        values, _ = self._sorted()
+        n = self.n_values
+        lo, hi, gamma = _linear_index(n, 1.0 - self.q_tail)
+        # ascending position i is descending rank n - 1 - i
+        return _lerp(values[:, n - 1 - lo], values[:, n - 1 - hi], gamma)
+
+    def realised_tail(self, T: np.ndarray | None = None) -> np.ndarray:
+        """P(a_k > T_k) actually obtained (ties at T_k make it smaller than q_tail) [K].
+
+        Exact: every value above T_k is in the buffer. Pass ``T`` to evaluate other
+        thresholds; values below the buffer's smallest kept value cannot be counted, so ``T``
+        must not lie below T_k (use :func:`tail_fraction` on the activations for that).
+        """
+        values, _ = self._sorted()
+        T_exact = self.thresholds()
+        T = T_exact if T is None else np.asarray(T)
+        if np.any(T < T_exact):
+            raise DataValueError("T", "thresholds below the exact T_k: the buffer does not hold "
+                                 "every value above them")
+        return (values > T[:, None]).sum(axis=1) / self.n_values
+
+    def tail(self) -> dict[str, np.ndarray]:
+        """The masks M_k of every sample, sparse: every (unit, sample, position, value) with
+        value > T_k, ordered by unit, then value (descending)."""
+        values, index = self._sorted()
+        T = self.thresholds()
+        above = values > T[:, None]
+        unit = np.broadcast_to(np.arange(values.shape[0])[:, None], values.shape)[above]
+        flat = index[above]
+        return {"unit": unit.astype(np.int32), "sample": (flat // self.positions).astype(np.int32),
+                "position": (flat % self.positions).astype(np.int32),
+                "value": values[above]}
+
+    def flags(self) -> dict[str, np.ndarray]:
+        """Degenerate units [K] bool: ``constant`` (one value everywhere: M_k is always empty),
+        ``zero_threshold`` (T_k <= 0: at least 1 - q_tail of the values are zero, typical for a
+        ReLU unit that is almost always off), ``never_fires`` (no value above T_k),
+        ``sparse_tail`` (realised tail below half of q_tail: many ties at T_k)."""
+        T = self.thresholds()
+        tail = self.realised_tail()
+        lo, hi = self.min.cpu().numpy(), self.max.cpu().numpy()
+        out = {"constant": lo == hi, "zero_threshold": T <= 0, "never_fires": tail == 0,
+               "sparse_tail": tail < SPARSE_TAIL_FRACTION * self.q_tail}
+        out["degenerate"] = np.logical_or.reduce(list(out.values()))
+        return out
+
+    def summary(self) -> dict[str, np.ndarray]:
+        """Per-unit arrays [K]: min, max, fraction of values <= 0."""
+        return {"min": self.min.cpu().numpy(), "max": self.max.cpu().numpy(),
+                "zero_fraction": self.zeros.cpu().numpy() / self.n_values}
+
+
+class SampledQuantile:
+    """A randomized quantile sketch, like the published code's (netdissect ``RunningQuantile``):
+    for comparison only (notebook 03, ``bench/bench_dissect.py``), never for results.
+
+    Per unit, a stack of compactors of ``resolution`` values: when a level is full it is
+    sorted and every second value (random offset) moves up one level with double weight. The
+    thresholds are the weighted quantile of what is left. Memory is O(resolution log n), the
+    answer is approximate and depends on the seed and the batch order.
+    """
+
+    def __init__(self, q_tail: float = Q_TAIL_PAPER, resolution: int = 1024, seed: int | None = 0):
+        self.q_tail = _check_q(q_tail)
+        self.resolution = int(resolution)
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(int(seed))
+        else:
+            self.generator.seed()
+        self.levels: list[torch.Tensor] = []
+
+    def update(self, acts) -> None:
+        """Add a batch [B, K, *spatial]."""
+        flat = _as_units(acts).detach().float().cpu()
+        for start in range(0, flat.shape[1], self.resolution):
+            self._push(0, flat[:, start:start + self.resolution])
+
+    def _push(self, level: int, values: torch.Tensor) -> None:
+        while len(self.levels) <= level:
+            self.levels.append(values.new_empty((values.shape[0], 0)))
+        merged = torch.cat([self.levels[level], values], dim=1)
+        if merged.shape[1] < 2 * self.resolution:
+            self.levels[level] = merged
+            return
+        merged, _ = torch.sort(merged, dim=1)
+        offset = int(torch.randint(2, (1,), generator=self.generator))
+        n = merged.shape[1] - merged.shape[1] % 2
+        self.levels[level] = merged[:, n:]
+        self._push(level + 1, merged[:, offset:n:2])
+
+    def thresholds(self) -> np.ndarray:
+        """Estimated T_k [K] (weighted quantile, linear between kept values)."""
+        values = torch.cat(self.levels, dim=1).numpy()
+        weights = np.concatenate([np.full(lv.shape[1], 2.0 ** i) for i, lv in enumerate(self.levels)])
+        order = np.argsort(values, axis=1, kind="stable")
+        v = np.take_along_axis(values, order, axis=1)
+        cum = np.cumsum(weights[order], axis=1)
+        target = (1.0 - self.q_tail) * cum[:, -1:]
+        return np.array([np.interp(t, c, row) for t, c, row in zip(target[:, 0], cum, v)],
+                        dtype=np.float32)
+
+
+def tail_fraction(acts, T) -> np.ndarray:
+    """P(a_k > T_k) over a batch [B, K, *spatial] for given thresholds T [K] (count / n)."""
+    flat = _as_units(acts)
+    T = torch.as_tensor(np.asarray(T), dtype=flat.dtype, device=flat.device)
+    return ((flat > T[:, None]).sum(dim=1).double() / flat.shape[1]).cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# One pass over a split: T_k, per-sample unit statistics, masks (as the tail), probabilities
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Dissection:
+    """The result of :func:`dissect` over N samples and K units (positions = prod(spatial)).
+
+    ``T`` [K] thresholds T_k; ``realised_tail`` [K] P(a_k > T_k) obtained; ``flags`` [K] bool
+    per kind of degenerate unit (see :meth:`TopQuantile.flags`); ``unit_min``/``unit_max``/
+    ``zero_fraction`` [K]; per sample and unit [N, K]: ``max`` and ``mean`` of A_k(x),
+    ``r`` = sum(M_k(x) * A_k(x)) (Eq. 2, float64) and ``mask_size`` = sum M_k(x);
+    ``probability`` [N] P(fracture); ``tail``: the masks M_k(x) of every sample as sparse
+    (unit, sample, position, value) arrays with value > T_k.
+    """
+
+    layer: str
+    q_tail: float
+    spatial_shape: tuple[int, ...]
+    T: np.ndarray
+    realised_tail: np.ndarray
+    flags: dict[str, np.ndarray]
+    unit_min: np.ndarray
+    unit_max: np.ndarray
+    zero_fraction: np.ndarray
+    max: np.ndarray
+    mean: np.ndarray
+    r: np.ndarray
+    mask_size: np.ndarray
+    probability: np.ndarray
+    tail: dict[str, np.ndarray]
+    seconds: float = 0.0
+    _by_sample: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.max.shape[0])
+
+    @property
+    def n_units(self) -> int:
+        return int(self.T.shape[0])
+
+    @property
+    def enabled(self) -> np.ndarray:
+        """[N, K] bool: k in E_x, i.e. sum M_k(x) > 0 (equivalently max_k(x) > T_k)."""
+        return self.mask_size > 0
+
+    def E(self, i: int) -> np.ndarray:
+        """E_x of sample i: the units that fire on it (ascending)."""
+        return np.flatnonzero(self.mask_size[i] > 0)
+
+    def masks(self, i: int, units: Sequence[int] | None = None) -> np.ndarray:
+        """M_k(x_i) for every unit (or ``units``): bool [len(units), *spatial]."""
+        if self._by_sample is None:
+            self._by_sample = np.argsort(self.tail["sample"], kind="stable")
+        s = self.tail["sample"][self._by_sample]
+        lo, hi = np.searchsorted(s, i, "left"), np.searchsorted(s, i, "right")
+        rows = self._by_sample[lo:hi]
+        units = np.arange(self.n_units) if units is None else np.asarray(units, dtype=int)
+        where = {int(k): j for j, k in enumerate(units)}
+        out = np.zeros((len(units), int(np.prod(self.spatial_shape))), dtype=bool)
+        for u, p in zip(self.tail["unit"][rows], self.tail["position"][rows]):
+            j = where.get(int(u))
+            if j is not None:
+                out[j, p] = True
+        return out.reshape(len(units), *self.spatial_shape)
+
+
+def dissect(model: torch.nn.Module, data, layer: str = DEFAULT_LAYER, *,
+            q_tail: float = Q_TAIL_PAPER, batch_size: int = 64,
+            transform: Callable | None = None, device: str | torch.device | None = None,
+            amp: bool = True, progress: bool = True) -> Dissection:
+    """One forward pass over ``data`` ([N, ...], batched here) -> :class:`Dissection`.
+
+    ``transform`` maps a batch (already on the device) to the network input. The model runs
+    in eval mode under ``torch.inference_mode`` (bf16 autocast on CUDA when ``amp``); its
+    training flags are restored afterwards. Everything is exact (see the module docstring):
+    T_k from :class:`TopQuantile` sized for N, r_k and |M_k| from the kept tail, so the cost
+    is one forward pass plus one ``torch.topk`` merge per batch.
+    """
+    from tqdm.auto import tqdm
+
+    from vfcore.runtime import pick_device
+
+    q_tail = _check_q(q_tail)
+    n = len(data)
+    if n == 0:
+        raise DataValueError("data", "no samples to dissect")
+    device = pick_device(str(device) if device is not None else None)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last_3d)
+    stats = TopQuantile(q_tail, n_samples=n)
+    maxs, means, probs = [], [], []
+    spatial = None
+    start = time.perf_counter()
+    bar = tqdm(total=n, desc=f"dissecting {layer}", unit="sample", disable=not progress)
+    with evaluating(model), capture(model, layer) as out, torch.inference_mode():
+        for x in _batches(data, batch_size, device):
+            x = transform(x) if transform is not None else x
+            if device.type == "cuda" and x.ndim == 5:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            with _autocast(device, amp):
+                y = model(x)
+            A = out.pop().float()
+            b = A.shape[0]
+            if spatial is None:
+                spatial = tuple(int(s) for s in A.shape[2:])
+            probs.append(_probabilities(y, b))
+            flat = A.reshape(b, A.shape[1], -1)
+            maxs.append(flat.amax(dim=2))
+            means.append(flat.mean(dim=2))
+            stats.update(A)
+            bar.update(b)
+    bar.close()
+    T = stats.thresholds()
+    tail = stats.tail()
+    K = len(T)
+    # Eq. 2 for every sample at once: r_k(x) = sum over the tail entries of x and k
+    key = tail["sample"].astype(np.int64) * K + tail["unit"]
+    r = np.bincount(key, weights=tail["value"].astype(np.float64), minlength=n * K).reshape(n, K)
+    size = np.bincount(key, minlength=n * K).reshape(n, K).astype(np.int32)
+    summary = stats.summary()
+    return Dissection(
+        layer=layer, q_tail=q_tail, spatial_shape=spatial, T=T,
+        realised_tail=stats.realised_tail(), flags=stats.flags(),
+        unit_min=summary["min"], unit_max=summary["max"], zero_fraction=summary["zero_fraction"],
+        max=torch.cat(maxs).cpu().numpy(), mean=torch.cat(means).cpu().numpy(), r=r,
+        mask_size=size, probability=torch.cat(probs).cpu().numpy(), tail=tail,
+        seconds=time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------------
+# Eq. 1 and Eq. 2, outcomes, rankings
+# --------------------------------------------------------------------------------------------
+
+def enabled_sets(A, T, axis: int = 1) -> np.ndarray:
+    """E_x as an indicator [N, K]: sum M_k(x) > 0 with M_k(x) = A_k(x) > T_k, for activations
+    A [N, K, *spatial] (``axis`` = the unit axis)."""
+    A = np.asarray(A.detach().cpu() if isinstance(A, torch.Tensor) else A)
+    T = np.asarray(T).reshape((-1,) + (1,) * (A.ndim - axis - 1))
+    M = A > T
+    return M.reshape(M.shape[:axis + 1] + (-1,)).any(axis=-1)
+
+
+def relevance(A, T, axis: int = 0) -> np.ndarray:
+    """r_k = sum(M_k(x) * A_k(x)) (Eq. 2) with M_k(x) = A_k(x) > T_k (float64).
+
+    ``A`` [K, *spatial] for one sample -> [K]; [N, K, *spatial] with ``axis=1`` -> [N, K].
+    """
+    A = np.asarray(A.detach().float().cpu() if isinstance(A, torch.Tensor) else A, dtype=np.float64)
+    T = np.asarray(T, dtype=np.float64).reshape((-1,) + (1,) * (A.ndim - axis - 1))
+    thresholded = np.where(A > T, A, 0.0)
+    return thresholded.reshape(thresholded.shape[:axis + 1] + (-1,)).sum(axis=-1)
+
+
+def top_units(r: np.ndarray, n: int = 10) -> np.ndarray:
+    """The n most relevant units of one inference: descending r_k, ties by unit index."""
+    r = np.asarray(r, dtype=np.float64)
+    return np.lexsort((np.arange(len(r)), -r))[:n]
+
+
+def outcomes(labels, probability, threshold: float = 0.5) -> dict[str, np.ndarray]:
+    """Boolean [N] masks of the samples: ``tp``, ``fp``, ``tn``, ``fn`` (prediction =
+    probability >= threshold), ``positive`` (ground truth) and ``all``."""
+    y = np.asarray(labels).astype(int) == 1
+    pred = np.asarray(probability) >= threshold
+    return {"tp": y & pred, "fp": ~y & pred, "tn": ~y & ~pred, "fn": y & ~pred,
+            "positive": y, "all": np.ones_like(y)}
+
+
+SUBSET_NAMES = {"tp": "true-positive predictions", "fp": "false-positive predictions",
+                "tn": "true negatives", "fn": "false negatives",
+                "positive": "ground-truth fractures", "all": "all samples"}
+
+
+def correlation(enabled: np.ndarray, subset: np.ndarray, name: str = "subset") -> np.ndarray:
+    """c_k = sum_{x in P} 1_{E_x}(k) / |P| (Eq. 1) for the samples where ``subset`` is True.
+
+    ``enabled`` [N, K] bool (k in E_x). An empty subset raises
+    :class:`UndefinedCorrelationError` (c_k is undefined; no division by zero).
+    """
+    enabled = np.asarray(enabled, dtype=bool)
+    subset = np.asarray(subset, dtype=bool)
+    n = int(subset.sum())
+    if n == 0:
+        raise UndefinedCorrelationError(name, f"c_k is undefined: the split has no "
+                                        f"{SUBSET_NAMES.get(name, name)} (0 of {len(subset)} samples)")
+    return enabled[subset].sum(axis=0) / n
+
+
+def _order(primary: np.ndarray, secondary: np.ndarray) -> np.ndarray:
+    """Descending by ``primary``, then ``secondary``, then ascending unit index."""
+    k = np.arange(len(primary))
+    return np.lexsort((k, -np.nan_to_num(secondary, nan=-np.inf), -np.nan_to_num(primary, nan=-np.inf)))
+
+
+def _c_or_nan(d: Dissection, subset: np.ndarray, name: str) -> np.ndarray:
+    try:
+        return correlation(d.enabled, subset, name)
+    except UndefinedCorrelationError:
+        return np.full(d.n_units, np.nan)
+
+
+def _mean_r(d: Dissection, subset: np.ndarray) -> np.ndarray:
+    return d.r[subset].mean(axis=0) if subset.any() else np.full(d.n_units, np.nan)
+
+
+def rank_units(d: Dissection, labels, subset: str = "tp", threshold: float = 0.5) -> pd.DataFrame:
+    """Units sorted by c_k over ``subset`` (``"tp"``: true-positive predictions, the paper;
+    ``"positive"``: ground-truth fractures, what the published code did).
+
+    Columns: ``rank`` (1 = most correlated), ``unit``, ``c_k`` (the sort key), ``c_tp``,
+    ``c_positive``, ``c_fp``, ``c_all``, ``mean_r`` (mean r_k over the subset; ties in c_k are
+    broken by it, then by unit index), ``T_k``, ``realised_tail``, ``degenerate``.
+    Raises :class:`UndefinedCorrelationError` when the subset is empty.
+    """
+    o = outcomes(labels, d.probability, threshold)
+    c = correlation(d.enabled, o[subset], subset)
+    mean_r = _mean_r(d, o[subset])
+    order = _order(c, mean_r)
+    table = pd.DataFrame({
+        "unit": np.arange(d.n_units), "c_k": c,
+        "c_tp": _c_or_nan(d, o["tp"], "tp"), "c_positive": _c_or_nan(d, o["positive"], "positive"),
+        "c_fp": _c_or_nan(d, o["fp"], "fp"), "c_all": _c_or_nan(d, o["all"], "all"),
+        "mean_r": mean_r, "T_k": d.T.astype(np.float64), "realised_tail": d.realised_tail,
+        "degenerate": d.flags["degenerate"]}).iloc[order].reset_index(drop=True)
+    table.insert(0, "rank", np.arange(1, d.n_units + 1))
+    return table
+
+
+def rank_false_positives(d: Dissection, labels, threshold: float = 0.5) -> pd.DataFrame:
+    """Units behind false positives: c_k over the false positives (Eq. 1 with P = FP, divided by
+    |FP|), and the differential ``delta = c_fp - c_tp`` (fires more in false than in true
+    positives). Sorted by ``delta`` (then c_fp); ``rank`` is that order, ``rank_c_fp`` the
+    order by c_fp alone. ``c_tp``/``delta`` are NaN when there are no true positives.
+    Raises :class:`UndefinedCorrelationError` when there are no false positives.
+    """
+    o = outcomes(labels, d.probability, threshold)
+    c_fp = correlation(d.enabled, o["fp"], "fp")
+    c_tp = _c_or_nan(d, o["tp"], "tp")
+    delta = c_fp - c_tp
+    by_fp = _order(c_fp, _mean_r(d, o["fp"]))
+    rank_fp = np.empty(d.n_units, dtype=int)
+    rank_fp[by_fp] = np.arange(1, d.n_units + 1)
+    order = _order(delta, c_fp)
+    table = pd.DataFrame({
+        "unit": np.arange(d.n_units), "delta": delta, "c_fp": c_fp, "c_tp": c_tp,
+        "rank_c_fp": rank_fp, "mean_r_fp": _mean_r(d, o["fp"]), "mean_r_tp": _mean_r(d, o["tp"]),
+        "T_k": d.T.astype(np.float64), "degenerate": d.flags["degenerate"]}).iloc[order]
+    table = table.reset_index(drop=True)
+    table.insert(0, "rank", np.arange(1, d.n_units + 1))
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# Exemplars: top-activating samples per unit, from the requested subset only
+# --------------------------------------------------------------------------------------------
+
+EXEMPLAR_SCORES = ("r", "max", "mean")
+
+
+def exemplars(d: Dissection, subset: np.ndarray | None = None, k: int = 25, by: str = "r",
+              units: Sequence[int] | None = None) -> dict[int, list[int]]:
+    """Per unit, the indices of its ``k`` top-activating samples among ``subset`` (bool [N];
+    None = all), best first (ties: lower index first).
+
+    ``by``: ``"r"`` = r_k(x) = sum(M_k * A_k) (default; only samples where the unit fires, so
+    every exemplar shows a mask), ``"max"`` or ``"mean"`` of A_k(x). A unit that fires in fewer
+    than k samples of the subset gets fewer exemplars: the list is never filled with samples
+    outside the subset (the published code's defect).
+    """
+    if by not in EXEMPLAR_SCORES:
+        raise DataValueError("by", f"must be one of {EXEMPLAR_SCORES}, got {by!r}")
+    score = {"r": d.r, "max": d.max, "mean": d.mean}[by]
+    member = np.ones(d.n_samples, dtype=bool) if subset is None else np.asarray(subset, dtype=bool)
+    if member.shape != (d.n_samples,):
+        raise DataValueError("subset", f"expected {d.n_samples} booleans, got shape {member.shape}")
+    out = {}
+    for u in (range(d.n_units) if units is None else units):
+        u = int(u)
+        candidates = member & (d.mask_size[:, u] > 0) if by == "r" else member
+        idx = np.flatnonzero(candidates)
+        order = np.lexsort((idx, -score[idx, u].astype(np.float64)))
+        out[u] = [int(i) for i in idx[order[:k]]]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Patch geometry: activations on the 96^3 patch, best slice, NIfTI, concept overlap
+# --------------------------------------------------------------------------------------------
+
+#: Patch axes are (I, P, L) (``vfcore.patches``); a view keeps one axis fixed (as the explorer).
+VIEWS: dict[str, int] = {"sagittal": 2, "coronal": 1, "axial": 0}
+#: HU written outside the mask in the masked-CT export (air, as ``vfcore.patches``).
+AIR_HU = -1024
+
+
+def upsample_to_patch(A: np.ndarray, field: Sequence[slice],
+                      patch_shape: Sequence[int] = (96, 96, 96)) -> np.ndarray:
+    """Activation maps [..., d, h, w] -> [..., *patch_shape] float32.
+
+    Trilinear interpolation with ``align_corners=False`` onto the region of the patch that the
+    network input covers (``field``, e.g. the centre 64^3 crop ``slice(16, 80)`` per axis): a
+    feature voxel then sits at the centre of the input block it summarises. Zero outside the
+    field (the network never saw it). All-zero maps stay all-zero (no normalisation, no NaN).
+    """
+    a = torch.as_tensor(np.asarray(A, dtype=np.float32))
+    lead = a.shape[:-3]
+    size = tuple(int(s.stop - s.start) for s in field)
+    up = F.interpolate(a.reshape(-1, 1, *a.shape[-3:]), size=size, mode="trilinear",
+                       align_corners=False).reshape(*lead, *size).numpy()
+    out = np.zeros((*lead, *patch_shape), dtype=np.float32)
+    out[(Ellipsis, *field)] = up
+    return out
+
+
+def best_slice(up: np.ndarray, T: float, view: str = "sagittal") -> int:
+    """The slice of ``view`` where the unit's thresholded activation (upsampled map above T_k,
+    summed over the plane) is largest: the paper shows "a single slice with high activation
+    (after thresholding)". No voxel above T_k: the slice with the largest activation sum;
+    an all-zero map: the middle slice."""
+    axis = VIEWS[view]
+    other = tuple(a for a in range(up.ndim) if a != axis)
+    a = np.asarray(up, dtype=np.float64)
+    score = np.where(a > T, a, 0.0).sum(axis=other)
+    if not np.any(score > 0):
+        score = np.abs(a).sum(axis=other)
+    if not np.any(score > 0):
+        return up.shape[axis] // 2
+    return int(np.argmax(score))
+
+
+def canonical_patch_affine(shape: Sequence[int] = (96, 96, 96), spacing: float = 1.0) -> np.ndarray:
+    """World affine of a patch in its own frame: axes (I, P, L) at ``spacing`` mm, centre at 0.
+
+    Used when the patch store does not record where the vertebra was in the scan; every
+    export of one patch shares it, so CT, activation and masked CT overlay in any viewer.
+    """
+    axes = np.array([[0.0, 0.0, -1.0], [0.0, -1.0, 0.0], [-1.0, 0.0, 0.0]]).T  # columns I, P, L (RAS+)
+    affine = np.eye(4)
+    affine[:3, :3] = spacing * axes
+    affine[:3, 3] = -affine[:3, :3] @ ((np.asarray(shape, dtype=np.float64) - 1) / 2)
+    return affine
+
+
+def patch_world_affine(run_dir: str | Path, case: str, label: int) -> np.ndarray:
+    """The patch's affine in the original scan's world (``vfcore.patches.patch_affine`` of the
+    frame recorded in ``<run>/patches/<case>/case.json``), so exports also overlay the source
+    CT; :func:`canonical_patch_affine` when the record is missing."""
+    from vfcore.patches import PATCH_SIZE, PATCH_SPACING, RECORD_NAME, Frame, patch_affine
+
+    record = Path(run_dir) / "patches" / str(case) / RECORD_NAME
+    try:
+        rec = json.loads(record.read_text())
+        v = next(v for v in rec["vertebrae"] if int(v["label"]) == int(label))
+        frame = Frame(*(np.asarray(v[k], dtype=np.float64) for k in ("c", "e_S", "e_A", "e_L")))
+        params = rec.get("params", {})
+        return patch_affine(frame, params.get("size", PATCH_SIZE), params.get("spacing", PATCH_SPACING))
+    except (OSError, ValueError, KeyError, StopIteration):
+        return canonical_patch_affine()
+
+
+def write_nifti_exemplar(folder: str | Path, stem: str, ct: np.ndarray, activation: np.ndarray,
+                         T: float, affine: np.ndarray) -> dict[str, Path]:
+    """Three NIfTI files sharing one affine (1 mm; qform and sform set): the CT patch (int16
+    HU), the unit's upsampled activation (float32) and the CT inside the thresholded
+    activation (activation > T_k; air elsewhere). Written atomically; never NaN."""
+    import nibabel as nib
+
+    from vfcore.io import atomic_save
+
+    act = np.nan_to_num(np.asarray(activation, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    ct = np.asarray(ct).astype(np.int16)
+    volumes = {"ct": ct, "activation": act, "masked_ct": np.where(act > T, ct, AIR_HU).astype(np.int16)}
+    paths = {}
+    for kind, data in volumes.items():
+        img = nib.Nifti1Image(data, affine)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+        img.header.set_xyzt_units("mm")
+        path = Path(folder) / f"{stem}_{kind}.nii.gz"
+        paths[kind] = atomic_save(path, lambda tmp, img=img: nib.save(img, tmp), suffix=".nii.gz")
+    return paths
+
+
+def concept_group(value: int, names: Mapping[int, str]) -> str:
+    """Name of a concept-mask value: discs (100 + L normal, 150 + L degenerated) are grouped."""
+    value = int(value)
+    if value >= 150:
+        return "degenerated disc"
+    if value >= 100:
+        return "intervertebral disc"
+    return names.get(value, f"concept {value}")
+
+
+def concept_overlap(mask: np.ndarray, concepts: np.ndarray, names: Mapping[int, str],
+                    field: Sequence[slice] | None = None) -> pd.DataFrame:
+    """What a unit's mask covers, measured against a ground-truth concept mask (the phantom).
+
+    ``mask`` bool (the upsampled activation above T_k, patch shape), ``concepts`` the concept
+    labels of the same patch. Per concept name: ``fraction`` = |mask & C| / |mask| (how much of
+    what the unit marks is C) and ``iou`` = |mask & C| / |mask | C| (C restricted to ``field``,
+    the part of the patch the network sees). Sorted by fraction; empty for an empty mask.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    concepts = np.asarray(concepts)
+    if field is not None:
+        visible = np.zeros(mask.shape, dtype=bool)
+        visible[tuple(field)] = True
+        concepts = np.where(visible, concepts, 0)
+    total = int(mask.sum())
+    rows = []
+    if total:
+        groups: dict[str, np.ndarray] = {}
+        for value in np.unique(concepts):
+            name = "background" if value == 0 else concept_group(value, names)
+            groups[name] = groups.get(name, np.zeros(mask.shape, dtype=bool)) | (concepts == value)
+        for name, c in groups.items():
+            inter = int((mask & c).sum())
+            if inter:
+                rows.append({"concept": name, "fraction": inter / total,
+                             "iou": inter / int((mask | c).sum())})
+    table = pd.DataFrame(rows, columns=["concept", "fraction", "iou"])
+    return table.sort_values(["fraction", "concept"], ascending=[False, True]).reset_index(drop=True)
+
+
+def vertebra_overlap(mask: np.ndarray, vertebrae: np.ndarray, label: int) -> dict[str, float]:
+    """Fractions of a unit's mask on the target vertebra, the adjacent ones and outside bone
+    (``vertebrae`` = the patch's vertebra label mask)."""
+    mask = np.asarray(mask, dtype=bool)
+    total = int(mask.sum())
+    if not total:
+        return {"target": 0.0, "adjacent": 0.0, "outside": 0.0}
+    v = np.asarray(vertebrae)[mask]
+    return {"target": float((v == label).mean()), "adjacent": float(((v != label) & (v > 0)).mean()),
+            "outside": float((v == 0).mean())}
