@@ -43,7 +43,7 @@ from scipy.interpolate import CubicSpline
 from scipy.ndimage import center_of_mass, map_coordinates, spline_filter
 
 from vfcore.errors import GeometryError, VfcoreError
-from vfcore.io import save_npy, sha256_file, versions, write_json
+from vfcore.io import save_npy, sha256_file, write_json
 from vfcore.verse import (
     SUBREG_BODY,
     Case,
@@ -599,7 +599,7 @@ def extract_patches(root: str | os.PathLike, run_dir: str | os.PathLike, *, work
     labelled = manifest[manifest["fracture"] != ""]
     report = {
         "root": str(root.resolve()), "params": params, "seed": seed,
-        "fractions": list(fractions), "versions": versions(),
+        "fractions": list(fractions), "versions": _versions(),
         "cases": len(cases), "extracted": len(records), "vertebrae": len(manifest),
         "labelled": len(labelled), "fractured": int((labelled["fracture"] == 1).sum()),
         "splits": {s: {"patients": sum(1 for v in split_of.values() if v == s),
@@ -615,6 +615,20 @@ def extract_patches(root: str | os.PathLike, run_dir: str | os.PathLike, *, work
     }
     write_json(out_dir / "report.json", report)
     return read_manifest(out_dir / "manifest.csv")
+
+
+def _versions() -> dict[str, str]:
+    """Versions of what shapes the patches (``vfcore.io.versions`` would import torch and
+    MONAI, which takes seconds and is not needed here)."""
+    import platform
+
+    import nibabel
+    import scipy
+
+    import vfcore
+
+    return {"python": platform.python_version(), "vfcore": vfcore.__version__,
+            "numpy": np.__version__, "scipy": scipy.__version__, "nibabel": nibabel.__version__}
 
 
 def write_manifest(path: Path, manifest: pd.DataFrame) -> None:
