@@ -43,8 +43,10 @@ def ref_slice(vol: np.ndarray, view: str, s: int) -> np.ndarray:
 def ref_best_slice(amap: np.ndarray, T: float, view: str) -> int:
     axis = {"sagittal": 2, "coronal": 1, "axial": 0}[view]
     m = np.where(amap > T, amap, 0.0)
-    if not m.any():  # an empty mask: the slice with the most activation
+    if not m.any():  # an empty mask: the slice with the most activation (all zero: the middle)
         m = amap
+        if not m.any():
+            return amap.shape[axis] // 2
     return int(np.argmax([ref_slice(m, view, s).sum() for s in range(amap.shape[axis])]))
 
 
@@ -97,16 +99,6 @@ def setup(tmp_path):
 
 
 # ---- pure pieces --------------------------------------------------------------------------
-
-def test_upsample_matches_scipy_linear_zoom():
-    a = np.random.default_rng(0).random((3, 8, 8, 8), dtype=np.float32)
-    up = ex.upsample_to_patch(a, syn.FIELD)
-    ref = np.zeros_like(up)
-    for k in range(3):
-        ref[k, 16:80, 16:80, 16:80] = ndi.zoom(a[k], 8, order=1, grid_mode=True, mode="nearest")
-    np.testing.assert_allclose(up, ref, atol=1e-6)
-    assert np.all(up[:, :16] == 0) and np.all(up[:, 80:] == 0)
-
 
 def test_views_follow_the_patch_axes():
     vol = np.arange(96 ** 3).reshape(96, 96, 96)

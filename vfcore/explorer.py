@@ -10,8 +10,9 @@ and a concept dictionary (unit -> label, note) saved to ``<run>/concepts.json``.
 
 Three layers, each usable alone:
 
-* pure drawing functions (:func:`take_slice`, :func:`render_slice`, :func:`png_bytes`,
-  :func:`best_slice`, :func:`upsample_to_patch`): numpy in, numpy/PNG out;
+* pure drawing functions (:func:`take_slice`, :func:`render_slice`, :func:`png_bytes`):
+  numpy in, numpy/PNG out; the geometry (``upsample_to_patch``, ``best_slice``) and r_k
+  (``relevance``, ``top_units``) come from :mod:`vfcore.dissect`;
 * :class:`RunData` (what the explorer needs from a run: thresholds T_k, c_k ranks, the test
   split with predictions, exemplars, and a function patch -> activations) and
   :class:`Analysis` (one sample: its patch, probability, r_k, top units and their
@@ -40,6 +41,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from vfcore.dissect import VIEWS, best_slice, relevance, top_units, upsample_to_patch
 from vfcore.errors import InputError, VfcoreError
 from vfcore.io import write_json
 
@@ -47,11 +49,6 @@ from vfcore.io import write_json
 # Constants
 # --------------------------------------------------------------------------------------------
 
-#: Patch axes are (I, P, L) (``vfcore.patches``). A view shows the plane orthogonal to one axis;
-#: the 2D slice is ``np.take(patch, index, axis)`` without transposing, which gives
-#: sagittal: rows I (head up), columns P (anterior left); coronal: rows I, columns L
-#: (patient right on the left, radiological); axial: rows P (anterior up), columns L.
-VIEWS: dict[str, int] = {"sagittal": 2, "coronal": 1, "axial": 0}
 #: Display window in HU (a bone window: level 500, width 1500).
 DISPLAY_WINDOW_HU: tuple[float, float] = (-250.0, 1250.0)
 #: On-screen pixels per patch voxel (nearest neighbour): 96 voxels -> 288 px.
@@ -99,7 +96,12 @@ CSS_CLASSES = {
 # --------------------------------------------------------------------------------------------
 
 def take_slice(volume: np.ndarray, view: str, index: int) -> np.ndarray:
-    """The 2D slice ``index`` of a (I, P, L) volume in a view (see :data:`VIEWS`)."""
+    """The 2D slice ``index`` of a (I, P, L) volume in a view (``vfcore.dissect.VIEWS``).
+
+    ``np.take`` without transposing gives, as radiology viewers show them: sagittal = rows I
+    (head up), columns P (anterior left); coronal = rows I, columns L (patient right on the
+    left); axial = rows P (anterior up), columns L.
+    """
     if view not in VIEWS:
         raise ValueError(f"unknown view {view!r}; choose one of {list(VIEWS)}")
     return np.take(volume, int(index), axis=VIEWS[view])
@@ -159,38 +161,6 @@ def decode_png(data: bytes) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def best_slice(activation: np.ndarray, threshold: float, view: str) -> int:
-    """The slice of a view where the unit's thresholded activation sum(M_k * A_k) is largest
-    (the paper shows "a single slice with high activation (after thresholding)"); where the
-    mask is empty everywhere, the slice with the largest activation sum."""
-    axis = VIEWS[view]
-    other = tuple(a for a in range(3) if a != axis)
-    a = np.asarray(activation, dtype=np.float64)
-    score = np.where(a > threshold, a, 0.0).sum(axis=other)
-    if not np.any(score > 0):
-        score = a.sum(axis=other)
-    return int(np.argmax(score))
-
-
-def upsample_to_patch(
-    activations: np.ndarray,
-    field_slices: Sequence[slice],
-    patch_shape: Sequence[int] = PATCH_SHAPE,
-) -> np.ndarray:
-    """Activation maps [K, h, w, d] -> [K, *patch_shape] float32: trilinear interpolation
-    (``align_corners=False``, as NetDissect upsamples before thresholding) onto the part of
-    the patch the network saw (``field_slices``), zero elsewhere."""
-    import torch
-    import torch.nn.functional as F
-
-    a = torch.as_tensor(np.asarray(activations, dtype=np.float32))
-    size = tuple(s.stop - s.start for s in field_slices)
-    up = F.interpolate(a[None], size=size, mode="trilinear", align_corners=False)[0].numpy()
-    out = np.zeros((a.shape[0], *patch_shape), dtype=np.float32)
-    out[(slice(None), *field_slices)] = up
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,16 +397,14 @@ class RunData:
 
     def relevance(self, A: np.ndarray) -> np.ndarray:
         """r_k(x) (Eq. 2) from one sample's activations [K, h, w, d]."""
-        from vfcore.dissect import relevance
-
-        return np.asarray(relevance(A, self.thresholds), dtype=np.float64)
+        return relevance(A, self.thresholds)
 
     def analyse(self, patch: np.ndarray, name: str, truth: dict | None = None, top: int = TOP_UNITS) -> Analysis:
         """Run the network on one patch; keep r_k and the top units' upsampled maps."""
         A, prob = self.activations(np.asarray(patch)[None])
         A = np.asarray(A)[0]
         r = self.relevance(A)
-        order = [int(k) for k in np.argsort(-r, kind="stable")[:top]]
+        order = [int(k) for k in top_units(r, top)]
         up = upsample_to_patch(A[order], self.field, patch.shape)
         return Analysis(name=name, patch=np.asarray(patch), probability=float(np.asarray(prob)[0]),
                         relevance=r, top=order, maps=dict(zip(order, up)), truth=truth)
