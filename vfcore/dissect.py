@@ -170,27 +170,35 @@ def _batches(data, batch_size: int, device: torch.device) -> Iterator[torch.Tens
 
 
 def activations(model: torch.nn.Module, data, layer: str = DEFAULT_LAYER, *,
-                batch_size: int = 32, transform: Callable | None = None,
-                device: str | torch.device | None = None, amp: bool = True
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Layer activations A [N, K, ...] (float32) and P(fracture) [N] for a few samples.
+                units: Sequence[int] | None = None, batch_size: int = 32,
+                transform: Callable | None = None, device: str | torch.device | None = None,
+                amp: bool = True, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Layer activations A [N, K, ...] (float32; only ``units`` if given) and P(fracture) [N].
 
-    For exemplars and single inferences (everything is kept in memory); a whole split goes
-    through :func:`dissect`. ``transform`` maps a batch of ``data`` (on the device) to the
-    network input, e.g. ``lambda hu: vfcore.data.to_network_input(hu, preset)``.
+    Everything is kept in memory: for exemplars, single inferences, or a few units over a
+    split (histograms); T_k and the statistics of a whole split come from :func:`dissect`.
+    ``transform`` maps a batch of ``data`` (on the device) to the network input, e.g.
+    ``lambda hu: vfcore.data.to_network_input(hu, preset)``.
     """
+    from tqdm.auto import tqdm
+
     from vfcore.runtime import pick_device
 
     device = pick_device(str(device) if device is not None else None)
     model = model.to(device)
     As, ps = [], []
+    pick = None if units is None else torch.as_tensor(np.asarray(units, dtype=np.int64))
+    bar = tqdm(total=len(data), desc=f"activations of {layer}", unit="sample", disable=not progress)
     with evaluating(model), capture(model, layer) as out, torch.inference_mode():
         for x in _batches(data, batch_size, device):
             x = transform(x) if transform is not None else x
             with _autocast(device, amp):
                 y = model(x)
             ps.append(_probabilities(y, x.shape[0]).cpu())
-            As.append(out.pop().float().cpu())
+            A = out.pop()
+            As.append((A if pick is None else A[:, pick.to(A.device)]).float().cpu())
+            bar.update(x.shape[0])
+    bar.close()
     if not As:
         raise DataValueError("data", "no samples")
     return torch.cat(As).numpy(), torch.cat(ps).numpy()
@@ -336,50 +344,56 @@ class TopQuantile:
                 bp, device=flat.device).expand(k, bp)], dim=1)
         self.n_samples += b
 
-    def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
+    def _sorted(self, q_tail: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Kept values and indices, each unit sorted in descending order (numpy, CPU)."""
         if self.values is None or self.n_values == 0:
             raise DataValueError("TopQuantile", "no activations were added: call update() first")
         if self.n_samples_expected is not None and self.n_samples != self.n_samples_expected:
             raise DataValueError("TopQuantile", f"saw {self.n_samples} samples, n_samples="
                                  f"{self.n_samples_expected} was promised: T_k would be wrong")
-        need = tail_size(self.n_values, self.q_tail)
-        if need > self._exact_upto:
+        need = tail_size(self.n_values, self.q_tail if q_tail is None else _check_q(q_tail))
+        if need > min(self._exact_upto, self.values.shape[1]):
             raise DataValueError("TopQuantile", f"the buffer kept {self._exact_upto} values per "
                                  f"unit but the quantile of {self.n_values} values needs the top "
-                                 f"{need}: pass n_samples= (or a larger capacity=)")
+                                 f"{need}: pass n_samples= (or a larger capacity=; a smaller "
+                                 f"q_tail than the one the buffer was sized for)")
         values, order = torch.sort(self.values, dim=1, descending=True, stable=True)
         index = torch.gather(self.index, 1, order)
         return values.cpu().numpy(), index.cpu().numpy()
 
-    def thresholds(self) -> np.ndarray:
-        """T_k [K] (dtype of the activations): equal to ``np.quantile(a_k, 1 - q_tail)``."""
-        values, _ = self._sorted()
+    def thresholds(self, q_tail: float | None = None) -> np.ndarray:
+        """T_k [K] (dtype of the activations): equal to ``np.quantile(a_k, 1 - q_tail)``.
+
+        ``q_tail`` defaults to the one given at construction; any smaller one is exact too
+        (its tail is inside the buffer), so one pass serves several q.
+        """
+        q_tail = self.q_tail if q_tail is None else q_tail
+        values, _ = self._sorted(q_tail)
         n = self.n_values
-        lo, hi, gamma = _linear_index(n, 1.0 - self.q_tail)
+        lo, hi, gamma = _linear_index(n, 1.0 - q_tail)
         # ascending position i is descending rank n - 1 - i
         return _lerp(values[:, n - 1 - lo], values[:, n - 1 - hi], gamma)
 
-    def realised_tail(self, T: np.ndarray | None = None) -> np.ndarray:
+    def realised_tail(self, T: np.ndarray | None = None, q_tail: float | None = None) -> np.ndarray:
         """P(a_k > T_k) actually obtained (ties at T_k make it smaller than q_tail) [K].
 
         Exact: every value above T_k is in the buffer. Pass ``T`` to evaluate other
-        thresholds; values below the buffer's smallest kept value cannot be counted, so ``T``
-        must not lie below T_k (use :func:`tail_fraction` on the activations for that).
+        thresholds (e.g. a sketch's); a T below the smallest kept value of a unit cannot be
+        counted from the buffer (use :func:`tail_fraction` on the activations for that).
         """
-        values, _ = self._sorted()
-        T_exact = self.thresholds()
-        T = T_exact if T is None else np.asarray(T)
-        if np.any(T < T_exact):
-            raise DataValueError("T", "thresholds below the exact T_k: the buffer does not hold "
-                                 "every value above them")
+        values, _ = self._sorted(q_tail)
+        T = self.thresholds(q_tail) if T is None else np.asarray(T)
+        dropped = math.isfinite(self._exact_upto)
+        if dropped and np.any(T < values[:, -1]):
+            raise DataValueError("T", "thresholds below the smallest value the buffer kept: "
+                                 "the values above them were not all kept")
         return (values > T[:, None]).sum(axis=1) / self.n_values
 
-    def tail(self) -> dict[str, np.ndarray]:
+    def tail(self, q_tail: float | None = None) -> dict[str, np.ndarray]:
         """The masks M_k of every sample, sparse: every (unit, sample, position, value) with
         value > T_k, ordered by unit, then value (descending)."""
-        values, index = self._sorted()
-        T = self.thresholds()
+        values, index = self._sorted(q_tail)
+        T = self.thresholds(q_tail)
         above = values > T[:, None]
         unit = np.broadcast_to(np.arange(values.shape[0])[:, None], values.shape)[above]
         flat = index[above]

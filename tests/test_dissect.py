@@ -1,0 +1,368 @@
+"""vfcore.dissect against independent references: numpy.quantile, direct numpy computations of
+M_k, E_x, c_k (Eq. 1) and r_k (Eq. 2), hand-made models and hand-computed small cases."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from vfcore import dissect as D
+from vfcore.errors import (DataValueError, LayerNotFoundError, MissingArtifactError,
+                           StaleArtifactError)
+
+torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Thresholds
+# --------------------------------------------------------------------------------------------
+
+def _ref_T(a: np.ndarray, q: float) -> np.ndarray:
+    """numpy.quantile per unit over all samples and positions (the definition of T_k)."""
+    K = a.shape[1]
+    return np.array([np.quantile(a[:, k].ravel(), 1 - q) for k in range(K)], dtype=a.dtype)
+
+
+def _stream(a: np.ndarray, q: float, batch: int, order=None, **kw) -> D.TopQuantile:
+    tq = D.TopQuantile(q, **kw)
+    order = np.arange(len(a)) if order is None else order
+    for s in range(0, len(a), batch):
+        tq.update(torch.from_numpy(a[order[s:s + batch]]))
+    return tq
+
+
+def _awkward(rng, N=23, K=6, shape=(3, 4, 2)) -> np.ndarray:
+    """Random activations with the hard cases: ties, a constant unit, an all-zero unit, a
+    ReLU-like mostly-zero unit, negative values."""
+    a = rng.standard_normal((N, K, *shape)).astype(np.float32)
+    a[:, 0] = np.round(a[:, 0] * 2) / 2          # heavy ties
+    a[:, 1] = 0.0                                # all zero
+    a[:, 2] = 1.25                               # constant
+    relu = np.maximum(a[:, 3] - 2.0, 0)          # almost always zero
+    a[:, 3] = relu
+    return a
+
+
+@pytest.mark.parametrize("q", [D.Q_TAIL_PAPER, D.Q_TAIL_PUBLISHED, 0.1, 0.37])
+def test_thresholds_equal_numpy_quantile_for_every_batch_size_and_order(q):
+    rng = np.random.default_rng(1)
+    a = _awkward(rng)
+    ref = _ref_T(a, q)
+    results = []
+    for batch in (1, 2, 5, 7, 23, 64):          # 23 samples: never a multiple of most of them
+        for order in (None, rng.permutation(len(a))):
+            T = _stream(a, q, batch, order, n_samples=len(a)).thresholds()
+            np.testing.assert_array_equal(T, ref)
+            results.append(T)
+    assert T.dtype == np.float32
+
+
+def test_realised_tail_and_tail_entries_match_a_direct_count():
+    rng = np.random.default_rng(2)
+    a = _awkward(rng, N=31)
+    q = 0.05
+    tq = _stream(a, q, 4, n_samples=len(a))
+    T = _ref_T(a, q)
+    flat = a.reshape(a.shape[0], a.shape[1], -1)
+    expected = (flat > T[None, :, None]).mean(axis=(0, 2))
+    np.testing.assert_allclose(tq.realised_tail(), expected, rtol=0, atol=1e-15)
+    tail = tq.tail()
+    got = set(zip(tail["unit"].tolist(), tail["sample"].tolist(), tail["position"].tolist()))
+    s, k, p = np.nonzero(flat > T[None, :, None])
+    assert got == set(zip(k.tolist(), s.tolist(), p.tolist()))
+    np.testing.assert_array_equal(tail["value"], flat[tail["sample"], tail["unit"], tail["position"]])
+
+
+def test_degenerate_units_are_flagged():
+    rng = np.random.default_rng(3)
+    a = _awkward(rng, N=40)
+    flags = _stream(a, 0.005, 8, n_samples=40).flags()
+    assert flags["constant"][1] and flags["constant"][2]           # all-zero and constant
+    assert flags["never_fires"][1] and flags["never_fires"][2]
+    assert flags["zero_threshold"][1] and not flags["zero_threshold"][2]
+    assert flags["degenerate"][1] and flags["degenerate"][2]
+    assert not flags["degenerate"][4] and not flags["degenerate"][5]  # plain Gaussian units
+
+
+def test_smaller_q_from_the_same_buffer_and_buffer_size():
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((50, 3, 8)).astype(np.float32)
+    tq = _stream(a, 0.05, 6, n_samples=50)
+    n = 50 * 8
+    assert tq.values.shape[1] == int(np.ceil(0.05 * (n - 1))) + 1 == D.tail_size(n, 0.05)
+    for q in (0.05, 0.01, 0.005, 0.001):
+        np.testing.assert_array_equal(tq.thresholds(q), _ref_T(a, q))
+    with pytest.raises(DataValueError, match="needs the top"):
+        tq.thresholds(0.2)
+
+
+def test_unknown_n_keeps_everything_or_checks_the_capacity():
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((30, 2, 5)).astype(np.float32)
+    np.testing.assert_array_equal(_stream(a, 0.01, 7).thresholds(), _ref_T(a, 0.01))
+    np.testing.assert_array_equal(_stream(a, 0.01, 7, capacity=10).thresholds(), _ref_T(a, 0.01))
+    with pytest.raises(DataValueError, match="n_samples"):
+        _stream(a, 0.3, 7, capacity=10).thresholds()
+    with pytest.raises(DataValueError, match="promised"):
+        _stream(a[:20], 0.01, 7, n_samples=30).thresholds()
+    bad = a.copy()
+    bad[3, 1, 2] = np.nan
+    with pytest.raises(DataValueError, match="NaN"):
+        _stream(bad, 0.01, 7, n_samples=30)
+    with pytest.raises(DataValueError, match="q_tail"):
+        D.TopQuantile(1.5)
+
+
+def test_sampled_sketch_is_only_approximate():
+    rng = np.random.default_rng(6)
+    a = rng.standard_normal((200, 4, 64)).astype(np.float32)
+    sketch = D.SampledQuantile(0.005, resolution=128, seed=0)
+    for s in range(0, 200, 16):
+        sketch.update(a[s:s + 16])
+    est = sketch.thresholds()
+    ref = _ref_T(a, 0.005)
+    assert np.all(np.abs(est - ref) < 0.5)        # in the right region ...
+    assert not np.array_equal(est, ref)           # ... but not the quantile
+
+
+# --------------------------------------------------------------------------------------------
+# A small hand-made network
+# --------------------------------------------------------------------------------------------
+
+class TinyNet(torch.nn.Module):
+    """Conv + batch norm + ReLU + pool, a 'features' layer of 5 units on 4^3, dropout, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.BatchNorm3d(4),
+                                        torch.nn.ReLU(), torch.nn.MaxPool3d(2))
+        self.features = torch.nn.Sequential(torch.nn.Conv3d(4, 5, 3, padding=1), torch.nn.BatchNorm3d(5),
+                                            torch.nn.ReLU())
+        self.head = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Flatten(), torch.nn.Linear(5 * 64, 1))
+
+    def forward(self, x):
+        return self.head(self.features(self.stem(x)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    net = TinyNet()
+    with torch.no_grad():   # non-trivial running statistics, as after training
+        for bn in (net.stem[1], net.features[1]):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+        net.features[0].weight[1] = 0.0          # unit 1 always zero after ReLU (bias < 0)
+        net.features[0].bias[1] = -1.0
+        net.features[1].bias[1] = -1.0
+    x = torch.rand(37, 1, 8, 8, 8)
+    labels = (torch.arange(37) % 3 == 0).int().numpy()
+    return net, x, labels
+
+
+def _reference_activations(net, x, batch):
+    """The layer's output, captured with a plain hook and plain loops (independent of dissect)."""
+    out = []
+    h = net.features.register_forward_hook(lambda m, i, o: out.append(o.detach().clone()))
+    net.eval()
+    with torch.no_grad():
+        probs = torch.cat([torch.sigmoid(net(x[s:s + batch]))[:, 0] for s in range(0, len(x), batch)])
+    h.remove()
+    return torch.cat(out).numpy(), probs.numpy()
+
+
+def test_dissect_matches_a_direct_numpy_computation(tiny):
+    net, x, labels = tiny
+    q = 0.02
+    d = D.dissect(net, x, "features", q_tail=q, batch_size=8, device="cpu", progress=False)
+    A, p = _reference_activations(net, x, 8)
+    T = _ref_T(A, q)
+    np.testing.assert_array_equal(d.T, T)
+    np.testing.assert_allclose(d.probability, p, rtol=1e-6)
+    flat = A.reshape(37, 5, -1)
+    M = flat > T[None, :, None]
+    np.testing.assert_array_equal(d.mask_size, M.sum(axis=2))
+    np.testing.assert_array_equal(d.enabled, M.any(axis=2))
+    np.testing.assert_array_equal(d.enabled, d.max > d.T)               # E_x from the maxima
+    np.testing.assert_allclose(d.r, (M * flat).sum(axis=2, dtype=np.float64), rtol=1e-12)
+    np.testing.assert_array_equal(d.max, flat.max(axis=2))
+    np.testing.assert_allclose(d.mean, flat.mean(axis=2), rtol=1e-6)
+    for i in (0, 5, 36):
+        np.testing.assert_array_equal(d.masks(i), M[i].reshape(5, 4, 4, 4))
+        np.testing.assert_array_equal(d.E(i), np.flatnonzero(M[i].any(axis=1)))
+        np.testing.assert_allclose(D.relevance(A[i], d.T), d.r[i], rtol=1e-12)
+    np.testing.assert_allclose(D.relevance(A, d.T, axis=1), d.r, rtol=1e-12)
+    np.testing.assert_array_equal(D.enabled_sets(A, d.T), d.enabled)
+    assert d.flags["never_fires"][1] and d.flags["degenerate"][1]
+    assert not np.isnan(d.r).any() and not np.isnan(d.mean).any()
+
+
+def test_activations_do_not_depend_on_the_batch(tiny):
+    """Eval mode: batch norm uses running statistics and dropout is off, so a sample's
+    activations are the same alone, in a batch, or in a shuffled batch (up to the last bits
+    of float32 arithmetic: oneDNN picks another convolution kernel for a batch of 1)."""
+    net, x, _ = tiny
+    net.train()                                   # as a careless caller would leave it
+    alone, p_alone = D.activations(net, x[:6], "features", batch_size=1, device="cpu")
+    together, p_together = D.activations(net, x[:6], "features", batch_size=6, device="cpu")
+    perm = [4, 2, 0, 5, 1, 3]
+    shuffled, _ = D.activations(net, x[perm], "features", batch_size=4, device="cpu")
+    assert net.training and net.stem[1].training   # the caller's mode is restored
+    np.testing.assert_allclose(alone, together, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(shuffled, together[perm], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(p_alone, p_together, rtol=1e-5)
+    # the published defect (batch statistics at inference) would fail the check above:
+    with torch.no_grad():
+        net.train()
+        t1 = net.features(net.stem(x[:1].repeat(2, 1, 1, 1, 1)))[0]
+        t6 = net.features(net.stem(x[:6]))[0]
+    assert not torch.allclose(t1, t6, rtol=1e-3, atol=1e-3)
+    # dissect with different batch sizes gives the same thresholds and statistics
+    a = D.dissect(net, x, "features", q_tail=0.02, batch_size=5, device="cpu", progress=False)
+    b = D.dissect(net, x, "features", q_tail=0.02, batch_size=37, device="cpu", progress=False)
+    np.testing.assert_allclose(a.T, b.T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a.max, b.max, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_layer_lists_the_available_ones(tiny):
+    net, x, _ = tiny
+    with pytest.raises(LayerNotFoundError) as err:
+        D.dissect(net, x, "down_tr512", device="cpu", progress=False)
+    assert "down_tr512" in str(err.value) and "features" in str(err.value) and "stem.0" in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Eq. 1, rankings, exemplars (hand-made statistics)
+# --------------------------------------------------------------------------------------------
+
+def _made(enabled: np.ndarray, prob: np.ndarray, r: np.ndarray | None = None) -> D.Dissection:
+    N, K = enabled.shape
+    r = enabled * (1.0 + np.arange(N * K).reshape(N, K) % 7) if r is None else r
+    return D.Dissection(
+        layer="x", q_tail=0.005, spatial_shape=(1,), T=np.zeros(K, np.float32),
+        realised_tail=np.full(K, 0.005), flags={"degenerate": np.zeros(K, bool)},
+        unit_min=np.zeros(K), unit_max=np.ones(K), zero_fraction=np.zeros(K),
+        max=r.astype(np.float32), mean=r.astype(np.float32) / 2, r=r.astype(np.float64),
+        mask_size=enabled.astype(np.int32), probability=prob,
+        tail={k: np.zeros(0, np.int32) for k in ("unit", "sample", "position", "value")})
+
+
+def test_correlation_by_hand():
+    #            unit: 0  1  2
+    enabled = np.array([[1, 0, 1],    # TP
+                        [1, 1, 0],    # TP
+                        [0, 1, 0],    # FN (label 1, predicted 0)
+                        [0, 1, 1],    # FP
+                        [0, 0, 0]],   # TN
+                       dtype=bool)
+    labels = np.array([1, 1, 1, 0, 0])
+    prob = np.array([0.9, 0.7, 0.2, 0.8, 0.1])
+    d = _made(enabled, prob)
+    o = D.outcomes(labels, prob)
+    np.testing.assert_array_equal(D.correlation(enabled, o["tp"]), [1.0, 0.5, 0.5])
+    np.testing.assert_array_equal(D.correlation(enabled, o["positive"]), [2 / 3, 2 / 3, 1 / 3])
+    np.testing.assert_array_equal(D.correlation(enabled, o["fp"]), [0.0, 1.0, 1.0])  # / |FP| = 1
+    t = D.rank_units(d, labels, "tp")
+    assert t["unit"].tolist()[0] == 0 and t["rank"].tolist() == [1, 2, 3]
+    np.testing.assert_array_equal(t.set_index("unit").loc[[0, 1, 2], "c_positive"], [2 / 3, 2 / 3, 1 / 3])
+    g = D.rank_units(d, labels, "positive")
+    assert g["c_k"].tolist() == sorted(g["c_k"].tolist(), reverse=True)
+    fp = D.rank_false_positives(d, labels)
+    np.testing.assert_array_equal(fp.set_index("unit").loc[[0, 1, 2], "delta"], [-1.0, 0.5, 0.5])
+    assert fp["unit"].tolist()[2] == 0
+
+
+def test_undefined_correlation_is_an_error_not_a_division_by_zero():
+    enabled = np.array([[1, 0], [0, 1]], dtype=bool)
+    d = _made(enabled, np.array([0.1, 0.2]))             # nothing predicted positive
+    with pytest.raises(D.UndefinedCorrelationError, match="no true-positive predictions"):
+        D.rank_units(d, [1, 0], "tp")
+    with pytest.raises(D.UndefinedCorrelationError, match="no false-positive"):
+        D.rank_false_positives(d, [1, 0])
+    d = _made(enabled, np.array([0.9, 0.2]))             # a TP, no FP
+    t = D.rank_units(d, [1, 0], "tp")
+    assert t["c_fp"].isna().all() and not t["c_k"].isna().any()
+
+
+def test_exemplars_never_come_from_outside_the_subset():
+    rng = np.random.default_rng(7)
+    N, K = 40, 6
+    enabled = rng.random((N, K)) < 0.5
+    enabled[:, 5] = False
+    enabled[3, 5] = enabled[31, 5] = True                # unit 5 fires in 2 samples only
+    r = enabled * rng.random((N, K)) * 10
+    d = _made(enabled, rng.random(N), r)
+    subset = np.zeros(N, bool)
+    subset[::3] = True                                    # samples 0, 3, 6, ..., 39
+    for by in ("r", "max", "mean"):
+        ex = D.exemplars(d, subset, k=25, by=by)
+        for u, idx in ex.items():
+            assert all(subset[i] for i in idx)
+            score = {"r": d.r, "max": d.max, "mean": d.mean}[by][:, u]
+            assert [score[i] for i in idx] == sorted((score[i] for i in idx), reverse=True)
+    ex = D.exemplars(d, subset, k=25)
+    assert ex[5] == [3]                                   # 31 fires but is not in the subset
+    for u in range(5):                                    # the k best of the subset that fire
+        cand = [i for i in range(N) if subset[i] and enabled[i, u]]
+        best = sorted(cand, key=lambda i: (-r[i, u], i))[:25]
+        assert ex[u] == best
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry and exports
+# --------------------------------------------------------------------------------------------
+
+def test_upsampling_puts_a_feature_voxel_on_its_input_block():
+    A = np.zeros((2, 8, 8, 8), np.float32)
+    A[0, 2, 5, 7] = 1.0
+    field = (slice(16, 80),) * 3                           # paper: centre 64^3 crop of 96^3
+    up = D.upsample_to_patch(A, field)
+    assert up.shape == (2, 96, 96, 96) and up.dtype == np.float32
+    peak = np.array(np.unravel_index(np.argmax(up[0]), up[0].shape))
+    centre = 16 + np.array([2, 5, 7]) * 8 + 3.5            # block [16 + 8i, 24 + 8i)
+    assert np.all(np.abs(peak - centre) <= 0.5)
+    assert not up[0][:16].any() and not up[0][80:].any()
+    assert not up[1].any() and not np.isnan(up).any()       # all-zero unit: zeros, no NaN
+    assert D.best_slice(up[1], 0.0) == 48
+    assert D.best_slice(up[0], 0.5, "sagittal") in (16 + 7 * 8 + 3, 16 + 7 * 8 + 4)
+
+
+def test_nifti_exports_overlay_and_have_no_nan(tmp_path):
+    ct = np.random.default_rng(0).integers(-1000, 1500, (96, 96, 96)).astype(np.int16)
+    act = np.zeros((96, 96, 96), np.float32)               # an all-zero unit
+    affine = D.canonical_patch_affine()
+    paths = D.write_nifti_exemplar(tmp_path, "rank1_case_L1", ct, act, 0.0, affine)
+    imgs = {k: nib.load(p) for k, p in paths.items()}
+    for img in imgs.values():
+        np.testing.assert_allclose(img.affine, affine)
+        assert nib.aff2axcodes(img.affine) == ("I", "P", "L")
+        assert img.header.get_zooms() == (1.0, 1.0, 1.0)
+        assert not np.isnan(img.get_fdata()).any()
+    np.testing.assert_array_equal(imgs["ct"].get_fdata(), ct)
+    assert (imgs["masked_ct"].get_fdata() == D.AIR_HU).all()
+    # the patch centre sits at world 0 (canonical frame)
+    np.testing.assert_allclose(affine @ [47.5, 47.5, 47.5, 1], [0, 0, 0, 1])
+    assert not list(tmp_path.glob(".*part*"))
+
+
+def test_concept_overlap_by_hand():
+    mask = np.zeros((4, 4, 4), bool)
+    mask[0, :2, :2] = True                                 # 4 voxels
+    concepts = np.zeros((4, 4, 4), np.int16)
+    concepts[0, 0, :] = 1                                  # 4 voxels, 2 in the mask
+    concepts[0, 1, 0] = 105                                # a disc voxel in the mask
+    t = D.concept_overlap(mask, concepts, {1: "superior endplate"}).set_index("concept")
+    assert t.loc["superior endplate", "fraction"] == 0.5
+    assert t.loc["superior endplate", "iou"] == 2 / 6
+    assert t.loc["intervertebral disc", "fraction"] == 0.25
+    assert t.loc["background", "fraction"] == 0.25
+    assert D.concept_overlap(np.zeros_like(mask), concepts, {}).empty
+    v = np.zeros((4, 4, 4), np.int16)
+    v[0, 0] = 20
+    v[0, 1] = 21
+    assert D.vertebra_overlap(mask, v, 20) == {"target": 0.5, "adjacent": 0.5, "outside": 0.0}
