@@ -48,19 +48,28 @@ def activations(patches: np.ndarray):
     return A.astype(np.float32), prob
 
 
-def make_patches(seed: int = 1) -> np.ndarray:
-    """N int16 HU patches: soft tissue noise and a bright 'vertebral body' block placed per sample."""
+LABELS = [19, 20, 21, 22, 18, 17, 23, 20, 19, 21]
+
+
+def make_patches(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """N int16 HU patches (soft-tissue noise and a bright 'vertebral body' block placed per
+    sample) and their vertebra label patches: the block carries the sample's label, the slab
+    above it (towards the head, smaller I) the cranial neighbour's label - 1."""
     rng = np.random.default_rng(seed)
     out = rng.normal(40, 60, size=(N, 96, 96, 96)).astype(np.float32)
+    vert = np.zeros((N, 96, 96, 96), dtype=np.int16)
     for i in range(N):
         c = rng.integers(30, 66, size=3)
         h = 10 + i
-        out[i, c[0] - h:c[0] + h, c[1] - h:c[1] + h, c[2] - h:c[2] + h] += 700 + 40 * i
-    return np.rint(out).astype(np.int16)
+        block = (slice(c[0] - h, c[0] + h), slice(c[1] - h, c[1] + h), slice(c[2] - h, c[2] + h))
+        out[i][block] += 700 + 40 * i
+        vert[i][block] = LABELS[i]
+        vert[i][(slice(max(c[0] - h - 12, 0), c[0] - h),) + block[1:]] = LABELS[i] - 1
+    return np.rint(out).astype(np.int16), vert
 
 
 def make_run_data(tmp_path, thresholds=None) -> tuple[RunData, np.ndarray]:
-    patches = make_patches()
+    patches, vertebrae = make_patches()
     A, prob = activations(patches)
     if thresholds is None:
         # T_k: the 0.995 quantile of each unit over all positions of all samples (as dissection does)
@@ -70,14 +79,14 @@ def make_run_data(tmp_path, thresholds=None) -> tuple[RunData, np.ndarray]:
     table = pd.DataFrame({
         "case": [f"sub-syn{i:03d}" for i in range(N)],
         "level": ["T12", "L1", "L2", "L3", "T11", "T10", "L4", "L1", "T12", "L2"],
-        "label": [19, 20, 21, 22, 18, 17, 23, 20, 19, 21],
+        "label": LABELS,
         "grade": [2, 3, 0, 0, 1, 0, 2, 0, 0, 3],
         "fracture": labels,
         "probability": prob,
         "prediction": pred,
         "outcome": [outcome(l, p) for l, p in zip(labels, pred)],
     })
-    pool = Pool(table=table, load=lambda i: patches[i])
+    pool = Pool(table=table, load=lambda i: patches[i], load_vertebrae=lambda i: vertebrae[i])
     masked = np.where(A > thresholds[None, :, None, None, None], A, 0).sum(axis=(2, 3, 4))  # [N, K]
     exemplars = {k: [int(i) for i in np.argsort(-A[:, k].max(axis=(1, 2, 3)), kind="stable")[:5]]
                  for k in range(K)}
@@ -90,4 +99,5 @@ def make_run_data(tmp_path, thresholds=None) -> tuple[RunData, np.ndarray]:
         meta={"split": "test", "layer": "syn"},
     )
     data.meta["masked_sum"] = masked
+    data.meta["vertebrae"] = vertebrae
     return data, patches

@@ -138,6 +138,25 @@ def test_top_units_by_relevance(setup):
     assert app.unit == order[0]
 
 
+def test_unit_table_says_where_each_mask_lies(setup):
+    app, data, patches = setup
+    app.select_sample(9)
+    maps = ref_maps(patches[9])
+    vert = data.meta["vertebrae"][9]
+    table = app.unit_table()
+    assert list(table["unit"]) == app.analysis.top
+    for _, row in table.iterrows():
+        m = maps[row["unit"]] > data.thresholds[row["unit"]]
+        assert abs(row["mask voxels"] - m.sum()) <= 2  # float32 interpolation at T_k
+        if m.sum():
+            assert row["target"] == pytest.approx((vert[m] == 21).mean(), abs=0.01)
+            assert row["adjacent"] == pytest.approx((vert[m] == 20).mean(), abs=0.01)
+            assert row["outside"] == pytest.approx((vert[m] == 0).mean(), abs=0.01)
+    assert table[["adjacent"]].to_numpy().max() > 0, "the synthetic case has a unit on the neighbour"
+    k = app.unit
+    assert f"unit {k}</b> on this sample" in app.unit_info.value and "adjacent vertebrae" in app.unit_info.value
+
+
 def test_default_sample_is_most_confident_true_positive(tmp_path):
     data, _ = syn.make_run_data(tmp_path)
     t = data.samples.table

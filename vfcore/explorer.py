@@ -41,7 +41,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from vfcore.dissect import VIEWS, best_slice, relevance, top_units, upsample_to_patch
+from vfcore.dissect import (VIEWS, best_slice, concept_overlap, relevance, top_units,
+                            upsample_to_patch, vertebra_overlap)
 from vfcore.errors import InputError, VfcoreError
 from vfcore.io import write_json
 
@@ -83,6 +84,7 @@ CSS_CLASSES = {
     "slider": "vf-slice-slider",
     "image": "vf-image",
     "readout": "vf-readout",
+    "unit_info": "vf-unit-info",
     "exemplars": "vf-exemplars",
     "concept_label": "vf-concept-label",
     "concept_note": "vf-concept-note",
@@ -331,10 +333,14 @@ ActivationFn = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
 @dataclass
 class Pool:
     """A list of patches: ``table`` (one row per sample, index 0..N-1 = position in the split)
-    and ``load(i)`` giving sample i's int16 HU patch (I, P, L)."""
+    and ``load(i)`` giving sample i's int16 HU patch (I, P, L); optionally its vertebra label
+    patch (``load_vertebrae``) and ground-truth concept patch (``load_concepts``, phantom only),
+    each returning None where a sample has none."""
 
     table: pd.DataFrame
     load: Callable[[int], np.ndarray]
+    load_vertebrae: Callable[[int], np.ndarray | None] | None = None
+    load_concepts: Callable[[int], np.ndarray | None] | None = None
 
 
 @dataclass
@@ -352,10 +358,17 @@ class Analysis:
     top: list[int]
     maps: dict[int, np.ndarray]
     truth: dict | None = None  # the sample's table row (None for an upload)
+    vertebrae: np.ndarray | None = None  # vertebra labels of the patch (None: unknown)
+    concept_patch: np.ndarray | None = None  # ground-truth concept labels (phantom only)
 
     @property
     def prediction(self) -> int:
         return int(self.probability >= 0.5)
+
+    @property
+    def label(self) -> int | None:
+        """The target vertebra's label (e.g. 20 = L1); None for an upload."""
+        return None if self.truth is None else int(self.truth["label"])
 
 
 @dataclass
@@ -377,6 +390,7 @@ class RunData:
     min_input: tuple[int, int, int]  # smallest upload the network can take
     concepts: ConceptBook
     meta: dict = field(default_factory=dict)
+    concept_names: dict[int, str] = field(default_factory=dict)  # phantom concept labels
     _exemplar_cache: "OrderedDict[int, list]" = field(default_factory=OrderedDict, repr=False)
 
     #: columns of ``samples.table``: case, level, label, grade, fracture (0/1),
@@ -410,9 +424,38 @@ class RunData:
                         relevance=r, top=order, maps=dict(zip(order, up)), truth=truth)
 
     def analyse_sample(self, index: int, top: int = TOP_UNITS) -> Analysis:
-        row = self.samples.table.loc[int(index)]
+        index = int(index)
+        row = self.samples.table.loc[index]
         name = f"{row['case']} {row['level']}"
-        return self.analyse(self.samples.load(int(index)), name, truth=row.to_dict(), top=top)
+        a = self.analyse(self.samples.load(index), name, truth=row.to_dict(), top=top)
+        if self.samples.load_vertebrae is not None:
+            a.vertebrae = self.samples.load_vertebrae(index)
+        if self.samples.load_concepts is not None:
+            a.concept_patch = self.samples.load_concepts(index)
+        return a
+
+    def unit_table(self, a: Analysis) -> pd.DataFrame:
+        """The sample's top units: r_k (Eq. 2), c_k (Eq. 1) and its rank, the size of the mask
+        M_k on this sample, where it lies (target vertebra / adjacent vertebrae / outside bone,
+        if the patch has a vertebra mask), the ground-truth concept it covers most (phantom)
+        and the student's concept label."""
+        rows = []
+        for pos, k in enumerate(a.top, start=1):
+            T = float(self.thresholds[k])
+            mask = a.maps[k] > T
+            row = {"relevance rank": pos, "unit": k, "r_k": float(a.relevance[k]),
+                   "c_k": float(self.c_k[k]), "c_k rank": int(self.rank[k]),
+                   "mask voxels": int(mask.sum())}
+            if a.vertebrae is not None and a.label is not None:
+                row.update(vertebra_overlap(mask, a.vertebrae, a.label))
+            if a.concept_patch is not None and self.concept_names:
+                ov = concept_overlap(mask, a.concept_patch, self.concept_names, field=self.field)
+                ov = ov[ov["concept"] != "background"]
+                row["phantom concept"] = (f"{ov['concept'].iloc[0]} ({ov['fraction'].iloc[0]:.0%})"
+                                          if len(ov) else "")
+            row["concept label"] = self.concepts.get(k)["label"]
+            rows.append(row)
+        return pd.DataFrame(rows).set_index("relevance rank")
 
     def exemplar_maps(self, unit: int, n: int = N_EXEMPLARS) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """(sample index, patch, unit's upsampled map) for the unit's top exemplars (cached)."""
@@ -541,6 +584,7 @@ class Explorer:
         side = PATCH_SHAPE[0] * SCALE
         self.image = w.Image(format="png", width=side, height=side).add_class(c["image"])
         self.readout = w.HTML().add_class(c["readout"])
+        self.unit_info = w.HTML().add_class(c["unit_info"])
         self.exemplars = w.Output().add_class(c["exemplars"])
         self.concept_label = w.Text(description="concept", placeholder="e.g. anterior wedge",
                                     continuous_update=True).add_class(c["concept_label"])
@@ -550,7 +594,8 @@ class Explorer:
         self.concept_table = w.HTML().add_class(c["concepts"])
 
         left = w.VBox([self.view_select, self.mode_select, self.slider, self.image, self.readout])
-        right = w.VBox([self.unit_select, self.keep_slice, w.HTML("<b>Concept of the selected unit</b>"),
+        right = w.VBox([self.unit_select, self.keep_slice, self.unit_info,
+                        w.HTML("<b>Concept of the selected unit</b>"),
                         self.concept_label, self.concept_note, self.concept_save, self.concept_table])
         self.ui = w.VBox([
             w.HTML("<h3 style='margin:0'>Concept explorer</h3>"),
@@ -646,6 +691,7 @@ class Explorer:
         if not self.keep_slice.value:
             self._set_index(best_slice(self.analysis.maps[unit], self.data.thresholds[unit], self.view))
         self._show_concept_editor()
+        self._show_unit_info()
         self._redraw()
         self._draw_exemplars()
 
@@ -874,6 +920,31 @@ class Explorer:
             self.unit_select.value = select if select is not None else self.unit
         finally:
             self._hold = False
+
+    def unit_table(self) -> pd.DataFrame:
+        """The current sample's top units as a table (see :meth:`RunData.unit_table`)."""
+        if self.analysis is None:
+            return pd.DataFrame()
+        return self.data.unit_table(self.analysis)
+
+    def _show_unit_info(self) -> None:
+        a, k = self.analysis, self.unit
+        T = float(self.data.thresholds[k])
+        mask = a.maps[k] > T
+        parts = [f"<b>unit {k}</b> on this sample: r_k = {a.relevance[k]:.4g}, "
+                 f"M_k = {int(mask.sum())} voxels; c_k = {self.data.c_k[k]:.3f} "
+                 f"(rank {self.data.rank[k]} of {self.data.n_units} for true positives)"]
+        if a.vertebrae is not None and a.label is not None and mask.any():
+            ov = vertebra_overlap(mask, a.vertebrae, a.label)
+            parts.append(f"mask on the target vertebra {ov['target']:.0%}, on adjacent vertebrae "
+                         f"{ov['adjacent']:.0%}, outside bone {ov['outside']:.0%}")
+        if a.concept_patch is not None and self.data.concept_names and mask.any():
+            ov = concept_overlap(mask, a.concept_patch, self.data.concept_names, field=self.data.field)
+            ov = ov[ov["concept"] != "background"].head(3)
+            if len(ov):
+                parts.append("phantom ground truth: " + ", ".join(
+                    f"{html.escape(c)} {f:.0%}" for c, f in zip(ov["concept"], ov["fraction"])))
+        self.unit_info.value = "<br>".join(parts)
 
     def _show_concept_editor(self) -> None:
         entry = self.data.concepts.get(self.unit)
