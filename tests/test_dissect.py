@@ -366,3 +366,55 @@ def test_concept_overlap_by_hand():
     v[0, 0] = 20
     v[0, 1] = 21
     assert D.vertebra_overlap(mask, v, 20) == {"target": 0.5, "adjacent": 0.5, "outside": 0.0}
+
+
+# --------------------------------------------------------------------------------------------
+# Artifacts in the run folder
+# --------------------------------------------------------------------------------------------
+
+def test_artifacts_round_trip_and_staleness(tmp_path, tiny):
+    net, x, labels = tiny
+    d = D.dissect(net, x, "features", q_tail=0.02, batch_size=8, device="cpu", progress=False)
+    identity = {"checkpoint_sha256": "a" * 64, "split": "test", "q_tail": 0.02, "layer": "features",
+                "manifest_sha256": "b" * 64}
+    rows = pd.DataFrame({"case": [f"sub-{i:03d}" for i in range(37)], "label": 20, "level": "L1"})
+    with pytest.raises(MissingArtifactError, match="03_quantile_thresholding"):
+        D.load_artifacts(tmp_path)
+    D.write_artifacts(tmp_path, d, identity, rows, labels)
+    art = D.load_artifacts(tmp_path, expect=identity)
+    back = art.dissection
+    for name in ("T", "realised_tail", "max", "mean", "r", "mask_size", "probability"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(d, name))
+    for key in d.tail:
+        np.testing.assert_array_equal(back.tail[key], d.tail[key])
+    np.testing.assert_array_equal(back.masks(3), d.masks(3))
+    assert art.samples["fracture"].tolist() == labels.tolist()
+    o = D.outcomes(labels, d.probability)
+    assert art.meta["rankings"]["tp"]["defined"] == bool(o["tp"].any())
+    assert art.meta["counts"]["tp"] == int(o["tp"].sum())
+    assert 1 in art.meta["degenerate"]["never_fires"]
+    for key, other in (("checkpoint_sha256", "c" * 64), ("split", "val"), ("q_tail", 0.01),
+                       ("layer", "stem"), ("manifest_sha256", "d" * 64)):
+        with pytest.raises(StaleArtifactError, match=key):
+            D.load_artifacts(tmp_path, expect={**identity, key: other})
+    with pytest.raises(MissingArtifactError, match="04_correlation_ranking"):
+        D.load_artifacts(tmp_path, require_exports=True)
+    (tmp_path / "dissection" / "exemplars.json").write_text(json.dumps({"dissection_id": "0" * 16}))
+    with pytest.raises(StaleArtifactError, match="04_correlation_ranking"):
+        D.load_artifacts(tmp_path)
+    (tmp_path / "dissection" / "stats.npz").unlink()
+    with pytest.raises(MissingArtifactError, match="stats.npz"):
+        D.load_artifacts(tmp_path, expect=identity)
+
+
+def test_undefined_rankings_are_recorded_not_written(tmp_path, tiny):
+    net, x, _ = tiny
+    d = D.dissect(net, x, "features", q_tail=0.02, batch_size=8, device="cpu", progress=False)
+    identity = {"checkpoint_sha256": "a" * 64, "split": "test", "q_tail": 0.02, "layer": "features",
+                "manifest_sha256": "b" * 64}
+    rows = pd.DataFrame({"case": ["c"] * 37, "label": 20, "level": "L1"})
+    D.write_artifacts(tmp_path, d, identity, rows, np.zeros(37, int), threshold=1.1)  # no positives
+    art = D.load_artifacts(tmp_path)
+    assert art.ranking_tp is None and art.ranking_fp is None
+    assert "no true-positive predictions" in art.meta["rankings"]["tp"]["reason"]
+    assert not (tmp_path / "dissection" / "ranking_tp.csv").exists()

@@ -98,7 +98,7 @@ def capture(model: torch.nn.Module, layer: str) -> Iterator[list]:
     def hook(_module, _inputs, output):
         if isinstance(output, (tuple, list)):
             output = output[0]
-        outputs.append(output)
+        outputs.append(output.detach().clone())  # a later in-place op must not change it
 
     handle = module.register_forward_hook(hook)
     try:
@@ -915,3 +915,447 @@ def vertebra_overlap(mask: np.ndarray, vertebrae: np.ndarray, label: int) -> dic
     v = np.asarray(vertebrae)[mask]
     return {"target": float((v == label).mean()), "adjacent": float(((v != label) & (v > 0)).mean()),
             "outside": float((v == 0).mean())}
+
+
+# --------------------------------------------------------------------------------------------
+# The run folder: <run>/dissection/ (notebooks 03 and 04; read by the explorer of notebook 05)
+# --------------------------------------------------------------------------------------------
+
+FORMAT = 1
+NOTEBOOK_03 = "notebooks/03_quantile_thresholding.ipynb"
+NOTEBOOK_04 = "notebooks/04_correlation_ranking.ipynb"
+#: What identifies a dissection: a different value makes every artifact stale.
+IDENTITY = ("checkpoint_sha256", "split", "q_tail", "layer", "manifest_sha256")
+
+
+def dissection_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "dissection"
+
+
+def network_field(preset) -> tuple[slice, slice, slice]:
+    """The part of the 96^3 patch (voxel slices) that the network input of ``preset`` covers:
+    the centre ``crop``^3 mm (``vfcore.model.Preset``; paper: ``slice(16, 80)`` per axis)."""
+    from vfcore.model import PATCH_SIZE, get_preset
+
+    p = get_preset(preset)
+    start = (PATCH_SIZE - p.crop) // 2
+    return (slice(start, start + p.crop),) * 3
+
+
+def _identity_id(identity: Mapping) -> str:
+    text = json.dumps({k: identity[k] for k in IDENTITY}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def save_dissection(d: Dissection, folder: str | Path, labels=None) -> None:
+    """``thresholds.npz`` (per unit), ``stats.npz`` (per sample and unit), ``tail.npz`` (the
+    masks, sparse), each written atomically."""
+    from vfcore.io import atomic_save
+
+    folder = Path(folder)
+
+    def npz(name: str, **arrays):
+        atomic_save(folder / name, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+
+    npz("thresholds.npz", T=d.T, realised_tail=d.realised_tail, unit_min=d.unit_min,
+        unit_max=d.unit_max, zero_fraction=d.zero_fraction, q_tail=np.float64(d.q_tail),
+        **{f"flag_{k}": v for k, v in d.flags.items()})
+    npz("stats.npz", max=d.max, mean=d.mean, r=d.r, mask_size=d.mask_size,
+        probability=d.probability,
+        label=np.full(d.n_samples, -1, np.int8) if labels is None else np.asarray(labels, np.int8))
+    npz("tail.npz", spatial_shape=np.asarray(d.spatial_shape, np.int64), **d.tail)
+
+
+def load_dissection(folder: str | Path, layer: str = "", seconds: float = 0.0) -> Dissection:
+    """The :class:`Dissection` saved by :func:`save_dissection`."""
+    folder = Path(folder)
+    with np.load(folder / "thresholds.npz") as t, np.load(folder / "stats.npz") as s, \
+            np.load(folder / "tail.npz") as tail:
+        flags = {k[5:]: t[k] for k in t.files if k.startswith("flag_")}
+        return Dissection(
+            layer=layer, q_tail=float(t["q_tail"]), spatial_shape=tuple(int(v) for v in tail["spatial_shape"]),
+            T=t["T"], realised_tail=t["realised_tail"], flags=flags, unit_min=t["unit_min"],
+            unit_max=t["unit_max"], zero_fraction=t["zero_fraction"], max=s["max"], mean=s["mean"],
+            r=s["r"], mask_size=s["mask_size"], probability=s["probability"],
+            tail={k: tail[k] for k in ("unit", "sample", "position", "value")}, seconds=seconds)
+
+
+@dataclass
+class DissectionArtifacts:
+    """What ``<run>/dissection/`` holds (see docs/architecture.md): ``meta`` (meta.json),
+    ``dissection`` (T_k, statistics, masks), ``samples`` (samples.csv), ``ranking_tp`` /
+    ``ranking_fp`` (None where c_k is undefined), ``exemplars`` (exemplars.json, None before
+    notebook 04), ``units`` (units.csv, None before notebook 04)."""
+
+    folder: Path
+    meta: dict
+    dissection: Dissection
+    samples: pd.DataFrame
+    ranking_tp: pd.DataFrame | None
+    ranking_fp: pd.DataFrame | None
+    exemplars: dict | None = None
+    units: pd.DataFrame | None = None
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.samples["fracture"].to_numpy(dtype=int)
+
+    @property
+    def field(self) -> tuple[slice, slice, slice]:
+        return tuple(slice(a, b) for a, b in self.meta["field"])
+
+    def exemplar_list(self, unit: int, subset: str = "positive") -> list[int]:
+        """Sample indices (rows of ``samples``) of a unit's exemplars in ``subset``."""
+        if self.exemplars is None:
+            raise MissingArtifactError(self.folder / "exemplars.json",
+                                       f"no exemplars yet: run {NOTEBOOK_04}")
+        entry = self.exemplars["subsets"][subset]["units"].get(str(int(unit)), [])
+        return [int(e["sample"]) for e in entry]
+
+
+def _missing(path: Path, notebook: str, what: str) -> MissingArtifactError:
+    return MissingArtifactError(path, f"{what} not found: run {notebook} first")
+
+
+def load_artifacts(run_dir: str | Path, expect: Mapping | None = None,
+                   require_exports: bool = False) -> DissectionArtifacts:
+    """Read ``<run>/dissection/``; check it against ``expect`` (any of ``checkpoint_sha256``,
+    ``split``, ``q_tail``, ``layer``, ``manifest_sha256``, ``n_samples``).
+
+    Raises :class:`MissingArtifactError` naming the notebook that makes a missing file, and
+    :class:`StaleArtifactError` when the artifacts come from other inputs (another checkpoint,
+    split, q, layer or patch store), or when notebook 04's exports belong to an earlier
+    dissection. ``require_exports``: exemplars.json must exist too.
+    """
+    folder = dissection_dir(run_dir)
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        raise _missing(meta_path, NOTEBOOK_03, "the dissection (T_k, statistics)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        from vfcore.errors import CorruptFileError
+        raise CorruptFileError(meta_path, f"unreadable JSON ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise StaleArtifactError(meta_path, f"format {meta.get('format')} (this vfcore writes "
+                                 f"{FORMAT}): run {NOTEBOOK_03} again")
+    for key, want in (expect or {}).items():
+        if want is None:
+            continue
+        have = meta.get(key)
+        same = math.isclose(float(have), float(want)) if key == "q_tail" and have is not None else have == want
+        if not same:
+            raise StaleArtifactError(meta_path, f"stale: made with {key} = {have!r}, expected "
+                                     f"{want!r}: run {NOTEBOOK_03} again (parameters of this run)")
+    for name in ("thresholds.npz", "stats.npz", "tail.npz", "samples.csv"):
+        if not (folder / name).is_file():
+            raise _missing(folder / name, NOTEBOOK_03, name)
+    d = load_dissection(folder, meta["layer"], meta.get("seconds", 0.0))
+    samples = pd.read_csv(folder / "samples.csv", dtype={"case": str, "level": str})
+    if len(samples) != d.n_samples or d.n_samples != meta["n_samples"]:
+        raise StaleArtifactError(folder, f"samples.csv has {len(samples)} rows, stats.npz "
+                                 f"{d.n_samples}, meta.json {meta['n_samples']}: run {NOTEBOOK_03} again")
+    rankings = {}
+    for which in ("tp", "fp"):
+        path = folder / f"ranking_{which}.csv"
+        if meta["rankings"][which]["defined"]:
+            if not path.is_file():
+                raise _missing(path, NOTEBOOK_03, path.name)
+            rankings[which] = pd.read_csv(path)
+        else:
+            rankings[which] = None
+    exemplars, units = None, None
+    ex_path = folder / "exemplars.json"
+    if ex_path.is_file():
+        exemplars = json.loads(ex_path.read_text())
+        if exemplars.get("dissection_id") != meta["dissection_id"]:
+            raise StaleArtifactError(ex_path, f"exports of an earlier dissection "
+                                     f"({exemplars.get('dissection_id')} != {meta['dissection_id']}): "
+                                     f"run {NOTEBOOK_04} again")
+        if (folder / "units.csv").is_file():
+            units = pd.read_csv(folder / "units.csv")
+    elif require_exports:
+        raise _missing(ex_path, NOTEBOOK_04, "the exemplars and collages")
+    return DissectionArtifacts(folder, meta, d, samples, rankings["tp"], rankings["fp"], exemplars, units)
+
+
+def _checkpoint_path(run_dir: Path, checkpoint: str | Path | None) -> Path:
+    path = Path(checkpoint) if checkpoint is not None else run_dir / "model" / "best.pt"
+    if not path.is_file():
+        raise _missing(path, "notebooks/02_training.ipynb", "the trained model")
+    return path
+
+
+def _manifest_path(run_dir: Path) -> Path:
+    path = run_dir / "patches" / "manifest.csv"
+    if not path.is_file():
+        raise _missing(path, "notebooks/01_preprocessing.ipynb", "the patch store")
+    return path
+
+
+def _network(checkpoint: Path):
+    """(model, preset name, transform HU batch -> network input) from a checkpoint."""
+    from vfcore.data import to_network_input
+    from vfcore.train import load_checkpoint
+
+    model, meta = load_checkpoint(checkpoint)
+    preset = model.preset.name if hasattr(model, "preset") else meta["preset"]
+    return model, preset, (lambda hu: to_network_input(hu, preset))
+
+
+def _samples_table(rows: pd.DataFrame, labels: np.ndarray, d: Dissection, threshold: float) -> pd.DataFrame:
+    o = outcomes(labels, d.probability, threshold)
+    outcome = np.select([o["tp"], o["fp"], o["tn"], o["fn"]], ["TP", "FP", "TN", "FN"], default="")
+    table = pd.DataFrame({"index": np.arange(d.n_samples)})
+    for col in ("case", "label", "level", "grade", "ct_path", "mask_path", "concept_path"):
+        if col in rows:
+            table[col] = rows[col].to_numpy()
+    table["fracture"] = np.asarray(labels, dtype=int)
+    table["probability"] = d.probability.astype(np.float64)
+    table["prediction"] = (d.probability >= threshold).astype(int)
+    table["outcome"] = outcome
+    table["n_enabled"] = d.enabled.sum(axis=1)
+    return table
+
+
+def _relative_to(path: Path, root: Path) -> str:
+    path, root = Path(path).resolve(), Path(root).resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def write_artifacts(run_dir: str | Path, d: Dissection, identity: Mapping, rows: pd.DataFrame,
+                    labels, threshold: float = 0.5, extra: Mapping | None = None) -> Path:
+    """Write a dissection's artifacts into ``<run>/dissection/`` (see :func:`dissect_run`):
+    arrays, ``samples.csv`` (``rows``: the split's manifest rows, in sample order), the two
+    rankings where defined, and ``meta.json`` last (``identity`` + ``extra`` + counts)."""
+    from vfcore.io import atomic_write, versions, write_json
+
+    folder = dissection_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = np.asarray(labels, dtype=int)
+    save_dissection(d, folder, labels)
+    rows = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+    samples = _samples_table(rows.reset_index(drop=True), labels, d, threshold)
+    with atomic_write(folder / "samples.csv", "w") as f:
+        samples.to_csv(f, index=False, lineterminator="\n")
+    o = outcomes(labels, d.probability, threshold)
+    rankings = {}
+    for which, make in (("tp", lambda: rank_units(d, labels, "tp", threshold)),
+                        ("fp", lambda: rank_false_positives(d, labels, threshold))):
+        try:
+            table = make()
+        except UndefinedCorrelationError as e:
+            (folder / f"ranking_{which}.csv").unlink(missing_ok=True)
+            rankings[which] = {"defined": False, "n": 0, "reason": e.problem}
+            continue
+        with atomic_write(folder / f"ranking_{which}.csv", "w") as f:
+            table.to_csv(f, index=False, lineterminator="\n", float_format="%.9g")
+        rankings[which] = {"defined": True, "n": int(o[which].sum()), "reason": ""}
+    meta = {
+        "format": FORMAT, **{k: identity[k] for k in IDENTITY}, "dissection_id": _identity_id(identity),
+        "checkpoint": "model/best.pt", "preset": None, "field": None, "patch_shape": [96, 96, 96],
+        **(extra or {}),
+        "n_samples": d.n_samples, "n_units": d.n_units, "spatial_shape": list(d.spatial_shape),
+        "n_values_per_unit": d.n_samples * int(np.prod(d.spatial_shape)),
+        "threshold": threshold, "ranking_subset": "tp",
+        "counts": {k: int(v.sum()) for k, v in o.items()},
+        "rankings": rankings,
+        "degenerate": {k: [int(u) for u in np.flatnonzero(v)] for k, v in d.flags.items()},
+        "seconds": round(d.seconds, 3),
+        "samples_per_second": round(d.n_samples / d.seconds, 2) if d.seconds > 0 else None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(),
+    }
+    write_json(folder / "meta.json", meta)
+    return folder
+
+
+def dissect_run(run_dir: str | Path, split: str = "test", q_tail: float = Q_TAIL_PAPER, *,
+                batch_size: int | None = None, checkpoint: str | Path | None = None,
+                layer: str | None = None, device: str | None = None, threshold: float = 0.5,
+                force: bool = False, progress: bool = True) -> DissectionArtifacts:
+    """Notebook 03's step: dissect the run's checkpoint on one split and write the artifacts.
+
+    Writes ``<run>/dissection/``: ``thresholds.npz``, ``stats.npz``, ``tail.npz``,
+    ``samples.csv``, ``ranking_tp.csv``, ``ranking_fp.csv`` (when defined), and ``meta.json``
+    last (its presence means complete). An earlier dissection with the same identity
+    (checkpoint sha256, split, q, layer, patch store) is reused unless ``force``; one with
+    another identity is replaced, and notebook 04's exports of it are removed.
+    """
+    import shutil
+
+    from vfcore.data import load_split
+    from vfcore.io import sha256_file
+
+    run_dir = Path(run_dir)
+    q_tail = _check_q(q_tail)
+    ckpt = _checkpoint_path(run_dir, checkpoint)
+    manifest = _manifest_path(run_dir)
+    identity = {"checkpoint_sha256": sha256_file(ckpt), "split": split, "q_tail": q_tail,
+                "manifest_sha256": sha256_file(manifest)}
+    model, preset, transform = _network(ckpt)
+    from vfcore.model import DISSECT_LAYER
+    identity["layer"] = layer or DISSECT_LAYER[preset]
+    if not force:
+        try:
+            return load_artifacts(run_dir, expect=identity)
+        except VfcoreError:
+            pass
+    folder = dissection_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "meta.json").unlink(missing_ok=True)        # incomplete until meta.json lands
+    for old in ("exemplars.json", "units.csv", "unit_concepts.csv", "ranking_tp.csv", "ranking_fp.csv"):
+        (folder / old).unlink(missing_ok=True)
+    for old in ("collages", "nifti"):
+        shutil.rmtree(folder / old, ignore_errors=True)
+
+    patches, labels, rows = load_split(run_dir, split)
+    labels = np.asarray(labels, dtype=int)
+    if len(labels) == 0:
+        raise DataValueError(manifest, f"split {split!r} has no labelled vertebrae")
+    if batch_size is None:
+        batch_size = 128 if torch.cuda.is_available() and device != "cpu" else 16
+    d = dissect(model, patches, identity["layer"], q_tail=q_tail, batch_size=batch_size,
+                transform=transform, device=device, progress=progress)
+    from vfcore.runtime import pick_device
+    write_artifacts(run_dir, d, identity, rows, labels, threshold=threshold, extra={
+        "checkpoint": _relative_to(ckpt, run_dir), "preset": preset,
+        "field": [[s.start, s.stop] for s in network_field(preset)],
+        "device": str(pick_device(device)), "batch_size": batch_size})
+    return load_artifacts(run_dir, expect=identity)
+
+
+def _load_patch(run_dir: Path, rel: str) -> np.ndarray | None:
+    if not isinstance(rel, str) or not rel:
+        return None
+    path = run_dir / "patches" / rel
+    if not path.is_file():
+        raise _missing(path, "notebooks/01_preprocessing.ipynb", "a patch of the store")
+    return np.load(path)
+
+
+def concept_names(run_dir: str | Path) -> dict[int, str] | None:
+    """Concept label -> name from the data root's ``concept_labels.json`` (the phantom; the
+    root is recorded in ``<run>/patches/report.json``); None for data without concept masks."""
+    try:
+        report = json.loads((Path(run_dir) / "patches" / "report.json").read_text())
+        table = json.loads((Path(report["root"]) / "concept_labels.json").read_text())
+        return {int(k): str(v) for k, v in table["labels"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def export_units(run_dir: str | Path, top: int = 10, top_fp: int = 5, k: int = 25,
+                 nifti_top: int = 5, subset: str = "positive", by: str = "r",
+                 view: str = "sagittal", device: str | None = None, batch_size: int = 16,
+                 progress: bool = True) -> DissectionArtifacts:
+    """Notebook 04's step: exemplars, collages, NIfTI files and (phantom) measured concepts.
+
+    * ``exemplars.json``: for every unit its ``k`` top samples by ``by`` within each subset
+      (``tp``, ``positive``, ``fp``, ``all``), never filled from outside the subset;
+    * for the ``top`` units by c_k over true positives (exemplars from ``subset``, the paper
+      shows fractured samples) and the ``top_fp`` units of the false-positive ranking
+      (exemplars from ``fp``): ``collages/unit_<k>.png`` (5x5 single slices, each at the slice
+      where that unit's thresholded activation is largest) and, for the first ``nifti_top``
+      exemplars, ``nifti/unit_<k>/<rank>_<case>_<level>_{ct,activation,masked_ct}.nii.gz``;
+    * ``units.csv`` (one row per exported unit) and, where the patch store has concept masks
+      (the phantom), ``unit_concepts.csv``: which concepts each unit's masks cover.
+    """
+    from tqdm.auto import tqdm
+
+    from vfcore.io import atomic_save, atomic_write, sha256_file, write_json
+    from vfcore.viz.dissection import collage, take
+
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    art = load_artifacts(run_dir)
+    meta, d, samples = art.meta, art.dissection, art.samples
+    ckpt = _checkpoint_path(run_dir, run_dir / meta["checkpoint"])   # absolute stays absolute
+    if sha256_file(ckpt) != meta["checkpoint_sha256"]:
+        raise StaleArtifactError(art.folder / "meta.json", f"the dissection was made from another "
+                                 f"checkpoint than {ckpt}: run {NOTEBOOK_03} again")
+    o = outcomes(art.labels, d.probability, meta["threshold"])
+    ex = {"format": FORMAT, "dissection_id": meta["dissection_id"], "k": k, "by": by,
+          "view": view, "subsets": {}, "exported": {}}
+    for name in ("tp", "positive", "fp", "all"):
+        lists = exemplars(d, o[name], k, by)
+        score = {"r": d.r, "max": d.max, "mean": d.mean}[by]
+        ex["subsets"][name] = {"description": SUBSET_NAMES[name], "n": int(o[name].sum()),
+                               "units": {str(u): [{"sample": i, "score": float(score[i, u])} for i in idx]
+                                         for u, idx in lists.items()}}
+    jobs: list[tuple[str, int, int, float, str]] = []      # role, rank, unit, c, subset
+    if art.ranking_tp is not None:
+        for row in art.ranking_tp.head(top).itertuples():
+            jobs.append(("tp", int(row.rank), int(row.unit), float(row.c_k), subset))
+    if art.ranking_fp is not None:
+        for row in art.ranking_fp.head(top_fp).itertuples():
+            jobs.append(("fp", int(row.rank), int(row.unit), float(row.c_fp), "fp"))
+
+    model, preset, transform = _network(ckpt)
+    field_ = art.field
+    names = concept_names(run_dir)
+    folder = art.folder
+    unit_rows, concept_rows = [], []
+    for role, rank, unit, c, sub in tqdm(jobs, desc="exporting units", disable=not progress):
+        idx = [e["sample"] for e in ex["subsets"][sub]["units"][str(unit)]]
+        entry = {"role": role, "rank": rank, "c": c, "subset": sub, "samples": idx, "slices": [],
+                 "collage": f"collages/unit_{unit:03d}_{role}.png", "nifti": []}
+        tiles, overlaps, where = [], [], []
+        if idx:
+            cts = np.stack([_load_patch(run_dir, samples.loc[i, "ct_path"]) for i in idx])
+            A, _ = activations(model, cts, meta["layer"], units=[unit], batch_size=batch_size,
+                               transform=transform, device=device)
+            T = float(d.T[unit])
+            for j, (i, ct, a) in enumerate(zip(idx, cts, A[:, 0])):
+                up = upsample_to_patch(a, field_, ct.shape)
+                s = best_slice(up, T, view)
+                entry["slices"].append(s)
+                row = samples.loc[i]
+                tiles.append((take(ct, view, s), take(up, view, s),
+                              f"{row['case']} {row['level']}\nr={d.r[i, unit]:.3g}"))
+                if j < nifti_top:
+                    stem = f"{j + 1:02d}_{row['case']}_{row['level']}"
+                    affine = patch_world_affine(run_dir, row["case"], int(row["label"])) \
+                        if "label" in row else canonical_patch_affine(ct.shape)
+                    paths = write_nifti_exemplar(folder / "nifti" / f"unit_{unit:03d}", stem, ct, up, T, affine)
+                    entry["nifti"].append({k_: str(p.relative_to(folder)) for k_, p in paths.items()})
+                concepts = _load_patch(run_dir, row.get("concept_path", ""))
+                if concepts is not None and names is not None:
+                    mask = up > T
+                    if mask.any():
+                        t = concept_overlap(mask, concepts, names, field_)
+                        t["sample"] = i
+                        overlaps.append(t)
+                        vert = _load_patch(run_dir, row.get("mask_path", ""))
+                        if vert is not None:
+                            where.append(vertebra_overlap(mask, vert, int(row["label"])))
+        title = (f"unit {unit}: rank {rank} by c_k over {'true' if role == 'tp' else 'false'} positives "
+                 f"(c = {c:.2f}); exemplars: {SUBSET_NAMES[sub]}")
+        fig = collage(tiles, float(d.T[unit]), title)
+        atomic_save(folder / entry["collage"], lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
+        plt.close(fig)
+        measured = ""
+        if overlaps:
+            long = pd.concat(overlaps)
+            n_masks = len(overlaps)
+            summary = (long.groupby("concept")[["fraction", "iou"]].sum() / n_masks) \
+                .sort_values("fraction", ascending=False)
+            for concept, r_ in summary.iterrows():
+                concept_rows.append({"unit": unit, "role": role, "concept": concept,
+                                     "fraction": r_["fraction"], "iou": r_["iou"], "n_masks": n_masks})
+            measured = ", ".join(f"{cn} {fr:.0%}" for cn, fr in summary["fraction"].head(3).items())
+        w = {key: float(np.mean([x[key] for x in where])) if where else np.nan
+             for key in ("target", "adjacent", "outside")}
+        unit_rows.append({"role": role, "rank": rank, "unit": unit, "c": c, "subset": sub,
+                          "n_exemplars": len(idx), "T_k": float(d.T[unit]),
+                          "degenerate": bool(d.flags["degenerate"][unit]), "measured_concept": measured,
+                          "on_target_vertebra": w["target"], "on_adjacent_vertebrae": w["adjacent"],
+                          "outside_vertebrae": w["outside"], "collage": entry["collage"]})
+        ex["exported"][f"{role}:{unit}"] = entry
+    with atomic_write(folder / "units.csv", "w") as f:
+        pd.DataFrame(unit_rows).to_csv(f, index=False, lineterminator="\n", float_format="%.6g")
+    if concept_rows:
+        with atomic_write(folder / "unit_concepts.csv", "w") as f:
+            pd.DataFrame(concept_rows).to_csv(f, index=False, lineterminator="\n", float_format="%.6g")
+    write_json(folder / "exemplars.json", ex)              # last: the exports are complete
+    return load_artifacts(run_dir, require_exports=True)
