@@ -419,8 +419,12 @@ def _extract_case(case: Case, root: Path, out_dir: Path, params: dict) -> dict:
                               "e_L": f.e_L.tolist()})
     order = craniocaudal([s["label"] for s in skipped])
     for stale in case_dir.iterdir():  # leftovers of an older extraction or a killed write
-        if stale.name not in written:
-            stale.unlink() if stale.is_file() else shutil.rmtree(stale)
+        if stale.name in written:
+            continue
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
     record = {"case": case.case_id, "patient": case.patient, "session": case.session,
               "release_split": case.release_split,
               "sources": {role: {"path": _relative(p, root), "sha256": hashes[role]}
