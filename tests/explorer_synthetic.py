@@ -7,6 +7,8 @@ activation map, r_k, top unit, best slice and rendered pixel has an independent 
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pandas as pd
 
@@ -51,6 +53,7 @@ def activations(patches: np.ndarray):
 LABELS = [19, 20, 21, 22, 18, 17, 23, 20, 19, 21]
 
 
+@functools.lru_cache(maxsize=2)
 def make_patches(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """N int16 HU patches (soft-tissue noise and a bright 'vertebral body' block placed per
     sample) and their vertebra label patches: the block carries the sample's label, the slab
@@ -65,7 +68,9 @@ def make_patches(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
         out[i][block] += 700 + 40 * i
         vert[i][block] = LABELS[i]
         vert[i][(slice(max(c[0] - h - 12, 0), c[0] - h),) + block[1:]] = LABELS[i] - 1
-    return np.rint(out).astype(np.int16), vert
+    out = np.rint(out).astype(np.int16)
+    out.flags.writeable = vert.flags.writeable = False  # cached: shared by every test
+    return out, vert
 
 
 def make_run_data(tmp_path, thresholds=None) -> tuple[RunData, np.ndarray]:

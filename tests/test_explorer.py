@@ -269,7 +269,7 @@ def _npy(a) -> bytes:
 
 def _nifti(a, affine, gz=True) -> bytes:
     raw = nib.Nifti1Image(a, affine).to_bytes()
-    return gzip.compress(raw) if gz else raw
+    return gzip.compress(raw, compresslevel=1) if gz else raw
 
 
 def test_upload_npy_and_reoriented_nifti(setup):

@@ -560,6 +560,7 @@ class Explorer:
         self._hold = False  # set while the code (not the student) changes widget values
         self.last_redraw_ms = float("nan")
         self.exemplar_captions: list[str] = []  # what the exemplar row shows (for tests)
+        self._side_cache: dict[int, Analysis] = {}  # a sample drawn by static_figure(sample=...)
 
         c = CSS_CLASSES
         self.status = w.HTML().add_class(c["status"])
@@ -729,45 +730,83 @@ class Explorer:
         self._set_status(f"Saved {len(book.units)} concept label(s) to {path}.", "ok")
         return path
 
-    def static_figure(self, n_units: int = 5, view: str | None = None):
-        """A matplotlib figure of the current view (so an executed notebook shows the result):
-        top row, the sample and its ``n_units`` most relevant units, each at its best slice;
-        bottom row, the selected unit's exemplars. Returns the figure (None without a sample)."""
+    def static_figure(self, sample: int | str | None = None, n_units: int = 5, view: str | None = None,
+                      unit: int | None = None):
+        """A matplotlib figure (so an executed notebook shows the result): top row, the sample
+        and its ``n_units`` most relevant units, each at its best slice; bottom row, the
+        exemplars of ``unit`` (default: the selected unit, or the sample's most relevant one).
+
+        ``sample=None`` draws what the explorer shows; a sample (row number or
+        ``"<case> <level>"``) is drawn without changing the live view. Returns the figure, or
+        None (with the reason printed) when there is nothing to draw.
+        """
         import matplotlib.pyplot as plt
 
-        if self.analysis is None:
+        try:
+            a = self._analysis_for(sample)
+        except VfcoreError as exc:
+            print(exc)
+            return None
+        if a is None:
             print(self.status_text)
             return None
-        a, view = self.analysis, view or self.view
+        view = view or self.view
+        if unit is None:
+            unit = self.unit if (a is self.analysis and self.unit is not None) else a.top[0]
         units = a.top[:n_units]
-        ex = self.data.exemplar_maps(self.unit)
+        ex = self.data.exemplar_maps(unit)
         ncols = max(len(units) + 1, len(ex), 1)
         fig, axes = plt.subplots(2, ncols, figsize=(2.3 * ncols, 5.2), squeeze=False)
         for ax in axes.ravel():
             ax.axis("off")
         mid = a.patch.shape[VIEWS[view]] // 2
         axes[0, 0].imshow(render_slice(take_slice(a.patch, view, mid), scale=1))
-        axes[0, 0].set_title(f"{a.name}\np = {a.probability:.2f}", fontsize=8)
+        axes[0, 0].set_title(f"{a.name}\np(fracture) = {a.probability:.2f}", fontsize=8)
+        mode = self.mode if self.mode != "off" else "overlay"
         for j, k in enumerate(units, start=1):
             T = float(self.data.thresholds[k])
             s = best_slice(a.maps[k], T, view)
             axes[0, j].imshow(render_slice(take_slice(a.patch, view, s), take_slice(a.maps[k], view, s), T,
-                                           self.mode if self.mode != "off" else "overlay", scale=1))
+                                           mode, scale=1))
             label = self.data.concepts.get(k)["label"]
-            axes[0, j].set_title(f"#{j} unit {k} (c_k #{self.data.rank[k]})\n{view} {s}"
+            axes[0, j].set_title(f"#{j} unit {k} (c_k rank {self.data.rank[k]})\n{view} {s}"
                                  + (f"\n{label}" if label else ""), fontsize=8)
+        T = float(self.data.thresholds[unit])
         for j, (i, patch, amap) in enumerate(ex):
-            T = float(self.data.thresholds[self.unit])
             s = best_slice(amap, T, view)
             axes[1, j].imshow(render_slice(take_slice(patch, view, s), take_slice(amap, view, s), T,
                                            "overlay", scale=1))
             axes[1, j].set_title(self._exemplar_caption(i, view, s), fontsize=8)
         if not ex:
-            axes[1, 0].text(0, 0.5, f"unit {self.unit}: no exemplars", fontsize=9)
-        fig.suptitle(f"{view} view; top: units by relevance r_k (Eq. 2); "
-                     f"bottom: exemplars of unit {self.unit}", fontsize=9)
+            axes[1, 0].text(0, 0.5, f"unit {unit}: no exemplars", fontsize=9)
+        fig.suptitle(f"{a.name}, {view} view. Top: the units with the largest r_k (Eq. 2), "
+                     f"thresholded at T_k. Bottom: exemplars of unit {unit}", fontsize=9)
         fig.tight_layout()
         return fig
+
+    def unit_table(self, sample: int | str | None = None) -> pd.DataFrame:
+        """The top units of the shown sample (or of ``sample``, without changing the view) as a
+        table (see :meth:`RunData.unit_table`)."""
+        a = self._analysis_for(sample)
+        return pd.DataFrame() if a is None else self.data.unit_table(a)
+
+    @property
+    def prediction_text(self) -> str:
+        """The prediction line as plain text."""
+        return html.unescape(_strip_tags(self.prediction.value))
+
+    def _analysis_for(self, sample: int | str | None) -> Analysis | None:
+        """The shown analysis, or another sample's (cached; the live view is not changed)."""
+        if sample is None:
+            return self.analysis
+        self._require_data()
+        index = self.data.find(sample)
+        if self.analysis is not None and self.analysis.truth is not None and index == self.sample_index:
+            return self.analysis
+        if index not in self._side_cache:
+            self._side_cache.clear()  # one side sample at a time (memory: ~40 MB each)
+            self._side_cache[index] = self.data.analyse_sample(index, top=self.top_n)
+        return self._side_cache[index]
 
     # ---- callbacks ------------------------------------------------------------------------
     @_guarded
@@ -921,12 +960,6 @@ class Explorer:
         finally:
             self._hold = False
 
-    def unit_table(self) -> pd.DataFrame:
-        """The current sample's top units as a table (see :meth:`RunData.unit_table`)."""
-        if self.analysis is None:
-            return pd.DataFrame()
-        return self.data.unit_table(self.analysis)
-
     def _show_unit_info(self) -> None:
         a, k = self.analysis, self.unit
         T = float(self.data.thresholds[k])
@@ -998,11 +1031,11 @@ class Explorer:
             if not ex:
                 return
             fig, axes = plt.subplots(1, len(ex), figsize=(2.2 * len(ex), 2.6), squeeze=False)
+            fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.82, wspace=0.06)
             for ax, (i, patch, amap), s in zip(axes[0], ex, slices):
+                ax.axis("off")
                 ax.imshow(render_slice(take_slice(patch, view, s), take_slice(amap, view, s), T, "overlay", 1))
                 ax.set_title(self._exemplar_caption(i, view, s), fontsize=8)
-                ax.axis("off")
-            fig.tight_layout()
             plt.show()
             plt.close(fig)
 
