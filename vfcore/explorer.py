@@ -515,6 +515,66 @@ def outcome(label: int, prediction: int) -> str:
     return {(1, 1): "TP", (0, 1): "FP", (0, 0): "TN", (1, 0): "FN"}[(int(label), int(prediction))]
 
 
+def _load_run_data(run_dir: Path, split: str = "test", device: str | None = None) -> RunData:
+    """:meth:`RunData.from_run`: the run's network and dissection, checked against each other."""
+    from vfcore import dissect as dx
+    from vfcore.errors import MissingArtifactError
+    from vfcore.io import sha256_file
+
+    run_dir = Path(run_dir)
+    needs = [(run_dir / "patches" / "manifest.csv", "notebooks/01_preprocessing.ipynb", "the patch store"),
+             (run_dir / "model" / "best.pt", "notebooks/02_training.ipynb", "the trained model")]
+    for path, notebook, what in needs:
+        if not path.is_file():
+            raise MissingArtifactError(path, f"{what} not found: run {notebook} first "
+                                             "(the explorer needs notebooks 01-04 on this RUN_DIR)")
+    net = dx.load_network(run_dir)
+    checkpoint_sha = sha256_file(run_dir / "model" / "best.pt")
+    art = dx.load_artifacts(run_dir, expect={
+        "checkpoint_sha256": checkpoint_sha, "split": split, "layer": net.layer,
+        "manifest_sha256": sha256_file(run_dir / "patches" / "manifest.csv")})
+    d = art.dissection
+    c_k = np.full(d.n_units, np.nan)
+    if art.ranking_tp is not None:
+        c_k[art.ranking_tp["unit"].to_numpy(dtype=int)] = art.ranking_tp["c_k"].to_numpy(dtype=float)
+    table = art.samples.copy()
+    table.index = pd.RangeIndex(len(table))
+    root = run_dir / "patches"
+
+    def loader(column: str, required: bool):
+        paths = table[column] if column in table else pd.Series([""] * len(table))
+
+        def load(i: int):
+            rel = paths.iloc[int(i)]
+            if not isinstance(rel, str) or not rel:
+                if required:
+                    raise MissingArtifactError(root, f"sample {i} has no {column}: run "
+                                                     "notebooks/01_preprocessing.ipynb again")
+                return None
+            return np.load(root / rel, allow_pickle=False)
+        return load
+
+    pool = Pool(table=table, load=loader("ct_path", True), load_vertebrae=loader("mask_path", False),
+                load_concepts=loader("concept_path", False))
+
+    def activations(patches: np.ndarray):
+        return dx.activations(net.model, patches, net.layer, transform=net.transform,
+                              device=device, batch_size=8)
+
+    field_slices = art.field if art.meta.get("field") else dx.network_field(net.preset)
+    meta = {k: art.meta.get(k) for k in ("split", "layer", "q_tail", "preset", "n_samples", "dissection_id")}
+    meta["checkpoint_sha256"] = checkpoint_sha
+    if art.ranking_tp is None:
+        meta["c_k_problem"] = art.meta["rankings"]["tp"]["reason"]
+    return RunData(
+        thresholds=np.asarray(d.T, dtype=np.float64), c_k=c_k, samples=pool, exemplar_pool=pool,
+        exemplars=dx.exemplars(d, None, k=N_EXEMPLARS, by="r"), activations=activations,
+        field=tuple(field_slices), min_input=tuple(s.stop - s.start for s in field_slices),
+        concepts=ConceptBook.load(run_dir / CONCEPTS_FILE, checkpoint_sha, net.layer),
+        meta=meta, concept_names=dx.concept_names(run_dir) or {},
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The widget
 # --------------------------------------------------------------------------------------------
@@ -629,6 +689,9 @@ class Explorer:
         self._show_concept_table()
         if data.concepts.problem:
             self._set_status(data.concepts.problem, "warning")
+        elif data.meta.get("c_k_problem"):
+            self._set_status(f"c_k ranks are undefined ({data.meta['c_k_problem']}); "
+                             "units are listed by r_k only", "warning")
 
     # ---- display --------------------------------------------------------------------------
     def _repr_mimebundle_(self, **kwargs):
@@ -1026,8 +1089,9 @@ class Explorer:
         self.exemplar_captions = [self._exemplar_caption(i, view, s) for (i, _, _), s in zip(ex, slices)]
         with self.exemplars:
             self.exemplars.clear_output(wait=True)
-            print(f"unit {unit}: concept label: {label or '(none yet)'}; "
-                  f"{len(ex)} exemplar(s) from the {self.data.meta.get('split', '?')} split")
+            split = self.data.meta.get("split", "?")
+            print(f"unit {unit}: concept label: {label or '(none yet)'}; {len(ex)} exemplar(s): "
+                  f"the samples of the {split} split with the largest r_k of this unit")
             if not ex:
                 return
             fig, axes = plt.subplots(1, len(ex), figsize=(2.2 * len(ex), 2.6), squeeze=False)
