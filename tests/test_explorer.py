@@ -19,76 +19,18 @@ import pytest
 import scipy.ndimage as ndi
 
 import explorer_synthetic as syn
+from explorer_reference import check_image, parse_readout, parse_status, ref_best_slice, ref_slice
 from vfcore import explorer as ex
-from vfcore.explorer import Explorer, decode_png
+from vfcore.explorer import Explorer
 
-LO, HI = ex.DISPLAY_WINDOW_HU
-
-
-# ---- independent references ---------------------------------------------------------------
 
 def ref_maps(patch: np.ndarray) -> np.ndarray:
-    """All K unit maps of one patch, upsampled to 96^3 with scipy (zero outside the crop)."""
+    """All K unit maps of one synthetic patch, upsampled to 96^3 with scipy (zero outside the crop)."""
     A, _ = syn.activations(patch[None])
     out = np.zeros((syn.K, 96, 96, 96), dtype=np.float32)
     for k in range(syn.K):
         out[k, 16:80, 16:80, 16:80] = ndi.zoom(A[0, k], 8, order=1, grid_mode=True, mode="nearest")
     return out
-
-
-def ref_slice(vol: np.ndarray, view: str, s: int) -> np.ndarray:
-    return {"sagittal": vol[:, :, s], "coronal": vol[:, s, :], "axial": vol[s, :, :]}[view]
-
-
-def ref_best_slice(amap: np.ndarray, T: float, view: str) -> int:
-    axis = {"sagittal": 2, "coronal": 1, "axial": 0}[view]
-    m = np.where(amap > T, amap, 0.0)
-    if not m.any():  # an empty mask: the slice with the most activation (all zero: the middle)
-        m = amap
-        if not m.any():
-            return amap.shape[axis] // 2
-    return int(np.argmax([ref_slice(m, view, s).sum() for s in range(amap.shape[axis])]))
-
-
-def check_image(png: bytes, patch: np.ndarray, amap: np.ndarray, T: float, view: str, s: int,
-                mode: str = "overlay", min_on: int = 1) -> None:
-    """Decode the widget's PNG and compare each voxel's pixel block with the expected colour."""
-    rgb = decode_png(png).astype(np.float64)
-    assert rgb.shape == (96 * ex.SCALE, 96 * ex.SCALE, 3)
-    blocks = rgb.reshape(96, ex.SCALE, 96, ex.SCALE, 3)
-    assert np.all(blocks == blocks[:, :1, :, :1]), "each voxel must be a uniform SCALE x SCALE block"
-    img = blocks[:, 0, :, 0]
-    ct, act = ref_slice(patch, view, s).astype(np.float64), ref_slice(amap, view, s)
-    grey = np.clip((ct - LO) / (HI - LO), 0, 1) * 255
-    sure_on, sure_off = act > T + 1e-4, act < T - 1e-4  # float32 interpolation differences
-    assert sure_on.sum() >= min_on, "the test slice must show some of the mask"
-    if mode == "overlay":
-        expected_on = 0.55 * grey[..., None] + 0.45 * np.array([255, 64, 0])
-        assert np.abs(img[sure_on] - expected_on[sure_on]).max(initial=0) <= 0.5 + 1e-9
-        assert np.abs(img[sure_off] - grey[sure_off][:, None]).max(initial=0) <= 0.5 + 1e-9
-    elif mode == "contour":
-        # a mask pixel is on the outline when one of its 4 neighbours is outside the mask
-        m = np.pad(act > T, 1)
-        edge = (act > T) & ~(m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:])
-        yellow = np.all(img == [255, 230, 0], axis=-1)
-        inner = sure_on & ~edge
-        assert np.all(np.abs(img[inner] - grey[inner][:, None]) <= 0.5)
-        assert np.all(np.abs(img[sure_off] - grey[sure_off][:, None]) <= 0.5)
-        assert yellow[edge & sure_on].mean() > 0.95
-    else:
-        assert np.abs(img - grey[..., None]).max() <= 0.5
-
-
-def parse_readout(app: Explorer) -> tuple[int, str, int]:
-    m = re.search(r"unit (\d+) .*?(sagittal|coronal|axial) slice (\d+)", app.readout_text)
-    assert m, app.readout_text
-    return int(m[1]), m[2], int(m[3])
-
-
-def parse_status(app: Explorer) -> tuple[int, str, int]:
-    m = re.search(r"unit (\d+), (sagittal|coronal|axial) slice (\d+)", app.status_text)
-    assert m, app.status_text
-    return int(m[1]), m[2], int(m[3])
 
 
 @pytest.fixture
