@@ -11,7 +11,6 @@ import datetime
 import gzip
 import io
 import json
-import re
 
 import nibabel as nib
 import numpy as np

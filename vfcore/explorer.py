@@ -179,7 +179,6 @@ def _suffix(name: str) -> str:
 
 def _reorient_to_ipl(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Reorder/flip a NIfTI volume so its array axes point (I, P, L), like the patch store."""
-    import nibabel as nib
     from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
     transform = ornt_transform(io_orientation(affine), axcodes2ornt(("I", "P", "L")))
