@@ -418,3 +418,22 @@ def test_undefined_rankings_are_recorded_not_written(tmp_path, tiny):
     assert art.ranking_tp is None and art.ranking_fp is None
     assert "no true-positive predictions" in art.meta["rankings"]["tp"]["reason"]
     assert not (tmp_path / "dissection" / "ranking_tp.csv").exists()
+
+
+def test_patch_mask_keeps_every_feature_voxel_of_M_k():
+    """NetDissect's "upsample A_k, then threshold" loses a peak just above T_k; the upsampled
+    M_k keeps it as (about) the input block that the feature voxel summarises."""
+    A = np.zeros((4, 4, 4), np.float32)
+    A[1, 2, 3] = 1.0
+    A[1, 2, 2] = 0.9                                       # a neighbour just below T
+    T = 0.999
+    field = (slice(16, 80),) * 3                           # 16 mm blocks (small preset: 2 mm x 8)
+    up = D.upsample_to_patch(A, field)
+    assert not (up > T).any()                              # interpolation lowered the peak
+    mask = D.patch_mask(A > T, field)
+    block = np.zeros((96, 96, 96), bool)
+    block[32:48, 48:64, 64:80] = True                      # the input block of feature (1, 2, 3)
+    assert mask[block].mean() > 0.5 and (mask & ~block).sum() < 0.2 * block.sum()
+    centre = (40, 56, 72)
+    assert mask[centre]
+    assert D.best_slice(up, T, "sagittal", mask) in range(64, 80)

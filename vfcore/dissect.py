@@ -795,20 +795,35 @@ def upsample_to_patch(A: np.ndarray, field: Sequence[slice],
     return out
 
 
-def best_slice(up: np.ndarray, T: float, view: str = "sagittal") -> int:
-    """The slice of ``view`` where the unit's thresholded activation (upsampled map above T_k,
-    summed over the plane) is largest: the paper shows "a single slice with high activation
-    (after thresholding)". No voxel above T_k: the slice with the largest activation sum;
-    an all-zero map: the middle slice."""
+def patch_mask(M: np.ndarray, field: Sequence[slice], patch_shape: Sequence[int] = (96, 96, 96)) -> np.ndarray:
+    """M_k on the patch: the feature-grid mask M_k(x) = A_k(x) > T_k [..., d, h, w] upsampled
+    like the activations (trilinear, same alignment) and kept where it is above 0.5.
+
+    Why not NetDissect's "upsample A_k, then threshold at T_k": interpolation lowers a peak
+    that lies only just above T_k (most of a unit's tail does), so masks vanish; on the small
+    preset (16x upsampling) most exemplar masks were lost that way. Every feature voxel of
+    M_k here becomes a rounded block of the input it summarises.
+    """
+    return upsample_to_patch(np.asarray(M, dtype=np.float32), field, patch_shape) > 0.5
+
+
+def best_slice(up: np.ndarray, T: float, view: str = "sagittal", mask: np.ndarray | None = None) -> int:
+    """The slice of ``view`` where the unit's thresholded activation is largest: the paper
+    shows "a single slice with high activation (after thresholding)".
+
+    ``up``: the upsampled activation; the thresholded part is ``up`` inside ``mask`` (the
+    upsampled M_k, :func:`patch_mask`) or, without a mask, where ``up > T``. Nothing
+    thresholded: the slice with the largest activation sum; an all-zero map: the middle slice.
+    """
     axis = VIEWS[view]
     other = tuple(a for a in range(up.ndim) if a != axis)
     a = np.asarray(up, dtype=np.float64)
-    score = np.where(a > T, a, 0.0).sum(axis=other)
-    if not np.any(score > 0):
-        score = np.abs(a).sum(axis=other)
-    if not np.any(score > 0):
-        return up.shape[axis] // 2
-    return int(np.argmax(score))
+    inside = (a > T) if mask is None else np.asarray(mask, dtype=bool)
+    for score in (np.where(inside, np.maximum(a, 0.0), 0.0).sum(axis=other),
+                  inside.sum(axis=other).astype(np.float64), np.abs(a).sum(axis=other)):
+        if np.any(score > 0):
+            return int(np.argmax(score))
+    return up.shape[axis] // 2
 
 
 def canonical_patch_affine(shape: Sequence[int] = (96, 96, 96), spacing: float = 1.0) -> np.ndarray:
@@ -842,17 +857,18 @@ def patch_world_affine(run_dir: str | Path, case: str, label: int) -> np.ndarray
 
 
 def write_nifti_exemplar(folder: str | Path, stem: str, ct: np.ndarray, activation: np.ndarray,
-                         T: float, affine: np.ndarray) -> dict[str, Path]:
+                         T: float, affine: np.ndarray, mask: np.ndarray | None = None) -> dict[str, Path]:
     """Three NIfTI files sharing one affine (1 mm; qform and sform set): the CT patch (int16
-    HU), the unit's upsampled activation (float32) and the CT inside the thresholded
-    activation (activation > T_k; air elsewhere). Written atomically; never NaN."""
+    HU), the unit's upsampled activation (float32) and the CT inside the unit's mask (``mask``,
+    the upsampled M_k; default ``activation > T``), air elsewhere. Written atomically; never NaN."""
     import nibabel as nib
 
     from vfcore.io import atomic_save
 
     act = np.nan_to_num(np.asarray(activation, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     ct = np.asarray(ct).astype(np.int16)
-    volumes = {"ct": ct, "activation": act, "masked_ct": np.where(act > T, ct, AIR_HU).astype(np.int16)}
+    inside = act > T if mask is None else np.asarray(mask, dtype=bool)
+    volumes = {"ct": ct, "activation": act, "masked_ct": np.where(inside, ct, AIR_HU).astype(np.int16)}
     paths = {}
     for kind, data in volumes.items():
         img = nib.Nifti1Image(data, affine)
@@ -1103,6 +1119,80 @@ def _network(checkpoint: Path):
     return model, preset, (lambda hu: to_network_input(hu, preset))
 
 
+@dataclass
+class Network:
+    """A run's trained network as the notebooks use it: ``model``, ``preset`` (name),
+    ``layer`` (the dissected one), ``transform`` (int16 HU batch -> network input)."""
+
+    model: torch.nn.Module
+    preset: str
+    layer: str
+    transform: Callable
+
+
+def load_network(run_dir: str | Path, checkpoint: str | Path | None = None,
+                 layer: str | None = None) -> Network:
+    """The run's checkpoint (``<run>/model/best.pt``) with its preset's input transform."""
+    from vfcore.model import DISSECT_LAYER
+
+    model, preset, transform = _network(_checkpoint_path(Path(run_dir), checkpoint))
+    return Network(model, preset, layer or DISSECT_LAYER[preset], transform)
+
+
+def sketch_comparison(model: torch.nn.Module, data, layer: str, T: np.ndarray, *,
+                      q_tail: float = Q_TAIL_PAPER, first: int | None = None,
+                      resolution: int = 1024, seed: int = 0, batch_size: int = 16,
+                      transform: Callable | None = None, device: str | None = None,
+                      progress: bool = True) -> pd.DataFrame:
+    """How far sampled thresholds are from the exact ones, per unit (notebook 03, bench).
+
+    Two passes over ``data``: the first feeds :class:`SampledQuantile` with every sample
+    (``sketch``) and, like the published code, with only the ``first`` samples in file order
+    (``sketch_first``); the second counts, over all values, the realised tail P(a_k > T_k) of
+    the exact ``T`` and of both estimates. Columns: ``unit``, ``T_exact``, ``T_sketch``,
+    ``T_sketch_first``, ``tail_exact``, ``tail_sketch``, ``tail_sketch_first``.
+    """
+    from tqdm.auto import tqdm
+
+    from vfcore.runtime import pick_device
+
+    device = pick_device(str(device) if device is not None else None)
+    model = model.to(device)
+    n = len(data)
+    first = n if first is None else min(int(first), n)
+    every, head = SampledQuantile(q_tail, resolution, seed), SampledQuantile(q_tail, resolution, seed)
+    bar = tqdm(total=2 * n, desc="sketch vs exact", unit="sample", disable=not progress)
+    with evaluating(model), capture(model, layer) as out, torch.inference_mode():
+        seen = 0
+        for x in _batches(data, batch_size, device):
+            with _autocast(device, True):
+                model(transform(x) if transform is not None else x)
+            A = out.pop().float()
+            every.update(A)
+            if seen < first:
+                head.update(A[:first - seen])
+            seen += A.shape[0]
+            bar.update(A.shape[0])
+        estimates = {"exact": np.asarray(T), "sketch": every.thresholds(), "sketch_first": head.thresholds()}
+        counts = {k: np.zeros(len(T)) for k in estimates}
+        positions = 0
+        for x in _batches(data, batch_size, device):
+            with _autocast(device, True):
+                model(transform(x) if transform is not None else x)
+            A = out.pop().float()
+            positions += A.shape[0] * int(np.prod(A.shape[2:]))
+            for k, t in estimates.items():
+                counts[k] += tail_fraction(A, t) * A.shape[0] * int(np.prod(A.shape[2:]))
+            bar.update(A.shape[0])
+    bar.close()
+    table = pd.DataFrame({"unit": np.arange(len(T))})
+    for k, t in estimates.items():
+        table[f"T_{k}"] = np.asarray(t, dtype=np.float64)
+    for k in estimates:
+        table[f"tail_{k}"] = counts[k] / positions
+    return table
+
+
 def _samples_table(rows: pd.DataFrame, labels: np.ndarray, d: Dissection, threshold: float) -> pd.DataFrame:
     o = outcomes(labels, d.probability, threshold)
     outcome = np.select([o["tp"], o["fp"], o["tn"], o["fn"]], ["TP", "FP", "TN", "FN"], default="")
@@ -1244,6 +1334,23 @@ def concept_names(run_dir: str | Path) -> dict[int, str] | None:
         return None
 
 
+class PatchFiles:
+    """The int16 HU patches of some samples, read from the patch store when sliced (so a
+    forward pass over them never holds more than one batch in memory)."""
+
+    def __init__(self, run_dir: str | Path, rel_paths: Sequence[str]):
+        self.run_dir = Path(run_dir)
+        self.rel_paths = list(rel_paths)
+
+    def __len__(self) -> int:
+        return len(self.rel_paths)
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return np.stack([_load_patch(self.run_dir, p) for p in self.rel_paths[item]])
+        return _load_patch(self.run_dir, self.rel_paths[item])
+
+
 def export_units(run_dir: str | Path, top: int = 10, top_fp: int = 5, k: int = 25,
                  nifti_top: int = 5, subset: str = "positive", by: str = "r",
                  view: str = "sagittal", device: str | None = None, batch_size: int = 16,
@@ -1252,20 +1359,23 @@ def export_units(run_dir: str | Path, top: int = 10, top_fp: int = 5, k: int = 2
 
     * ``exemplars.json``: for every unit its ``k`` top samples by ``by`` within each subset
       (``tp``, ``positive``, ``fp``, ``all``), never filled from outside the subset;
-    * for the ``top`` units by c_k over true positives (exemplars from ``subset``, the paper
+    * for the ``top`` units by c_k over true positives (exemplars from ``subset``: the paper
       shows fractured samples) and the ``top_fp`` units of the false-positive ranking
-      (exemplars from ``fp``): ``collages/unit_<k>.png`` (5x5 single slices, each at the slice
-      where that unit's thresholded activation is largest) and, for the first ``nifti_top``
-      exemplars, ``nifti/unit_<k>/<rank>_<case>_<level>_{ct,activation,masked_ct}.nii.gz``;
+      (exemplars from ``fp``): ``collages/unit_<k>_<role>.png`` (5x5 single slices, each at
+      the slice where that unit's thresholded activation is largest) and, for the first
+      ``nifti_top`` exemplars, ``nifti/unit_<k>/<nn>_<case>_<level>_{ct,activation,masked_ct}.nii.gz``;
     * ``units.csv`` (one row per exported unit) and, where the patch store has concept masks
       (the phantom), ``unit_concepts.csv``: which concepts each unit's masks cover.
+
+    The exemplars' activations (for the heat map) are recomputed in one forward pass over the
+    union of the exported exemplars, keeping only the exported units; their masks are the
+    pass's own M_k (from the kept tail), upsampled with :func:`patch_mask`.
     """
+    import shutil
+
     from tqdm.auto import tqdm
 
-    from vfcore.io import atomic_save, atomic_write, sha256_file, write_json
-    from vfcore.viz.dissection import collage, take
-
-    import matplotlib.pyplot as plt
+    from vfcore.io import atomic_write, sha256_file, write_json
 
     run_dir = Path(run_dir)
     art = load_artifacts(run_dir)
@@ -1274,12 +1384,16 @@ def export_units(run_dir: str | Path, top: int = 10, top_fp: int = 5, k: int = 2
     if sha256_file(ckpt) != meta["checkpoint_sha256"]:
         raise StaleArtifactError(art.folder / "meta.json", f"the dissection was made from another "
                                  f"checkpoint than {ckpt}: run {NOTEBOOK_03} again")
+    folder = art.folder
+    (folder / "exemplars.json").unlink(missing_ok=True)   # incomplete until it is rewritten
+    for old in ("collages", "nifti"):
+        shutil.rmtree(folder / old, ignore_errors=True)
     o = outcomes(art.labels, d.probability, meta["threshold"])
+    score = {"r": d.r, "max": d.max, "mean": d.mean}[by] if by in EXEMPLAR_SCORES else None
     ex = {"format": FORMAT, "dissection_id": meta["dissection_id"], "k": k, "by": by,
           "view": view, "subsets": {}, "exported": {}}
     for name in ("tp", "positive", "fp", "all"):
         lists = exemplars(d, o[name], k, by)
-        score = {"r": d.r, "max": d.max, "mean": d.mean}[by]
         ex["subsets"][name] = {"description": SUBSET_NAMES[name], "n": int(o[name].sum()),
                                "units": {str(u): [{"sample": i, "score": float(score[i, u])} for i in idx]
                                          for u, idx in lists.items()}}
@@ -1290,72 +1404,97 @@ def export_units(run_dir: str | Path, top: int = 10, top_fp: int = 5, k: int = 2
     if art.ranking_fp is not None:
         for row in art.ranking_fp.head(top_fp).itertuples():
             jobs.append(("fp", int(row.rank), int(row.unit), float(row.c_fp), "fp"))
-
-    model, preset, transform = _network(ckpt)
-    field_ = art.field
+    members = {(role, unit): [e["sample"] for e in ex["subsets"][sub]["units"][str(unit)]]
+               for role, _, unit, _, sub in jobs}
+    union = sorted({i for idx in members.values() for i in idx})
+    units = sorted({unit for _, _, unit, _, _ in jobs})
+    maps: dict[int, np.ndarray] = {}
+    if union:
+        net_model, _, transform = _network(ckpt)
+        A, _ = activations(net_model, PatchFiles(run_dir, samples.loc[union, "ct_path"]), meta["layer"],
+                           units=units, batch_size=batch_size, transform=transform, device=device,
+                           progress=progress)
+        maps = {i: A[j] for j, i in enumerate(union)}
+    column = {u: j for j, u in enumerate(units)}
     names = concept_names(run_dir)
-    folder = art.folder
     unit_rows, concept_rows = [], []
-    for role, rank, unit, c, sub in tqdm(jobs, desc="exporting units", disable=not progress):
-        idx = [e["sample"] for e in ex["subsets"][sub]["units"][str(unit)]]
-        entry = {"role": role, "rank": rank, "c": c, "subset": sub, "samples": idx, "slices": [],
-                 "collage": f"collages/unit_{unit:03d}_{role}.png", "nifti": []}
-        tiles, overlaps, where = [], [], []
-        if idx:
-            cts = np.stack([_load_patch(run_dir, samples.loc[i, "ct_path"]) for i in idx])
-            A, _ = activations(model, cts, meta["layer"], units=[unit], batch_size=batch_size,
-                               transform=transform, device=device)
-            T = float(d.T[unit])
-            for j, (i, ct, a) in enumerate(zip(idx, cts, A[:, 0])):
-                up = upsample_to_patch(a, field_, ct.shape)
-                s = best_slice(up, T, view)
-                entry["slices"].append(s)
-                row = samples.loc[i]
-                tiles.append((take(ct, view, s), take(up, view, s),
-                              f"{row['case']} {row['level']}\nr={d.r[i, unit]:.3g}"))
-                if j < nifti_top:
-                    stem = f"{j + 1:02d}_{row['case']}_{row['level']}"
-                    affine = patch_world_affine(run_dir, row["case"], int(row["label"])) \
-                        if "label" in row else canonical_patch_affine(ct.shape)
-                    paths = write_nifti_exemplar(folder / "nifti" / f"unit_{unit:03d}", stem, ct, up, T, affine)
-                    entry["nifti"].append({k_: str(p.relative_to(folder)) for k_, p in paths.items()})
-                concepts = _load_patch(run_dir, row.get("concept_path", ""))
-                if concepts is not None and names is not None:
-                    mask = up > T
-                    if mask.any():
-                        t = concept_overlap(mask, concepts, names, field_)
-                        t["sample"] = i
-                        overlaps.append(t)
-                        vert = _load_patch(run_dir, row.get("mask_path", ""))
-                        if vert is not None:
-                            where.append(vertebra_overlap(mask, vert, int(row["label"])))
-        title = (f"unit {unit}: rank {rank} by c_k over {'true' if role == 'tp' else 'false'} positives "
-                 f"(c = {c:.2f}); exemplars: {SUBSET_NAMES[sub]}")
-        fig = collage(tiles, float(d.T[unit]), title)
-        atomic_save(folder / entry["collage"], lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
-        plt.close(fig)
-        measured = ""
-        if overlaps:
-            long = pd.concat(overlaps)
-            n_masks = len(overlaps)
-            summary = (long.groupby("concept")[["fraction", "iou"]].sum() / n_masks) \
-                .sort_values("fraction", ascending=False)
-            for concept, r_ in summary.iterrows():
-                concept_rows.append({"unit": unit, "role": role, "concept": concept,
-                                     "fraction": r_["fraction"], "iou": r_["iou"], "n_masks": n_masks})
-            measured = ", ".join(f"{cn} {fr:.0%}" for cn, fr in summary["fraction"].head(3).items())
-        w = {key: float(np.mean([x[key] for x in where])) if where else np.nan
-             for key in ("target", "adjacent", "outside")}
-        unit_rows.append({"role": role, "rank": rank, "unit": unit, "c": c, "subset": sub,
-                          "n_exemplars": len(idx), "T_k": float(d.T[unit]),
-                          "degenerate": bool(d.flags["degenerate"][unit]), "measured_concept": measured,
-                          "on_target_vertebra": w["target"], "on_adjacent_vertebrae": w["adjacent"],
-                          "outside_vertebrae": w["outside"], "collage": entry["collage"]})
+    for role, rank, unit, c, sub in tqdm(jobs, desc="collages and NIfTI", disable=not progress):
+        idx = members[(role, unit)]
+        entry, row, concepts = _export_unit(run_dir, folder, art, role, rank, unit, c, sub, idx,
+                                            [maps[i][column[unit]] for i in idx],
+                                            [d.masks(i, [unit])[0] for i in idx], nifti_top, view, names)
         ex["exported"][f"{role}:{unit}"] = entry
+        unit_rows.append(row)
+        concept_rows.extend(concepts)
     with atomic_write(folder / "units.csv", "w") as f:
-        pd.DataFrame(unit_rows).to_csv(f, index=False, lineterminator="\n", float_format="%.6g")
+        pd.DataFrame(unit_rows, columns=UNITS_COLUMNS).to_csv(f, index=False, lineterminator="\n",
+                                                              float_format="%.6g")
+    (folder / "unit_concepts.csv").unlink(missing_ok=True)
     if concept_rows:
         with atomic_write(folder / "unit_concepts.csv", "w") as f:
             pd.DataFrame(concept_rows).to_csv(f, index=False, lineterminator="\n", float_format="%.6g")
     write_json(folder / "exemplars.json", ex)              # last: the exports are complete
     return load_artifacts(run_dir, require_exports=True)
+
+
+UNITS_COLUMNS = ["role", "rank", "unit", "c", "subset", "n_exemplars", "n_masks", "T_k", "degenerate",
+                 "measured_concept", "on_target_vertebra", "on_adjacent_vertebrae", "outside_vertebrae",
+                 "collage"]
+
+
+def _export_unit(run_dir: Path, folder: Path, art: DissectionArtifacts, role: str, rank: int,
+                 unit: int, c: float, sub: str, idx: list[int], feature_maps: list[np.ndarray],
+                 feature_masks: list[np.ndarray], nifti_top: int, view: str, names: dict[int, str] | None):
+    """One unit's collage, NIfTI files and measured concepts -> (exemplars.json entry,
+    units.csv row, unit_concepts.csv rows)."""
+    import matplotlib.pyplot as plt
+
+    from vfcore.io import atomic_save
+    from vfcore.viz.dissection import collage, take
+
+    d, samples = art.dissection, art.samples
+    T = float(d.T[unit])
+    entry = {"role": role, "rank": rank, "c": c, "subset": sub, "samples": idx, "slices": [],
+             "collage": f"collages/unit_{unit:03d}_{role}.png", "nifti": []}
+    tiles, overlaps, where, n_masks = [], [], [], 0
+    for j, (i, a, M) in enumerate(zip(idx, feature_maps, feature_masks)):
+        row = samples.loc[i]
+        ct = _load_patch(run_dir, row["ct_path"])
+        up = upsample_to_patch(a, art.field, ct.shape)
+        mask = patch_mask(M, art.field, ct.shape)           # M_k of the pass, on the patch
+        s = best_slice(up, T, view, mask)
+        entry["slices"].append(s)
+        tiles.append((take(ct, view, s), take(up, view, s),
+                      f"{row['case']} {row['level']}\nr_k = {d.r[i, unit]:.3g}", take(mask, view, s)))
+        if j < nifti_top:
+            affine = patch_world_affine(run_dir, row["case"], int(row["label"]))
+            paths = write_nifti_exemplar(folder / "nifti" / f"unit_{unit:03d}",
+                                         f"{j + 1:02d}_{row['case']}_{row['level']}", ct, up, T, affine, mask)
+            entry["nifti"].append({kind: p.relative_to(folder).as_posix() for kind, p in paths.items()})
+        n_masks += bool(mask.any())
+        concepts = _load_patch(run_dir, row.get("concept_path", ""))
+        if mask.any() and concepts is not None and names is not None:
+            overlaps.append(concept_overlap(mask, concepts, names, art.field))
+            vertebrae = _load_patch(run_dir, row.get("mask_path", ""))
+            if vertebrae is not None:
+                where.append(vertebra_overlap(mask, vertebrae, int(row["label"])))
+    kind = "true" if role == "tp" else "false"
+    fig = collage(tiles, T, f"unit {unit}: rank {rank} by c_k over {kind} positives (c = {c:.2f}); "
+                            f"exemplars: {SUBSET_NAMES[sub]}")
+    atomic_save(folder / entry["collage"], lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
+    plt.close(fig)
+    concept_rows, measured = [], ""
+    if overlaps:
+        summary = (pd.concat(overlaps).groupby("concept")[["fraction", "iou"]].sum() / len(overlaps)) \
+            .sort_values("fraction", ascending=False)
+        concept_rows = [{"unit": unit, "role": role, "concept": name, "fraction": r["fraction"],
+                         "iou": r["iou"], "n_masks": len(overlaps)} for name, r in summary.iterrows()]
+        measured = ", ".join(f"{name} {fr:.0%}" for name, fr in summary["fraction"].head(3).items())
+    w = {key: float(np.mean([x[key] for x in where])) if where else None
+         for key in ("target", "adjacent", "outside")}
+    row = {"role": role, "rank": rank, "unit": unit, "c": c, "subset": sub, "n_exemplars": len(idx),
+           "n_masks": n_masks, "T_k": T, "degenerate": bool(d.flags["degenerate"][unit]),
+           "measured_concept": measured, "on_target_vertebra": w["target"],
+           "on_adjacent_vertebrae": w["adjacent"], "outside_vertebrae": w["outside"],
+           "collage": entry["collage"]}
+    return entry, row, concept_rows

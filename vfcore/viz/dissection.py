@@ -27,18 +27,21 @@ def take(volume: np.ndarray, view: str, index: int) -> np.ndarray:
 
 
 def draw_overlay(ax, ct2d: np.ndarray, act2d: np.ndarray | None = None, T: float | None = None,
-                 mode: str = "overlay", title: str | None = None, fontsize: int = 7) -> None:
-    """A CT slice with a unit's thresholded activation: filled (``overlay``: colour = A_k where
-    A_k > T_k) and/or outlined (``contour``, ``both``). An empty mask draws no colour."""
+                 mode: str = "overlay", title: str | None = None, fontsize: int = 7,
+                 mask2d: np.ndarray | None = None) -> None:
+    """A CT slice with a unit's thresholded activation: filled (``overlay``: colour = A_k
+    inside the mask) and/or outlined (``contour``, ``both``). The mask is ``mask2d`` (the
+    upsampled M_k, :func:`vfcore.dissect.patch_mask`) or else ``act2d > T``. An empty mask
+    draws no colour."""
     ax.imshow(ct2d, cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1], interpolation="bilinear")
     if act2d is not None and T is not None:
-        mask = act2d > T
+        mask = act2d > T if mask2d is None else np.asarray(mask2d, dtype=bool)
         if mask.any():
             if mode in ("overlay", "both"):
-                hi = float(act2d[mask].max())
+                lo, hi = float(act2d[mask].min()), float(act2d[mask].max())
                 shown = np.ma.masked_where(~mask, act2d)
-                ax.imshow(shown, cmap=OVERLAY_CMAP, alpha=0.55, vmin=float(T),
-                          vmax=hi if hi > T else float(T) + 1e-6, interpolation="nearest")
+                ax.imshow(shown, cmap=OVERLAY_CMAP, alpha=0.55, vmin=min(lo, float(T)),
+                          vmax=hi if hi > min(lo, T) else min(lo, T) + 1e-6, interpolation="nearest")
             if mode in ("contour", "both"):
                 ax.contour(mask.astype(np.float32), levels=[0.5], colors=[CONTOUR_COLOUR], linewidths=0.7)
     ax.set_xticks([])
@@ -72,22 +75,25 @@ def unit_histograms(values: np.ndarray, units: Sequence[int], T: Sequence[float]
     return fig
 
 
-def masks_for_q(ct: np.ndarray, activation: np.ndarray, thresholds: Mapping[float, float],
-                view: str = "sagittal", index: int | None = None, title: str = ""):
-    """What q does to the mask: one slice of one sample, the unit's upsampled activation
-    thresholded at T_k(q) for several q (smaller q: higher T_k, smaller mask)."""
-    from vfcore.dissect import best_slice
+def masks_for_q(ct: np.ndarray, feature_map: np.ndarray, thresholds: Mapping[float, float],
+                field: Sequence[slice], view: str = "sagittal", title: str = ""):
+    """What q does to the mask: one slice of one sample; the unit's activation (feature grid
+    ``feature_map`` [d, h, w]) thresholded at T_k(q) for several q (smaller q: higher T_k,
+    smaller mask), each mask upsampled onto the patch (:func:`vfcore.dissect.patch_mask`)."""
+    from vfcore.dissect import best_slice, patch_mask, upsample_to_patch
 
     qs = sorted(thresholds, reverse=True)
-    if index is None:
-        index = best_slice(activation, thresholds[min(qs)], view)
-    fig, axes = plt.subplots(1, len(qs) + 1, figsize=(2.4 * (len(qs) + 1), 2.7))
+    up = upsample_to_patch(feature_map, field, ct.shape)
+    masks = {q: patch_mask(feature_map > thresholds[q], field, ct.shape) for q in qs}
+    index = best_slice(up, thresholds[min(qs)], view, masks[min(qs)])
+    fig, axes = plt.subplots(1, len(qs) + 1, figsize=(2.4 * (len(qs) + 1), 2.9))
     draw_overlay(axes[0], take(ct, view, index), title=f"{title}\n{view} slice {index}")
     for ax, q in zip(axes[1:], qs):
         T = thresholds[q]
-        a2 = take(activation, view, index)
-        draw_overlay(ax, take(ct, view, index), a2, T, "both",
-                     title=f"q = {q}: T_k = {T:.3g}\nmask: {int((activation > T).sum())} voxels")
+        n_feat = int((feature_map > T).sum())
+        draw_overlay(ax, take(ct, view, index), take(up, view, index), T, "both",
+                     title=f"q = {q}: T_k = {T:.3g}\nM_k: {n_feat} of {feature_map.size} positions",
+                     mask2d=take(masks[q], view, index))
     fig.tight_layout()
     return fig
 
@@ -139,18 +145,20 @@ def correlation_curve(ranking: pd.DataFrame, top: int = 10):
     return fig
 
 
-def collage(tiles: Sequence[tuple[np.ndarray, np.ndarray, str]], T: float, title: str = "",
-            cols: int = 5, mode: str = "both"):
-    """A 5x5 collage of single slices: ``tiles`` = (CT slice, activation slice, caption), each
-    the slice where this unit's thresholded activation is largest. Empty cells stay blank."""
+def collage(tiles: Sequence[tuple], T: float, title: str = "", cols: int = 5, mode: str = "both"):
+    """A 5x5 collage of single slices: ``tiles`` = (CT slice, activation slice, caption[, mask
+    slice]), each the slice where this unit's thresholded activation is largest. Empty cells
+    stay blank."""
     rows = max(1, int(np.ceil(max(len(tiles), 1) / cols)))
     rows = max(rows, 5) if cols == 5 else rows
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows + 0.4), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, (ct2d, a2d, caption) in zip(axes.ravel(), tiles):
+    for ax, tile in zip(axes.ravel(), tiles):
+        ct2d, a2d, caption = tile[:3]
         ax.axis("on")
-        draw_overlay(ax, ct2d, a2d, T, mode, title=caption, fontsize=5.5)
+        draw_overlay(ax, ct2d, a2d, T, mode, title=caption, fontsize=5.5,
+                     mask2d=tile[3] if len(tile) > 3 else None)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
@@ -187,20 +195,24 @@ def gallery(rows: Sequence[Mapping], images: Mapping[int, np.ndarray]):
     return fig
 
 
-def relevance_row(ct: np.ndarray, maps: Mapping[int, np.ndarray], T: Mapping[int, float],
+def relevance_row(ct: np.ndarray, feature_maps: Mapping[int, np.ndarray], T: Mapping[int, float],
                   units: Sequence[int], c_rank: Mapping[int, int], r: Mapping[int, float],
-                  title: str = "", view: str = "sagittal"):
+                  field: Sequence[slice], title: str = "", view: str = "sagittal"):
     """Table 3 of the paper: the sample (left) and, for its most relevant units (descending
-    r_k), the slice where each unit's thresholded activation is largest, with its c_k rank."""
-    from vfcore.dissect import best_slice
+    r_k), the slice where each unit's thresholded activation is largest, with its c_k rank.
+    ``feature_maps[k]``: unit k's activation on the feature grid for this sample."""
+    from vfcore.dissect import best_slice, patch_mask, upsample_to_patch
 
     n = len(units)
-    fig, axes = plt.subplots(1, n + 1, figsize=(1.9 * (n + 1), 2.6), squeeze=False)
+    fig, axes = plt.subplots(1, n + 1, figsize=(1.9 * (n + 1), 2.8), squeeze=False)
     mid = ct.shape[VIEWS[view]] // 2
     draw_overlay(axes[0, 0], take(ct, view, mid), title=title or "sample")
     for j, (ax, k) in enumerate(zip(axes[0, 1:], units), start=1):
-        s = best_slice(maps[k], T[k], view)
-        draw_overlay(ax, take(ct, view, s), take(maps[k], view, s), T[k], "both",
-                     title=f"relevance {j}\nunit {k} (c_k rank {c_rank[k]})\nr_k = {r[k]:.3g}")
+        up = upsample_to_patch(feature_maps[k], field, ct.shape)
+        mask = patch_mask(feature_maps[k] > T[k], field, ct.shape)
+        s = best_slice(up, T[k], view, mask)
+        draw_overlay(ax, take(ct, view, s), take(up, view, s), T[k], "both",
+                     title=f"relevance {j}\nunit {k} (c_k rank {c_rank[k]})\nr_k = {r[k]:.3g}",
+                     mask2d=take(mask, view, s))
     fig.tight_layout()
     return fig
