@@ -796,15 +796,22 @@ def upsample_to_patch(A: np.ndarray, field: Sequence[slice],
 
 
 def patch_mask(M: np.ndarray, field: Sequence[slice], patch_shape: Sequence[int] = (96, 96, 96)) -> np.ndarray:
-    """M_k on the patch: the feature-grid mask M_k(x) = A_k(x) > T_k [..., d, h, w] upsampled
-    like the activations (trilinear, same alignment) and kept where it is above 0.5.
+    """M_k on the patch: each feature voxel of the mask M_k(x) = A_k(x) > T_k [..., d, h, w]
+    becomes the block of the field it summarises (nearest-neighbour upsampling: 8^3 mm blocks
+    for the paper preset, 16^3 mm for the small one); False outside the field.
 
     Why not NetDissect's "upsample A_k, then threshold at T_k": interpolation lowers a peak
     that lies only just above T_k (most of a unit's tail does), so masks vanish; on the small
-    preset (16x upsampling) most exemplar masks were lost that way. Every feature voxel of
-    M_k here becomes a rounded block of the input it summarises.
+    preset most exemplar masks were lost that way. The smooth upsampled activation is still
+    what the figures colour inside the mask.
     """
-    return upsample_to_patch(np.asarray(M, dtype=np.float32), field, patch_shape) > 0.5
+    m = torch.as_tensor(np.asarray(M, dtype=np.float32))
+    lead = m.shape[:-3]
+    size = tuple(int(s.stop - s.start) for s in field)
+    up = F.interpolate(m.reshape(-1, 1, *m.shape[-3:]), size=size, mode="nearest")
+    out = np.zeros((*lead, *patch_shape), dtype=bool)
+    out[(Ellipsis, *field)] = up.reshape(*lead, *size).numpy() > 0.5
+    return out
 
 
 def best_slice(up: np.ndarray, T: float, view: str = "sagittal", mask: np.ndarray | None = None) -> int:
