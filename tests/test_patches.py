@@ -93,6 +93,11 @@ def test_linear_function_sampled_exactly_on_oblique_anisotropic_grid():
     outside = ~np.all((vox >= -0.5) & (vox <= np.array(shape)[:, None] - 0.5), axis=0)
     assert np.all(p.ct.reshape(-1)[outside] == -1024)
     assert p.out_of_field == pytest.approx(outside.mean(), abs=1e-6)
+    # cubic B-spline interpolation also reproduces a linear function (away from the border)
+    p3 = patches.straighten(ct, None, cw, 19, ct_order=3)
+    deep = np.all((vox >= 4) & (vox <= np.array(shape)[:, None] - 5), axis=0).reshape(N, N, N)
+    assert deep.mean() > 0.1
+    assert np.abs(p3.ct[deep] - expected[deep]).max() <= 0.5 + 1e-2
 
 
 def test_axes_point_inferior_posterior_left():
@@ -491,7 +496,8 @@ def phantom_root(tmp_path_factory):
     if not hasattr(phantom, "write_phantom_root"):
         pytest.skip("vfcore.phantom.write_phantom_root not there yet")
     return Path(phantom.write_phantom_root(tmp_path_factory.mktemp("phantom") / "data",
-                                           n_scans=PHANTOM_SCANS, seed=PHANTOM_SEED, workers=1))
+                                           n_scans=PHANTOM_SCANS, seed=PHANTOM_SEED, workers=1,
+                                           progress=False))
 
 
 PHANTOM_SEED, PHANTOM_SCANS = 3, 3

@@ -147,16 +147,24 @@ def patch_gallery(manifest: pd.DataFrame, patches_dir: str | os.PathLike, n: int
                   seed: int = 0, size: int = 96):
     """Fractured and healthy patches side by side: sagittal + coronal, target contour, grade.
 
-    Picks up to ``n`` fractured vertebrae (highest grades first, then random) and ``n``
-    healthy ones from nearby levels.
+    Picks up to ``n`` fractured vertebrae (mostly inside the scan; grades 3, 2, 1 in turn,
+    random within a grade) and as many healthy ones of the same levels.
     """
     rng = np.random.default_rng(seed)
     labelled = manifest[manifest["fracture"].notna()]
+    inside = labelled[labelled["out_of_field"] < 0.25]
+    if inside["fracture"].eq(1).any() and inside["fracture"].eq(0).any():
+        labelled = inside  # show whole vertebrae when there are some
     fx = labelled[labelled["fracture"] == 1]
     ok = labelled[labelled["fracture"] == 0]
-    if len(fx):
-        fx = fx.assign(_r=rng.random(len(fx))).sort_values(["grade", "_r"], ascending=[False, True])
-    fx = fx.head(n)
+    # one of each grade in turn (3, 2, 1, 3, ...), random within a grade
+    by_grade = {g: list(rng.permutation(fx.index[fx["grade"] == g])) for g in (3, 2, 1)}
+    chosen = []
+    while len(chosen) < n and any(by_grade.values()):
+        for g in (3, 2, 1):
+            if by_grade[g] and len(chosen) < n:
+                chosen.append(by_grade[g].pop(0))
+    fx = fx.loc[chosen]
     picks = []
     for _, row in fx.iterrows():
         same = ok[(ok["level"] == row["level"]) & ~ok.index.isin([p.name for p in picks])]
