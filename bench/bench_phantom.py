@@ -1,0 +1,49 @@
+"""Seconds per phantom scan on one core, and for the default data set.
+
+    python bench/bench_phantom.py [n_scans]
+
+Prints CPU seconds per scan (drawing and drawing + writing the files) and the wall time of
+``write_phantom_root`` for the default data set (one worker).  No pass/fail: figures only.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+from vfcore.phantom import DEFAULT_SCANS, sample_scan, write_phantom_root, write_scan  # noqa: E402
+from vfcore.phantom.render import render_scan  # noqa: E402
+
+
+def main(n: int = 12) -> None:
+    draw, total, voxels, verts = [], [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(n):
+            t0 = time.process_time()
+            spec = sample_scan(0, i)
+            scan = render_scan(spec)
+            draw.append(time.process_time() - t0)
+            voxels.append(scan.ct.size)
+            verts.append(len(scan.truth["vertebrae"]))
+            t0 = time.process_time()
+            write_scan(tmp, 0, i)
+            total.append(time.process_time() - t0)
+            print(f"scan {i:3d} {spec.acq.kind:12s} {scan.ct.shape} {scan.ct.size / 1e6:5.2f} Mvox "
+                  f"{verts[-1]:2d} vertebrae: draw {draw[-1]:.2f} s, draw + write {total[-1]:.2f} s CPU")
+    print(f"\nper scan (CPU, one core): draw {np.mean(draw):.2f} s, draw + write {np.mean(total):.2f} s "
+          f"(max {np.max(total):.2f} s); {np.mean(voxels) / 1e6:.1f} Mvox and "
+          f"{np.mean(verts):.1f} vertebrae per scan")
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        write_phantom_root(tmp, n_scans=DEFAULT_SCANS, seed=0, workers=1, progress=False)
+        wall = time.perf_counter() - t0
+    print(f"default data set ({DEFAULT_SCANS} scans, 1 worker): {wall:.1f} s wall")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 12)

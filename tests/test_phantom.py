@@ -1,0 +1,382 @@
+"""vfcore.phantom: VerSe layout and bytes, geometry truth, Genant grades, determinism, resume.
+
+Every check measures the written files independently (nibabel, numpy, the reader) and
+compares with what the phantom claims (its truth JSON, the VerSe format, Genant's bins).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from vfcore import verse
+from vfcore.errors import FormatError
+from vfcore.phantom import (CONCEPTS, case_paths, render_scan, sample_scan, target_concepts,
+                            write_phantom_root)
+from vfcore.phantom.concepts import BODY, DEGENERATED_DISC_BASE, DISC_BASE
+
+N_SCANS = 3
+# Genant: grade 1 20-25 %, grade 2 25-40 %, grade 3 > 40 % height loss
+GENANT = {0: (0.0, 0.20), 1: (0.20, 0.25), 2: (0.25, 0.40), 3: (0.40, 0.75)}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return write_phantom_root(tmp_path_factory.mktemp("phantom"), n_scans=N_SCANS, seed=0,
+                              progress=False)
+
+
+def _truth(root: Path, case: str) -> dict:
+    return json.loads(case_paths(root, case)["truth"].read_text())
+
+
+def _cases(root: Path) -> list[str]:
+    return [f"sub-phantom{i:03d}" for i in range(N_SCANS)]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+    return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
+# ------------------------------------------------------------------------------------------
+# Layout, formats, reader
+# ------------------------------------------------------------------------------------------
+
+def test_verse_layout_and_dtypes(root):
+    for case in _cases(root):
+        ct_path = root / "rawdata" / case / f"{case}_ct.nii.gz"
+        der = root / "derivatives" / case
+        for p in (ct_path, der / f"{case}_seg-vert_msk.nii.gz", der / f"{case}_seg-subreg_ctd.json",
+                  der / f"{case}_seg-concept_msk.nii.gz", der / f"{case}_phantom-truth.json"):
+            assert p.is_file(), p
+        ct = nib.load(ct_path)
+        assert ct.get_data_dtype() == np.int16
+        assert ct.dataobj.slope in (1.0, None) and ct.dataobj.inter in (0.0, None)
+        vert = nib.load(der / f"{case}_seg-vert_msk.nii.gz")
+        con = nib.load(der / f"{case}_seg-concept_msk.nii.gz")
+        assert vert.get_data_dtype() == np.uint8 and con.get_data_dtype() == np.uint8
+        assert vert.shape == ct.shape == con.shape
+        assert np.allclose(vert.affine, ct.affine) and np.allclose(con.affine, ct.affine)
+        labels = set(np.unique(np.asarray(vert.dataobj)).tolist()) - {0}
+        assert labels and labels <= set(range(8, 26)) | {28}
+        hu = np.asarray(ct.dataobj)
+        assert -1024 <= hu.min() and hu.max() < 3072
+    assert (root / "fracture_grades.tsv").is_file() and (root / "concept_labels.json").is_file()
+
+
+def test_reader_opens_phantom_like_verse(root):
+    cases = verse.find_cases(root)
+    assert [c.case_id for c in cases] == _cases(root)
+    grades = verse.read_grades(root / "fracture_grades.tsv", known_cases=[c.case_id for c in cases])
+    for c in cases:
+        data = verse.load_case(c)   # checks shapes, affines, centroid direction and bounds
+        assert data.concepts is not None
+        in_mask = set(np.unique(data.mask.data).tolist()) - {0}
+        graded = set(grades.loc[grades.case == c.case_id, "label"].astype(int))
+        assert graded == in_mask
+
+
+def test_centroid_json_is_exact_verse_bytes(root):
+    sample = next((Path(__file__).resolve().parents[2] / "shared/fixtures/verse/anjany_verse_sample")
+                  .glob("*_ctd.json")).read_text()
+    assert not sample.endswith("\n")
+    for case in _cases(root):
+        path = case_paths(root, case)["centroids"]
+        text = path.read_text()
+        entries = json.loads(text)
+        affine = nib.load(case_paths(root, case)["ct"]).affine
+        assert entries[0] == {"direction": list(nib.aff2axcodes(affine))}
+        rebuilt = [entries[0]] + [{"label": e["label"], "X": round(e["X"], 1), "Y": round(e["Y"], 1),
+                                   "Z": round(e["Z"], 1)} for e in entries[1:]]
+        assert json.dumps(rebuilt) == text                    # default separators, no newline
+        for e in entries[1:]:
+            assert list(e) == ["label", "X", "Y", "Z"]
+            for k in "XYZ":
+                assert re.fullmatch(r"-?\d+\.\d", json.dumps(e[k])), e
+
+
+def test_centroids_are_body_centres_inside_the_mask(root):
+    checked = 0
+    for case in _cases(root):
+        p = case_paths(root, case)
+        vert_img = nib.load(p["vert"])
+        vert = np.asarray(vert_img.dataobj)
+        con = np.asarray(nib.load(p["concept"]).dataobj)
+        affine = vert_img.affine
+        truth = {v["label"]: v for v in _truth(root, case)["vertebrae"]}
+        cents = {e["label"]: np.array([e["X"], e["Y"], e["Z"]]) for e in json.loads(p["centroids"].read_text())[1:]}
+        # a centroid is written exactly when the true body centre lies in the field of view
+        assert set(cents) == {lab for lab, v in truth.items() if v["centroid_in_fov"]}
+        for label, c in cents.items():
+            assert vert[tuple(np.round(c).astype(int))] == label, (case, label)
+            cw = _world(affine, c)
+            assert np.linalg.norm(cw - np.array(truth[label]["body_centre"])) < 0.1 * 3 + 0.1
+            body = np.argwhere((vert == label) & np.isin(con, BODY))
+            if (body.min(axis=0) == 0).any() or (body.max(axis=0) == np.array(vert.shape) - 1).any():
+                continue          # cut by the field of view: the voxel centre of mass is biased
+            com = _world(affine, body.mean(axis=0))
+            assert np.linalg.norm(cw - com) < 1.0, (case, label, cw, com)
+            checked += 1
+    assert checked >= 5
+
+
+def test_truth_axes_match_the_drawn_body(root):
+    """e_S points from the inferior to the superior endplate, e_A from the back to the front."""
+    checked = 0
+    for case in _cases(root):
+        p = case_paths(root, case)
+        img = nib.load(p["vert"])
+        vert, con = np.asarray(img.dataobj), np.asarray(nib.load(p["concept"]).dataobj)
+        for v in _truth(root, case)["vertebrae"]:
+            L = v["label"]
+            e_s, e_a, e_l = (np.array(v[k]) for k in ("superior", "anterior", "left"))
+            R = np.stack([e_l, e_a, e_s])
+            assert np.allclose(R @ R.T, np.eye(3), atol=1e-5)
+            assert np.allclose(np.cross(e_s, e_a), e_l, atol=1e-5)
+            own = vert == L
+            sup, inf = np.argwhere(own & (con == 1)), np.argwhere(own & (con == 2))
+            body = np.argwhere(own & np.isin(con, BODY))
+            endplate_confounder = any("Schmorl" in c or "sclerosis" in c for c in v["confounders"])
+            if v["grade"] or endplate_confounder or len(sup) < 50 or len(inf) < 50 \
+                    or not v["centroid_in_fov"]:
+                continue
+            if (body.min(axis=0) == 0).any() or (body.max(axis=0) == np.array(vert.shape) - 1).any():
+                continue
+            d = _world(img.affine, sup.mean(axis=0)) - _world(img.affine, inf.mean(axis=0))
+            angle = math.degrees(math.acos(np.clip(d @ e_s / np.linalg.norm(d), -1, 1)))
+            assert angle < 6.0, (case, L, angle)
+            checked += 1
+    assert checked >= 5
+
+
+def test_concept_labels(root):
+    table = json.loads((root / "concept_labels.json").read_text())
+    assert {int(k): n for k, n in table["labels"].items()} == CONCEPTS
+    for name in ("superior endplate", "inferior endplate", "anterior cortex",
+                 "posterior wall / middle column", "trabecular core", "spinal canal",
+                 "fracture-deformity zone", "Schmorl node", "osteophyte"):
+        assert name in CONCEPTS.values()
+    case = _cases(root)[0]
+    p = case_paths(root, case)
+    vert = np.asarray(nib.load(p["vert"]).dataobj)
+    con = np.asarray(nib.load(p["concept"]).dataobj)
+    values = set(np.unique(con).tolist())
+    discs = {v for v in values if v >= DISC_BASE}
+    assert values - discs <= set(CONCEPTS) | {0}
+    assert all(DISC_BASE + 8 <= v <= DEGENERATED_DISC_BASE + 28 for v in discs)
+    # bone concepts belong to a vertebra, discs and canal to none
+    assert not np.any((vert == 0) & np.isin(con, [1, 2, 3, 4, 5, 6, 13, 14, 15, 16]))
+    assert not np.any((vert > 0) & (con >= DISC_BASE))
+    # per-vertebra concepts of fully visible vertebrae are all there
+    normal = fractured = 0
+    for case in _cases(root):
+        p = case_paths(root, case)
+        vert = np.asarray(nib.load(p["vert"]).dataobj)
+        con = np.asarray(nib.load(p["concept"]).dataobj)
+        for v in _truth(root, case)["vertebrae"][1:-1]:
+            if not v["centroid_in_fov"]:
+                continue
+            body = np.argwhere((vert == v["label"]) & np.isin(con, BODY))
+            if (body.min(axis=0) == 0).any() or (body.max(axis=0) == np.array(vert.shape) - 1).any():
+                continue          # cut by the field of view
+            nb = v["neighbours"]
+            masks = target_concepts(con, vert, v["label"], nb["above"], nb["below"])
+            assert masks["vertebral body"].sum() == ((vert == v["label"]) & np.isin(con, BODY)).sum()
+            assert masks["adjacent vertebrae"].sum() == np.isin(vert, [nb["above"], nb["below"]]).sum()
+            if v["grade"]:
+                assert masks["fracture-deformity zone"].any()
+                fractured += 1
+                continue
+            for name in ("superior endplate", "inferior endplate", "trabecular core", "disc above",
+                         "disc below", "posterior elements", "spinal canal", "adjacent vertebrae",
+                         "anterior cortex", "posterior wall / middle column"):
+                assert masks[name].any(), (case, v["label"], name)
+            assert not masks["fracture-deformity zone"].any()
+            normal += 1
+    assert normal >= 5 and fractured >= 1
+
+
+def test_tissue_intensities(root):
+    """Median HU of each tissue, read from the concept mask, is what CT shows."""
+    ct, con = [], []
+    for case in _cases(root):
+        p = case_paths(root, case)
+        ct.append(np.asarray(nib.load(p["ct"]).dataobj).astype(np.float32))
+        con.append(np.asarray(nib.load(p["concept"]).dataobj))
+    hu = {}
+    for value in (6, 18, 20, 22, 23):
+        voxels = np.concatenate([a[c == value] for a, c in zip(ct, con)])
+        if voxels.size > 500:
+            hu[CONCEPTS[value]] = float(np.median(voxels))
+    expect = {"trabecular core": (60, 320), "paraspinal muscle": (10, 90), "fat": (-160, -40),
+              "spinal canal": (-80, 60), "lung": (-1000, -600)}
+    assert {"trabecular core", "paraspinal muscle", "spinal canal"} <= set(hu)
+    for name, median in hu.items():
+        lo, hi = expect[name]
+        assert lo < median < hi, (name, median)
+    # the core of the discs (away from the bright endplates and the lungs that blur into them)
+    core = [a[ndimage.binary_erosion((c >= DISC_BASE) & (c < DEGENERATED_DISC_BASE))]
+            for a, c in zip(ct, con)]
+    assert 30 < np.median(np.concatenate(core)) < 150
+
+
+# ------------------------------------------------------------------------------------------
+# Fractures per Genant, measured on a finely drawn copy of the vertebra
+# ------------------------------------------------------------------------------------------
+
+def _find(shape_wanted: int, grade_wanted: int | None = None):
+    for i in range(300):
+        spec = sample_scan(7, i)
+        for k, v in enumerate(spec.vertebrae[1:-1], start=1):
+            if v.shape == shape_wanted and (grade_wanted is None or v.grade == grade_wanted):
+                return spec, k
+    raise AssertionError("no such fracture in 300 scans")
+
+
+def _fine_copy(spec, k, spacing=0.5):
+    v = spec.vertebrae[k]
+    c = v.frame.o
+    half = 0.5 * max(v.W, v.D) + 8
+    acq = dataclasses.replace(spec.acq, spacing=(spacing,) * 3, fov_lo=tuple(c - half),
+                              fov_hi=tuple(c + half), noise_hu=0.0, axcodes="LPS")
+    return render_scan(dataclasses.replace(spec, acq=acq))
+
+
+def _heights(scan, label):
+    """Anterior, middle and posterior body heights (mm) on the mid-sagittal line."""
+    v = next(t for t in scan.truth["vertebrae"] if t["label"] == label)
+    own = (scan.vert == label) & np.isin(scan.concept, BODY)
+    pts = _world(scan.affine, np.argwhere(own).astype(np.float64)) - np.array(v["body_centre"])
+    x, y, z = pts @ np.array(v["left"]), pts @ np.array(v["anterior"]), pts @ np.array(v["superior"])
+    # the truth's centre is the centre of mass; heights are measured from the frame's origin
+    off = (np.array(v["frame_origin"]) - np.array(v["body_centre"]))
+    x0, y0 = off @ np.array(v["left"]), off @ np.array(v["anterior"])
+    out = {}
+    for name, frac in scan.truth["height_positions"].items():
+        col = (x - x0) ** 2 + (y - y0 - frac * v["depth_mm"]) ** 2 < 0.75 ** 2
+        out[name] = float(z[col].max() - z[col].min() + 0.5)
+    return out, v
+
+
+@pytest.mark.parametrize("shape", [1, 2, 3])
+def test_genant_height_loss_and_shape(shape):
+    spec, k = _find(shape)
+    label = spec.vertebrae[k].label
+    h, v = _heights(_fine_copy(spec, k), label)
+    loss = {n: 1 - h[n] / v["nominal_height_mm"] for n in h}
+    worst = max(loss.values())
+    lo, hi = GENANT[v["grade"]]
+    assert lo <= v["height_loss"] <= hi                          # the label follows Genant
+    assert lo - 0.04 <= worst <= hi + 0.04, (v["grade"], loss)   # ... and so do the voxels
+    for n in h:
+        assert abs(h[n] / v["nominal_height_mm"] - v["heights"][n]) < 0.04, (n, h, v["heights"])
+    if shape == 1:      # wedge: the front collapses, the back does not
+        assert loss["anterior"] == worst and loss["posterior"] < 0.06
+    elif shape == 2:    # biconcave: the middle collapses, the rims do not
+        assert loss["middle"] == worst and loss["posterior"] < 0.06
+    else:               # crush: the back collapses too
+        assert loss["posterior"] > 0.15
+
+
+def test_normal_vertebra_is_below_grade_1():
+    spec = sample_scan(7, 0)
+    k = next(i for i, v in enumerate(spec.vertebrae[1:-1], 1) if v.grade == 0 and v.wedge > 0.06)
+    h, v = _heights(_fine_copy(spec, k), spec.vertebrae[k].label)
+    assert max(1 - h[n] / v["nominal_height_mm"] for n in h) < 0.2
+
+
+def test_prevalence_grades_and_no_intensity_shortcut():
+    n_vert = n_frac = 0
+    grades, shapes, confounders = Counter(), Counter(), Counter()
+    trab = {True: [], False: []}
+    for i in range(120):
+        spec = sample_scan(11, i)
+        lo, hi = spec.acq.fov_lo[2], spec.acq.fov_hi[2]
+        for v in spec.vertebrae:
+            if v.frame.o[2] + v.H / 2 < lo or v.frame.o[2] - v.H / 2 > hi:
+                continue
+            n_vert += 1
+            n_frac += v.grade > 0
+            grades[v.grade] += 1
+            shapes[v.shape] += 1
+            trab[v.grade > 0].append(v.trab_hu)
+            confounders["schmorl"] += bool(v.schmorl)
+            confounders["osteophyte"] += bool(v.osteophytes)
+            confounders["wedging"] += v.wedge > 0.08
+            confounders["sclerosis"] += bool(v.sclerosis_sup or v.sclerosis_inf)
+            assert v.grade > 0 or v.wedge < 0.15
+    assert 0.08 < n_frac / n_vert < 0.16
+    assert all(grades[g] > 0 for g in (1, 2, 3)) and all(shapes[s] > 0 for s in (1, 2, 3))
+    assert all(n > 0.03 * n_vert for n in confounders.values()), confounders
+    # fractured bodies are not simply darker or brighter
+    assert abs(np.mean(trab[True]) - np.mean(trab[False])) < 15
+
+
+def test_acquisition_variety():
+    specs = [sample_scan(0, i) for i in range(60)]
+    spacings = np.array([s.acq.spacing for s in specs])
+    assert spacings.min() <= 0.6 and spacings.max() >= 2.5
+    assert any(max(s) / min(s) > 2.5 for s in spacings)            # anisotropic scans
+    assert len({s.acq.axcodes for s in specs}) >= 5
+    labels = {lab for s in specs for lab in s.labels}
+    assert 28 in labels or 25 in labels                            # transitional vertebrae
+    # partial field of view: some vertebra is cut by the box
+    cut = sum(1 for s in specs for v in s.vertebrae
+              if v.frame.o[2] - v.H / 2 < s.acq.fov_hi[2] < v.frame.o[2] + v.H / 2)
+    assert cut > 10
+
+
+# ------------------------------------------------------------------------------------------
+# Determinism, resume, bad input
+# ------------------------------------------------------------------------------------------
+
+def test_same_seed_same_bytes_with_two_workers(root, tmp_path):
+    other = write_phantom_root(tmp_path / "again", n_scans=N_SCANS, seed=0, workers=2, progress=False)
+    files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(other) for p in other.rglob("*") if p.is_file())
+    for rel in files:
+        assert _sha(root / rel) == _sha(other / rel), rel
+    for gz in root.rglob("*.nii.gz"):
+        head = gz.read_bytes()[:10]
+        assert head[:2] == b"\x1f\x8b" and head[4:8] == b"\0\0\0\0"   # gzip, mtime 0
+
+
+def test_resume_skips_complete_scans_and_redraws_missing(root, tmp_path):
+    small = write_phantom_root(tmp_path / "r", n_scans=2, seed=3, progress=False)
+    files = [p for p in small.rglob("*") if p.is_file()]
+    before = {p: (p.stat().st_mtime_ns, _sha(p)) for p in files}
+    write_phantom_root(small, n_scans=2, seed=3, progress=False)
+    scans = [p for p in files if "sub-phantom" in p.name]
+    assert all(p.stat().st_mtime_ns == before[p][0] for p in scans)      # nothing redrawn
+    lost = case_paths(small, "sub-phantom001")["ct"]
+    lost.unlink()
+    write_phantom_root(small, n_scans=2, seed=3, progress=False)
+    assert _sha(lost) == before[lost][1]
+    kept = case_paths(small, "sub-phantom000")["ct"]
+    assert kept.stat().st_mtime_ns == before[kept][0]
+    # a smaller data set in the same root drops the extra scan
+    write_phantom_root(small, n_scans=1, seed=3, progress=False)
+    assert [c.case_id for c in verse.find_cases(small)] == ["sub-phantom000"]
+    assert not list(small.rglob(".*part*"))                              # no temporary files
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(FormatError, match="n_scans"):
+        write_phantom_root(tmp_path / "x", n_scans=0, progress=False)
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(FormatError, match="not a folder"):
+        write_phantom_root(f, n_scans=1, progress=False)
