@@ -360,7 +360,7 @@ def test_concept_overlap_by_hand():
     assert t.loc["superior endplate", "fraction"] == 0.5
     assert t.loc["superior endplate", "iou"] == 2 / 6
     assert t.loc["intervertebral disc", "fraction"] == 0.25
-    assert t.loc["background", "fraction"] == 0.25
+    assert t.loc["unlabelled", "fraction"] == 0.25
     assert D.concept_overlap(np.zeros_like(mask), concepts, {}).empty
     v = np.zeros((4, 4, 4), np.int16)
     v[0, 0] = 20

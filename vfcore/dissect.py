@@ -471,6 +471,39 @@ class SampledQuantile:
                         dtype=np.float32)
 
 
+def example_units(d: "Dissection", n: int = 4) -> list[int]:
+    """n units to look at closely: spread over the non-degenerate units sorted by T_k (largest,
+    ..., smallest), the last replaced by a degenerate unit when there is one."""
+    live = np.flatnonzero(~d.flags["degenerate"])
+    order = live[np.argsort(-d.T[live].astype(np.float64), kind="stable")]
+    picks = [int(order[i]) for i in np.unique(np.linspace(0, len(order) - 1, n).round().astype(int))] \
+        if len(order) else []
+    dead = np.flatnonzero(d.flags["degenerate"])
+    if len(dead) and n > 1:
+        picks = picks[:n - 1] + [int(dead[0])]
+    return picks[:n]
+
+
+def q_table(A: np.ndarray, units: Sequence[int], qs: Sequence[float]) -> pd.DataFrame:
+    """What q does, for a few units' activations A [N, U, *spatial] over a whole split: per q
+    and unit, T_k, the realised tail, the fraction of samples in which the unit fires (k in E_x)
+    and the mean mask size |M_k(x)| (positions per sample). One TopQuantile for the largest q
+    serves every smaller one."""
+    A = np.asarray(A)
+    tq = TopQuantile(max(qs), n_samples=len(A))
+    tq.update(torch.from_numpy(A))
+    flat = A.reshape(A.shape[0], A.shape[1], -1)
+    rows = []
+    for q in sorted(qs, reverse=True):
+        T = tq.thresholds(q)
+        M = flat > T[None, :, None]
+        for j, u in enumerate(units):
+            rows.append({"q": q, "unit": int(u), "T_k": float(T[j]), "realised_tail": float(M[:, j].mean()),
+                         "fires_in_samples": float(M[:, j].any(axis=1).mean()),
+                         "mean_mask_positions": float(M[:, j].sum(axis=1).mean())})
+    return pd.DataFrame(rows)
+
+
 def tail_fraction(acts, T) -> np.ndarray:
     """P(a_k > T_k) over a batch [B, K, *spatial] for given thresholds T [K] (count / n)."""
     flat = _as_units(acts)
@@ -917,7 +950,7 @@ def concept_overlap(mask: np.ndarray, concepts: np.ndarray, names: Mapping[int, 
     if total:
         groups: dict[str, np.ndarray] = {}
         for value in np.unique(concepts):
-            name = "background" if value == 0 else concept_group(value, names)
+            name = "unlabelled" if value == 0 else concept_group(value, names)
             groups[name] = groups.get(name, np.zeros(mask.shape, dtype=bool)) | (concepts == value)
         for name, c in groups.items():
             inter = int((mask & c).sum())
@@ -1446,7 +1479,7 @@ def export_units(run_dir: str | Path, top: int = 10, top_fp: int = 5, k: int = 2
 
 UNITS_COLUMNS = ["role", "rank", "unit", "c", "subset", "n_exemplars", "n_masks", "T_k", "degenerate",
                  "measured_concept", "on_target_vertebra", "on_adjacent_vertebrae", "outside_vertebrae",
-                 "collage"]
+                 "collage", "strip"]
 
 
 def _export_unit(run_dir: Path, folder: Path, art: DissectionArtifacts, role: str, rank: int,
@@ -1462,7 +1495,8 @@ def _export_unit(run_dir: Path, folder: Path, art: DissectionArtifacts, role: st
     d, samples = art.dissection, art.samples
     T = float(d.T[unit])
     entry = {"role": role, "rank": rank, "c": c, "subset": sub, "samples": idx, "slices": [],
-             "collage": f"collages/unit_{unit:03d}_{role}.png", "nifti": []}
+             "collage": f"collages/unit_{unit:03d}_{role}.png",
+             "strip": f"collages/unit_{unit:03d}_{role}_top5.png", "nifti": []}
     tiles, overlaps, where, n_masks = [], [], [], 0
     for j, (i, a, M) in enumerate(zip(idx, feature_maps, feature_masks)):
         row = samples.loc[i]
@@ -1490,6 +1524,9 @@ def _export_unit(run_dir: Path, folder: Path, art: DissectionArtifacts, role: st
                             f"exemplars: {SUBSET_NAMES[sub]}")
     atomic_save(folder / entry["collage"], lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
     plt.close(fig)
+    fig = collage(tiles[:5], T, rows=1)                    # the gallery's row (Table 2)
+    atomic_save(folder / entry["strip"], lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
+    plt.close(fig)
     concept_rows, measured = [], ""
     if overlaps:
         summary = (pd.concat(overlaps).groupby("concept")[["fraction", "iou"]].sum() / len(overlaps)) \
@@ -1503,5 +1540,5 @@ def _export_unit(run_dir: Path, folder: Path, art: DissectionArtifacts, role: st
            "n_masks": n_masks, "T_k": T, "degenerate": bool(d.flags["degenerate"][unit]),
            "measured_concept": measured, "on_target_vertebra": w["target"],
            "on_adjacent_vertebrae": w["adjacent"], "outside_vertebrae": w["outside"],
-           "collage": entry["collage"]}
+           "collage": entry["collage"], "strip": entry["strip"]}
     return entry, row, concept_rows

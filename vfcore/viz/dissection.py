@@ -54,6 +54,30 @@ def draw_overlay(ax, ct2d: np.ndarray, act2d: np.ndarray | None = None, T: float
 # Notebook 03: thresholds
 # --------------------------------------------------------------------------------------------
 
+def threshold_overview(d, q_tail: float):
+    """Per unit: T_k and the largest activation over the split (sorted by T_k, log scale): the
+    scales differ by orders of magnitude, so one global threshold cannot serve every unit;
+    right: the realised tail P(a_k > T_k) per unit against q (ties and dead units fall short)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
+    order = np.argsort(-d.T.astype(np.float64), kind="stable")
+    x = np.arange(1, d.n_units + 1)
+    pos = lambda v: np.where(v > 0, v, np.nan)  # noqa: E731 (log axes: hide zeros)
+    axes[0].plot(x, pos(d.unit_max[order]), ".", ms=3, color="0.5", label="max over the split")
+    axes[0].plot(x, pos(d.T[order].astype(np.float64)), "-", color="tab:red", label="T_k")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("units, sorted by T_k")
+    axes[0].set_ylabel("activation")
+    axes[0].legend(fontsize=7)
+    dead = d.flags["degenerate"][order]
+    axes[1].bar(x, d.realised_tail[order], width=1.0, color=np.where(dead, "tab:gray", "tab:blue"))
+    axes[1].axhline(q_tail, color="tab:red", lw=1, label=f"q = {q_tail}")
+    axes[1].set_xlabel("units, sorted by T_k (grey: degenerate)")
+    axes[1].set_ylabel("P(a_k > T_k) realised")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def unit_histograms(values: np.ndarray, units: Sequence[int], T: Sequence[float], q_tail: float,
                     bins: int = 80):
     """One histogram per unit of all its activations (``values`` [U, n], log counts) with T_k
@@ -145,13 +169,14 @@ def correlation_curve(ranking: pd.DataFrame, top: int = 10):
     return fig
 
 
-def collage(tiles: Sequence[tuple], T: float, title: str = "", cols: int = 5, mode: str = "both"):
-    """A 5x5 collage of single slices: ``tiles`` = (CT slice, activation slice, caption[, mask
-    slice]), each the slice where this unit's thresholded activation is largest. Empty cells
-    stay blank."""
-    rows = max(1, int(np.ceil(max(len(tiles), 1) / cols)))
-    rows = max(rows, 5) if cols == 5 else rows
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows + 0.4), squeeze=False)
+def collage(tiles: Sequence[tuple], T: float, title: str = "", cols: int = 5, rows: int | None = None,
+            mode: str = "both", tile_size: float = 1.6):
+    """A grid of single slices (default 5 x 5, as the paper's collages): ``tiles`` = (CT slice,
+    activation slice, caption[, mask slice]), each the slice where this unit's thresholded
+    activation is largest. Empty cells stay blank."""
+    rows = rows or max(5 if cols == 5 else 1, int(np.ceil(len(tiles) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(tile_size * cols, (tile_size + 0.15) * rows + (0.4 if title else 0)),
+                             squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, tile in zip(axes.ravel(), tiles):
@@ -159,22 +184,28 @@ def collage(tiles: Sequence[tuple], T: float, title: str = "", cols: int = 5, mo
         ax.axis("on")
         draw_overlay(ax, ct2d, a2d, T, mode, title=caption, fontsize=5.5,
                      mask2d=tile[3] if len(tile) > 3 else None)
-    fig.suptitle(title, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 
 
 def gallery(rows: Sequence[Mapping], images: Mapping[int, np.ndarray]):
-    """Table 2 of the paper as a figure: rank, unit, c_k, the collage, the measured concept (when
-    a concept mask exists) and an empty "clinical explanation" column for the student."""
+    """Table 2 of the paper as a figure, one row per unit: rank, unit and c_k; its strongest
+    exemplars (``images[unit]``: the strip PNG of :func:`vfcore.dissect.export_units`); the
+    measured concept (phantom); and the "clinical explanation" column, empty until filled."""
+    import textwrap
+
     n = len(rows)
-    fig = plt.figure(figsize=(12, 2.3 * n + 0.5))
-    grid = fig.add_gridspec(n + 1, 4, width_ratios=[1.1, 2.2, 2.2, 2.6], height_ratios=[0.25] + [1] * n)
-    for j, head in enumerate(["rank / unit / c_k", "activations (collage)", "measured concept",
-                              "clinical explanation"]):
+    fig = plt.figure(figsize=(14, 1.75 * n + 0.5))
+    grid = fig.add_gridspec(n + 1, 4, width_ratios=[1.1, 5.0, 2.0, 2.2], height_ratios=[0.22] + [1] * n,
+                            wspace=0.05, hspace=0.12)
+    heads = ["rank, unit, c_k", "strongest exemplars (slice of largest thresholded activation)",
+             "measured concept", "clinical explanation"]
+    for j, head in enumerate(heads):
         ax = fig.add_subplot(grid[0, j])
         ax.axis("off")
-        ax.text(0.0, 0.3, head, fontsize=10, weight="bold")
+        ax.text(0.0, 0.2, head, fontsize=9, weight="bold")
     for i, row in enumerate(rows, start=1):
         ax = fig.add_subplot(grid[i, 0])
         ax.axis("off")
@@ -186,12 +217,12 @@ def gallery(rows: Sequence[Mapping], images: Mapping[int, np.ndarray]):
             ax.imshow(images[row["unit"]])
         ax = fig.add_subplot(grid[i, 2])
         ax.axis("off")
-        ax.text(0.0, 0.5, row.get("measured_concept") or "-", fontsize=8, va="center", wrap=True)
+        concept = (row.get("measured_concept") or "-").replace(", ", "\n")
+        ax.text(0.02, 0.5, concept, fontsize=8, va="center")
         ax = fig.add_subplot(grid[i, 3])
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.text(0.03, 0.5, row.get("clinical_explanation") or "", fontsize=8, va="center", wrap=True)
-    fig.tight_layout()
+        ax.text(0.04, 0.5, textwrap.fill(row.get("clinical_explanation") or "", 34), fontsize=8, va="center")
     return fig
 
 
@@ -214,5 +245,27 @@ def relevance_row(ct: np.ndarray, feature_maps: Mapping[int, np.ndarray], T: Map
         draw_overlay(ax, take(ct, view, s), take(up, view, s), T[k], "both",
                      title=f"relevance {j}\nunit {k} (c_k rank {c_rank[k]})\nr_k = {r[k]:.3g}",
                      mask2d=take(mask, view, s))
+    fig.tight_layout()
+    return fig
+
+
+def concept_heatmap(unit_concepts: pd.DataFrame, units: Sequence[int], role: str = "tp", top: int = 8):
+    """Which ground-truth concepts (phantom) the masks of the top units cover: mean fraction
+    of a unit's mask in each concept, for the ``top`` most covered concepts."""
+    t = unit_concepts[unit_concepts["role"] == role]
+    table = t.pivot_table(index="unit", columns="concept", values="fraction", fill_value=0.0)
+    table = table.reindex([u for u in units if u in table.index])
+    cols = table.mean(axis=0).sort_values(ascending=False).index[:top]
+    table = table[cols]
+    fig, ax = plt.subplots(figsize=(1.0 * len(cols) + 2.5, 0.42 * len(table) + 1.6))
+    im = ax.imshow(table.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels(cols, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(table)))
+    ax.set_yticklabels([f"unit {u}" for u in table.index], fontsize=8)
+    for (i, j), v in np.ndenumerate(table.to_numpy()):
+        if v >= 0.05:
+            ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
+    fig.colorbar(im, ax=ax, label="fraction of the unit's mask")
     fig.tight_layout()
     return fig
