@@ -1,61 +1,81 @@
 """Independent references for the explorer's picture, shared by the kernel-side and browser
-tests: the slice of a (I, P, L) volume written out per view, the best slice as a plain loop,
-and the expected colour of every pixel (HU window, orange blend inside M_k = A_k > T_k, yellow
-outline) checked against the PNG the widget sends."""
+tests: the slice of a (I, P, L) volume written out per view; the mask M_k = A_k > T_k on the
+network grid with each feature voxel repeated into its block of the patch; the best slice as
+a plain loop; and the expected colour of every pixel (HU window; inside M_k a red-to-yellow
+colour by the activation, blended half and half; a cyan outline) checked against the PNG the
+widget sends."""
 from __future__ import annotations
 
 import re
 
 import numpy as np
+import scipy.ndimage as ndi
 
 from vfcore.explorer import DISPLAY_WINDOW_HU, SCALE, decode_png
 
 LO, HI = DISPLAY_WINDOW_HU
 
 
+def ref_unit(A_k: np.ndarray, T: float, field_start: int = 16, field_size: int = 64,
+             patch: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    """(activation, mask) of one unit on the patch: A_k [g, g, g] upsampled linearly with
+    scipy (grid mode, = trilinear with align_corners=False) into the centre field, and
+    M_k = A_k > T repeated into blocks of field_size / g voxels; zero/False outside."""
+    g = A_k.shape[0]
+    block = field_size // g
+    act = np.zeros((patch,) * 3, dtype=np.float32)
+    mask = np.zeros((patch,) * 3, dtype=bool)
+    f = slice(field_start, field_start + field_size)
+    act[f, f, f] = ndi.zoom(A_k.astype(np.float32), block, order=1, grid_mode=True, mode="nearest")
+    m = A_k > T
+    mask[f, f, f] = m.repeat(block, 0).repeat(block, 1).repeat(block, 2)
+    return act, mask
+
+
 def ref_slice(vol: np.ndarray, view: str, s: int) -> np.ndarray:
     return {"sagittal": vol[:, :, s], "coronal": vol[:, s, :], "axial": vol[s, :, :]}[view]
 
 
-def ref_best_slice(amap: np.ndarray, T: float, view: str) -> int:
-    """The slice with the largest sum of the activation above T (none above T: the largest
-    activation sum; all zero: the middle)."""
+def ref_best_slice(act: np.ndarray, mask: np.ndarray, view: str) -> int:
+    """The slice with the largest activation sum inside the mask (no mask anywhere: the
+    largest activation sum; all zero: the middle)."""
     axis = {"sagittal": 2, "coronal": 1, "axial": 0}[view]
-    m = np.where(amap > T, amap, 0.0)
-    if not m.any():
-        m = amap
-        if not m.any():
-            return amap.shape[axis] // 2
-    return int(np.argmax([ref_slice(m, view, s).sum() for s in range(amap.shape[axis])]))
+    n = act.shape[axis]
+    for vol in (np.where(mask, np.maximum(act, 0), 0.0), mask.astype(float), np.abs(act)):
+        score = [float(ref_slice(vol, view, s).sum()) for s in range(n)]
+        if max(score) > 0:
+            return int(np.argmax(score))
+    return n // 2
 
 
-def check_image(png: bytes, patch: np.ndarray, amap: np.ndarray, T: float, view: str, s: int,
-                mode: str = "overlay", min_on: int = 1) -> None:
+def check_image(png: bytes, patch: np.ndarray, act: np.ndarray, mask: np.ndarray, T: float,
+                view: str, s: int, mode: str = "overlay", min_on: int = 1) -> None:
     """Decode the widget's PNG and compare each voxel's pixel block with the expected colour."""
     rgb = decode_png(png).astype(np.float64)
     assert rgb.shape == (96 * SCALE, 96 * SCALE, 3)
     blocks = rgb.reshape(96, SCALE, 96, SCALE, 3)
     assert np.all(blocks == blocks[:, :1, :, :1]), "each voxel must be a uniform SCALE x SCALE block"
     img = blocks[:, 0, :, 0]
-    ct, act = ref_slice(patch, view, s).astype(np.float64), ref_slice(amap, view, s)
+    ct, a, m = ref_slice(patch, view, s).astype(np.float64), ref_slice(act, view, s), ref_slice(mask, view, s)
     grey = np.clip((ct - LO) / (HI - LO), 0, 1) * 255
-    sure_on, sure_off = act > T + 1e-4 * max(1.0, abs(T)), act < T - 1e-4 * max(1.0, abs(T))
-    assert sure_on.sum() >= min_on, "the test slice must show some of the mask"
+    assert m.sum() >= min_on, "the test slice must show some of the mask"
+    off = ~m
     if mode == "overlay":
-        expected_on = 0.55 * grey[..., None] + 0.45 * np.array([255, 64, 0])
-        assert np.abs(img[sure_on] - expected_on[sure_on]).max(initial=0) <= 0.5 + 1e-9
-        assert np.abs(img[sure_off] - grey[sure_off][:, None]).max(initial=0) <= 0.5 + 1e-9
+        peak = float(act[mask].max()) if mask.any() else T
+        t = np.clip((a - T) / (peak - T), 0, 1) if peak > T else np.ones_like(a)
+        colour = np.stack([np.full_like(t, 255.0), 255.0 * t, np.zeros_like(t)], axis=-1)
+        expected = 0.5 * grey[..., None] + 0.5 * colour
+        assert np.abs(img[m] - expected[m]).max(initial=0) <= 1.0
+        assert np.abs(img[off] - grey[off][:, None]).max(initial=0) <= 0.5 + 1e-9
     elif mode == "contour":
         # a mask pixel is on the outline when one of its 4 neighbours is outside the mask
-        m = np.pad(act > T, 1)
-        edge = (act > T) & ~(m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:])
-        yellow = np.all(img == [255, 230, 0], axis=-1)
-        inner = sure_on & ~edge
-        assert np.all(np.abs(img[inner] - grey[inner][:, None]) <= 0.5)
-        assert np.all(np.abs(img[sure_off] - grey[sure_off][:, None]) <= 0.5)
-        assert yellow[edge & sure_on].mean() > 0.95
+        p = np.pad(m, 1)
+        edge = m & ~(p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:])
+        assert np.all(img[edge] == [0, 255, 255])
+        rest = ~edge
+        assert np.abs(img[rest] - grey[rest][:, None]).max(initial=0) <= 0.5 + 1e-9
     else:
-        assert np.abs(img - grey[..., None]).max() <= 0.5
+        assert np.abs(img - grey[..., None]).max() <= 0.5 + 1e-9
 
 
 def parse_readout(text) -> tuple[int, str, int]:

@@ -15,21 +15,18 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-import scipy.ndimage as ndi
 
 import explorer_synthetic as syn
-from explorer_reference import check_image, parse_readout, parse_status, ref_best_slice, ref_slice
+from explorer_reference import (check_image, parse_readout, parse_status, ref_best_slice, ref_slice,
+                                ref_unit)
 from vfcore import explorer as ex
 from vfcore.explorer import Explorer
 
 
-def ref_maps(patch: np.ndarray) -> np.ndarray:
-    """All K unit maps of one synthetic patch, upsampled to 96^3 with scipy (zero outside the crop)."""
+def ref_maps(patch: np.ndarray, T: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """unit -> (activation, mask) on the patch for one synthetic patch (``ref_unit``)."""
     A, _ = syn.activations(patch[None])
-    out = np.zeros((syn.K, 96, 96, 96), dtype=np.float32)
-    for k in range(syn.K):
-        out[k, 16:80, 16:80, 16:80] = ndi.zoom(A[0, k], 8, order=1, grid_mode=True, mode="nearest")
-    return out
+    return {k: ref_unit(A[0, k], float(T[k])) for k in range(syn.K)}
 
 
 @pytest.fixture
@@ -82,13 +79,13 @@ def test_top_units_by_relevance(setup):
 def test_unit_table_says_where_each_mask_lies(setup):
     app, data, patches = setup
     app.select_sample(9)
-    maps = ref_maps(patches[9])
+    maps = ref_maps(patches[9], data.thresholds)
     vert = data.meta["vertebrae"][9]
     table = app.unit_table()
     assert list(table["unit"]) == app.analysis.top
     for _, row in table.iterrows():
-        m = maps[row["unit"]] > data.thresholds[row["unit"]]
-        assert abs(row["mask voxels"] - m.sum()) <= 2  # float32 interpolation at T_k
+        m = maps[row["unit"]][1]
+        assert row["mask voxels"] == m.sum()
         if m.sum():
             assert row["target"] == pytest.approx((vert[m] == 21).mean(), abs=0.01)
             assert row["adjacent"] == pytest.approx((vert[m] == 20).mean(), abs=0.01)
@@ -110,21 +107,21 @@ def test_default_sample_is_most_confident_true_positive(tmp_path):
 def test_slider_step_shows_that_slice_of_that_unit(setup):
     app, data, patches = setup
     app.select_sample(6)
-    maps = ref_maps(patches[6])
+    maps = ref_maps(patches[6], data.thresholds)
     k = app.unit
     T = float(data.thresholds[k])
-    assert app.index == ref_best_slice(maps[k], T, "sagittal")
+    act, mask = maps[k]
+    assert app.index == ref_best_slice(act, mask, "sagittal")
     before = app.image.value
     # a neighbouring slice where the unit's mask is still visible
-    target = max((app.index + 1, app.index - 1),
-                 key=lambda j: (ref_slice(maps[k], "sagittal", j) > T).sum())
+    target = max((app.index + 1, app.index - 1), key=lambda j: ref_slice(mask, "sagittal", j).sum())
     app.slider.value = target  # as the student would
     s = app.index
     assert s == app.slider.value == target
-    check_image(app.image.value, patches[6], maps[k], T, "sagittal", s)
+    check_image(app.image.value, patches[6], act, mask, T, "sagittal", s)
     assert app.image.value != before
     assert parse_readout(app) == (k, "sagittal", s) == parse_status(app)
-    n_on = int((ref_slice(maps[k], "sagittal", s) > T).sum())
+    n_on = int(ref_slice(mask, "sagittal", s).sum())
     assert n_on > 0
     assert f"M_k: {n_on} voxels" in app.readout_text
 
@@ -132,20 +129,20 @@ def test_slider_step_shows_that_slice_of_that_unit(setup):
 def test_choosing_another_unit_jumps_to_its_best_slice(setup):
     app, data, patches = setup
     app.select_sample(9)
-    maps = ref_maps(patches[9])
+    maps = ref_maps(patches[9], data.thresholds)
     other = app.analysis.top[2]
     app.unit_select.value = other
     T = float(data.thresholds[other])
-    s = ref_best_slice(maps[other], T, "sagittal")
+    s = ref_best_slice(*maps[other], "sagittal")
     assert (app.unit, app.index) == (other, s)
-    check_image(app.image.value, patches[9], maps[other], T, "sagittal", s)
+    check_image(app.image.value, patches[9], *maps[other], T, "sagittal", s)
     assert parse_readout(app) == (other, "sagittal", s) == parse_status(app)
     # with "keep slice", the slice stays where the student put it
     app.keep_slice.value = True
     app.slider.value = s + 1
     app.unit_select.value = app.analysis.top[4]
     assert app.index == s + 1
-    check_image(app.image.value, patches[9], maps[app.analysis.top[4]],
+    check_image(app.image.value, patches[9], *maps[app.analysis.top[4]],
                 float(data.thresholds[app.analysis.top[4]]), "sagittal", s + 1, min_on=0)
 
 
@@ -153,19 +150,19 @@ def test_choosing_another_unit_jumps_to_its_best_slice(setup):
 def test_view_axis_and_modes(setup, view):
     app, data, patches = setup
     app.select_sample(9)
-    maps = ref_maps(patches[9])
+    maps = ref_maps(patches[9], data.thresholds)
     k = app.unit
     T = float(data.thresholds[k])
     app.view_select.value = view
     assert app.slider.max == 95
-    s = ref_best_slice(maps[k], T, view)
+    s = ref_best_slice(*maps[k], view)
     assert app.index == s
-    check_image(app.image.value, patches[9], maps[k], T, view, s)
+    check_image(app.image.value, patches[9], *maps[k], T, view, s)
     for mode in ("contour", "off"):
         app.mode_select.value = mode
-        check_image(app.image.value, patches[9], maps[k], T, view, s, mode, min_on=10)
+        check_image(app.image.value, patches[9], *maps[k], T, view, s, mode, min_on=10)
     app.slider.value = s - 1
-    check_image(app.image.value, patches[9], maps[k], T, view, s - 1, "off", min_on=0)
+    check_image(app.image.value, patches[9], *maps[k], T, view, s - 1, "off", min_on=0)
     assert parse_readout(app) == (k, view, s - 1) == parse_status(app)
 
 
@@ -191,8 +188,10 @@ def test_exemplars_are_the_units_top_samples(setup):
     k = app.unit
     shown = data.exemplar_maps(k)
     assert [i for i, _, _ in shown] == data.exemplars[k][:5]
-    for i, patch, amap in shown:
-        np.testing.assert_allclose(amap, ref_maps(patches[i])[k], atol=1e-5)
+    for i, patch, umap in shown:
+        act, mask = ref_maps(patches[i], data.thresholds)[k]
+        np.testing.assert_allclose(umap.activation, act, atol=1e-5)
+        assert np.array_equal(umap.mask, mask) and mask.any()
     t = data.samples.table
     captions = [f"{t.case[i]} {t.level[i]}" for i in data.exemplars[k][:5]]
     assert [c.splitlines()[0] for c in app.exemplar_captions] == captions

@@ -11,8 +11,9 @@ and a concept dictionary (unit -> label, note) saved to ``<run>/concepts.json``.
 Three layers, each usable alone:
 
 * pure drawing functions (:func:`take_slice`, :func:`render_slice`, :func:`png_bytes`):
-  numpy in, numpy/PNG out; the geometry (``upsample_to_patch``, ``best_slice``) and r_k
-  (``relevance``, ``top_units``) come from :mod:`vfcore.dissect`;
+  numpy in, numpy/PNG out; the geometry (``upsample_to_patch``, ``patch_mask``,
+  ``best_slice``) and r_k (``relevance``, ``top_units``) come from :mod:`vfcore.dissect`, so
+  the explorer shows the masks notebook 04 shows;
 * :class:`RunData` (what the explorer needs from a run: thresholds T_k, c_k ranks, the test
   split with predictions, exemplars, and a function patch -> activations) and
   :class:`Analysis` (one sample: its patch, probability, r_k, top units and their
@@ -41,7 +42,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from vfcore.dissect import (VIEWS, best_slice, concept_overlap, relevance, top_units,
+from vfcore.dissect import (VIEWS, best_slice, concept_overlap, patch_mask, relevance, top_units,
                             upsample_to_patch, vertebra_overlap)
 from vfcore.errors import InputError, VfcoreError
 from vfcore.io import write_json
@@ -54,11 +55,13 @@ from vfcore.io import write_json
 DISPLAY_WINDOW_HU: tuple[float, float] = (-250.0, 1250.0)
 #: On-screen pixels per patch voxel (nearest neighbour): 96 voxels -> 288 px.
 SCALE = 3
-#: Overlay modes: the thresholded activation M_k filled (alpha-blended), its outline, or none.
+#: Overlay modes: the mask M_k filled (alpha-blended, coloured by the activation), its
+#: outline, or none.
 MODES = ("overlay", "contour", "off")
-OVERLAY_RGB = np.array([255.0, 64.0, 0.0])
-OVERLAY_ALPHA = 0.45
-CONTOUR_RGB = np.array([255.0, 230.0, 0.0])
+#: Inside M_k the colour runs from red (A_k at T_k or below) to yellow (the unit's largest
+#: activation on this sample): (255, 255 t, 0), t = clip((A_k - T_k) / (peak - T_k), 0, 1).
+OVERLAY_ALPHA = 0.5
+CONTOUR_RGB = np.array([0.0, 255.0, 255.0])
 #: How many units by r_k the explorer lists (paper, Table 3: ten).
 TOP_UNITS = 10
 #: Exemplars shown per unit (the paper's collages use 25; one row of five fits the widget).
@@ -125,22 +128,29 @@ def mask_outline(mask: np.ndarray) -> np.ndarray:
 
 def render_slice(
     ct: np.ndarray,
+    mask: np.ndarray | None = None,
     activation: np.ndarray | None = None,
-    threshold: float | None = None,
+    threshold: float = 0.0,
+    peak: float | None = None,
     mode: str = "overlay",
     scale: int = SCALE,
 ) -> np.ndarray:
-    """One 2D slice as an RGB uint8 image: the CT in :data:`DISPLAY_WINDOW_HU`, and where
-    ``activation > threshold`` (the mask M_k on this slice) a blended colour (``overlay``) or
-    the mask's outline (``contour``). Each voxel becomes ``scale x scale`` pixels."""
+    """One 2D slice as an RGB uint8 image: the CT in :data:`DISPLAY_WINDOW_HU`; inside ``mask``
+    (M_k on this slice) a colour blended over the CT (``overlay``: red at ``threshold`` T_k,
+    yellow at ``peak``, by the upsampled ``activation``) or the mask's outline in cyan
+    (``contour``). Each voxel becomes ``scale x scale`` pixels."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
     grey = window_hu(ct)
     rgb = np.repeat(grey[..., None], 3, axis=-1)
-    if activation is not None and mode != "off":
-        mask = np.asarray(activation) > threshold
+    if mask is not None and mode != "off":
+        mask = np.asarray(mask, dtype=bool)
         if mode == "overlay":
-            rgb[mask] = (1.0 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * OVERLAY_RGB
+            t = np.ones(int(mask.sum()), dtype=np.float32)
+            if activation is not None and peak is not None and peak > threshold:
+                t = np.clip((np.asarray(activation)[mask] - threshold) / (peak - threshold), 0.0, 1.0)
+            colour = np.stack([np.full_like(t, 255.0), 255.0 * t, np.zeros_like(t)], axis=-1)
+            rgb[mask] = (1.0 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * colour
         else:
             rgb[mask_outline(mask)] = CONTOUR_RGB
     out = np.rint(rgb).astype(np.uint8)
@@ -343,11 +353,44 @@ class Pool:
 
 
 @dataclass
+class UnitMap:
+    """One unit on one patch, ready to slice: ``activation`` = A_k(x) upsampled to the patch
+    (trilinear, float32), ``mask`` = M_k(x) = A_k(x) > T_k on the network's grid, each feature
+    voxel drawn as the block of the patch it summarises (``vfcore.dissect.patch_mask``, the
+    masks notebook 04 shows), ``T`` = T_k, ``peak`` = the largest upsampled activation inside
+    the mask (the top of the colour scale)."""
+
+    activation: np.ndarray
+    mask: np.ndarray
+    T: float
+    peak: float
+
+    @classmethod
+    def from_grid(cls, A: np.ndarray, T: np.ndarray, field_slices, patch_shape) -> list["UnitMap"]:
+        """UnitMaps for activations [U, d, h, w] with thresholds T [U] (one per unit)."""
+        A = np.asarray(A, dtype=np.float32)
+        T = np.asarray(T, dtype=np.float64).reshape(-1)
+        up = upsample_to_patch(A, field_slices, patch_shape)
+        masks = patch_mask(A > T[:, None, None, None], field_slices, patch_shape)
+        return [cls(u, m, float(t), float(u[m].max()) if m.any() else float(t))
+                for u, m, t in zip(up, masks, T)]
+
+    def render(self, patch: np.ndarray, view: str, index: int, mode: str = "overlay",
+               scale: int = SCALE) -> np.ndarray:
+        """The RGB picture of slice ``index`` of ``view`` (see :func:`render_slice`)."""
+        return render_slice(take_slice(patch, view, index), take_slice(self.mask, view, index),
+                            take_slice(self.activation, view, index), self.T, self.peak, mode, scale)
+
+    def best_slice(self, view: str) -> int:
+        """The slice with the largest thresholded activation (``vfcore.dissect.best_slice``)."""
+        return best_slice(self.activation, self.T, view, mask=self.mask)
+
+
+@dataclass
 class Analysis:
     """One sample seen by the network: everything a slider step needs, precomputed.
 
-    ``maps[k]`` is unit k's activation A_k(x) upsampled to the patch (float32, 96^3), for the
-    ``top`` units by r_k only (that is all the explorer shows).
+    ``maps[k]`` (a :class:`UnitMap`) for the ``top`` units by r_k only (all the explorer shows).
     """
 
     name: str
@@ -355,7 +398,7 @@ class Analysis:
     probability: float
     relevance: np.ndarray  # r_k(x) for every unit (Eq. 2)
     top: list[int]
-    maps: dict[int, np.ndarray]
+    maps: dict[int, UnitMap]
     truth: dict | None = None  # the sample's table row (None for an upload)
     vertebrae: np.ndarray | None = None  # vertebra labels of the patch (None: unknown)
     concept_patch: np.ndarray | None = None  # ground-truth concept labels (phantom only)
@@ -418,9 +461,9 @@ class RunData:
         A = np.asarray(A)[0]
         r = self.relevance(A)
         order = [int(k) for k in top_units(r, top)]
-        up = upsample_to_patch(A[order], self.field, patch.shape)
+        maps = UnitMap.from_grid(A[order], self.thresholds[order], self.field, patch.shape)
         return Analysis(name=name, patch=np.asarray(patch), probability=float(np.asarray(prob)[0]),
-                        relevance=r, top=order, maps=dict(zip(order, up)), truth=truth)
+                        relevance=r, top=order, maps=dict(zip(order, maps)), truth=truth)
 
     def analyse_sample(self, index: int, top: int = TOP_UNITS) -> Analysis:
         index = int(index)
@@ -440,8 +483,7 @@ class RunData:
         and the student's concept label."""
         rows = []
         for pos, k in enumerate(a.top, start=1):
-            T = float(self.thresholds[k])
-            mask = a.maps[k] > T
+            mask = a.maps[k].mask
             row = {"relevance rank": pos, "unit": k, "r_k": float(a.relevance[k]),
                    "c_k": float(self.c_k[k]), "c_k rank": int(self.rank[k]),
                    "mask voxels": int(mask.sum())}
@@ -456,8 +498,8 @@ class RunData:
             rows.append(row)
         return pd.DataFrame(rows).set_index("relevance rank")
 
-    def exemplar_maps(self, unit: int, n: int = N_EXEMPLARS) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """(sample index, patch, unit's upsampled map) for the unit's top exemplars (cached)."""
+    def exemplar_maps(self, unit: int, n: int = N_EXEMPLARS) -> list[tuple[int, np.ndarray, UnitMap]]:
+        """(sample index, patch, :class:`UnitMap` of the unit) for its top exemplars (cached)."""
         unit = int(unit)
         if unit in self._exemplar_cache:
             self._exemplar_cache.move_to_end(unit)
@@ -467,10 +509,11 @@ class RunData:
         if idx:
             patches = np.stack([self.exemplar_pool.load(i) for i in idx])
             A, _ = self.activations(patches)
-            maps = upsample_to_patch(np.asarray(A)[:, unit], self.field, patches.shape[1:])
+            maps = UnitMap.from_grid(np.asarray(A)[:, unit], np.full(len(idx), self.thresholds[unit]),
+                                     self.field, patches.shape[1:])
             out = list(zip(idx, patches, maps))
         self._exemplar_cache[unit] = out
-        while len(self._exemplar_cache) > 4:
+        while len(self._exemplar_cache) > 3:
             self._exemplar_cache.popitem(last=False)
         return out
 
@@ -717,8 +760,7 @@ class Explorer:
         unit = self.unit if unit is None else unit
         view = view or self.view
         index = self.index if index is None else index
-        return render_slice(take_slice(a.patch, view, index), take_slice(a.maps[unit], view, index),
-                            float(self.data.thresholds[unit]), mode or self.mode)
+        return a.maps[unit].render(a.patch, view, index, mode or self.mode)
 
     # ---- actions (what the controls do) ------------------------------------------------------
     @_guarded
@@ -752,7 +794,7 @@ class Explorer:
         self.unit = unit
         self._hold_set(self.unit_select, "value", unit)
         if not self.keep_slice.value:
-            self._set_index(best_slice(self.analysis.maps[unit], self.data.thresholds[unit], self.view))
+            self._set_index(self.analysis.maps[unit].best_slice(self.view))
         self._show_concept_editor()
         self._show_unit_info()
         self._redraw()
@@ -770,7 +812,7 @@ class Explorer:
             n = self.analysis.patch.shape[VIEWS[view]]
             self._hold_set(self.slider, "max", n - 1)
             if index is None:
-                index = best_slice(self.analysis.maps[self.unit], self.data.thresholds[self.unit], view)
+                index = self.analysis.maps[self.unit].best_slice(view)
             self._draw_exemplars()
         if mode is not None:
             if mode not in MODES:
@@ -826,23 +868,20 @@ class Explorer:
         axes[0, 0].set_title(f"{a.name}\np(fracture) = {a.probability:.2f}", fontsize=8)
         mode = self.mode if self.mode != "off" else "overlay"
         for j, k in enumerate(units, start=1):
-            T = float(self.data.thresholds[k])
-            s = best_slice(a.maps[k], T, view)
-            axes[0, j].imshow(render_slice(take_slice(a.patch, view, s), take_slice(a.maps[k], view, s), T,
-                                           mode, scale=1))
+            s = a.maps[k].best_slice(view)
+            axes[0, j].imshow(a.maps[k].render(a.patch, view, s, mode, scale=1))
             label = self.data.concepts.get(k)["label"]
             axes[0, j].set_title(f"#{j} unit {k} (c_k rank {self.data.rank[k]})\n{view} {s}"
                                  + (f"\n{label}" if label else ""), fontsize=8)
-        T = float(self.data.thresholds[unit])
-        for j, (i, patch, amap) in enumerate(ex):
-            s = best_slice(amap, T, view)
-            axes[1, j].imshow(render_slice(take_slice(patch, view, s), take_slice(amap, view, s), T,
-                                           "overlay", scale=1))
+        for j, (i, patch, umap) in enumerate(ex):
+            s = umap.best_slice(view)
+            axes[1, j].imshow(umap.render(patch, view, s, "overlay", scale=1))
             axes[1, j].set_title(self._exemplar_caption(i, view, s), fontsize=8)
         if not ex:
             axes[1, 0].text(0, 0.5, f"unit {unit}: no exemplars", fontsize=9)
         fig.suptitle(f"{a.name}, {view} view. Top: the units with the largest r_k (Eq. 2), "
-                     f"thresholded at T_k. Bottom: exemplars of unit {unit}", fontsize=9)
+                     f"M_k = A_k > T_k coloured red (T_k) to yellow (peak). "
+                     f"Bottom: exemplars of unit {unit}", fontsize=9)
         fig.tight_layout()
         return fig
 
@@ -1024,8 +1063,7 @@ class Explorer:
 
     def _show_unit_info(self) -> None:
         a, k = self.analysis, self.unit
-        T = float(self.data.thresholds[k])
-        mask = a.maps[k] > T
+        mask = a.maps[k].mask
         parts = [f"<b>unit {k}</b> on this sample: r_k = {a.relevance[k]:.4g}, "
                  f"M_k = {int(mask.sum())} voxels; c_k = {self.data.c_k[k]:.3f} "
                  f"(rank {self.data.rank[k]} of {self.data.n_units} for true positives)"]
@@ -1060,10 +1098,9 @@ class Explorer:
     def _redraw(self) -> None:
         start = time.perf_counter()
         a, k, view, s = self.analysis, self.unit, self.view, self.index
-        T = float(self.data.thresholds[k])
-        act = take_slice(a.maps[k], view, s)
+        T = a.maps[k].T
         self.image.value = png_bytes(self.expected_rgb())
-        n_on = int(np.count_nonzero(act > T))
+        n_on = int(np.count_nonzero(take_slice(a.maps[k].mask, view, s)))
         rank = a.top.index(k) + 1
         n = a.patch.shape[VIEWS[view]]
         self.readout.value = (f"<b>unit {k}</b> (r_k #{rank}, c_k rank {self.data.rank[k]}) · "
@@ -1082,9 +1119,8 @@ class Explorer:
 
         unit, view = self.unit, self.view
         ex = self.data.exemplar_maps(unit)
-        T = float(self.data.thresholds[unit])
         label = self.data.concepts.get(unit)["label"]
-        slices = [best_slice(amap, T, view) for _, _, amap in ex]
+        slices = [umap.best_slice(view) for _, _, umap in ex]
         self.exemplar_captions = [self._exemplar_caption(i, view, s) for (i, _, _), s in zip(ex, slices)]
         with self.exemplars:
             self.exemplars.clear_output(wait=True)
@@ -1095,9 +1131,9 @@ class Explorer:
                 return
             fig, axes = plt.subplots(1, len(ex), figsize=(2.2 * len(ex), 2.6), squeeze=False)
             fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.82, wspace=0.06)
-            for ax, (i, patch, amap), s in zip(axes[0], ex, slices):
+            for ax, (i, patch, umap), s in zip(axes[0], ex, slices):
                 ax.axis("off")
-                ax.imshow(render_slice(take_slice(patch, view, s), take_slice(amap, view, s), T, "overlay", 1))
+                ax.imshow(umap.render(patch, view, s, "overlay", scale=1))
                 ax.set_title(self._exemplar_caption(i, view, s), fontsize=8)
             plt.show()
             plt.close(fig)
