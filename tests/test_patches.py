@@ -212,11 +212,11 @@ def si_axis_angle(body: np.ndarray) -> float:
 
 
 #: Vertebrae whose body axis is not expected within 5 degrees of the spline: the last centroid
-#: of the spine with the lordotic, wedge-shaped L5 (sub-verse004 L5, ctfu L5), severely and
-#: moderately fractured bodies (sub-verse004 L1 grade 3, T10 grade 2). Their measured angles
-#: are printed and bounded at 20 degrees. TPTBox L2 and L4 are fragments cut by the field of
+#: of the spine with the lordotic, wedge-shaped L5 (sub-verse004 L5, ctfu L5) and fractured
+#: bodies (sub-verse004 T9 and T10 grade 2, L1 grade 3: a collapsed body has no clean axis).
+#: Their measured angles are printed and bounded at 20 degrees. TPTBox L2 and L4 are fragments cut by the field of
 #: view: no body axis to measure (only the centre label is checked).
-LOOSE = {("sub-verse004", 17), ("sub-verse004", 20), ("sub-verse004", 24),
+LOOSE = {("sub-verse004", 16), ("sub-verse004", 17), ("sub-verse004", 20), ("sub-verse004", 24),
          ("sub-ctfu00001_ses-20080508_ce-no", 24)}
 FRAGMENTS = {("sub-ct_label-22", 21), ("sub-ct_label-22", 23)}
 
@@ -492,10 +492,9 @@ def test_corrupt_centroids_reported(tmp_path):
 
 @pytest.fixture(scope="module")
 def phantom_root(tmp_path_factory):
-    phantom = pytest.importorskip("vfcore.phantom")
-    if not hasattr(phantom, "write_phantom_root"):
-        pytest.skip("vfcore.phantom.write_phantom_root not there yet")
-    return Path(phantom.write_phantom_root(tmp_path_factory.mktemp("phantom") / "data",
+    from vfcore.phantom import write_phantom_root
+
+    return Path(write_phantom_root(tmp_path_factory.mktemp("phantom") / "data",
                                            n_scans=PHANTOM_SCANS, seed=PHANTOM_SEED, workers=1,
                                            progress=False))
 
@@ -509,16 +508,20 @@ def truth_of(case) -> dict:
 
 
 def near_kyphotic_fracture(vertebrae: list[dict], i: int) -> bool:
-    """The vertebra or a neighbour is a wedge or crush fracture of grade >= 2: the spine kinks
-    inside that body, and a spline through body centroids cannot follow a kink (its tangent
-    at the neighbours is off by up to ~5 degrees, at the fractured body by up to ~9)."""
-    return any(v["grade"] >= 2 and v["shape"] in (1, 3)
+    """The vertebra or a neighbour is a wedge or crush fracture (any grade): the phantom's spine
+    bends inside that body (by about 14 degrees for a grade-1 wedge), and a smooth curve through
+    body centroids cannot follow a bend concentrated in one body. On 60 phantom scans (seed 1)
+    the spline axis there was off by up to 15 degrees (median 0.7); everywhere else by at most
+    2.6 degrees (median 0.2)."""
+    return any(v["grade"] >= 1 and v["shape"] in (1, 3)
                for v in vertebrae[max(i - 1, 0): i + 2])
 
 
 def test_phantom_accuracy(phantom_root):
     """Patch centre within 1 mm of the true body centre, patch axis 0 within 3 degrees of the
-    true inferior axis, on curved, anisotropic, obliquely oriented phantom scans.
+    true inferior axis, on curved, anisotropic, obliquely oriented phantom scans (every
+    vertebra; at and next to wedge/crush fractures within 20 degrees, see
+    :func:`near_kyphotic_fracture`).
 
     Independent measurement: the scan's own world coordinates (x, y, z in 0.1 mm, built here
     from the affine) are straightened like a CT; the patch then holds, voxel by voxel, the
@@ -560,6 +563,7 @@ def test_phantom_accuracy(phantom_root):
             offsets.append(offset)
             if near_kyphotic_fracture(truth["vertebrae"], order.index(lb)):
                 exempt.append((case.case_id, v["label"], round(angle, 2)))
+                assert angle < 20.0, (case.case_id, lb, angle)
             else:
                 angles.append(angle)
                 assert angle < 3.0, (case.case_id, lb, angle)
@@ -582,6 +586,7 @@ def test_phantom_patch_content(phantom_root):
     assert (m["concept_path"] != "").all()
     assert m["fracture"].notna().all()
     cases = {c.case_id: c for c in find_cases(phantom_root)}
+    checked = 0
     for case_id, rows in m.groupby("case"):
         truth = {v["label"]: v for v in truth_of(cases[case_id])["vertebrae"]}
         for r in rows.itertuples():
@@ -592,9 +597,9 @@ def test_phantom_patch_content(phantom_root):
             assert truth[r.label]["grade"] == r.grade
             if r.grade > 0:  # a fracture replaces the endplates by the deformity zone
                 continue
-            if not ((own & (concept == 1)).any() and (own & (concept == 2)).any()):
-                assert r.out_of_field > 0.05, (case_id, r.level)  # the scan's border cuts the body
+            if r.out_of_field > 0.2:  # the scan's border may cut the body: no clean endplates
                 continue
+            checked += 1
             sup = np.argwhere(own & (concept == 1)).mean(0)
             inf = np.argwhere(own & (concept == 2)).mean(0)
             assert sup[0] < 47.5 < inf[0], (case_id, r.level, sup, inf)  # superior endplate above
@@ -602,3 +607,4 @@ def test_phantom_patch_content(phantom_root):
             body = own & np.isin(concept, [1, 2, 3, 4, 5, 6, 9, 11])
             com = np.argwhere(body).mean(0) - H
             assert np.linalg.norm(com) < 1.5, (case_id, r.level, com)
+    assert checked >= 10
