@@ -39,7 +39,7 @@ def main(n_scans: int = 12) -> Path:
                               phantom_mask=paths["vert"], real_mask=REAL / f"{stem}_seg-vert_msk.nii.gz",
                               phantom_centroids=paths["centroids"],
                               real_centroids=REAL / f"{stem}_seg-subreg_ctd.json")
-        fig.savefig(OUT, dpi=int(sys.argv[1]) if len(sys.argv) > 1 else 80)
+        fig.savefig(OUT, dpi=int(sys.argv[1]) if len(sys.argv) > 1 else 64)
     return OUT
 
 

@@ -54,7 +54,7 @@ _TABLE = {
     "lam_t": [6, 6, 6.5, 7, 7.5, 8, 8, 8],                # lamina thickness
     "sp_len": [40, 44, 42, 32, 30, 30, 25, 22],           # spinous process length
     "sp_angle": [25, 45, 55, 25, 10, 5, 0, 0],            # spinous process, degrees downward
-    "sp_rh": [4, 4, 4.5, 6.5, 8, 9, 7, 6],                # spinous process half-height
+    "sp_rh": [4, 4, 4.5, 6.0, 7, 7.5, 6.5, 6],            # spinous process half-height
     "sp_rw": [3, 3, 3, 3.5, 4, 4.5, 4.5, 4],              # spinous process half-width
     "tp_len": [24, 22, 18, 12, 14, 22, 17, 14],           # transverse process length
     "tp_back": [35, 35, 35, 20, 5, 0, 5, 5],              # degrees towards posterior

@@ -95,6 +95,8 @@ class Canvas:
         self.hu = hu
         self.concept = concept
         self.vert = np.zeros(grid.rshape, dtype=np.uint8)
+        #: half-size (mm) of a drawn sample, for the partial volume of thin cortices
+        self.aa = 0.5 * float(max(grid.rspacing))
 
     def paint(self, sl, mask, hu, concept, vert=0):
         """Write ``hu`` / ``concept`` / ``vert`` (scalars or arrays over the window) where ``mask``."""
@@ -363,12 +365,14 @@ def draw_body(cv: Canvas, v: VertebraSpec, label: int, concept_value: int | None
     # cortex: thin shell and endplates (thicker at a buckled anterior wall)
     t_c = 0.9 + (0.5 if fr is not None and fr.buckle_mm else 0.0) * (y > 0.5 * b)
     # trabecular texture: smooth random field, coarser along the body's axis (vertical trabeculae)
-    sig = np.array([0.8, 0.8, 1.5]) / cv.grid.rspacing
+    sig = np.array([0.7, 0.7, 2.2]) / cv.grid.rspacing
     tex = ndimage.gaussian_filter(cv.rng.standard_normal(x.shape, dtype=F32), sig, truncate=2.5)
     tex *= F32(1.0 / _noise_attenuation(sig))
-    hu += tex * F32(30.0 + 0.2 * v.trab_hu)
-    shell = (d_cs < t_c) | (d_top < 1.1) | (d_bot < 1.1)
-    hu = np.where(shell, F32(v.cortex_hu), hu)
+    hu += tex * F32(35.0 + 0.25 * v.trab_hu)
+    h = F32(cv.aa)
+    shell = np.maximum(np.maximum(_shell(d_top, F32(1.1), h), _shell(d_bot, F32(1.1), h)),
+                       _shell(d_cs, F32(t_c), h))
+    hu += (F32(v.cortex_hu) - hu) * shell
     if v.vein:  # basivertebral vein: a notch in the middle of the posterior wall
         vein = (np.abs(x) < 2.5) & (y < -0.55 * b) & (np.abs(tn) < 0.12)
         hu = np.where(vein, F32(35.0), hu)
@@ -450,8 +454,18 @@ def _capsule_box(p0, p1, r):
     return p.min(axis=0) - r - 1, p.max(axis=0) + r + 1
 
 
-def _bone_hu(depth, cortex_mm, cortex_hu, marrow_hu):
-    return np.where(depth < cortex_mm, F32(cortex_hu), F32(marrow_hu))
+def _shell(depth, t, h):
+    """Fraction of a voxel (half-size ``h`` mm along the normal) inside a shell 0 <= depth <= t.
+
+    The analytic partial volume of a thin cortex: without it a 1 mm cortex sampled every
+    1.2 mm shows up as a dashed line.
+    """
+    return np.clip((np.minimum(depth + h, t) - np.maximum(depth - h, 0)) / (2 * h), 0, 1)
+
+
+def _bone_hu(depth, cortex_mm, cortex_hu, marrow_hu, h):
+    """HU of bone with a cortex of ``cortex_mm`` around marrow, partial volume included."""
+    return F32(marrow_hu) + F32(cortex_hu - marrow_hu) * _shell(depth, F32(cortex_mm), F32(h))
 
 
 def _canal_geometry(v: VertebraSpec):
@@ -489,7 +503,7 @@ def draw_posterior(cv: Canvas, v: VertebraSpec, label: int, below_h: float):
     ax_o, by_o = ax_c + pw, by_c + lam
     lum = P["lumbar"]
     z_ped = 0.12 * H
-    cort, marrow, cortex_hu = 1.3, 170.0 + 0.9 * v.trab_hu, v.cortex_hu * 1.05
+    cort, marrow, cortex_hu = 1.3, 200.0 + 1.0 * v.trab_hu, v.cortex_hu * 1.05
     z_lo = -(0.5 * H + 0.35 * below_h + 2.0)
     # --- neural arch (pedicles + laminae) and articular processes -------------------------
     lo = (-ax_o - 8, y_c - by_o - 2, z_lo - 0.6 * below_h - 8)
@@ -506,7 +520,7 @@ def draw_posterior(cv: Canvas, v: VertebraSpec, label: int, below_h: float):
         ring &= ~((np.abs(x) < 0.8 * ax_c) & (y > y_c))
         depth = np.minimum.reduce([(np.sqrt(Fc) - 1) * min(ax_c, by_c),
                                    (1 - np.sqrt(Fo)) * min(ax_o, by_o), z - zl, zh - z])
-        hu = _bone_hu(depth, cort, cortex_hu, marrow)
+        hu = _bone_hu(depth, cort, cortex_hu, marrow, cv.aa)
         con = np.where(y > y_c - 0.3 * by_c, np.uint8(13), np.uint8(14))
         # articular processes: superior ones rise above the pedicles, inferior ones hang below
         # the laminae; lumbar facets are side by side (sagittal), thoracic ones front/back
@@ -519,7 +533,7 @@ def draw_posterior(cv: Canvas, v: VertebraSpec, label: int, below_h: float):
                                      (sx * xi, yi, z_lo - 2.0, 6.0 + 2 * lum)):
                 Fa = ((x - cx) / 3.8) ** 2 + ((y - cy) / 5.0) ** 2 + ((z - cz) / rz) ** 2
                 facet = (Fa <= 1) & ~ring
-                hu = np.where(facet, _bone_hu((1 - np.sqrt(Fa)) * 3.8, cort, cortex_hu, marrow), hu)
+                hu = np.where(facet, _bone_hu((1 - np.sqrt(Fa)) * 3.8, cort, cortex_hu, marrow, cv.aa), hu)
                 con = np.where(facet, np.uint8(17), con)
                 ring |= facet
         cv.paint(sl, ring, hu, con, label)
@@ -546,7 +560,7 @@ def draw_posterior(cv: Canvas, v: VertebraSpec, label: int, below_h: float):
         Fs = U2 * U2 + X2 + (H2 * H2 if lum > 0.5 else H2)
         sp = Fs <= 1
         depth = (F32(1) - Fs) * F32(0.5) * np.minimum(r_w, r_h)
-        cv.paint(sl, sp, _bone_hu(depth, cort, cortex_hu, marrow), 15, label)
+        cv.paint(sl, sp, _bone_hu(depth, cort, cortex_hu, marrow, cv.aa), 15, label)
     # --- transverse processes -----------------------------------------------------------
     back, up = math.radians(P["tp_back"]), math.radians(P["tp_up"])
     L = P["tp_len"] + 0.5 * pw
@@ -560,7 +574,7 @@ def draw_posterior(cv: Canvas, v: VertebraSpec, label: int, below_h: float):
             continue
         x, y, z = cv.grid.local(sl, v.frame)
         inside, depth = _capsule(x, y, z, q0, q1, r, r * (1.35 - 0.4 * lum))
-        cv.paint(sl, inside, _bone_hu(depth, cort, cortex_hu, marrow), 16, label)
+        cv.paint(sl, inside, _bone_hu(depth, cort, cortex_hu, marrow, cv.aa), 16, label)
 
 
 def rib_points(v: VertebraSpec, above_h: float) -> list[np.ndarray]:
@@ -594,7 +608,7 @@ def draw_rib(cv: Canvas, v: VertebraSpec, above_h: float, rng_hu: float):
             x, y, z = cv.grid.local(sl, v.frame)
             inside, depth = _capsule(x, y, z, p0, p1, r * 0.9, r)
             inside &= cv.vert[sl] == 0
-            cv.paint(sl, inside, _bone_hu(depth, 1.2, 700.0 + rng_hu, 180.0 + 0.3 * v.trab_hu), 19, 0)
+            cv.paint(sl, inside, _bone_hu(depth, 1.2, 700.0 + rng_hu, 180.0 + 0.3 * v.trab_hu, cv.aa), 19, 0)
 
 
 def draw_osteophytes(cv: Canvas, v: VertebraSpec, label: int):
@@ -640,7 +654,7 @@ def draw_sacrum(cv: Canvas, spec: ScanSpec):
         x, y, z = cv.grid.local(sl, v.frame)
         F = ((x - F32(c[0])) / rad[0]) ** 2 + ((y - F32(c[1])) / rad[1]) ** 2 + ((z - F32(c[2])) / rad[2]) ** 2
         m = (F <= 1) & (cv.vert[sl] == 0) & (cv.concept[sl] != 26)
-        hu = _bone_hu((1 - np.sqrt(F)) * rad.min(), 1.3, v.cortex_hu, v.trab_hu + 30)
+        hu = _bone_hu((1 - np.sqrt(F)) * rad.min(), 1.3, v.cortex_hu, v.trab_hu + 30, cv.aa)
         cv.paint(sl, m, hu, 26, 0)
 
 

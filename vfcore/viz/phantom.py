@@ -72,5 +72,5 @@ def phantom_vs_real(phantom_ct: str | os.PathLike, real_ct: str | os.PathLike, *
         ax.set_xlabel("mm", fontsize=7)
     lo, hi = WINDOWS[window] if isinstance(window, str) else window
     fig.suptitle(f"Synthetic phantom vs real CT (window {lo:.0f} to {hi:.0f} HU)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     return fig
