@@ -341,7 +341,7 @@ def _level_weights(q: np.ndarray) -> np.ndarray:
     return 0.35 + np.exp(-((q - 6.5) / 2.0) ** 2) * 0.9 + np.exp(-((q - 12.0) / 1.6) ** 2) * 1.4
 
 
-def _fracture(rng: np.random.Generator, H: float) -> Fracture:
+def _fracture(rng: np.random.Generator) -> Fracture:
     grade = int(rng.choice([1, 2, 3], p=[0.35, 0.4, 0.25]))
     shape = int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2] if grade < 3 else [0.4, 0.25, 0.35]))
     loss = float(rng.uniform(*GRADE_LOSS[grade]))
@@ -363,7 +363,7 @@ def _vertebra(rng, label: int, scale: float, density: float, prevalence_p: float
                       * rng.uniform(0.3, 1.0))
     else:
         wedge = float(rng.uniform(-0.04, 0.04) - 0.12 * max(0.0, q - 15.0))
-    fracture = _fracture(rng, H) if rng.random() < prevalence_p else None
+    fracture = _fracture(rng) if rng.random() < prevalence_p else None
     h_ant, h_mid, h_post = 1.0 - wedge, 1.0 - wedge / 2, 1.0
     dep_sup = dep_inf = 0.0
     dep_x0, dep_y0 = float(rng.uniform(-0.1, 0.1)), float(rng.uniform(-0.04, 0.04))
@@ -626,7 +626,7 @@ def sample_scan(seed: int, index: int, prevalence: float = 0.12, confounders: fl
         axcodes = str(rng.choice(["PIR", "PSR", "ASL", "PIL"]))
     else:
         axcodes = str(rng.choice(_AXCODES))
-    fov_lo, fov_hi = _field_of_view(rng, verts, sacrum, spacing, budget_s, s, pts)
+    fov_lo, fov_hi = _field_of_view(rng, verts, spacing, budget_s, pts)
     acq = Acquisition(kind=kind, spacing=spacing, fov_lo=fov_lo, fov_hi=fov_hi, axcodes=axcodes,
                       psf_mm=float(rng.uniform(0.45, 0.9)), noise_hu=float(rng.uniform(10, 40)),
                       contrast=bool(rng.random() < 0.4), hu_offset=float(rng.normal(0, 6)))
@@ -644,7 +644,7 @@ def sample_scan(seed: int, index: int, prevalence: float = 0.12, confounders: fl
                     render_seed=render_seed)
 
 
-def _field_of_view(rng, verts, sacrum, spacing, budget_s, s, pts):
+def _field_of_view(rng, verts, spacing, budget_s, pts):
     """A box around a run of 5-14 consecutive vertebrae whose drawing fits ``budget_s``."""
     width = float(rng.uniform(110, 125) if min(spacing) < 0.72 and max(spacing) < 1.5
                   else rng.uniform(120, 150))

@@ -597,7 +597,8 @@ def rib_points(v: VertebraSpec, above_h: float) -> list[np.ndarray]:
     return out
 
 
-def draw_rib(cv: Canvas, v: VertebraSpec, above_h: float, rng_hu: float):
+def draw_rib(cv: Canvas, v: VertebraSpec, above_h: float, cortex_shift: float):
+    """Left and right rib of a thoracic vertebra: tapered round tubes along :func:`rib_points`."""
     r = 4.2 + 0.05 * v.q
     for pts in rib_points(v, above_h):
         for p0, p1 in zip(pts[:-1], pts[1:]):
@@ -608,7 +609,7 @@ def draw_rib(cv: Canvas, v: VertebraSpec, above_h: float, rng_hu: float):
             x, y, z = cv.grid.local(sl, v.frame)
             inside, depth = _capsule(x, y, z, p0, p1, r * 0.9, r)
             inside &= cv.vert[sl] == 0
-            cv.paint(sl, inside, _bone_hu(depth, 1.2, 700.0 + rng_hu, 180.0 + 0.3 * v.trab_hu, cv.aa), 19, 0)
+            cv.paint(sl, inside, _bone_hu(depth, 1.2, 700.0 + cortex_shift, 180.0 + 0.3 * v.trab_hu, cv.aa), 19, 0)
 
 
 def draw_osteophytes(cv: Canvas, v: VertebraSpec, label: int):
