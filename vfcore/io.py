@@ -16,6 +16,15 @@ from typing import IO, Any, Iterator
 
 import numpy as np
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Give the finished temporary file normal permissions, then rename it into place."""
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; written files are for everyone to read
+    os.replace(tmp, path)
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
@@ -28,7 +37,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -51,7 +60,7 @@ def atomic_save(path: str | os.PathLike, save, suffix: str | None = None) -> Pat
         save(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
