@@ -6,7 +6,6 @@ frames built here by hand, the phantom's recorded truth, and the real VerSe fixt
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -45,7 +44,8 @@ def world_grid(shape, affine):
 
 
 def hand_frame(c, e_S):
-    """The frame of the method, built here by hand: e_A = world A minus its e_S part, e_L = e_S x e_A."""
+    """The frame of the method, built here by hand: e_A = world A minus its e_S part,
+    e_L = e_S x e_A."""
     e_S = np.asarray(e_S, float) / np.linalg.norm(e_S)
     a = np.array([0.0, 1.0, 0.0])
     e_A = a - (a @ e_S) * e_S
@@ -61,7 +61,8 @@ def hand_world_points(c, e_S, e_A, e_L, idx):
 
 def angle_deg(u, v):
     u, v = np.asarray(u, float), np.asarray(v, float)
-    return float(np.degrees(np.arccos(np.clip(abs(u @ v) / np.linalg.norm(u) / np.linalg.norm(v), 0, 1))))
+    cos = abs(u @ v) / np.linalg.norm(u) / np.linalg.norm(v)
+    return float(np.degrees(np.arccos(np.clip(cos, 0, 1))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,7 +108,8 @@ def test_axes_point_inferior_posterior_left():
     aff[:3, 3] = -40
     X, Y, Z = world_grid(shape, aff)
     cw = {20: np.array([0.0, 0.0, 30.0]), 21: np.zeros(3), 22: np.array([0.0, 0.0, -30.0])}
-    for values, axis in ((Z, 0), (Y, 1), (X, 2)):  # z (S) falls along 0, y (A) along 1, x (R) along 2
+    # z (S) falls along axis 0, y (A) along axis 1, x (R) along axis 2
+    for values, axis in ((Z, 0), (Y, 1), (X, 2)):
         p = patches.straighten(Volume(10 * values.astype(np.float32), aff), None, cw, 21)
         line = p.ct[tuple(slice(20, 76) if d == axis else 48 for d in range(3))].astype(float)
         assert np.all(np.diff(line) == -10), axis  # 1 mm per voxel
@@ -211,11 +213,13 @@ def si_axis_angle(body: np.ndarray) -> float:
     return angle_deg(axis, [1, 0, 0])
 
 
-#: Vertebrae whose body axis is not expected within 5 degrees of the spline: the last centroid
-#: of the spine with the lordotic, wedge-shaped L5 (sub-verse004 L5, ctfu L5) and fractured
-#: bodies (sub-verse004 T9 and T10 grade 2, L1 grade 3: a collapsed body has no clean axis).
-#: Their measured angles are printed and bounded at 20 degrees. TPTBox L2 and L4 are fragments cut by the field of
-#: view: no body axis to measure (only the centre label is checked).
+#: Vertebrae whose body axis is not expected within 5 degrees of the spline through the body
+#: centroids: the last centroid of the spine at the lordotic, wedge-shaped L5 (sub-verse004 and
+#: ctfu L5, 10-16 degrees: in real spines the centroid line and the bodies' own axes differ
+#: where the bodies grow in depth and wedge) and fractured bodies (sub-verse004 T9 and T10
+#: grade 2, L1 grade 3: a collapsed body has no clean axis). Their angles are printed and
+#: bounded at 20 degrees. TPTBox L2 and L4 are fragments cut by the field of view: no body
+#: axis to measure (only the centre label is checked).
 LOOSE = {("sub-verse004", 16), ("sub-verse004", 17), ("sub-verse004", 20), ("sub-verse004", 24),
          ("sub-ctfu00001_ses-20080508_ce-no", 24)}
 FRAGMENTS = {("sub-ct_label-22", 21), ("sub-ct_label-22", 23)}
@@ -574,7 +578,8 @@ def test_phantom_accuracy(phantom_root):
     print(f"phantom: {len(offsets)} vertebrae, max centre offset {max(offsets):.3f} mm, "
           f"axis angle max {max(angles):.2f} / median {np.median(angles):.2f} deg; "
           f"near kyphotic fractures (not held to 3 deg): {exempt}; scans "
-          f"(anisotropy, axcodes, curvature deg): {[(round(a, 2), c, round(k, 1)) for a, c, k in properties]}")
+          "(anisotropy, axcodes, curvature deg): "
+          f"{[(round(a, 2), c, round(k, 1)) for a, c, k in properties]}")
 
 
 def test_phantom_patch_content(phantom_root):

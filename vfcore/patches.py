@@ -35,7 +35,7 @@ import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -157,7 +157,8 @@ class Frame:
 
 
 def spine_frame(spine: Spine, label: int, anterior: np.ndarray = WORLD_A, source=None) -> Frame:
-    """Step 3: e_S = tangent towards the head, e_A = ``anterior`` minus its e_S part, e_L = e_S x e_A.
+    """Step 3: e_S = tangent towards the head, e_A = ``anterior`` minus its e_S part,
+    e_L = e_S x e_A.
 
     No Frenet frame (its normal flips at inflection points and twists the patches): the
     anterior axis of the scanner is projected onto the plane normal to the spine.
@@ -175,7 +176,8 @@ def spine_frame(spine: Spine, label: int, anterior: np.ndarray = WORLD_A, source
     return Frame(c, e_S, e_A, e_L)
 
 
-def patch_affine(frame: Frame, size: int = PATCH_SIZE, spacing: float = PATCH_SPACING) -> np.ndarray:
+def patch_affine(frame: Frame, size: int = PATCH_SIZE,
+                 spacing: float = PATCH_SPACING) -> np.ndarray:
     """Step 4: the 4x4 map patch index (i, j, k) -> world mm, voxel-centred on c.
 
     world = c + r_i (-e_S) + r_j (-e_A) + r_k e_L with r = (index - (size - 1) / 2) * spacing,

@@ -1,9 +1,9 @@
 """Figures for notebook 01: the curved spine and its spline, straightening, patch galleries.
 
 Every function draws with matplotlib and returns the figure (or draws into ``ax``), so the
-notebook keeps a static picture. Images follow the radiological habit (and
-the real patches shown in the course's research notes): sagittal views with the head up and anterior on the
-left, coronal views with the head up and the patient's left on the right.
+notebook keeps a static picture. Images follow the radiological habit: sagittal views with
+the head up and anterior on the left, coronal views with the head up and the patient's left
+on the right (patch columns run towards L).
 """
 from __future__ import annotations
 
@@ -112,8 +112,10 @@ def show_straightening(ct: Volume, mask: Volume | None, spine: Spine, patch: Pat
     axis = f.c + np.outer([-40, 40], f.e_S)
     ax.plot(origin[1] - axis[:, 1], origin[2] - axis[:, 2], "--", color="tab:cyan", lw=1)
     ax.set_title(f"{patch.level} in the scanner frame\n(cyan: patch outline, spline tangent)")
-    for ax, sl, name in ((axes[1], (slice(None), slice(None), size // 2), "sagittal (rows I, cols P)"),
-                         (axes[2], (slice(None), size // 2, slice(None)), "coronal (rows I, cols L)")):
+    mid = size // 2
+    views = ((axes[1], (slice(None), slice(None), mid), "sagittal (rows I, cols P)"),
+             (axes[2], (slice(None), mid, slice(None)), "coronal (rows I, cols L)"))
+    for ax, sl, name in views:
         ax.imshow(patch.ct[sl], cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1])
         if patch.mask is not None:
             ax.contour(patch.mask[sl] == patch.label, [0.5], colors=TARGET_COLOUR, linewidths=0.8)
