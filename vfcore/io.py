@@ -97,7 +97,7 @@ def versions() -> dict[str, str]:
     for name in ("vfcore", "numpy", "scipy", "torch", "monai", "nibabel"):
         try:
             module = __import__(name)
-            out[name] = getattr(module, "__version__", "?")
+            out[name] = str(getattr(module, "__version__", "?"))  # plain str (TorchVersion is a subclass)
         except ImportError:
             pass
     return out

@@ -1,0 +1,265 @@
+"""From the patch store to network inputs: splits, class balance, augmentation.
+
+* :func:`to_network_input` is the one way a 96^3 HU patch becomes what the network sees
+  (paper, Sec. 3): clip to [-1000, 1000] HU, scale to [0, 1], keep the centre ``crop``^3 mm,
+  and average ``zoom``^3 blocks for the small preset. Training, dissection and the explorer
+  all call it.
+* :func:`load_split` reads one split of the patch store (``<run>/patches/manifest.csv``,
+  written by :mod:`vfcore.patches`) as memory-mapped int16 patches: a split larger than RAM
+  still works, and only the batches in use are read.
+* :func:`balanced_epoch`: negatives under-sampled and positives over-sampled to a perfect
+  class balance in every epoch (paper, Sec. 3).
+* :class:`Augment`: the paper's "intensity (Gaussian noise, smoothing, contrast) and heavy
+  spatial (similarity transformation and elastic deformation)" augmentation, applied to a whole
+  batch at once with torch, on the GPU when there is one. Flip, rotation, scaling, translation
+  and the centre crop are one affine per sample; a coarse random displacement field adds the
+  elastic part; the patch is resampled ONCE (``grid_sample``) straight to the network's grid.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .errors import DataValueError, MissingArtifactError
+from .model import PATCH_SIZE, Preset, get_preset
+
+#: The HU window of the paper: values are clipped to it, then scaled to [0, 1].
+HU_MIN, HU_MAX = -1000.0, 1000.0
+
+SPLITS = ("train", "val", "test")
+
+
+# --------------------------------------------------------------------------------------------
+# One patch -> the network input
+# --------------------------------------------------------------------------------------------
+
+def scale_hu(hu: torch.Tensor) -> torch.Tensor:
+    """Clip to [HU_MIN, HU_MAX] and scale to [0, 1] (float32)."""
+    return (hu.float().clamp(HU_MIN, HU_MAX) - HU_MIN) / (HU_MAX - HU_MIN)
+
+
+def _as_batch(hu) -> torch.Tensor:
+    """[96,96,96], [B,96,96,96] or [B,1,96,96,96] (numpy or torch) -> [B, 1, 96, 96, 96]."""
+    t = hu if isinstance(hu, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(hu))
+    if t.ndim == 3:
+        t = t[None]
+    if t.ndim == 4:
+        t = t[:, None]
+    if t.ndim != 5 or t.shape[1] != 1:
+        raise DataValueError("patch", f"expected a 3D patch or a batch of them, got shape {tuple(t.shape)}")
+    return t
+
+
+def to_network_input(hu, preset: str | Preset) -> torch.Tensor:
+    """HU patch(es) of 96^3 at 1 mm -> network input [B, 1, S, S, S] in [0, 1].
+
+    The centre ``preset.crop``^3 voxels are kept (paper: 64^3), then averaged over
+    ``preset.zoom``^3 blocks (small preset: 2 mm voxels, 32^3).
+    """
+    p = get_preset(preset)
+    x = _as_batch(hu)
+    size = x.shape[-1]
+    if x.shape[-3:] != (size, size, size) or size < p.crop:
+        raise DataValueError("patch", f"needs a cube of at least {p.crop}^3 voxels, got {tuple(x.shape[-3:])}")
+    start = (size - p.crop) // 2
+    x = x[..., start:start + p.crop, start:start + p.crop, start:start + p.crop]
+    x = scale_hu(x)
+    return F.avg_pool3d(x, p.zoom) if p.zoom > 1 else x
+
+
+# --------------------------------------------------------------------------------------------
+# The patch store
+# --------------------------------------------------------------------------------------------
+
+class PatchArray:
+    """The int16 patches of some manifest rows, read lazily: ``len``, ``shape``, and indexing
+    with an int, a slice or an index array (returns a numpy array, like a stacked array)."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = list(paths)
+        self._maps: dict[int, np.ndarray] = {}
+
+    def _get(self, i: int) -> np.ndarray:
+        if i not in self._maps:
+            self._maps[i] = np.load(self.paths[i], mmap_mode="r")
+        return self._maps[i]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self),) + (self._get(0).shape if len(self) else (PATCH_SIZE,) * 3)
+
+    dtype = np.dtype(np.int16)
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            return np.asarray(self._get(int(index)))
+        ids = range(len(self))[index] if isinstance(index, slice) else np.asarray(index).ravel()
+        if len(ids) == 0:
+            return np.zeros((0,) + self.shape[1:], np.int16)
+        return np.stack([self._get(int(i)) for i in ids])
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
+def read_store(run_dir: str | Path) -> pd.DataFrame:
+    """The patch store's manifest (``<run>/patches/manifest.csv``)."""
+    path = Path(run_dir) / "patches" / "manifest.csv"
+    if not path.is_file():
+        raise MissingArtifactError(path, "no patch store here: run notebooks/01_preprocessing.ipynb "
+                                   "(or `vfcore patches`) first")
+    return pd.read_csv(path, keep_default_na=False, dtype={"case": str, "patient": str})
+
+
+def load_split(run_dir: str | Path, split: str) -> tuple[PatchArray, np.ndarray, pd.DataFrame]:
+    """The labelled vertebrae of one split: (patches [N, 96, 96, 96] int16 HU, labels [N] 0/1,
+    manifest rows with a fresh index 0..N-1). Unlabelled rows (``x``, ungraded) are left out."""
+    if split not in SPLITS:
+        raise DataValueError(split, f"unknown split; choose one of {SPLITS}")
+    manifest = read_store(run_dir)
+    fracture = pd.to_numeric(manifest["fracture"], errors="coerce")
+    rows = manifest[(manifest["split"] == split) & fracture.isin([0, 1])].reset_index(drop=True)
+    labels = pd.to_numeric(rows["fracture"]).to_numpy(dtype=np.int64)
+    store = Path(run_dir) / "patches"
+    return PatchArray([store / p for p in rows["ct_path"]]), labels, rows
+
+
+# --------------------------------------------------------------------------------------------
+# Class balance
+# --------------------------------------------------------------------------------------------
+
+def balanced_epoch(labels: np.ndarray, generator: torch.Generator) -> np.ndarray:
+    """Indices of one balanced epoch (paper, Sec. 3), shuffled.
+
+    Both classes get ``m = len(labels) // 2`` draws: the rarer class (fractures) is
+    over-sampled with replacement, the commoner one under-sampled without replacement.
+    """
+    labels = np.asarray(labels)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    if len(pos) == 0 or len(neg) == 0:
+        raise DataValueError("training split", f"needs both classes, has {len(pos)} fractured and "
+                             f"{len(neg)} healthy vertebrae")
+    m = len(labels) // 2
+
+    def draw(ids: np.ndarray) -> np.ndarray:
+        if len(ids) >= m:
+            pick = torch.randperm(len(ids), generator=generator)[:m]
+        else:
+            pick = torch.randint(len(ids), (m,), generator=generator)
+        return ids[pick.numpy()]
+
+    epoch = np.concatenate([draw(pos), draw(neg)])
+    return epoch[torch.randperm(len(epoch), generator=generator).numpy()]
+
+
+# --------------------------------------------------------------------------------------------
+# Batched augmentation
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Augment:
+    """The paper's augmentation. Spatial parts are applied to every sample; each intensity
+    part to a sample with its probability. Angles in degrees, shifts in mm, elastic in mm."""
+
+    rotate: float = 15.0          # uniform in [-rotate, rotate] about each axis
+    scale: float = 0.15           # isotropic factor in [1 - scale, 1 + scale]
+    shift: float = 4.0            # uniform in [-shift, shift] mm along each axis
+    flip: float = 0.5             # probability of a left-right mirror
+    elastic: float = 2.0          # std of the displacement field (mm) ...
+    elastic_grid: int = 4         # ... drawn on a grid of this many control points per axis
+    noise: float = 0.03           # Gaussian noise, std up to this (in [0, 1] units)
+    p_noise: float = 0.5
+    smooth: tuple[float, float] = (0.5, 1.0)  # Gaussian smoothing sigma (voxels)
+    p_smooth: float = 0.3
+    contrast: tuple[float, float] = (0.7, 1.5)  # gamma
+    p_contrast: float = 0.5
+
+
+def _rotation(angles: torch.Tensor) -> torch.Tensor:
+    """[B, 3] angles (radians) -> [B, 3, 3] rotation matrices Rz @ Ry @ Rx."""
+    c, s = angles.cos(), angles.sin()
+    one, zero = torch.ones_like(c[:, 0]), torch.zeros_like(c[:, 0])
+    rx = torch.stack([one, zero, zero, zero, c[:, 0], -s[:, 0], zero, s[:, 0], c[:, 0]], 1)
+    ry = torch.stack([c[:, 1], zero, s[:, 1], zero, one, zero, -s[:, 1], zero, c[:, 1]], 1)
+    rz = torch.stack([c[:, 2], -s[:, 2], zero, s[:, 2], c[:, 2], zero, zero, zero, one], 1)
+    return rz.view(-1, 3, 3) @ ry.view(-1, 3, 3) @ rx.view(-1, 3, 3)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian smoothing of [B, 1, D, H, W] with one sigma (voxels) per sample."""
+    radius = int(math.ceil(3 * float(sigma.max())))
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernels = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
+    kernels = kernels / kernels.sum(1, keepdim=True)                 # [B, K]
+    b = x.shape[0]
+    out = x.transpose(0, 1)                                           # [1, B, D, H, W]: groups = B
+    for dim in range(3):
+        shape = [b, 1, 1, 1, 1]
+        shape[2 + dim] = kernels.shape[1]
+        pad = [0, 0] * 3
+        pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = radius
+        out = F.conv3d(F.pad(out, pad, mode="replicate"), kernels.view(shape), groups=b)
+    return out.transpose(0, 1)
+
+
+def augment_batch(hu: torch.Tensor, preset: str | Preset, generator: torch.Generator,
+                  aug: Augment = Augment()) -> torch.Tensor:
+    """Augmented network inputs [B, 1, S, S, S] from int16 HU patches [B, 96, 96, 96].
+
+    All random numbers come from ``generator`` (a CPU ``torch.Generator``), so a seed fixes
+    the augmentation on CPU and GPU alike; the work runs on ``hu.device``.
+    """
+    p = get_preset(preset)
+    x = scale_hu(_as_batch(hu))                                       # [B, 1, 96, 96, 96]
+    if p.zoom > 1:  # average zoom^3 blocks first: the same voxels as to_network_input's
+        x = F.avg_pool3d(x, p.zoom)
+    b, device, size = x.shape[0], x.device, x.shape[-1]
+    out = p.input_size
+
+    def uniform(*shape, low=-1.0, high=1.0):
+        return (torch.rand(*shape, generator=generator) * (high - low) + low)
+
+    # Similarity transform, in the normalised coordinates of grid_sample ([-1, 1] = patch edge).
+    rot = _rotation(uniform(b, 3) * math.radians(aug.rotate))
+    zoom = 1.0 + uniform(b, low=-aug.scale, high=aug.scale)
+    flip = torch.where(torch.rand(b, generator=generator) < aug.flip, -1.0, 1.0)
+    mirror = torch.diag_embed(torch.stack([flip, torch.ones(b), torch.ones(b)], 1))  # x = L axis
+    linear = rot @ mirror * (p.crop / PATCH_SIZE) / zoom[:, None, None]
+    shift = uniform(b, 3) * aug.shift * 2 / PATCH_SIZE
+    theta = torch.cat([linear, shift[:, :, None]], 2).to(device)
+    grid = F.affine_grid(theta, [b, 1, out, out, out], align_corners=False)
+
+    # Elastic part: a smooth random displacement field, upsampled from a coarse grid.
+    if aug.elastic > 0:
+        coarse = torch.randn(b, 3, *(aug.elastic_grid,) * 3, generator=generator) * aug.elastic * 2 / PATCH_SIZE
+        field = F.interpolate(coarse.to(device), size=(out,) * 3, mode="trilinear", align_corners=True)
+        grid = grid + field.permute(0, 2, 3, 4, 1)
+
+    # The one resampling: straight from the (block-averaged) patch to the network's grid.
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    # Intensity: contrast (gamma), smoothing, noise, each with its probability.
+    def chosen(prob):
+        return (torch.rand(b, generator=generator) < prob).to(device)
+
+    gamma = uniform(b, low=aug.contrast[0], high=aug.contrast[1]).to(device)
+    x = torch.where(chosen(aug.p_contrast)[:, None, None, None, None],
+                    x.clamp_min(0) ** gamma[:, None, None, None, None], x)
+    sigma = uniform(b, low=aug.smooth[0], high=aug.smooth[1]).to(device)
+    x = torch.where(chosen(aug.p_smooth)[:, None, None, None, None], _gaussian_blur(x, sigma), x)
+    std = (torch.rand(b, generator=generator) * aug.noise).to(device)
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    noise_gen = torch.Generator(device=device).manual_seed(seed)
+    noise = torch.randn(x.shape, generator=noise_gen, device=device)
+    x = torch.where(chosen(aug.p_noise)[:, None, None, None, None], x + noise * std[:, None, None, None, None], x)
+    return x

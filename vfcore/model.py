@@ -1,0 +1,212 @@
+"""The paper's classifier: a 3D U-Net encoder and a small classification head.
+
+Engstler, Keicher et al. 2022, Sec. 2-3 and the authors' code (see
+``../shared/research/upstream_review.md``): a Models-Genesis 3D U-Net encoder
+
+    down_tr64   1 -> 32 -> 64,    max-pool      (64^3 -> 32^3)
+    down_tr128  64 -> 64 -> 128,  max-pool      (32^3 -> 16^3)
+    down_tr256  128 -> 128 -> 256, max-pool     (16^3 -> 8^3)
+    down_tr512  256 -> 256 -> 512, no pool      (8^3: the 512 dissected units)
+
+(each step a 3x3x3 convolution + batch norm + ReLU), then a head of four 3x3x3 convolutions
+512 -> 256 -> 128 -> 64 -> 8, each followed by InstanceNorm3d (affine) and dropout, with no
+nonlinearity between them (as published), a flatten (8 x 8^3 = 4096), an MLP
+4096 -> 256 -> 128 -> 64 (Linear + BatchNorm1d + LeakyReLU + dropout) and a Linear 64 -> 1
+that gives the fracture logit. Dropout p = 0.3. Input: 1 x 64^3, the centre crop of the
+96^3 patch, HU clipped to [-1000, 1000] and scaled to [0, 1] (:mod:`vfcore.data`).
+
+Unlike the published code, batch norm is ordinary ``nn.BatchNorm3d``: in ``eval()`` mode it
+uses its running statistics, so a sample's output never depends on the rest of its batch
+(defect 3 of the review).
+
+Two presets (:data:`PRESETS`): ``paper`` (the network above, about 12.8 M parameters) and
+``small`` (a quarter of the widths on a 2 mm grid, for CPUs: CI, Binder, laptops).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+#: Edge length (voxels, 1 mm) of the stored patches the presets read from (vfcore.patches).
+PATCH_SIZE = 96
+#: Names of the encoder layers, shallow to deep (the paper's / Models Genesis' names).
+ENCODER_LAYERS = ("down_tr64", "down_tr128", "down_tr256", "down_tr512")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One network configuration and its training defaults.
+
+    The network sees the centre ``crop``^3 mm of the 96^3 patch, sampled every ``zoom`` mm, so
+    its input edge is ``crop // zoom`` voxels. ``base`` is the first convolution's width
+    (paper: 32); encoder widths are base * (1, 2 | 2, 4 | 4, 8 | 8, 16). ``head`` are the
+    head convolutions' output channels, ``mlp`` the hidden MLP widths.
+    """
+
+    name: str
+    crop: int = 64
+    zoom: int = 1
+    base: int = 32
+    head: tuple[int, ...] = (256, 128, 64, 8)
+    mlp: tuple[int, ...] = (256, 128, 64)
+    dropout: float = 0.3
+    dissect_layer: str = "down_tr512"
+    # training defaults (vfcore.train); the paper states lr, patience and dropout only
+    batch_size: int = 64
+    patience: int = 50
+    max_epochs: int = 500
+
+    @property
+    def input_size(self) -> int:
+        """Edge of the network input in voxels (paper: 64)."""
+        return self.crop // self.zoom
+
+    @property
+    def source_size(self) -> int:
+        """Edge of the patch after the preset's reduction, before the crop (paper: 96)."""
+        return PATCH_SIZE // self.zoom
+
+    @property
+    def encoder_widths(self) -> list[tuple[int, int, int]]:
+        """(in, mid, out) channels of down_tr64 ... down_tr512."""
+        b = self.base
+        return [(1, b, 2 * b), (2 * b, 2 * b, 4 * b), (4 * b, 4 * b, 8 * b), (8 * b, 8 * b, 16 * b)]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["head"], d["mlp"] = list(self.head), list(self.mlp)
+        return d
+
+
+PRESETS: dict[str, Preset] = {
+    # The published network: 64^3 input at 1 mm, 512 units at 8^3 in down_tr512.
+    "paper": Preset("paper"),
+    # CPU preset: same 64 mm field of view at 2 mm (32^3 input), a quarter of the widths
+    # (128 units at 4^3 in down_tr512), MLP 512 -> 64 -> 32 -> 16 -> 1.
+    "small": Preset("small", zoom=2, base=8, head=(64, 32, 16, 8), mlp=(64, 32, 16),
+                    batch_size=16, patience=15, max_epochs=60),
+}
+
+#: The layer the dissection reads, per preset (the last encoder layer, as the paper).
+DISSECT_LAYER: dict[str, str] = {name: p.dissect_layer for name, p in PRESETS.items()}
+
+
+def get_preset(preset: str | Preset) -> Preset:
+    """A :class:`Preset` from its name (or the preset itself)."""
+    if isinstance(preset, Preset):
+        return preset
+    try:
+        return PRESETS[preset]
+    except KeyError:
+        raise KeyError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
+    """3x3x3 convolution + batch norm + ReLU (Models Genesis' LUConv)."""
+    return nn.Sequential(nn.Conv3d(c_in, c_out, 3, padding=1), nn.BatchNorm3d(c_out),
+                         nn.ReLU(inplace=True))
+
+
+class DownTransition(nn.Sequential):
+    """Two conv-BN-ReLU steps, then (except in the deepest layer) a 2x2x2 max-pool.
+
+    Its output (pooled where there is a pool) is what a forward hook on e.g. ``down_tr512``
+    sees: the activations A_k of that layer's units.
+    """
+
+    def __init__(self, c_in: int, c_mid: int, c_out: int, pool: bool):
+        layers = [conv_bn_relu(c_in, c_mid), conv_bn_relu(c_mid, c_out)]
+        if pool:
+            layers.append(nn.MaxPool3d(2))
+        super().__init__(*layers)
+
+
+class FractureNet(nn.Module):
+    """Encoder (``down_tr64`` ... ``down_tr512``) + head -> one fracture logit per sample."""
+
+    def __init__(self, preset: str | Preset = "paper"):
+        super().__init__()
+        self.preset = get_preset(preset)
+        p = self.preset
+        if p.input_size % 8:
+            raise ValueError(f"preset {p.name}: input size {p.input_size} must be divisible by 8")
+        widths = p.encoder_widths
+        self.down_tr64 = DownTransition(*widths[0], pool=True)
+        self.down_tr128 = DownTransition(*widths[1], pool=True)
+        self.down_tr256 = DownTransition(*widths[2], pool=True)
+        self.down_tr512 = DownTransition(*widths[3], pool=False)
+
+        head, c = [], widths[3][2]
+        for c_out in p.head:  # conv + InstanceNorm + dropout, no nonlinearity (as published)
+            head += [nn.Conv3d(c, c_out, 3, padding=1), nn.InstanceNorm3d(c_out, affine=True),
+                     nn.Dropout(p.dropout)]
+            c = c_out
+        self.head = nn.Sequential(*head)
+
+        mlp, n = [nn.Flatten()], c * (p.input_size // 8) ** 3
+        for n_out in p.mlp:
+            mlp += [nn.Linear(n, n_out), nn.BatchNorm1d(n_out), nn.LeakyReLU(inplace=True),
+                    nn.Dropout(p.dropout)]
+            n = n_out
+        mlp.append(nn.Linear(n, 1))
+        self.classifier = nn.Sequential(*mlp)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder: [B, 1, S, S, S] -> the ``down_tr512`` activations [B, 16 base, S/8, ...]."""
+        for name in ENCODER_LAYERS:
+            x = getattr(self, name)(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 1, S, S, S] in [0, 1] -> fracture logits [B]."""
+        return self.classifier(self.head(self.features(x))).squeeze(1)
+
+
+def build_model(preset: str | Preset = "paper") -> FractureNet:
+    """The network of a preset, freshly initialised (PyTorch's default initialisation)."""
+    return FractureNet(preset)
+
+
+def n_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def layer_table(model: FractureNet, batch: int = 1) -> "pandas.DataFrame":  # noqa: F821
+    """One row per stage: name, output shape [C, D, H, W] (or [N]), trainable parameters.
+
+    A head row counts its convolution and InstanceNorm, an MLP row its Linear and BatchNorm1d.
+    Runs one forward pass on zeros in eval mode with forward hooks (the notebook's layer table).
+    """
+    import pandas as pd
+
+    stages: list[tuple[str, nn.Module, list[nn.Module]]] = [
+        (name, getattr(model, name), [getattr(model, name)]) for name in ENCODER_LAYERS]
+    for seq, prefix in ((model.head, "head"), (model.classifier, "classifier")):
+        mods = list(seq)
+        for i, m in enumerate(mods):
+            if isinstance(m, (nn.Conv3d, nn.Linear, nn.Flatten)):
+                owned = [m] + [n for n in mods[i + 1:i + 2]
+                               if isinstance(n, (nn.InstanceNorm3d, nn.BatchNorm1d))]
+                # report the shape after the norm (same shape) from the conv/linear itself
+                stages.append((f"{prefix}.{i} {type(m).__name__}", m, owned))
+    rows, hooks = {}, []
+    for name, module, owned in stages:
+        def hook(_m, _inp, out, name=name, owned=owned):
+            rows[name] = {"layer": name, "output shape": tuple(out.shape[1:]),
+                          "parameters": sum(n_parameters(o) for o in owned)}
+        hooks.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        s = model.preset.input_size
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(torch.zeros(batch, 1, s, s, s, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return pd.DataFrame([rows[name] for name, _, _ in stages])
