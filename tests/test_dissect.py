@@ -437,3 +437,115 @@ def test_patch_mask_keeps_every_feature_voxel_of_M_k():
     assert D.best_slice(up, T, "sagittal", mask) in range(64, 80)
     paper = D.patch_mask(np.ones((2, 8, 8, 8), bool), (slice(16, 80),) * 3)
     assert paper.shape == (2, 96, 96, 96) and paper[:, 16:80, 16:80, 16:80].all() and paper.sum() == 2 * 64 ** 3
+
+
+# --------------------------------------------------------------------------------------------
+# The run folder end to end (small preset, hand-made patch store, real vfcore.train checkpoint)
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A run folder with 12 test vertebrae (random HU with a bright block on half of them,
+    a concept mask whose label 1 covers the network's field centre) and an untrained small
+    network saved by ``vfcore.train.save_checkpoint``."""
+    from vfcore.model import build_model
+    from vfcore.train import save_checkpoint
+
+    run = tmp_path_factory.mktemp("run")
+    store = run / "patches"
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        case = f"sub-t{i:02d}"
+        (store / case).mkdir(parents=True)
+        ct = rng.integers(-200, 300, (96, 96, 96)).astype(np.int16)
+        if i % 2:
+            ct[30:60, 30:60, 30:60] += 800
+        concepts = np.zeros((96, 96, 96), np.uint8)
+        concepts[40:56, 40:56, 40:56] = 1
+        vert = np.zeros((96, 96, 96), np.uint8)
+        vert[24:72, 24:72, 24:72] = 20
+        for kind, arr in (("ct", ct), ("concept", concepts), ("mask", vert)):
+            np.save(store / case / f"L1_{kind}.npy", arr)
+        rows.append({"case": case, "patient": case, "label": 20, "level": "L1", "fracture": i % 2,
+                     "grade": 2 * (i % 2), "shape": "", "split": "test", "ct_path": f"{case}/L1_ct.npy",
+                     "mask_path": f"{case}/L1_mask.npy", "concept_path": f"{case}/L1_concept.npy",
+                     "source_sha256": "0", "out_of_field": 0.0, "reason": ""})
+    pd.DataFrame(rows).to_csv(store / "manifest.csv", index=False)
+    root = run / "data"
+    root.mkdir()
+    (root / "concept_labels.json").write_text(json.dumps({"labels": {"1": "superior endplate"}}))
+    (store / "report.json").write_text(json.dumps({"root": str(root)}))
+    torch.manual_seed(0)
+    model = build_model("small")
+    save_checkpoint(run / "model" / "best.pt", model)
+    return run
+
+
+def test_dissect_run_and_exports(small_run):
+    from vfcore.data import load_split, to_network_input
+    from vfcore.io import sha256_file
+    from vfcore.train import load_checkpoint
+
+    q = 0.01
+    art = D.dissect_run(small_run, "test", q, batch_size=5, progress=False)
+    # an independent computation: hook, plain loop, numpy
+    model, _ = load_checkpoint(small_run / "model" / "best.pt")
+    patches, labels, _ = load_split(small_run, "test")
+    A = []
+    h = model.down_tr512.register_forward_hook(lambda m, i, o: A.append(o.detach().clone()))
+    with torch.no_grad():
+        probs = [torch.sigmoid(model(to_network_input(patches[s:s + 5], "small"))) for s in (0, 5, 10)]
+    h.remove()
+    A = torch.cat(A).numpy()
+    d = art.dissection
+    np.testing.assert_array_equal(d.T, _ref_T(A, q))
+    np.testing.assert_allclose(d.probability, torch.cat(probs).numpy(), rtol=1e-6)
+    flat = A.reshape(12, A.shape[1], -1)
+    M = flat > d.T[None, :, None]
+    np.testing.assert_allclose(d.r, (flat.astype(np.float64) * M).sum(axis=2), rtol=1e-12)
+    np.testing.assert_array_equal(d.mask_size, M.sum(axis=2))
+    assert art.meta["checkpoint_sha256"] == sha256_file(small_run / "model" / "best.pt")
+    assert art.meta["field"] == [[16, 80]] * 3 and art.meta["n_samples"] == 12
+    assert art.samples["fracture"].tolist() == labels.tolist()
+
+    art = D.export_units(small_run, top=2, top_fp=1, k=4, nifti_top=1, progress=False)
+    o = D.outcomes(labels, d.probability)
+    for name, entry in art.exemplars["subsets"].items():
+        for u, items in entry["units"].items():
+            assert all(o[name][it["sample"]] for it in items) and len(items) <= 4
+    assert len(art.units) == sum(1 for r in (art.ranking_tp, art.ranking_fp) if r is not None) * 2 - \
+        (art.ranking_fp is not None)                       # 2 TP units + 1 FP unit where defined
+    for entry in art.exemplars["exported"].values():
+        assert (art.folder / entry["collage"]).is_file()
+        for files in entry["nifti"]:
+            imgs = [nib.load(art.folder / f) for f in files.values()]
+            assert all(np.allclose(i.affine, imgs[0].affine) for i in imgs)
+            assert nib.aff2axcodes(imgs[0].affine) == ("I", "P", "L")
+            assert not any(np.isnan(i.get_fdata()).any() for i in imgs)
+    concepts = pd.read_csv(art.folder / "unit_concepts.csv")
+    assert set(concepts["concept"]) <= {"superior endplate", "unlabelled"}
+    assert np.all((concepts["fraction"] >= 0) & (concepts["fraction"] <= 1))
+
+
+def test_a_new_checkpoint_makes_the_dissection_stale(small_run, tmp_path):
+    import shutil
+
+    from vfcore.model import build_model
+    from vfcore.train import save_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    D.dissect_run(run, "test", 0.01, batch_size=12, progress=False)
+    D.export_units(run, top=1, top_fp=0, k=2, nifti_top=0, progress=False)
+    torch.manual_seed(1)
+    save_checkpoint(run / "model" / "best.pt", build_model("small"))    # retrained
+    from vfcore.io import sha256_file
+    with pytest.raises(StaleArtifactError, match="checkpoint_sha256"):
+        D.load_artifacts(run, expect={"checkpoint_sha256": sha256_file(run / "model" / "best.pt")})
+    with pytest.raises(StaleArtifactError, match="another checkpoint"):
+        D.export_units(run, top=1, progress=False)
+    art = D.dissect_run(run, "test", 0.01, batch_size=12, progress=False)   # redone, exports dropped
+    assert art.exemplars is None and not (run / "dissection" / "collages").exists()
+    with pytest.raises(DataValueError, match="unknown split"):
+        D.dissect_run(run, "validation", 0.01, progress=False)

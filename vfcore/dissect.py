@@ -1157,22 +1157,24 @@ def _manifest_path(run_dir: Path) -> Path:
 
 
 def _network(checkpoint: Path):
-    """(model, preset name, transform HU batch -> network input) from a checkpoint."""
+    """(model, its ``vfcore.model.Preset``, transform HU batch -> network input) from a
+    checkpoint (``vfcore.train.load_checkpoint``: weights-only, preset stored in it)."""
     from vfcore.data import to_network_input
     from vfcore.train import load_checkpoint
 
-    model, meta = load_checkpoint(checkpoint)
-    preset = model.preset.name if hasattr(model, "preset") else meta["preset"]
+    model, _ = load_checkpoint(checkpoint)
+    preset = model.preset
     return model, preset, (lambda hu: to_network_input(hu, preset))
 
 
 @dataclass
 class Network:
-    """A run's trained network as the notebooks use it: ``model``, ``preset`` (name),
-    ``layer`` (the dissected one), ``transform`` (int16 HU batch -> network input)."""
+    """A run's trained network as the notebooks use it: ``model``, ``preset``
+    (``vfcore.model.Preset``), ``layer`` (the dissected one: the preset's ``dissect_layer``),
+    ``transform`` (int16 HU batch -> network input)."""
 
     model: torch.nn.Module
-    preset: str
+    preset: object
     layer: str
     transform: Callable
 
@@ -1180,10 +1182,8 @@ class Network:
 def load_network(run_dir: str | Path, checkpoint: str | Path | None = None,
                  layer: str | None = None) -> Network:
     """The run's checkpoint (``<run>/model/best.pt``) with its preset's input transform."""
-    from vfcore.model import DISSECT_LAYER
-
     model, preset, transform = _network(_checkpoint_path(Path(run_dir), checkpoint))
-    return Network(model, preset, layer or DISSECT_LAYER[preset], transform)
+    return Network(model, preset, layer or preset.dissect_layer, transform)
 
 
 def sketch_comparison(model: torch.nn.Module, data, layer: str, T: np.ndarray, *,
@@ -1330,8 +1330,7 @@ def dissect_run(run_dir: str | Path, split: str = "test", q_tail: float = Q_TAIL
     identity = {"checkpoint_sha256": sha256_file(ckpt), "split": split, "q_tail": q_tail,
                 "manifest_sha256": sha256_file(manifest)}
     model, preset, transform = _network(ckpt)
-    from vfcore.model import DISSECT_LAYER
-    identity["layer"] = layer or DISSECT_LAYER[preset]
+    identity["layer"] = layer or preset.dissect_layer
     if not force:
         try:
             return load_artifacts(run_dir, expect=identity)
@@ -1355,7 +1354,7 @@ def dissect_run(run_dir: str | Path, split: str = "test", q_tail: float = Q_TAIL
                 transform=transform, device=device, progress=progress)
     from vfcore.runtime import pick_device
     write_artifacts(run_dir, d, identity, rows, labels, threshold=threshold, extra={
-        "checkpoint": _relative_to(ckpt, run_dir), "preset": preset,
+        "checkpoint": _relative_to(ckpt, run_dir), "preset": preset.name,
         "field": [[s.start, s.stop] for s in network_field(preset)],
         "device": str(pick_device(device)), "batch_size": batch_size})
     return load_artifacts(run_dir, expect=identity)
