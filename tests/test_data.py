@@ -1,0 +1,82 @@
+"""Network inputs, splits, class balance and the batched augmentation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from store_helpers import write_store
+from vfcore import data
+from vfcore.errors import DataValueError, MissingArtifactError
+
+NO_AUG = data.Augment(rotate=0, scale=0, shift=0, flip=0, elastic=0, p_noise=0, p_smooth=0, p_contrast=0)
+
+
+def reference_input(hu: np.ndarray, crop: int, zoom: int) -> np.ndarray:
+    """numpy: clip, scale, centre crop, block average."""
+    s = (96 - crop) // 2
+    x = (np.clip(hu[s:s + crop, s:s + crop, s:s + crop].astype(np.float64), -1000, 1000) + 1000) / 2000
+    n = crop // zoom
+    return x.reshape(n, zoom, n, zoom, n, zoom).mean(axis=(1, 3, 5))
+
+
+@pytest.mark.parametrize("preset,crop,zoom", [("paper", 64, 1), ("small", 64, 2)])
+def test_to_network_input_against_numpy(preset, crop, zoom):
+    hu = np.random.default_rng(0).integers(-1500, 2000, (96, 96, 96)).astype(np.int16)
+    got = data.to_network_input(hu, preset)
+    assert got.shape == (1, 1, crop // zoom, crop // zoom, crop // zoom)
+    np.testing.assert_allclose(got[0, 0].numpy(), reference_input(hu, crop, zoom), atol=1e-6)
+
+
+def test_bad_patch_shape():
+    with pytest.raises(DataValueError, match="at least 64"):
+        data.to_network_input(np.zeros((40, 40, 40), np.int16), "paper")
+
+
+def test_load_split_leaves_out_unlabelled(tmp_path):
+    run = write_store(tmp_path, n=30)
+    counts = {s: len(data.load_split(run, s)[1]) for s in data.SPLITS}
+    assert sum(counts.values()) == 30                 # the 'x' row is in no split
+    x, y, rows = data.load_split(run, "train")
+    assert x.shape == (len(y), 96, 96, 96) and x[np.array([0, 2])].shape == (2, 96, 96, 96)
+    assert np.array_equal(x[1], np.load(tmp_path / "patches" / rows.loc[1, "ct_path"]))
+    with pytest.raises(MissingArtifactError, match="01_preprocessing"):
+        data.load_split(tmp_path / "elsewhere", "train")
+
+
+def test_balanced_epoch_is_exactly_balanced():
+    labels = np.array([1] * 7 + [0] * 93)
+    g = torch.Generator().manual_seed(0)
+    epoch = data.balanced_epoch(labels, g)
+    assert len(epoch) == 100 and labels[epoch].sum() == 50            # perfect balance
+    assert len(set(epoch[labels[epoch] == 0])) == 50                    # negatives: no repeats
+    assert set(epoch[labels[epoch] == 1]) == set(range(7))             # positives: over-sampled
+    assert not np.array_equal(epoch, data.balanced_epoch(labels, g))   # a new draw each epoch
+    with pytest.raises(DataValueError, match="both classes"):
+        data.balanced_epoch(np.zeros(10), g)
+
+
+@pytest.mark.parametrize("preset", ["paper", "small"])
+def test_augmentation_without_randomness_is_the_plain_input(preset):
+    hu = torch.from_numpy(np.random.default_rng(1).integers(-1000, 1000, (3, 96, 96, 96)).astype(np.int16))
+    got = data.augment_batch(hu, preset, torch.Generator().manual_seed(0), NO_AUG)
+    torch.testing.assert_close(got, data.to_network_input(hu, preset), atol=1e-4, rtol=0)
+
+
+def test_flip_mirrors_the_left_right_axis():
+    hu = torch.from_numpy(np.random.default_rng(2).integers(-1000, 1000, (2, 96, 96, 96)).astype(np.int16))
+    flip = data.Augment(rotate=0, scale=0, shift=0, flip=1.0, elastic=0, p_noise=0, p_smooth=0, p_contrast=0)
+    got = data.augment_batch(hu, "paper", torch.Generator().manual_seed(0), flip)
+    torch.testing.assert_close(got, data.to_network_input(hu, "paper").flip(-1), atol=1e-5, rtol=0)
+
+
+def test_augmentation_is_applied_and_seeded():
+    hu = torch.from_numpy(np.random.default_rng(3).integers(-1000, 1000, (4, 96, 96, 96)).astype(np.int16))
+    a = data.augment_batch(hu, "small", torch.Generator().manual_seed(7))
+    b = data.augment_batch(hu, "small", torch.Generator().manual_seed(7))
+    c = data.augment_batch(hu, "small", torch.Generator().manual_seed(8))
+    plain = data.to_network_input(hu, "small")
+    assert torch.equal(a, b)                                       # the seed fixes everything
+    assert not torch.allclose(a, c)
+    per_sample = (a - plain).abs().flatten(1).mean(1)
+    assert (per_sample > 0.01).all()                               # every sample was changed

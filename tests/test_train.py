@@ -1,0 +1,103 @@
+"""Metrics against hand-computed cases; checkpoints that are weights-only; resume = same history."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from store_helpers import write_store
+from vfcore import train
+from vfcore.errors import CheckpointError
+from vfcore.model import build_model
+
+
+def test_metrics_by_hand():
+    y = [1, 1, 0, 0, 0]
+    p = [0.9, 0.4, 0.6, 0.2, 0.1]
+    m = train.classification_metrics(y, p)
+    # at 0.5: TP = 1, FP = 1, FN = 1, TN = 2
+    assert m["f1"] == pytest.approx(2 / 4) and m["accuracy"] == pytest.approx(3 / 5)
+    # pairs (pos, neg): 0.9 beats all 3; 0.4 beats 0.2 and 0.1 -> 5 of 6
+    assert m["auc"] == pytest.approx(5 / 6)
+    # ranking 0.9(+) 0.6(-) 0.4(+): AP = 0.5 * 1 + 0.5 * 2/3
+    assert m["ap"] == pytest.approx(0.5 + 1 / 3)
+
+
+def test_metrics_with_ties():
+    assert train.auc_score([1, 0], [0.5, 0.5]) == pytest.approx(0.5)
+    # one group of equal scores holding everything: precision 1/2 at recall 1
+    assert train.average_precision([1, 0], [0.3, 0.3]) == pytest.approx(0.5)
+    assert np.isnan(train.auc_score([0, 0], [0.1, 0.2]))
+
+
+def test_table1_layout():
+    per_seed = {"0": {"f1": 0.8, "accuracy": 0.9, "auc": 0.95, "ap": 0.9},
+                "1": {"f1": 0.6, "accuracy": 0.7, "auc": 0.85, "ap": 0.8}}
+    row = train.table1(per_seed).iloc[0]
+    assert row["F1 (%)"] == "70.0 ± 14.1" and row["AUC (%)"] == "90.0 ± 7.1"
+
+
+def test_checkpoint_is_weights_only_and_checked(tmp_path):
+    model = build_model("small")
+    path = train.save_checkpoint(tmp_path / "m.pt", model, epoch=3)
+    state = torch.load(path, weights_only=True)                 # plain tensors and values only
+    assert state["epoch"] == 3 and state["preset"]["name"] == "small"
+    loaded, meta = train.load_checkpoint(path)
+    assert not loaded.training and meta["epoch"] == 3
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+    with pytest.raises(CheckpointError, match="holds the 'small' network"):
+        train.load_checkpoint(path, preset="paper")
+    # a paper-preset dict claiming to be small: the weights do not fit
+    bad = torch.load(path, weights_only=True)
+    bad["model"] = build_model("paper").state_dict()
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        train.load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_pickled_objects_and_truncated_files_are_refused(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": train.FORMAT, "payload": pd.DataFrame({"a": [1]})}, evil)  # needs unpickling
+    with pytest.raises(CheckpointError, match="weights-only"):
+        train.load_checkpoint(evil)
+    good = train.save_checkpoint(tmp_path / "m.pt", build_model("small"))
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="cut.pt"):
+        train.load_checkpoint(tmp_path / "cut.pt")
+    assert pickle  # noqa: the module is there for readers: torch.save pickles, weights_only refuses
+
+
+@pytest.fixture
+def store(tmp_path):
+    torch.set_num_threads(1)
+    return write_store(tmp_path / "run", n=30)
+
+
+def test_resume_continues_the_same_history(store, tmp_path):
+    kwargs = dict(preset="small", seed=0, batch_size=4, patience=50, progress=False)
+    straight = tmp_path / "straight"
+    write_store(straight, n=30)
+    train.train_seed(straight, epochs=3, **kwargs)
+    train.train_seed(store, epochs=2, **kwargs)                  # "killed" after two epochs
+    train.train_seed(store, epochs=3, **kwargs)                  # resumed from last.pt
+    a = pd.read_csv(straight / "model" / "seed0" / "history.csv").drop(columns="samples_per_s")
+    b = pd.read_csv(store / "model" / "seed0" / "history.csv").drop(columns="samples_per_s")
+    pd.testing.assert_frame_equal(a, b)
+    wa = torch.load(straight / "model" / "seed0" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(store / "model" / "seed0" / "last.pt", weights_only=True)["model"]
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_fit_writes_metrics_and_best_checkpoint(store):
+    metrics = train.fit(store, "small", seeds=[0, 1], epochs=2, batch_size=4, progress=False)
+    assert (store / "model" / "best.pt").is_file()
+    assert set(metrics["per_seed"]) == {"0", "1"} and metrics["best_seed"] in (0, 1)
+    assert metrics["n_test"] == 6 and metrics["n_test_fractured"] == 2
+    assert metrics["test"] == metrics["per_seed"][str(metrics["best_seed"])]
+    with pytest.raises(CheckpointError, match="was trained with"):
+        train.train_seed(store, "small", 0, epochs=3, batch_size=8, progress=False)

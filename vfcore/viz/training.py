@@ -1,0 +1,88 @@
+"""Figures of notebook 02: augmentation gallery, training curves, confusion matrix, ROC and PR."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data import Augment, augment_batch, to_network_input
+
+
+def augmentation_gallery(hu: np.ndarray, preset: str, n: int = 10, seed: int = 0,
+                         aug: Augment = Augment()):
+    """One patch as the network sees it (first column) and under ``n`` augmentations:
+    mid-sagittal (top row, rows I / columns P) and mid-coronal (bottom row, columns L)."""
+    batch = torch.from_numpy(np.repeat(np.asarray(hu)[None], n, axis=0))
+    views = [to_network_input(hu, preset)[0, 0]] + list(
+        augment_batch(batch, preset, torch.Generator().manual_seed(seed), aug)[:, 0])
+    fig, axes = plt.subplots(2, n + 1, figsize=(1.5 * (n + 1), 3.2))
+    for j, v in enumerate(views):
+        mid = v.shape[0] // 2
+        axes[0, j].imshow(v[:, :, mid], cmap="gray", vmin=0.2, vmax=0.9)
+        axes[1, j].imshow(v[:, mid, :], cmap="gray", vmin=0.2, vmax=0.9)
+        axes[0, j].set_title("input" if j == 0 else f"aug {j}", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    fig.suptitle("network input without and with augmentation (top: sagittal, bottom: coronal)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(history: pd.DataFrame, ax=None):
+    """Training loss and validation F1 / AUC per epoch; the best epoch (validation F1) marked."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.2))
+    ax.plot(history["epoch"], history["loss"], label="training loss (BCE)", color="tab:gray")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    right = ax.twinx()
+    right.plot(history["epoch"], history["val_f1"], label="validation F1", color="tab:red")
+    right.plot(history["epoch"], history["val_auc"], label="validation AUC", color="tab:blue")
+    best = history.loc[history["val_f1"].idxmax(), "epoch"]
+    right.axvline(best, color="tab:red", ls=":", lw=1)
+    right.set_ylim(0, 1.02)
+    lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="lower left", fontsize=8)
+    return ax
+
+
+def _roc(y, p):
+    order = np.argsort(-p, kind="mergesort")
+    y = y[order].astype(bool)
+    tpr = np.r_[0, np.cumsum(y)] / max(y.sum(), 1)
+    fpr = np.r_[0, np.cumsum(~y)] / max((~y).sum(), 1)
+    return fpr, tpr
+
+
+def evaluation_figure(labels, probability, threshold: float = 0.5):
+    """Confusion matrix at ``threshold``, ROC curve and precision-recall curve on one figure."""
+    y, p = np.asarray(labels).astype(bool), np.asarray(probability, dtype=float)
+    pred = p >= threshold
+    cm = np.array([[(~pred & ~y).sum(), (pred & ~y).sum()], [(~pred & y).sum(), (pred & y).sum()]])
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    axes[0].imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        axes[0].text(j, i, str(v), ha="center", va="center", fontsize=12)
+    axes[0].set_xticks([0, 1], ["healthy", "fractured"])
+    axes[0].set_yticks([0, 1], ["healthy", "fractured"])
+    axes[0].set_xlabel("predicted")
+    axes[0].set_ylabel("true")
+    axes[0].set_title(f"confusion matrix (p >= {threshold})")
+    fpr, tpr = _roc(y, p)
+    axes[1].plot(fpr, tpr)
+    axes[1].plot([0, 1], [0, 1], ls=":", color="gray")
+    axes[1].set_xlabel("false positive rate")
+    axes[1].set_ylabel("true positive rate")
+    axes[1].set_title("ROC")
+    order = np.argsort(-p, kind="mergesort")
+    tp = np.cumsum(y[order])
+    axes[2].step(tp / max(y.sum(), 1), tp / np.arange(1, len(p) + 1), where="post")
+    axes[2].axhline(y.mean(), ls=":", color="gray", label="prevalence")
+    axes[2].set_xlabel("recall")
+    axes[2].set_ylabel("precision")
+    axes[2].set_ylim(0, 1.02)
+    axes[2].set_title("precision-recall")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
