@@ -2,7 +2,6 @@
 M_k, E_x, c_k (Eq. 1) and r_k (Eq. 2), hand-made models and hand-computed small cases."""
 from __future__ import annotations
 
-import itertools
 import json
 
 import nibabel as nib
@@ -53,12 +52,10 @@ def test_thresholds_equal_numpy_quantile_for_every_batch_size_and_order(q):
     rng = np.random.default_rng(1)
     a = _awkward(rng)
     ref = _ref_T(a, q)
-    results = []
     for batch in (1, 2, 5, 7, 23, 64):          # 23 samples: never a multiple of most of them
         for order in (None, rng.permutation(len(a))):
             T = _stream(a, q, batch, order, n_samples=len(a)).thresholds()
             np.testing.assert_array_equal(T, ref)
-            results.append(T)
     assert T.dtype == np.float32
 
 
