@@ -203,7 +203,9 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
               "patience": patience, "augment": augment is not None}
 
     torch.manual_seed(seed)
-    model = FractureNet(p).to(dev).to(memory_format=torch.channels_last_3d)  # faster on GPU and CPU
+    model = FractureNet(p).to(dev)
+    if dev.type == "cuda":  # on CPUs oneDNN spends tens of seconds compiling each new shape
+        model = model.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=0.0)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     generator = torch.Generator().manual_seed(seed)
@@ -238,7 +240,8 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
             hu = torch.from_numpy(train_x[ids]).to(dev, non_blocking=True)
             y = torch.from_numpy(train_y[ids]).float().to(dev)
             x = augment_batch(hu, p, generator, augment) if augment else to_network_input(hu, p)
-            x = x.contiguous(memory_format=torch.channels_last_3d)
+            if dev.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last_3d)
             with torch.autocast(dev.type, dtype=dtype) if dtype else contextlib.nullcontext():
                 loss = F.binary_cross_entropy_with_logits(step(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
