@@ -891,6 +891,11 @@ class Explorer:
         a = self._analysis_for(sample)
         return pd.DataFrame() if a is None else self.data.unit_table(a)
 
+    def pick(self, outcome: str = "TP") -> int | None:
+        """The most confident sample of an outcome (TP, FP, TN, FN), or None (none in the
+        split, or no run data: the status line says why)."""
+        return None if self.data is None else self.data.pick(outcome)
+
     @property
     def prediction_text(self) -> str:
         """The prediction line as plain text."""
