@@ -101,3 +101,11 @@ def test_fit_writes_metrics_and_best_checkpoint(store):
     assert metrics["test"] == metrics["per_seed"][str(metrics["best_seed"])]
     with pytest.raises(CheckpointError, match="was trained with"):
         train.train_seed(store, "small", 0, epochs=3, batch_size=8, progress=False)
+
+
+def test_a_rebuilt_patch_store_is_not_resumed(store):
+    """A model trained on an older patch store (other scans, other split) is detected."""
+    train.train_seed(store, "small", 0, epochs=1, batch_size=4, progress=False)
+    write_store(store, n=33, seed=1)                             # notebook 01 run again, other data
+    with pytest.raises(CheckpointError, match="manifest_sha256"):
+        train.train_seed(store, "small", 0, epochs=2, batch_size=4, progress=False)

@@ -79,16 +79,18 @@ def to_network_input(hu, preset: str | Preset) -> torch.Tensor:
 
 class PatchArray:
     """The int16 patches of some manifest rows, read lazily: ``len``, ``shape``, and indexing
-    with an int, a slice or an index array (returns a numpy array, like a stacked array)."""
+    with an int, a slice or an index array (returns a numpy array, like a stacked array).
+
+    Each access maps the file and copies the patch out; no map is kept open (every open map
+    holds a file descriptor, and a split of thousands of patches would exceed the usual limit
+    of 256-1024 open files).
+    """
 
     def __init__(self, paths: list[Path]):
         self.paths = list(paths)
-        self._maps: dict[int, np.ndarray] = {}
 
     def _get(self, i: int) -> np.ndarray:
-        if i not in self._maps:
-            self._maps[i] = np.load(self.paths[i], mmap_mode="r")
-        return self._maps[i]
+        return np.load(self.paths[i], mmap_mode="r")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -101,11 +103,16 @@ class PatchArray:
 
     def __getitem__(self, index):
         if isinstance(index, (int, np.integer)):
-            return np.asarray(self._get(int(index)))
+            return np.array(self._get(int(index)))
         ids = range(len(self))[index] if isinstance(index, slice) else np.asarray(index).ravel()
         if len(ids) == 0:
             return np.zeros((0,) + self.shape[1:], np.int16)
-        return np.stack([self._get(int(i)) for i in ids])
+        first = self._get(int(ids[0]))
+        out = np.empty((len(ids),) + first.shape, first.dtype)
+        out[0] = first
+        for j, i in enumerate(ids[1:], start=1):   # one map open at a time
+            out[j] = self._get(int(i))
+        return out
 
     def __array__(self, dtype=None, copy=None):
         out = self[:]

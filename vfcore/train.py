@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .data import Augment, augment_batch, balanced_epoch, load_split, to_network_input
 from .errors import CheckpointError
-from .io import atomic_save, versions, write_json
+from .io import atomic_save, sha256_file, versions, write_json
 from .model import FractureNet, Preset, get_preset
 from .runtime import pick_device
 
@@ -199,8 +199,11 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
 
     train_x, train_y, _ = load_split(run_dir, "train")
     val_x, val_y, _ = load_split(run_dir, "val")
+    # the manifest's checksum: a run folder whose patch store was rebuilt (other scans, other
+    # split) must not silently resume or reuse a model trained on the old one
+    manifest = sha256_file(Path(run_dir) / "patches" / "manifest.csv")
     config = {"preset": p.name, "seed": seed, "batch_size": batch_size, "lr": lr,
-              "patience": patience, "augment": augment is not None}
+              "patience": patience, "augment": augment is not None, "manifest_sha256": manifest}
 
     torch.manual_seed(seed)
     model = FractureNet(p).to(dev)
