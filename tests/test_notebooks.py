@@ -36,10 +36,17 @@ def test_series_runs_end_to_end(executed):
         assert images, f"{path.name} shows no static figure"
 
 
+#: A floor that catches a broken pipeline (shuffled labels, inputs that lost the vertebra: AUC
+#: about 0.5), not a weaker model: the quick run's test split holds only about 7 fractures.
+AUC_FLOOR = 0.65
+
+
 @pytest.mark.slow
 def test_small_preset_learns(executed):
-    """Issue 4: the CI run of notebook 02 reaches a real AUC on the phantom's test split."""
+    """Issue 4: the CI run of notebook 02 learns: test AUC well above chance."""
     run, _ = executed
     metrics = json.loads((run / "model" / "metrics.json").read_text())
-    auc = metrics["test"]["auc"] if "test" in metrics else metrics["auc"]
-    assert auc >= 0.85, f"test AUC {auc:.3f} < 0.85: the pipeline is broken"
+    auc = metrics["test"]["auc"]
+    print(f"small preset, quick run: test AUC {auc:.3f} on {metrics['n_test']} vertebrae "
+          f"({metrics['n_test_fractured']} fractured)")
+    assert auc >= AUC_FLOOR, f"test AUC {auc:.3f} < {AUC_FLOOR}: the pipeline is broken"
