@@ -2,8 +2,8 @@
 tests: the slice of a (I, P, L) volume written out per view; the mask M_k = A_k > T_k on the
 network grid with each feature voxel repeated into its block of the patch; the best slice as
 a plain loop; and the expected colour of every pixel (HU window; inside M_k a red-to-yellow
-colour by the activation, blended half and half; a cyan outline) checked against the PNG the
-widget sends."""
+colour by the activation, lowest to highest inside the mask, blended half and half; a cyan
+outline) checked against the PNG the widget sends."""
 from __future__ import annotations
 
 import re
@@ -61,12 +61,16 @@ def check_image(png: bytes, patch: np.ndarray, act: np.ndarray, mask: np.ndarray
     assert m.sum() >= min_on, "the test slice must show some of the mask"
     off = ~m
     if mode == "overlay":
-        peak = float(act[mask].max()) if mask.any() else T
-        t = np.clip((a - T) / (peak - T), 0, 1) if peak > T else np.ones_like(a)
+        low, high = (float(act[mask].min()), float(act[mask].max())) if mask.any() else (T, T)
+        t = np.clip((a - low) / (high - low), 0, 1) if high > low else np.ones_like(a)
         colour = np.stack([np.full_like(t, 255.0), 255.0 * t, np.zeros_like(t)], axis=-1)
         expected = 0.5 * grey[..., None] + 0.5 * colour
-        assert np.abs(img[m] - expected[m]).max(initial=0) <= 1.0
-        assert np.abs(img[off] - grey[off][:, None]).max(initial=0) <= 0.5 + 1e-9
+        bad_on = np.abs(img - expected).max(axis=-1) > 1.0
+        bad_off = np.abs(img - grey[..., None]).max(axis=-1) > 0.5 + 1e-9
+        assert not (bad_on & m).any(), (f"{int((bad_on & m).sum())} of {int(m.sum())} mask pixels have the "
+                                        f"wrong colour, e.g. {img[bad_on & m][:3]} vs {expected[bad_on & m][:3]}")
+        assert not (bad_off & off).any(), (f"{int((bad_off & off).sum())} pixels outside the mask are not "
+                                           f"plain CT, e.g. {img[bad_off & off][:3]} vs {grey[bad_off & off][:3]}")
     elif mode == "contour":
         # a mask pixel is on the outline when one of its 4 neighbours is outside the mask
         p = np.pad(m, 1)

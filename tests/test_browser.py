@@ -156,19 +156,27 @@ IMAGE_BYTES = """async () => {
 }"""
 
 
+# The exemplar row: one matplotlib PNG in the Output widget, decoded by the browser.
+EXEMPLARS_SHOWN = """() => {
+  const imgs = [...document.querySelectorAll('.vf-explorer .vf-exemplars img')];
+  return imgs.length === 1 && imgs[0].complete && imgs[0].naturalWidth > 0;
+}"""
+
+
 def _shown(page) -> dict:
+    """Readout, status and the image's PNG. The kernel sets the image before the texts, and
+    the front end applies updates in order, so reading the texts first means the image read
+    next is at least as new as they are."""
+    readout = page.inner_text(".vf-explorer .vf-readout")
+    status = page.inner_text(".vf-explorer .vf-status")
     img = page.evaluate(IMAGE_BYTES)
-    return {"src": img["src"], "png": base64.b64decode(img["png"]),
-            "readout": page.inner_text(".vf-explorer .vf-readout"),
-            "status": page.inner_text(".vf-explorer .vf-status")}
+    return {"src": img["src"], "png": base64.b64decode(img["png"]), "readout": readout, "status": status}
 
 
 class Reference:
     """Unit maps of one sample computed here from the checkpoint (not with vfcore.explorer)."""
 
     def __init__(self, run_dir: Path, sample_name: str):
-        import pandas as pd
-
         from vfcore import dissect as dx
 
         art = dx.load_artifacts(run_dir)
@@ -180,7 +188,6 @@ class Reference:
         A, _ = dx.activations(net.model, self.patch[None], net.layer, transform=net.transform, device="cpu")
         self.A, self.T = A[0], art.dissection.T
         self.field = art.field
-        assert isinstance(samples, pd.DataFrame)
 
     def map(self, unit: int) -> tuple[np.ndarray, np.ndarray]:
         """(activation, mask) of a unit on the patch (``explorer_reference.ref_unit``)."""
@@ -263,7 +270,7 @@ def test_notebook_05_in_chromium(lab, playwright_api, tiny_run, tmp_path):
                     timeout=30_000, polling="raf")
                 latencies.append(1000 * (time.perf_counter() - t))
                 shown = _wait_for(page, lambda: (lambda v: v if parse_readout(v["readout"])[2] == s0 + step
-                                                 else None)(_shown(page)),
+                                                 and v["src"] != old else None)(_shown(page)),
                                   f"the readout to reach slice {s0 + step}")
             s1 = s0 + 3
             assert parse_readout(shown["readout"]) == (unit0, "sagittal", s1)
@@ -275,10 +282,12 @@ def test_notebook_05_in_chromium(lab, playwright_api, tiny_run, tmp_path):
 
             # another unit from the list: the third most relevant, shown at its best slice
             t = time.perf_counter()
+            old = shown["src"]
             page.select_option(".vf-explorer .vf-unit-select select", index=2)
             unit2 = top[2]
             shown = _wait_for(page, lambda: (lambda v: v if parse_readout(v["readout"])[0] == unit2
-                                             and parse_status(v["status"])[0] == unit2 else None)(_shown(page)),
+                                             and parse_status(v["status"])[0] == unit2
+                                             and v["src"] != old else None)(_shown(page)),
                               f"unit {unit2} on screen")
             timings["unit_change_ms"] = round(1000 * (time.perf_counter() - t))
             T2 = float(ref.T[unit2])
@@ -286,6 +295,10 @@ def test_notebook_05_in_chromium(lab, playwright_api, tiny_run, tmp_path):
             assert parse_readout(shown["readout"]) == (unit2, "sagittal", s2)
             assert parse_status(shown["status"]) == (unit2, "sagittal", s2)
             check_image(shown["png"], ref.patch, *ref.map(unit2), T2, "sagittal", s2, min_on=int(fires[unit2]))
+
+            # the exemplar row follows the selected unit
+            _wait_for(page, lambda: page.inner_text(".vf-explorer .vf-exemplar-header").startswith(f"unit {unit2}:")
+                      and page.evaluate(EXEMPLARS_SHOWN), f"the exemplars of unit {unit2}", timeout_s=60)
 
             # the executed notebook also shows static figures
             assert page.locator(".jp-OutputArea-output img").count() >= 2

@@ -195,6 +195,7 @@ def test_exemplars_are_the_units_top_samples(setup):
     t = data.samples.table
     captions = [f"{t.case[i]} {t.level[i]}" for i in data.exemplars[k][:5]]
     assert [c.splitlines()[0] for c in app.exemplar_captions] == captions
+    assert app.exemplar_header.value.startswith(f"unit {k}: 5 exemplar(s)")
     fig = app.static_figure()
     assert fig is not None and len(fig.axes) >= 6
 

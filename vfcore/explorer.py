@@ -58,8 +58,8 @@ SCALE = 3
 #: Overlay modes: the mask M_k filled (alpha-blended, coloured by the activation), its
 #: outline, or none.
 MODES = ("overlay", "contour", "off")
-#: Inside M_k the colour runs from red (A_k at T_k or below) to yellow (the unit's largest
-#: activation on this sample): (255, 255 t, 0), t = clip((A_k - T_k) / (peak - T_k), 0, 1).
+#: Inside M_k the colour runs from red (the smallest upsampled activation inside the mask on
+#: this sample) to yellow (the largest): (255, 255 t, 0), t = (A_k - low) / (high - low).
 OVERLAY_ALPHA = 0.5
 CONTOUR_RGB = np.array([0.0, 255.0, 255.0])
 #: How many units by r_k the explorer lists (paper, Table 3: ten).
@@ -89,6 +89,7 @@ CSS_CLASSES = {
     "readout": "vf-readout",
     "unit_info": "vf-unit-info",
     "exemplars": "vf-exemplars",
+    "exemplar_header": "vf-exemplar-header",
     "concept_label": "vf-concept-label",
     "concept_note": "vf-concept-note",
     "concept_save": "vf-concept-save",
@@ -130,15 +131,16 @@ def render_slice(
     ct: np.ndarray,
     mask: np.ndarray | None = None,
     activation: np.ndarray | None = None,
-    threshold: float = 0.0,
-    peak: float | None = None,
+    low: float = 0.0,
+    high: float | None = None,
     mode: str = "overlay",
     scale: int = SCALE,
 ) -> np.ndarray:
     """One 2D slice as an RGB uint8 image: the CT in :data:`DISPLAY_WINDOW_HU`; inside ``mask``
-    (M_k on this slice) a colour blended over the CT (``overlay``: red at ``threshold`` T_k,
-    yellow at ``peak``, by the upsampled ``activation``) or the mask's outline in cyan
-    (``contour``). Each voxel becomes ``scale x scale`` pixels."""
+    (M_k on this slice) a colour blended half and half over the CT (``overlay``: red where the
+    upsampled ``activation`` is ``low``, yellow where it is ``high``; yellow without an
+    activation) or the mask's outline in cyan (``contour``). Each voxel becomes
+    ``scale x scale`` pixels."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
     grey = window_hu(ct)
@@ -147,8 +149,8 @@ def render_slice(
         mask = np.asarray(mask, dtype=bool)
         if mode == "overlay":
             t = np.ones(int(mask.sum()), dtype=np.float32)
-            if activation is not None and peak is not None and peak > threshold:
-                t = np.clip((np.asarray(activation)[mask] - threshold) / (peak - threshold), 0.0, 1.0)
+            if activation is not None and high is not None and high > low:
+                t = np.clip((np.asarray(activation)[mask] - low) / (high - low), 0.0, 1.0)
             colour = np.stack([np.full_like(t, 255.0), 255.0 * t, np.zeros_like(t)], axis=-1)
             rgb[mask] = (1.0 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * colour
         else:
@@ -357,13 +359,14 @@ class UnitMap:
     """One unit on one patch, ready to slice: ``activation`` = A_k(x) upsampled to the patch
     (trilinear, float32), ``mask`` = M_k(x) = A_k(x) > T_k on the network's grid, each feature
     voxel drawn as the block of the patch it summarises (``vfcore.dissect.patch_mask``, the
-    masks notebook 04 shows), ``T`` = T_k, ``peak`` = the largest upsampled activation inside
-    the mask (the top of the colour scale)."""
+    masks notebook 04 shows), ``T`` = T_k, ``low`` / ``high`` = the smallest / largest upsampled
+    activation inside the mask (the ends of the colour scale)."""
 
     activation: np.ndarray
     mask: np.ndarray
     T: float
-    peak: float
+    low: float
+    high: float
 
     @classmethod
     def from_grid(cls, A: np.ndarray, T: np.ndarray, field_slices, patch_shape) -> list["UnitMap"]:
@@ -372,14 +375,15 @@ class UnitMap:
         T = np.asarray(T, dtype=np.float64).reshape(-1)
         up = upsample_to_patch(A, field_slices, patch_shape)
         masks = patch_mask(A > T[:, None, None, None], field_slices, patch_shape)
-        return [cls(u, m, float(t), float(u[m].max()) if m.any() else float(t))
+        return [cls(u, m, float(t), float(u[m].min()) if m.any() else float(t),
+                    float(u[m].max()) if m.any() else float(t))
                 for u, m, t in zip(up, masks, T)]
 
     def render(self, patch: np.ndarray, view: str, index: int, mode: str = "overlay",
                scale: int = SCALE) -> np.ndarray:
         """The RGB picture of slice ``index`` of ``view`` (see :func:`render_slice`)."""
         return render_slice(take_slice(patch, view, index), take_slice(self.mask, view, index),
-                            take_slice(self.activation, view, index), self.T, self.peak, mode, scale)
+                            take_slice(self.activation, view, index), self.low, self.high, mode, scale)
 
     def best_slice(self, view: str) -> int:
         """The slice with the largest thresholded activation (``vfcore.dissect.best_slice``)."""
@@ -686,9 +690,10 @@ class Explorer:
                                   layout=w.Layout(width="320px")).add_class(c["slider"])
         side = PATCH_SHAPE[0] * SCALE
         self.image = w.Image(format="png", width=side, height=side).add_class(c["image"])
-        self.readout = w.HTML().add_class(c["readout"])
+        self.readout = w.HTML(layout=w.Layout(width=f"{side}px")).add_class(c["readout"])
         self.unit_info = w.HTML().add_class(c["unit_info"])
         self.exemplars = w.Output().add_class(c["exemplars"])
+        self.exemplar_header = w.HTML().add_class(c["exemplar_header"])
         self.concept_label = w.Text(description="concept", placeholder="e.g. anterior wedge",
                                     continuous_update=True).add_class(c["concept_label"])
         self.concept_note = w.Textarea(description="note", placeholder="what the unit looks at",
@@ -696,7 +701,12 @@ class Explorer:
         self.concept_save = w.Button(description="save concepts", icon="save").add_class(c["concept_save"])
         self.concept_table = w.HTML().add_class(c["concepts"])
 
-        left = w.VBox([self.view_select, self.mode_select, self.slider, self.image, self.readout])
+        legend = w.HTML("<small>Overlay: the mask M_k = A_k &gt; T_k of the selected unit, coloured by its "
+                        "upsampled activation from red (lowest) to yellow (highest); contour: its "
+                        "outline in cyan. Grey: CT, bone window "
+                        f"[{DISPLAY_WINDOW_HU[0]:.0f}, {DISPLAY_WINDOW_HU[1]:.0f}] HU.</small>",
+                        layout=w.Layout(width=f"{side}px"))
+        left = w.VBox([self.view_select, self.mode_select, self.slider, self.image, self.readout, legend])
         right = w.VBox([self.unit_select, self.keep_slice, self.unit_info,
                         w.HTML("<b>Concept of the selected unit</b>"),
                         self.concept_label, self.concept_note, self.concept_save, self.concept_table])
@@ -708,6 +718,7 @@ class Explorer:
             self.prediction,
             w.HBox([left, right]),
             w.HTML("<b>Exemplars of the selected unit</b> (its top-activating samples: its general concept)"),
+            self.exemplar_header,
             self.exemplars,
         ]).add_class(c["root"])
 
@@ -831,6 +842,8 @@ class Explorer:
         path = book.save()
         self._refresh_unit_options()
         self._show_concept_table()
+        if self.unit is not None:
+            self._show_exemplar_header()
         self._set_status(f"Saved {len(book.units)} concept label(s) to {path}.", "ok")
         return path
 
@@ -880,7 +893,7 @@ class Explorer:
         if not ex:
             axes[1, 0].text(0, 0.5, f"unit {unit}: no exemplars", fontsize=9)
         fig.suptitle(f"{a.name}, {view} view. Top: the units with the largest r_k (Eq. 2), "
-                     f"M_k = A_k > T_k coloured red (T_k) to yellow (peak). "
+                     f"M_k = A_k > T_k, coloured by A_k from red (lowest) to yellow (highest). "
                      f"Bottom: exemplars of unit {unit}", fontsize=9)
         fig.tight_layout()
         return fig
@@ -1120,28 +1133,41 @@ class Explorer:
         return f"{row['case']} {row['level']}\n{truth}, {view} {s}"
 
     def _draw_exemplars(self) -> None:
-        import matplotlib.pyplot as plt
-
         unit, view = self.unit, self.view
         ex = self.data.exemplar_maps(unit)
-        label = self.data.concepts.get(unit)["label"]
         slices = [umap.best_slice(view) for _, _, umap in ex]
         self.exemplar_captions = [self._exemplar_caption(i, view, s) for (i, _, _), s in zip(ex, slices)]
         with self.exemplars:
-            self.exemplars.clear_output(wait=True)
-            split = self.data.meta.get("split", "?")
-            print(f"unit {unit}: concept label: {label or '(none yet)'}; {len(ex)} exemplar(s): "
-                  f"the samples of the {split} split with the largest r_k of this unit")
-            if not ex:
-                return
-            fig, axes = plt.subplots(1, len(ex), figsize=(2.2 * len(ex), 2.6), squeeze=False)
-            fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.82, wspace=0.06)
-            for ax, (i, patch, umap), s in zip(axes[0], ex, slices):
-                ax.axis("off")
-                ax.imshow(umap.render(patch, view, s, "overlay", scale=1))
-                ax.set_title(self._exemplar_caption(i, view, s), fontsize=8)
-            plt.show()
-            plt.close(fig)
+            if ex:
+                self.exemplars.clear_output(wait=True)
+                self._exemplar_figure(ex, slices, view)
+            else:
+                self.exemplars.clear_output()
+        # set after the figure went out, so "unit k" here means the row shows unit k
+        self._show_exemplar_header(len(ex))
+
+    def _show_exemplar_header(self, n: int | None = None) -> None:
+        unit, split = self.unit, self.data.meta.get("split", "?")
+        n = len(self.exemplar_captions) if n is None else n
+        label = self.data.concepts.get(unit)["label"]
+        if n:
+            text = (f"unit {unit}: {n} exemplar(s), the samples of the {split} split with the "
+                    f"largest r_k of this unit; concept label: {label or '(none yet)'}")
+        else:
+            text = f"unit {unit}: no exemplars (it fires on no sample of the {split} split)"
+        self.exemplar_header.value = html.escape(text)
+
+    def _exemplar_figure(self, ex, slices, view) -> None:
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(ex), figsize=(2.2 * len(ex), 2.6), squeeze=False)
+        fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.82, wspace=0.06)
+        for ax, (i, patch, umap), s in zip(axes[0], ex, slices):
+            ax.axis("off")
+            ax.imshow(umap.render(patch, view, s, "overlay", scale=1))
+            ax.set_title(self._exemplar_caption(i, view, s), fontsize=8)
+        plt.show()
+        plt.close(fig)
 
 
 def _strip_tags(text: str) -> str:

@@ -1,0 +1,48 @@
+"""A small but real run folder for the explorer's tests: phantom -> patches -> the small preset
+trained for a few epochs -> dissection of the test split. Built once per pytest session
+(about a minute or two on 2 CPU cores) and shared by every test module that imports the
+``tiny_run`` fixture.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+#: Phantom size and fracture prevalence: enough fractures that the test split has positives.
+N_SCANS = 6
+PREVALENCE = 0.4
+EPOCHS = 3
+
+_BUILT: dict[str, Path] = {}
+
+
+def build_tiny_run(run_dir: Path) -> Path:
+    """Write the tiny run into ``run_dir`` (and its phantom into ``run_dir/data``)."""
+    import torch
+
+    from vfcore.dissect import dissect_run
+    from vfcore.patches import extract_patches
+    from vfcore.phantom import write_phantom_root
+    from vfcore.train import fit
+
+    torch.manual_seed(0)
+    root = write_phantom_root(run_dir / "data", n_scans=N_SCANS, seed=0, prevalence=PREVALENCE,
+                              workers=1, progress=False)
+    extract_patches(root, run_dir, workers=1, seed=0, progress=False)
+    fit(run_dir, preset="small", epochs=EPOCHS, seeds=[0], progress=False)
+    dissect_run(run_dir, split="test", progress=False)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The tiny run (built once per session). While developing, ``VFCORE_TINY_RUN=<folder>``
+    reuses a run built earlier with :func:`build_tiny_run` (its dissection must be complete)."""
+    reuse = os.environ.get("VFCORE_TINY_RUN")
+    if reuse and (Path(reuse) / "dissection" / "meta.json").is_file():
+        return Path(reuse)
+    if "run" not in _BUILT:
+        _BUILT["run"] = build_tiny_run(tmp_path_factory.mktemp("tiny") / "run")
+    return _BUILT["run"]
