@@ -437,6 +437,7 @@ class RunData:
     concepts: ConceptBook
     meta: dict = field(default_factory=dict)
     concept_names: dict[int, str] = field(default_factory=dict)  # phantom concept labels
+    c_rank: np.ndarray | None = None  # rank by c_k as the dissection wrote it (its tie-breaks)
     _exemplar_cache: "OrderedDict[int, list]" = field(default_factory=OrderedDict, repr=False)
 
     #: columns of ``samples.table``: case, level, label, grade, fracture (0/1),
@@ -448,7 +449,10 @@ class RunData:
 
     @functools.cached_property
     def rank(self) -> np.ndarray:
-        """c_k rank of every unit, 1 = most correlated with true positives (NaN c_k last)."""
+        """c_k rank of every unit, 1 = most correlated with true positives: ``c_rank`` (the
+        dissection's ranking table) if given, else by c_k, ties by unit (NaN c_k last)."""
+        if self.c_rank is not None:
+            return np.asarray(self.c_rank, dtype=int)
         c = np.where(np.isfinite(self.c_k), self.c_k, -np.inf)
         order = np.argsort(-c, kind="stable")
         rank = np.empty(len(c), dtype=int)
@@ -580,9 +584,12 @@ def _load_run_data(run_dir: Path, split: str = "test", device: str | None = None
         "checkpoint_sha256": checkpoint_sha, "split": split, "layer": net.layer,
         "manifest_sha256": sha256_file(run_dir / "patches" / "manifest.csv")})
     d = art.dissection
-    c_k = np.full(d.n_units, np.nan)
-    if art.ranking_tp is not None:
-        c_k[art.ranking_tp["unit"].to_numpy(dtype=int)] = art.ranking_tp["c_k"].to_numpy(dtype=float)
+    c_k, c_rank = np.full(d.n_units, np.nan), None
+    if art.ranking_tp is not None:  # rank 1 = largest c_k; ties as notebook 04 shows them
+        units = art.ranking_tp["unit"].to_numpy(dtype=int)
+        c_k[units] = art.ranking_tp["c_k"].to_numpy(dtype=float)
+        c_rank = np.full(d.n_units, d.n_units, dtype=int)
+        c_rank[units] = art.ranking_tp["rank"].to_numpy(dtype=int)
     table = art.samples.copy()
     table.index = pd.RangeIndex(len(table))
     root = run_dir / "patches"
@@ -617,7 +624,7 @@ def _load_run_data(run_dir: Path, split: str = "test", device: str | None = None
         exemplars=dx.exemplars(d, None, k=N_EXEMPLARS, by="r"), activations=activations,
         field=tuple(field_slices), min_input=tuple(s.stop - s.start for s in field_slices),
         concepts=ConceptBook.load(run_dir / CONCEPTS_FILE, checkpoint_sha, net.layer),
-        meta=meta, concept_names=dx.concept_names(run_dir) or {},
+        meta=meta, concept_names=dx.concept_names(run_dir) or {}, c_rank=c_rank,
     )
 
 
@@ -873,7 +880,7 @@ class Explorer:
         units = a.top[:n_units]
         ex = self.data.exemplar_maps(unit)
         ncols = max(len(units) + 1, len(ex), 1)
-        fig, axes = plt.subplots(2, ncols, figsize=(2.3 * ncols, 5.2), squeeze=False)
+        fig, axes = plt.subplots(2, ncols, figsize=(2.3 * ncols, 5.8), squeeze=False)
         for ax in axes.ravel():
             ax.axis("off")
         mid = a.patch.shape[VIEWS[view]] // 2
@@ -895,7 +902,7 @@ class Explorer:
         fig.suptitle(f"{a.name}, {view} view. Top: the units with the largest r_k (Eq. 2), "
                      f"M_k = A_k > T_k, coloured by A_k from red (lowest) to yellow (highest). "
                      f"Bottom: exemplars of unit {unit}", fontsize=9)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.96), h_pad=1.5)
         return fig
 
     def unit_table(self, sample: int | str | None = None) -> pd.DataFrame:

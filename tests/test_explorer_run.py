@@ -1,0 +1,115 @@
+"""The explorer on a real (small) run folder: what it reads must agree with the dissection.
+
+The run is ``tiny_run`` (phantom -> patches -> small preset -> dissection, built once per
+session). References: ``dissection/samples.csv`` and ``stats.npz`` written by the dissection
+pass (r_k there comes from the pass's top-m buffer, not from the explorer's direct
+computation), and the NIfTI export of notebook 04 (``vfcore.dissect.write_nifti_exemplar``
+in the scan's world frame) read back through the upload path.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from explorer_reference import parse_readout, parse_status
+from tiny_run import tiny_run  # noqa: F401  (fixture: a small real run folder)
+from vfcore import dissect as dx
+from vfcore.explorer import Explorer, RunData, explore
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data(tiny_run):  # noqa: F811
+    return RunData.from_run(tiny_run)
+
+
+def test_sample_list_is_the_dissected_split(tiny_run, data):  # noqa: F811
+    samples = pd.read_csv(tiny_run / "dissection" / "samples.csv", dtype={"case": str, "level": str})
+    app = Explorer(data)
+    assert [v for _, v in app.sample_select.options] == list(range(len(samples)))
+    for (label, i), (_, row) in zip(app.sample_select.options, samples.iterrows()):
+        assert label.startswith(f"{row['case']} {row['level']} ·") and label.endswith(f"· {row['outcome']}")
+        assert f"p = {row['probability']:.2f}" in label
+    counts = samples["outcome"].value_counts()
+    assert [lab for lab, _ in app.filter.options][1:] == [f"{o} ({int(counts.get(o, 0))})"
+                                                          for o in ("TP", "FP", "TN", "FN")]
+    ranking = pd.read_csv(tiny_run / "dissection" / "ranking_tp.csv")
+    assert list(data.rank[ranking["unit"]]) == list(range(1, len(ranking) + 1))
+    with np.load(tiny_run / "dissection" / "thresholds.npz") as t:
+        np.testing.assert_array_equal(data.thresholds, t["T"].astype(np.float64))
+
+
+def test_relevance_probability_and_masks_match_the_dissection_pass(tiny_run, data):  # noqa: F811
+    with np.load(tiny_run / "dissection" / "stats.npz") as s:
+        r, prob, mask_size = s["r"], s["probability"], s["mask_size"]
+    grid = json.loads((tiny_run / "dissection" / "meta.json").read_text())["spatial_shape"][0]
+    block = (data.field[0].stop - data.field[0].start) // grid  # patch voxels per feature voxel
+    for i in range(len(r)):
+        a = data.analyse_sample(i)
+        np.testing.assert_allclose(a.relevance, r[i], rtol=1e-4, atol=1e-6)
+        assert a.probability == pytest.approx(float(prob[i]), abs=1e-5)
+        for k in a.top:  # M_k on the patch: |M_k| feature voxels, each a block^3 cube
+            assert int(a.maps[k].mask.sum()) == int(mask_size[i, k]) * block ** 3
+
+
+def test_upload_of_an_exported_nifti_gives_the_same_analysis(tiny_run, data, tmp_path):  # noqa: F811
+    """Notebook 04 exports exemplar patches as NIfTI in the scan's world frame; uploading one
+    must give back the stored patch (reoriented to (I, P, L)) and the same units."""
+    samples = data.samples.table
+    i = int(samples.index[-1])
+    patch = data.samples.load(i)
+    affine = dx.patch_world_affine(tiny_run, samples.loc[i, "case"], int(samples.loc[i, "label"]))
+    paths = dx.write_nifti_exemplar(tmp_path, "x", patch, np.zeros(patch.shape, np.float32), 1.0, affine)
+    app = Explorer(data)
+    app.select_sample(i)
+    expected_top = list(app.analysis.top)
+    raw = paths["ct"].read_bytes()
+    app.load_upload("exported_ct.nii.gz", raw)
+    assert app.analysis.name == "upload exported_ct.nii.gz", app.status_text
+    np.testing.assert_array_equal(app.analysis.patch, patch)
+    assert app.analysis.top == expected_top
+    app.load_upload("exported_ct.nii", gzip.decompress(raw))
+    np.testing.assert_array_equal(app.analysis.patch, patch)
+    k, view, s = parse_readout(app)
+    assert parse_status(app) == (k, view, s) and k == expected_top[0]
+
+
+def _partial_run(src, dst, parts):
+    """A run folder holding only some stages (links to the tiny run's files)."""
+    dst.mkdir()
+    for part in parts:
+        if part == "dissection":
+            shutil.copytree(src / part, dst / part)
+        else:
+            (dst / part).symlink_to(src / part, target_is_directory=True)
+    return dst
+
+
+@pytest.mark.parametrize("parts, notebook", [
+    ((), "01_preprocessing"),
+    (("patches",), "02_training"),
+    (("patches", "model"), "03_quantile_thresholding"),
+])
+def test_missing_stages_name_their_notebook(tiny_run, tmp_path, parts, notebook):  # noqa: F811
+    app = explore(_partial_run(tiny_run, tmp_path / "run", parts))
+    assert f"notebooks/{notebook}.ipynb" in app.status_text, app.status_text
+    assert app.analysis is None and app.slider.disabled
+    app.select_sample(0)  # a call from the notebook: a message, no exception
+    assert app.analysis is None and "no run data" in app.status_text
+
+
+def test_stale_dissection_is_a_message(tiny_run, tmp_path):  # noqa: F811
+    run = _partial_run(tiny_run, tmp_path / "run", ("patches", "model", "dissection"))
+    meta_path = run / "dissection" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["checkpoint_sha256"] = "0" * 64  # made with another checkpoint
+    meta_path.write_text(json.dumps(meta))
+    app = explore(run)
+    assert "stale" in app.status_text and "03_quantile_thresholding" in app.status_text, app.status_text
+    assert app.analysis is None
