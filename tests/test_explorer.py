@@ -310,6 +310,21 @@ def test_unreadable_concepts_file_is_kept(tmp_path):
     assert json.loads((tmp_path / "concepts.json").read_text())["units"][str(app.unit)]["label"] == "x"
 
 
+def test_a_failed_save_keeps_the_labels(tmp_path):
+    data, _ = syn.make_run_data(tmp_path)
+    (tmp_path / "concepts.json").mkdir()  # the target cannot be replaced by a file
+    app = Explorer(data)
+    app.select_sample(9)
+    app.concept_label.value = "endplate"
+    app.concept_save.click()
+    assert "could not be written" in app.status_text and "kept" in app.status_text
+    assert data.concepts.units == {app.unit: {"label": "endplate", "note": ""}} and data.concepts.dirty
+    (tmp_path / "concepts.json").rmdir()
+    app.concept_save.click()
+    assert json.loads((tmp_path / "concepts.json").read_text())["units"] == {
+        str(app.unit): {"label": "endplate", "note": ""}}
+
+
 def test_concepts_of_another_checkpoint_warn(tmp_path):
     (tmp_path / "concepts.json").write_text(json.dumps(
         {"checkpoint_sha256": "other", "units": {"3": {"label": "a", "note": ""}}}))

@@ -846,7 +846,11 @@ class Explorer:
         """Write the concept dictionary to ``<run>/concepts.json`` (atomically)."""
         self._require_data()
         book = self.data.concepts
-        path = book.save()
+        try:
+            path = book.save()
+        except OSError as exc:
+            raise InputError(book.path, f"could not be written ({exc.strerror or exc}); your "
+                                        f"{len(book.units)} label(s) are kept here, save again later") from None
         self._refresh_unit_options()
         self._show_concept_table()
         if self.unit is not None:
