@@ -546,3 +546,20 @@ def test_a_new_checkpoint_makes_the_dissection_stale(small_run, tmp_path):
     assert art.exemplars is None and not (run / "dissection" / "collages").exists()
     with pytest.raises(DataValueError, match="unknown split"):
         D.dissect_run(run, "validation", 0.01, progress=False)
+
+
+def test_bad_checkpoint_and_missing_inputs_name_the_problem(small_run, tmp_path):
+    import shutil
+
+    from vfcore.errors import CheckpointError
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    (run / "model" / "best.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError):
+        D.dissect_run(run, "test", progress=False)
+    (run / "model" / "best.pt").unlink()
+    with pytest.raises(MissingArtifactError, match="02_training"):
+        D.dissect_run(run, "test", progress=False)
+    with pytest.raises(MissingArtifactError, match="01_preprocessing"):
+        D.dissect_run(tmp_path / "empty", "test", checkpoint=small_run / "model" / "best.pt", progress=False)
