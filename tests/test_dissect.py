@@ -356,8 +356,13 @@ def test_concept_overlap_by_hand():
     t = D.concept_overlap(mask, concepts, {1: "superior endplate"}).set_index("concept")
     assert t.loc["superior endplate", "fraction"] == 0.5
     assert t.loc["superior endplate", "iou"] == 2 / 6
+    assert t.loc["superior endplate", "share"] == 4 / 64
+    assert t.loc["superior endplate", "lift"] == 0.5 / (4 / 64)
+    f = D.concept_overlap(mask, concepts, {1: "superior endplate"}, (slice(0, 1),) * 3).set_index("concept")
+    assert f.loc["superior endplate", "share"] == 1.0    # only voxel (0, 0, 0) is visible
+    assert list(f.index) == ["superior endplate"] and f.loc["superior endplate", "fraction"] == 1.0
     assert t.loc["intervertebral disc", "fraction"] == 0.25
-    assert t.loc["unlabelled", "fraction"] == 0.25
+    assert t.loc["background", "fraction"] == 0.25
     assert D.concept_overlap(np.zeros_like(mask), concepts, {}).empty
     v = np.zeros((4, 4, 4), np.int16)
     v[0, 0] = 20
@@ -521,7 +526,7 @@ def test_dissect_run_and_exports(small_run):
             assert nib.aff2axcodes(imgs[0].affine) == ("I", "P", "L")
             assert not any(np.isnan(i.get_fdata()).any() for i in imgs)
     concepts = pd.read_csv(art.folder / "unit_concepts.csv")
-    assert set(concepts["concept"]) <= {"superior endplate", "unlabelled"}
+    assert set(concepts["concept"]) <= {"superior endplate", "background"}
     assert np.all((concepts["fraction"] >= 0) & (concepts["fraction"] <= 1))
 
 

@@ -941,30 +941,36 @@ def concept_overlap(mask: np.ndarray, concepts: np.ndarray, names: Mapping[int, 
                     field: Sequence[slice] | None = None) -> pd.DataFrame:
     """What a unit's mask covers, measured against a ground-truth concept mask (the phantom).
 
-    ``mask`` bool (the upsampled activation above T_k, patch shape), ``concepts`` the concept
+    ``mask`` bool (the unit's mask on the patch, :func:`patch_mask`), ``concepts`` the concept
     labels of the same patch. Per concept name: ``fraction`` = |mask & C| / |mask| (how much of
-    what the unit marks is C) and ``iou`` = |mask & C| / |mask | C| (C restricted to ``field``,
-    the part of the patch the network sees). Sorted by fraction; empty for an empty mask.
+    what the unit marks is C), ``iou`` = |mask & C| / |mask | C|, ``share`` = |C| / |field|
+    (how much of what the network sees is C) and ``lift`` = fraction / share (above 1: the unit
+    prefers C to a random block of the field; a mask block is 8-16 mm wide, so fractions are
+    diluted and the lift tells more). C is restricted to ``field``, the part of the patch the
+    network sees (and so is the mask). Sorted by fraction; empty for an empty mask.
     """
     mask = np.asarray(mask, dtype=bool)
     concepts = np.asarray(concepts)
-    if field is not None:
-        visible = np.zeros(mask.shape, dtype=bool)
-        visible[tuple(field)] = True
-        concepts = np.where(visible, concepts, 0)
+    visible = np.zeros(mask.shape, dtype=bool)
+    visible[tuple(field) if field is not None else ...] = True
+    concepts = np.where(visible, concepts, 0)
+    mask = mask & visible
     total = int(mask.sum())
     rows = []
     if total:
         groups: dict[str, np.ndarray] = {}
         for value in np.unique(concepts):
-            name = "unlabelled" if value == 0 else concept_group(value, names)
+            name = "background" if value == 0 else concept_group(value, names)
             groups[name] = groups.get(name, np.zeros(mask.shape, dtype=bool)) | (concepts == value)
+        n_visible = int(visible.sum())
         for name, c in groups.items():
             inter = int((mask & c).sum())
             if inter:
+                share = int((c & visible).sum()) / n_visible
                 rows.append({"concept": name, "fraction": inter / total,
-                             "iou": inter / int((mask | c).sum())})
-    table = pd.DataFrame(rows, columns=["concept", "fraction", "iou"])
+                             "iou": inter / int((mask | c).sum()), "share": share,
+                             "lift": inter / total / share})
+    table = pd.DataFrame(rows, columns=["concept", "fraction", "iou", "share", "lift"])
     return table.sort_values(["fraction", "concept"], ascending=[False, True]).reset_index(drop=True)
 
 
@@ -1535,11 +1541,17 @@ def _export_unit(run_dir: Path, folder: Path, art: DissectionArtifacts, role: st
     plt.close(fig)
     concept_rows, measured = [], ""
     if overlaps:
-        summary = (pd.concat(overlaps).groupby("concept")[["fraction", "iou"]].sum() / len(overlaps)) \
-            .sort_values("fraction", ascending=False)
+        long = pd.concat(overlaps)
+        summary = long.groupby("concept")[["fraction", "iou"]].sum() / len(overlaps)   # absent = 0
+        summary["share"] = long.groupby("concept")["share"].mean()
+        summary["lift"] = summary["fraction"] / summary["share"]
+        summary = summary.sort_values("fraction", ascending=False)
         concept_rows = [{"unit": unit, "role": role, "concept": name, "fraction": r["fraction"],
-                         "iou": r["iou"], "n_masks": len(overlaps)} for name, r in summary.iterrows()]
-        measured = ", ".join(f"{name} {fr:.0%}" for name, fr in summary["fraction"].head(3).items())
+                         "iou": r["iou"], "share": r["share"], "lift": r["lift"], "n_masks": len(overlaps)}
+                        for name, r in summary.iterrows()]
+        named = summary.drop(index="background", errors="ignore")   # concept 0: no structure
+        measured = ", ".join(f"{name} {r['fraction']:.0%} (x{r['lift']:.1f})"
+                             for name, r in named.head(3).iterrows())
     w = {key: float(np.mean([x[key] for x in where])) if where else None
          for key in ("target", "adjacent", "outside")}
     row = {"role": role, "rank": rank, "unit": unit, "c": c, "subset": sub, "n_exemplars": len(idx),
