@@ -47,15 +47,21 @@ def test_sample_list_is_the_dissected_split(tiny_run, data):  # noqa: F811
 
 def test_relevance_probability_and_masks_match_the_dissection_pass(tiny_run, data):  # noqa: F811
     with np.load(tiny_run / "dissection" / "stats.npz") as s:
-        r, prob, mask_size = s["r"], s["probability"], s["mask_size"]
+        r, prob, mask_size, peak = s["r"], s["probability"], s["mask_size"], s["max"]
     grid = json.loads((tiny_run / "dissection" / "meta.json").read_text())["spatial_shape"][0]
     block = (data.field[0].stop - data.field[0].start) // grid  # patch voxels per feature voxel
+    # T_k is itself an activation value (an order statistic): a unit whose peak lies within float
+    # noise of T_k can flip M_k between a batched pass and a single-sample pass (convolution
+    # kernels round differently per batch size). Those units are compared nowhere else.
+    at_threshold = np.abs(peak - data.thresholds[None, :]) <= 1e-4 * np.maximum(1.0, np.abs(peak))
     for i in range(len(r)):
         a = data.analyse_sample(i)
-        np.testing.assert_allclose(a.relevance, r[i], rtol=1e-4, atol=1e-6)
+        keep = ~at_threshold[i]
+        np.testing.assert_allclose(a.relevance[keep], r[i][keep], rtol=1e-4, atol=1e-6)
         assert a.probability == pytest.approx(float(prob[i]), abs=1e-5)
         for k in a.top:  # M_k on the patch: |M_k| feature voxels, each a block^3 cube
-            assert int(a.maps[k].mask.sum()) == int(mask_size[i, k]) * block ** 3
+            if keep[k]:
+                assert int(a.maps[k].mask.sum()) == int(mask_size[i, k]) * block ** 3
 
 
 def test_upload_of_an_exported_nifti_gives_the_same_analysis(tiny_run, data, tmp_path):  # noqa: F811
