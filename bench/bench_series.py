@@ -14,7 +14,7 @@ descendants (the notebook kernels and their worker processes) from ``/proc``:
 Wall time, CPU time (user + system of the whole tree, ``os.times``) and per-notebook wall time
 (from the runner's log lines) are printed at the end and written to ``<run>/bench_series.json``.
 
-    python bench/bench_series.py [--run /tmp/series-run] [--keep]
+    python bench/bench_series.py [--run /tmp/series-run] [--keep] [--cell-timeout 3600]
 """
 from __future__ import annotations
 
@@ -119,6 +119,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", help="run folder (default: a fresh temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary run folder")
+    ap.add_argument("--cell-timeout", type=int, default=3600,
+                    help="seconds one cell may run before the series counts as failed")
     args = ap.parse_args()
 
     from vfcore.notebooks import run_notebooks
@@ -136,7 +138,7 @@ def main() -> None:
     error = None
     real_stdout, sys.stdout = sys.stdout, tee
     try:
-        executed = run_notebooks(run, quick=True)
+        executed = run_notebooks(run, quick=True, cell_timeout=args.cell_timeout)
     except Exception as exc:  # report the figures up to the failure, then the error
         executed, error = [], f"{type(exc).__name__}: {exc}"
     finally:
