@@ -83,6 +83,32 @@ def test_augmentation_is_applied_and_seeded():
     assert (per_sample > 0.01).all()                               # every sample was changed
 
 
+
+def _box_height(x: torch.Tensor) -> torch.Tensor:
+    """Extent (voxels) of the bright box along the I axis of network inputs [B, 1, S, S, S]."""
+    return (x[:, 0] > 0.5).any(dim=3).any(dim=2).sum(1).float()
+
+
+def test_named_augmentations():
+    assert data.get_augment("paper") == data.Augment() and data.get_augment(None) is None
+    light = data.get_augment("light")
+    assert data.get_augment(light) is light
+    with pytest.raises(KeyError, match="choose one of"):
+        data.get_augment("heavy")
+    # a 24 mm high bright "body" in air: the light augmentation changes its height less
+    hu = np.full((32, 96, 96, 96), -1000, np.int16)
+    hu[:, 36:60, 32:64, 32:64] = 1000
+    hu = torch.from_numpy(hu)
+    spatial = dict(p_noise=0, p_smooth=0, p_contrast=0)        # heights only from geometry
+    plain = _box_height(data.to_network_input(hu, "paper"))
+    assert (plain == 24).all()
+    change = {}
+    for name in ("paper", "light"):
+        aug = data.Augment(**{**data.get_augment(name).__dict__, **spatial})
+        got = _box_height(data.augment_batch(hu, "paper", torch.Generator().manual_seed(0), aug))
+        change[name] = ((got - plain).abs() / plain).mean().item()
+    assert 0 < change["light"] < change["paper"] / 2, change
+
 def test_patch_array_keeps_no_file_open(tmp_path):
     """A split of thousands of patches must not hit the open-file limit (256 on macOS)."""
     import os

@@ -109,3 +109,14 @@ def test_a_rebuilt_patch_store_is_not_resumed(store):
     write_store(store, n=33, seed=1)                             # notebook 01 run again, other data
     with pytest.raises(CheckpointError, match="manifest_sha256"):
         train.train_seed(store, "small", 0, epochs=2, batch_size=4, progress=False)
+
+
+def test_the_augmentation_is_part_of_the_config(store):
+    """A run trained with one augmentation is not silently continued with another."""
+    train.train_seed(store, "small", 0, epochs=1, batch_size=4, augment="light", progress=False)
+    state = torch.load(store / "model" / "seed0" / "last.pt", weights_only=True)
+    assert state["config"]["augment"]["rotate"] == 5.0 and state["config"]["augment"]["elastic"] == 0.5
+    with pytest.raises(CheckpointError, match="was trained with"):
+        train.train_seed(store, "small", 0, epochs=2, batch_size=4, augment="paper", progress=False)
+    train.train_seed(store, "small", 0, epochs=2, batch_size=4, augment="light", progress=False)
+    assert len(pd.read_csv(store / "model" / "seed0" / "history.csv")) == 2

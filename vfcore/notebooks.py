@@ -24,7 +24,7 @@ BRANCH = "main"
 #: Notebooks not named here run with their own defaults.
 QUICK: dict[str, dict] = {
     "01_preprocessing": {"N_SCANS": 48, "WORKERS": 1},
-    "02_training": {"PRESET": "small", "EPOCHS": 30, "SEEDS": [0], "PATIENCE": 30, "AUGMENT": False},
+    "02_training": {"PRESET": "small", "EPOCHS": 30, "SEEDS": [0], "PATIENCE": 30, "AUGMENT": None},
     "03_quantile_thresholding": {},
     "04_correlation_ranking": {},
     "05_concept_explorer": {},

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .data import Augment, augment_batch, balanced_epoch, load_split, to_network_input
+from .data import Augment, augment_batch, balanced_epoch, get_augment, load_split, to_network_input
 from .errors import CheckpointError
 from .io import atomic_save, sha256_file, versions, write_json
 from .model import FractureNet, Preset, get_preset
@@ -178,10 +179,13 @@ def _set_rng_state(generator: torch.Generator, state: dict) -> None:
 
 def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 0, *,
                epochs: int | None = None, batch_size: int | None = None,
-               patience: int | None = None, lr: float = 1e-3, augment: Augment | None = Augment(),
+               patience: int | None = None, lr: float = 1e-3, augment: Augment | str | None = "paper",
                device: str | None = None, compile: bool = False, progress: bool = True,
                on_epoch=None) -> Path:
     """Train one seed into ``<run>/model/seed<seed>/``; resume from its ``last.pt`` if present.
+
+    ``augment``: an :class:`~vfcore.data.Augment`, a name in ``vfcore.data.AUGMENTATIONS``
+    (``"paper"``, ``"light"``) or ``None`` (no augmentation).
 
     Returns the folder. ``on_epoch(history_row)`` is called after every epoch (live plots).
     """
@@ -191,6 +195,7 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
     epochs = p.max_epochs if epochs is None else epochs
     batch_size = p.batch_size if batch_size is None else batch_size
     patience = p.patience if patience is None else patience
+    augment = get_augment(augment)
     folder = Path(run_dir) / "model" / f"seed{seed}"
     dev = pick_device(device)
     dtype, use_scaler = _precision(dev)
@@ -203,7 +208,7 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
     # split) must not silently resume or reuse a model trained on the old one
     manifest = sha256_file(Path(run_dir) / "patches" / "manifest.csv")
     config = {"preset": p.name, "seed": seed, "batch_size": batch_size, "lr": lr,
-              "patience": patience, "augment": augment is not None, "manifest_sha256": manifest}
+              "patience": patience, "augment": asdict(augment) if augment else None, "manifest_sha256": manifest}
 
     torch.manual_seed(seed)
     model = FractureNet(p).to(dev)
@@ -273,7 +278,7 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
 
 def fit(run_dir: str | Path, preset: str | Preset = "small", *, seeds=(0,), epochs: int | None = None,
         batch_size: int | None = None, patience: int | None = None, lr: float = 1e-3,
-        augment: Augment | None = Augment(), device: str | None = None, compile: bool = False,
+        augment: Augment | str | None = "paper", device: str | None = None, compile: bool = False,
         progress: bool = True, on_epoch=None) -> dict:
     """Train every seed, test each best checkpoint, write ``<run>/model/metrics.json``.
 
