@@ -68,6 +68,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from vfcore import dissect as D
+    from vfcore.dissect.capture import _autocast, _batches
     from vfcore.data import to_network_input
     from vfcore.model import DISSECT_LAYER, build_model
     from vfcore.runtime import describe_runtime, pick_device
@@ -111,11 +112,11 @@ def main() -> None:
 
     def forward_only():
         with torch.inference_mode():
-            for x in D._batches(patches, batch, device):
+            for x in _batches(patches, batch, device):
                 x = transform(x)
                 if gpu:
                     x = x.contiguous(memory_format=torch.channels_last_3d)
-                with D._autocast(device, True):
+                with _autocast(device, True):
                     model(x)
 
     def exact():
@@ -125,11 +126,11 @@ def main() -> None:
     def sketched():
         sketch = D.SampledQuantile(args.q, resolution=1024, seed=0)
         with torch.inference_mode(), D.capture(model, layer) as out:
-            for x in D._batches(patches, batch, device):
+            for x in _batches(patches, batch, device):
                 x = transform(x)
                 if gpu:
                     x = x.contiguous(memory_format=torch.channels_last_3d)
-                with D._autocast(device, True):
+                with _autocast(device, True):
                     model(x)
                 sketch.update(out.pop().float())
         return sketch.thresholds()
@@ -157,8 +158,8 @@ def main() -> None:
     counts_exact = np.zeros(d.n_units)
     counts_sketch = np.zeros(d.n_units)
     with torch.inference_mode(), D.capture(model, layer) as out:
-        for x in D._batches(patches, batch, device):
-            with D._autocast(device, True):
+        for x in _batches(patches, batch, device):
+            with _autocast(device, True):
                 model(transform(x))
             A = out.pop().float()
             counts_exact += D.tail_fraction(A, d.T) * A.shape[0] * P

@@ -255,7 +255,7 @@ def augment_batch(hu: torch.Tensor, preset: str | Preset, generator: torch.Gener
     x = scale_hu(_as_batch(hu))                                       # [B, 1, 96, 96, 96]
     if p.zoom > 1:  # average zoom^3 blocks first: the same voxels as to_network_input's
         x = F.avg_pool3d(x, p.zoom)
-    b, device, size = x.shape[0], x.device, x.shape[-1]
+    b, device = x.shape[0], x.device
     out = p.input_size
 
     def uniform(*shape, low=-1.0, high=1.0):

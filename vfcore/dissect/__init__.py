@@ -1,0 +1,69 @@
+"""Network dissection, exactly: thresholds T_k, masks M_k, enabled sets E_x, c_k (Eq. 1), r_k (Eq. 2).
+
+The paper (Engstler, Keicher et al. 2022, Sec. 2.2-2.3 and 4.1) dissects the last encoder layer
+(``down_tr512``: K = 512 units on an 8^3 grid) of the fracture classifier:
+
+* T_k, per unit k, such that P(a_k > T_k) = q_tail over every position of every sample of a
+  split (q_tail = 0.005 in the paper; the published code used 0.01);
+* M_k(x) = A_k(x) > T_k (a binary map), E_x = {k | sum M_k(x) > 0} (the units that fire on x);
+* c_k = |{x in P : k in E_x}| / |P| (Eq. 1), P = the true-positive predictions;
+* r_k(x) = sum(M_k(x) * A_k(x)) (Eq. 2), the relevance of unit k for one inference.
+
+What this module does differently from the published code (``../shared/research/
+upstream_review.md``): T_k is *exact* (equal to ``numpy.quantile(values, 1 - q_tail)`` for
+every unit) instead of a sampled sketch over the first 500 samples; the model is in eval mode
+(no batch statistics, so a sample's activations do not depend on its batch); P is the set of
+true-positive *predictions* (ground-truth positives as an option); the false-positive variant
+divides by the number of false positives; exemplars come only from the requested subset.
+
+How one pass gives everything (:func:`dissect`): T_k is known only after the whole split has
+been seen, yet r_k(x) and M_k(x) need it. Every value above T_k is among the m largest values
+of unit k (m = ceil(q_tail (n - 1)) + 1, n = N x positions), and :class:`TopQuantile` keeps
+exactly those m values *with their sample and position*. After the pass, the kept values
+above T_k are the masks M_k of every sample (the "tail"), so r_k(x), |M_k(x)| and E_x follow
+exactly, with no second forward pass and without storing the layer's activations (which
+for 10,000 vertebrae x 512 units x 8^3 would be 10 GB in float32; the buffer is 0.5 % of it).
+The per-sample maximum and mean of every unit are accumulated on the way ([N, K] arrays).
+
+The sub-package, one step a module (all names are importable from ``vfcore.dissect``):
+
+* :mod:`~vfcore.dissect.capture`: forward hooks on a named layer, eval mode, activations;
+* :mod:`~vfcore.dissect.quantile`: T_k, exact (:class:`TopQuantile`) and sketched
+  (:class:`SampledQuantile`, for comparison);
+* :mod:`~vfcore.dissect.dissection`: the one pass, :func:`dissect` -> :class:`Dissection`;
+* :mod:`~vfcore.dissect.ranking`: Eq. 1 and Eq. 2, outcomes, rankings, exemplars;
+* :mod:`~vfcore.dissect.geometry`: activations on the patch (upsampling, best slice, NIfTI,
+  concept overlap);
+* :mod:`~vfcore.dissect.artifacts`: the run folder (:func:`dissect_run`, :func:`export_units`,
+  :func:`load_artifacts`).
+"""
+from .capture import DEFAULT_LAYER, layer_names, find_layer, capture, evaluating, activations
+from .quantile import (Q_TAIL_PAPER, Q_TAIL_PUBLISHED, SPARSE_TAIL_FRACTION, tail_size,
+                       TopQuantile, SampledQuantile, example_units, q_table, tail_fraction,
+                       sketch_comparison)
+from .dissection import Dissection, dissect
+from .ranking import (UndefinedCorrelationError, enabled_sets, relevance, top_units, outcomes,
+                      SUBSET_NAMES, correlation, rank_units, rank_false_positives,
+                      EXEMPLAR_SCORES, exemplars)
+from .geometry import (VIEWS, AIR_HU, upsample_to_patch, patch_mask, best_slice,
+                       canonical_patch_affine, patch_world_affine, write_nifti_exemplar,
+                       concept_group, concept_overlap, vertebra_overlap)
+from .artifacts import (FORMAT, NOTEBOOK_03, NOTEBOOK_04, IDENTITY, dissection_dir,
+                        network_field, save_dissection, load_dissection, DissectionArtifacts,
+                        load_artifacts, Network, load_network, write_artifacts, dissect_run,
+                        concept_names, PatchFiles, export_units, UNITS_COLUMNS)
+
+__all__ = [
+    'DEFAULT_LAYER', 'layer_names', 'find_layer', 'capture', 'evaluating', 'activations',
+    'Q_TAIL_PAPER', 'Q_TAIL_PUBLISHED', 'SPARSE_TAIL_FRACTION', 'tail_size', 'TopQuantile',
+    'SampledQuantile', 'example_units', 'q_table', 'tail_fraction', 'sketch_comparison',
+    'Dissection', 'dissect', 'UndefinedCorrelationError', 'enabled_sets', 'relevance',
+    'top_units', 'outcomes', 'SUBSET_NAMES', 'correlation', 'rank_units',
+    'rank_false_positives', 'EXEMPLAR_SCORES', 'exemplars', 'VIEWS', 'AIR_HU',
+    'upsample_to_patch', 'patch_mask', 'best_slice', 'canonical_patch_affine',
+    'patch_world_affine', 'write_nifti_exemplar', 'concept_group', 'concept_overlap',
+    'vertebra_overlap', 'FORMAT', 'NOTEBOOK_03', 'NOTEBOOK_04', 'IDENTITY', 'dissection_dir',
+    'network_field', 'save_dissection', 'load_dissection', 'DissectionArtifacts',
+    'load_artifacts', 'Network', 'load_network', 'write_artifacts', 'dissect_run',
+    'concept_names', 'PatchFiles', 'export_units', 'UNITS_COLUMNS',
+]

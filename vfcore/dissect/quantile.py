@@ -1,0 +1,386 @@
+"""Thresholds T_k with P(a_k > T_k) = q_tail (paper, Sec. 2.2): exact and streamed.
+
+:class:`TopQuantile` keeps, per unit, the m = ceil(q_tail (n - 1)) + 1 largest values with
+their sample and position and reads T_k exactly as ``numpy.quantile`` does.
+:class:`SampledQuantile` is a randomized sketch like the published code's, for comparison only
+(:func:`sketch_comparison`, notebook 03, ``bench/bench_dissect.py``).
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vfcore.errors import DataValueError
+
+from .capture import _autocast, _batches, capture, evaluating
+
+if TYPE_CHECKING:
+    from .dissection import Dissection
+
+#: The paper's tail probability: P(a_k > T_k) = 0.005 (Sec. 2.2).
+Q_TAIL_PAPER = 0.005
+#: What the published code used (the 0.99 quantile).
+Q_TAIL_PUBLISHED = 0.01
+#: Units whose realised tail is below this fraction of q_tail are flagged (ties at T_k).
+SPARSE_TAIL_FRACTION = 0.5
+
+
+def _linear_index(n: int, level: float) -> tuple[int, int, float]:
+    """numpy.quantile(method="linear") on n sorted values: (lower index, upper index, gamma).
+
+    numpy computes the virtual index (n - 1) * level in float64, interpolates between its floor
+    and floor + 1 with weight gamma = index - floor, and clips at the last value.
+    """
+    virtual = (n - 1) * np.float64(level)
+    lo = math.floor(virtual)
+    if virtual >= n - 1:
+        return n - 1, n - 1, float(virtual - lo)
+    return lo, lo + 1, float(virtual - lo)
+
+
+def _lerp(a: np.ndarray, b: np.ndarray, gamma: float) -> np.ndarray:
+    """numpy's own interpolation formula (``_lerp``), so T_k is bit-identical to np.quantile."""
+    diff = b - a
+    if gamma >= 0.5:
+        return b - diff * (1 - gamma)
+    return a + diff * gamma
+
+
+def tail_size(n: int, q_tail: float) -> int:
+    """m: how many of the largest of n values decide the (1 - q_tail) quantile
+    (= ceil(q_tail (n - 1)) + 1 up to float rounding, computed as numpy does)."""
+    lo, _, _ = _linear_index(n, 1.0 - q_tail)
+    return n - lo
+
+
+def _check_q(q_tail: float) -> float:
+    q = float(q_tail)
+    if not 0.0 < q < 1.0:
+        raise DataValueError("q_tail", f"must lie in (0, 1), got {q_tail!r} "
+                             f"(the paper uses {Q_TAIL_PAPER}, the published code {Q_TAIL_PUBLISHED})")
+    return q
+
+
+def _as_units(acts) -> torch.Tensor:
+    """[B, K, *spatial] -> [K, B * positions] (sample-major: index = sample * positions + pos)."""
+    a = torch.as_tensor(acts)
+    if a.ndim < 2:
+        raise DataValueError("activations", f"expected [batch, units, ...], got shape {tuple(a.shape)}")
+    if not a.is_floating_point():
+        a = a.float()
+    b, k = a.shape[:2]
+    return a.reshape(b, k, -1).transpose(0, 1).reshape(k, -1)
+
+
+class TopQuantile:
+    """Exact per-unit thresholds T_k with P(a_k > T_k) = q_tail, streamed, in bounded memory.
+
+    Like netdissect's ``runningstats``: ``update(acts)`` with batches [B, K, *spatial] (torch
+    or numpy, any device), then ``thresholds()``. Per unit it keeps the m largest values seen
+    (with their flat index sample * positions + position), merged with each batch by
+    ``torch.topk``; T_k is read by linear interpolation between the two order statistics around
+    (1 - q_tail)(n - 1), exactly as ``numpy.quantile(values_k, 1 - q_tail)`` (method "linear").
+    The result does not depend on batch size or order.
+
+    m depends on n, the final number of values per unit. Give ``n_samples`` (the number of
+    samples that will pass; positions are read from the first batch) and the buffer holds
+    exactly m values. Without it, a value dropped early might be needed later, so pass
+    ``capacity`` (values kept per unit; ``thresholds()`` checks it was enough and raises
+    otherwise) or nothing (every value is kept: exact, but memory grows with n).
+
+    Memory: K x m values + indices; e.g. 512 units x 25,601 (10,000 vertebrae x 8^3,
+    q = 0.005) = 52 MB of values.
+    """
+
+    def __init__(self, q_tail: float = Q_TAIL_PAPER, n_samples: int | None = None,
+                 capacity: int | None = None):
+        self.q_tail = _check_q(q_tail)
+        if n_samples is not None and n_samples < 1:
+            raise DataValueError("n_samples", f"must be >= 1, got {n_samples}")
+        self.n_samples_expected = n_samples
+        self.capacity = capacity
+        self.n_samples = 0          # samples seen
+        self.positions: int | None = None
+        self.units: int | None = None
+        self.values: torch.Tensor | None = None   # [K, <= capacity]
+        self.index: torch.Tensor | None = None    # same shape, int64 flat index
+        self.min: torch.Tensor | None = None
+        self.max: torch.Tensor | None = None
+        self.zeros: torch.Tensor | None = None    # how many values are <= 0, per unit
+        self._exact_upto: float = math.inf        # the smallest capacity that ever dropped values
+
+    @property
+    def n_values(self) -> int:
+        """n: values per unit seen so far (samples x positions)."""
+        return self.n_samples * (self.positions or 0)
+
+    def update(self, acts) -> None:
+        """Add a batch of activations [B, K, *spatial]."""
+        a = torch.as_tensor(acts)
+        flat = _as_units(a)
+        k, bp = flat.shape
+        b = a.shape[0]
+        positions = bp // b if b else 0
+        if self.units is None:
+            self.units, self.positions = k, positions
+            if self.n_samples_expected is not None:
+                self.capacity = tail_size(self.n_samples_expected * positions, self.q_tail)
+            self.values = flat.new_empty((k, 0))
+            self.index = torch.empty((k, 0), dtype=torch.int64, device=flat.device)
+            self.min = torch.full((k,), math.inf, dtype=torch.float64, device=flat.device)
+            self.max = torch.full((k,), -math.inf, dtype=torch.float64, device=flat.device)
+            self.zeros = torch.zeros(k, dtype=torch.int64, device=flat.device)
+        elif (k, positions) != (self.units, self.positions):
+            raise DataValueError("activations", f"batch has {k} units x {positions} positions; "
+                                 f"earlier batches had {self.units} x {self.positions}")
+        if b == 0:
+            return
+        if self.n_samples_expected is not None and self.n_samples + b > self.n_samples_expected:
+            raise DataValueError("activations", f"more samples than n_samples="
+                                 f"{self.n_samples_expected} (the buffer was sized for it)")
+        if not torch.isfinite(flat).all():
+            raise DataValueError("activations", "NaN or inf in the activations: T_k is undefined")
+        flat = flat.to(self.values.device, self.values.dtype)
+        self.min = torch.minimum(self.min, flat.amin(dim=1).double())
+        self.max = torch.maximum(self.max, flat.amax(dim=1).double())
+        self.zeros += (flat <= 0).sum(dim=1)
+
+        base = self.n_samples * positions
+        old = self.values.shape[1]
+        merged = torch.cat([self.values, flat], dim=1)
+        keep = merged.shape[1] if self.capacity is None else min(self.capacity, merged.shape[1])
+        if keep < merged.shape[1]:
+            self._exact_upto = min(self._exact_upto, keep)
+            self.values, pick = torch.topk(merged, keep, dim=1, sorted=False)
+            new_index = base + (pick - old)
+            self.index = torch.where(pick < old, torch.gather(self.index, 1, pick.clamp(max=max(old - 1, 0)))
+                                     if old else new_index, new_index)
+        else:
+            self.values = merged
+            self.index = torch.cat([self.index, base + torch.arange(
+                bp, device=flat.device).expand(k, bp)], dim=1)
+        self.n_samples += b
+
+    def _sorted(self, q_tail: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Kept values and indices, each unit sorted in descending order (numpy, CPU)."""
+        if self.values is None or self.n_values == 0:
+            raise DataValueError("TopQuantile", "no activations were added: call update() first")
+        if self.n_samples_expected is not None and self.n_samples != self.n_samples_expected:
+            raise DataValueError("TopQuantile", f"saw {self.n_samples} samples, n_samples="
+                                 f"{self.n_samples_expected} was promised: T_k would be wrong")
+        need = tail_size(self.n_values, self.q_tail if q_tail is None else _check_q(q_tail))
+        if need > min(self._exact_upto, self.values.shape[1]):
+            raise DataValueError("TopQuantile", f"the buffer kept {self._exact_upto} values per "
+                                 f"unit but the quantile of {self.n_values} values needs the top "
+                                 f"{need}: pass n_samples= (or a larger capacity=; a smaller "
+                                 f"q_tail than the one the buffer was sized for)")
+        values, order = torch.sort(self.values, dim=1, descending=True, stable=True)
+        index = torch.gather(self.index, 1, order)
+        return values.cpu().numpy(), index.cpu().numpy()
+
+    def thresholds(self, q_tail: float | None = None) -> np.ndarray:
+        """T_k [K] (dtype of the activations): equal to ``np.quantile(a_k, 1 - q_tail)``.
+
+        ``q_tail`` defaults to the one given at construction; any smaller one is exact too
+        (its tail is inside the buffer), so one pass serves several q.
+        """
+        q_tail = self.q_tail if q_tail is None else q_tail
+        values, _ = self._sorted(q_tail)
+        n = self.n_values
+        lo, hi, gamma = _linear_index(n, 1.0 - q_tail)
+        # ascending position i is descending rank n - 1 - i
+        return _lerp(values[:, n - 1 - lo], values[:, n - 1 - hi], gamma)
+
+    def realised_tail(self, T: np.ndarray | None = None, q_tail: float | None = None) -> np.ndarray:
+        """P(a_k > T_k) actually obtained (ties at T_k make it smaller than q_tail) [K].
+
+        Exact: every value above T_k is in the buffer. Pass ``T`` to evaluate other
+        thresholds (e.g. a sketch's); a T below the smallest kept value of a unit cannot be
+        counted from the buffer (use :func:`tail_fraction` on the activations for that).
+        """
+        values, _ = self._sorted(q_tail)
+        T = self.thresholds(q_tail) if T is None else np.asarray(T)
+        dropped = math.isfinite(self._exact_upto)
+        if dropped and np.any(T < values[:, -1]):
+            raise DataValueError("T", "thresholds below the smallest value the buffer kept: "
+                                 "the values above them were not all kept")
+        return (values > T[:, None]).sum(axis=1) / self.n_values
+
+    def tail(self, q_tail: float | None = None) -> dict[str, np.ndarray]:
+        """The masks M_k of every sample, sparse: every (unit, sample, position, value) with
+        value > T_k, ordered by unit, then value (descending)."""
+        values, index = self._sorted(q_tail)
+        T = self.thresholds(q_tail)
+        above = values > T[:, None]
+        unit = np.broadcast_to(np.arange(values.shape[0])[:, None], values.shape)[above]
+        flat = index[above]
+        return {"unit": unit.astype(np.int32), "sample": (flat // self.positions).astype(np.int32),
+                "position": (flat % self.positions).astype(np.int32),
+                "value": values[above]}
+
+    def flags(self) -> dict[str, np.ndarray]:
+        """Degenerate units [K] bool: ``constant`` (one value everywhere: M_k is always empty),
+        ``zero_threshold`` (T_k <= 0: at least 1 - q_tail of the values are zero, typical for a
+        ReLU unit that is almost always off), ``never_fires`` (no value above T_k),
+        ``sparse_tail`` (realised tail below half of q_tail: many ties at T_k)."""
+        T = self.thresholds()
+        tail = self.realised_tail()
+        lo, hi = self.min.cpu().numpy(), self.max.cpu().numpy()
+        out = {"constant": lo == hi, "zero_threshold": T <= 0, "never_fires": tail == 0,
+               "sparse_tail": tail < SPARSE_TAIL_FRACTION * self.q_tail}
+        out["degenerate"] = np.logical_or.reduce(list(out.values()))
+        return out
+
+    def summary(self) -> dict[str, np.ndarray]:
+        """Per-unit arrays [K]: min, max, fraction of values <= 0."""
+        return {"min": self.min.cpu().numpy(), "max": self.max.cpu().numpy(),
+                "zero_fraction": self.zeros.cpu().numpy() / self.n_values}
+
+
+class SampledQuantile:
+    """A randomized quantile sketch, like the published code's (netdissect ``RunningQuantile``):
+    for comparison only (notebook 03, ``bench/bench_dissect.py``), never for results.
+
+    Per unit, a stack of compactors of ``resolution`` values: when a level is full it is
+    sorted and every second value (random offset) moves up one level with double weight. The
+    thresholds are the weighted quantile of what is left. Memory is O(resolution log n), the
+    answer is approximate and depends on the seed and the batch order.
+    """
+
+    def __init__(self, q_tail: float = Q_TAIL_PAPER, resolution: int = 1024, seed: int | None = 0):
+        self.q_tail = _check_q(q_tail)
+        self.resolution = int(resolution)
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(int(seed))
+        else:
+            self.generator.seed()
+        self.levels: list[torch.Tensor] = []
+
+    def update(self, acts) -> None:
+        """Add a batch [B, K, *spatial]."""
+        flat = _as_units(acts).detach().float().cpu()
+        for start in range(0, flat.shape[1], self.resolution):
+            self._push(0, flat[:, start:start + self.resolution])
+
+    def _push(self, level: int, values: torch.Tensor) -> None:
+        while len(self.levels) <= level:
+            self.levels.append(values.new_empty((values.shape[0], 0)))
+        merged = torch.cat([self.levels[level], values], dim=1)
+        if merged.shape[1] < 2 * self.resolution:
+            self.levels[level] = merged
+            return
+        merged, _ = torch.sort(merged, dim=1)
+        offset = int(torch.randint(2, (1,), generator=self.generator))
+        n = merged.shape[1] - merged.shape[1] % 2
+        self.levels[level] = merged[:, n:]
+        self._push(level + 1, merged[:, offset:n:2])
+
+    def thresholds(self) -> np.ndarray:
+        """Estimated T_k [K] (weighted quantile, linear between kept values)."""
+        values = torch.cat(self.levels, dim=1).numpy()
+        weights = np.concatenate([np.full(lv.shape[1], 2.0 ** i) for i, lv in enumerate(self.levels)])
+        order = np.argsort(values, axis=1, kind="stable")
+        v = np.take_along_axis(values, order, axis=1)
+        cum = np.cumsum(weights[order], axis=1)
+        target = (1.0 - self.q_tail) * cum[:, -1:]
+        return np.array([np.interp(t, c, row) for t, c, row in zip(target[:, 0], cum, v)],
+                        dtype=np.float32)
+
+
+def example_units(d: "Dissection", n: int = 4) -> list[int]:
+    """n units to look at closely: spread over the non-degenerate units sorted by T_k (largest,
+    ..., smallest), the last replaced by a degenerate unit when there is one."""
+    live = np.flatnonzero(~d.flags["degenerate"])
+    order = live[np.argsort(-d.T[live].astype(np.float64), kind="stable")]
+    picks = [int(order[i]) for i in np.unique(np.linspace(0, len(order) - 1, n).round().astype(int))] \
+        if len(order) else []
+    dead = np.flatnonzero(d.flags["degenerate"])
+    if len(dead) and n > 1:
+        picks = picks[:n - 1] + [int(dead[0])]
+    return picks[:n]
+
+
+def q_table(A: np.ndarray, units: Sequence[int], qs: Sequence[float]) -> pd.DataFrame:
+    """What q does, for a few units' activations A [N, U, *spatial] over a whole split: per q
+    and unit, T_k, the realised tail, the fraction of samples in which the unit fires (k in E_x)
+    and the mean mask size |M_k(x)| (positions per sample). One TopQuantile for the largest q
+    serves every smaller one."""
+    A = np.asarray(A)
+    tq = TopQuantile(max(qs), n_samples=len(A))
+    tq.update(torch.from_numpy(A))
+    flat = A.reshape(A.shape[0], A.shape[1], -1)
+    rows = []
+    for q in sorted(qs, reverse=True):
+        T = tq.thresholds(q)
+        M = flat > T[None, :, None]
+        for j, u in enumerate(units):
+            rows.append({"q": q, "unit": int(u), "T_k": float(T[j]), "realised_tail": float(M[:, j].mean()),
+                         "fires_in_samples": float(M[:, j].any(axis=1).mean()),
+                         "mean_mask_positions": float(M[:, j].sum(axis=1).mean())})
+    return pd.DataFrame(rows)
+
+
+def tail_fraction(acts, T) -> np.ndarray:
+    """P(a_k > T_k) over a batch [B, K, *spatial] for given thresholds T [K] (count / n)."""
+    flat = _as_units(acts)
+    T = torch.as_tensor(np.asarray(T), dtype=flat.dtype, device=flat.device)
+    return ((flat > T[:, None]).sum(dim=1).double() / flat.shape[1]).cpu().numpy()
+
+
+def sketch_comparison(model: torch.nn.Module, data, layer: str, T: np.ndarray, *,
+                      q_tail: float = Q_TAIL_PAPER, first: int | None = None,
+                      resolution: int = 1024, seed: int = 0, batch_size: int = 16,
+                      transform: Callable | None = None, device: str | None = None,
+                      progress: bool = True) -> pd.DataFrame:
+    """How far sampled thresholds are from the exact ones, per unit (notebook 03, bench).
+
+    Two passes over ``data``: the first feeds :class:`SampledQuantile` with every sample
+    (``sketch``) and, like the published code, with only the ``first`` samples in file order
+    (``sketch_first``); the second counts, over all values, the realised tail P(a_k > T_k) of
+    the exact ``T`` and of both estimates. Columns: ``unit``, ``T_exact``, ``T_sketch``,
+    ``T_sketch_first``, ``tail_exact``, ``tail_sketch``, ``tail_sketch_first``.
+    """
+    from tqdm.auto import tqdm
+
+    from vfcore.runtime import pick_device
+
+    device = pick_device(str(device) if device is not None else None)
+    model = model.to(device)
+    n = len(data)
+    first = n if first is None else min(int(first), n)
+    every, head = SampledQuantile(q_tail, resolution, seed), SampledQuantile(q_tail, resolution, seed)
+    bar = tqdm(total=2 * n, desc="sketch vs exact", unit="sample", disable=not progress)
+    with evaluating(model), capture(model, layer) as out, torch.inference_mode():
+        seen = 0
+        for x in _batches(data, batch_size, device):
+            with _autocast(device, True):
+                model(transform(x) if transform is not None else x)
+            A = out.pop().float()
+            every.update(A)
+            if seen < first:
+                head.update(A[:first - seen])
+            seen += A.shape[0]
+            bar.update(A.shape[0])
+        estimates = {"exact": np.asarray(T), "sketch": every.thresholds(), "sketch_first": head.thresholds()}
+        counts = {k: np.zeros(len(T)) for k in estimates}
+        positions = 0
+        for x in _batches(data, batch_size, device):
+            with _autocast(device, True):
+                model(transform(x) if transform is not None else x)
+            A = out.pop().float()
+            positions += A.shape[0] * int(np.prod(A.shape[2:]))
+            for k, t in estimates.items():
+                counts[k] += tail_fraction(A, t) * A.shape[0] * int(np.prod(A.shape[2:]))
+            bar.update(A.shape[0])
+    bar.close()
+    table = pd.DataFrame({"unit": np.arange(len(T))})
+    for k, t in estimates.items():
+        table[f"T_{k}"] = np.asarray(t, dtype=np.float64)
+    for k in estimates:
+        table[f"tail_{k}"] = counts[k] / positions
+    return table

@@ -1,0 +1,172 @@
+"""Eq. 1 and Eq. 2: enabled sets E_x, relevance r_k, correlation c_k, rankings, exemplars.
+
+c_k = |{x in P : k in E_x}| / |P| (Eq. 1) over the true-positive predictions P (the paper),
+the false-positive variant divided by |FP|, and r_k(x) = sum(M_k(x) * A_k(x)) (Eq. 2).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vfcore.errors import DataValueError
+
+from .dissection import Dissection
+
+
+class UndefinedCorrelationError(DataValueError):
+    """c_k (Eq. 1) over an empty set (no true positives, no false positives): undefined."""
+
+
+def enabled_sets(A, T, axis: int = 1) -> np.ndarray:
+    """E_x as an indicator [N, K]: sum M_k(x) > 0 with M_k(x) = A_k(x) > T_k, for activations
+    A [N, K, *spatial] (``axis`` = the unit axis)."""
+    A = np.asarray(A.detach().cpu() if isinstance(A, torch.Tensor) else A)
+    T = np.asarray(T).reshape((-1,) + (1,) * (A.ndim - axis - 1))
+    M = A > T
+    return M.reshape(M.shape[:axis + 1] + (-1,)).any(axis=-1)
+
+
+def relevance(A, T, axis: int = 0) -> np.ndarray:
+    """r_k = sum(M_k(x) * A_k(x)) (Eq. 2) with M_k(x) = A_k(x) > T_k (float64).
+
+    ``A`` [K, *spatial] for one sample -> [K]; [N, K, *spatial] with ``axis=1`` -> [N, K].
+    """
+    A = np.asarray(A.detach().float().cpu() if isinstance(A, torch.Tensor) else A, dtype=np.float64)
+    T = np.asarray(T, dtype=np.float64).reshape((-1,) + (1,) * (A.ndim - axis - 1))
+    thresholded = np.where(A > T, A, 0.0)
+    return thresholded.reshape(thresholded.shape[:axis + 1] + (-1,)).sum(axis=-1)
+
+
+def top_units(r: np.ndarray, n: int = 10) -> np.ndarray:
+    """The n most relevant units of one inference: descending r_k, ties by unit index."""
+    r = np.asarray(r, dtype=np.float64)
+    return np.lexsort((np.arange(len(r)), -r))[:n]
+
+
+def outcomes(labels, probability, threshold: float = 0.5) -> dict[str, np.ndarray]:
+    """Boolean [N] masks of the samples: ``tp``, ``fp``, ``tn``, ``fn`` (prediction =
+    probability >= threshold), ``positive`` (ground truth) and ``all``."""
+    y = np.asarray(labels).astype(int) == 1
+    pred = np.asarray(probability) >= threshold
+    return {"tp": y & pred, "fp": ~y & pred, "tn": ~y & ~pred, "fn": y & ~pred,
+            "positive": y, "all": np.ones_like(y)}
+
+
+SUBSET_NAMES = {"tp": "true-positive predictions", "fp": "false-positive predictions",
+                "tn": "true negatives", "fn": "false negatives",
+                "positive": "ground-truth fractures", "all": "all samples"}
+
+
+def correlation(enabled: np.ndarray, subset: np.ndarray, name: str = "subset") -> np.ndarray:
+    """c_k = sum_{x in P} 1_{E_x}(k) / |P| (Eq. 1) for the samples where ``subset`` is True.
+
+    ``enabled`` [N, K] bool (k in E_x). An empty subset raises
+    :class:`UndefinedCorrelationError` (c_k is undefined; no division by zero).
+    """
+    enabled = np.asarray(enabled, dtype=bool)
+    subset = np.asarray(subset, dtype=bool)
+    n = int(subset.sum())
+    if n == 0:
+        raise UndefinedCorrelationError(name, f"c_k is undefined: the split has no "
+                                        f"{SUBSET_NAMES.get(name, name)} (0 of {len(subset)} samples)")
+    return enabled[subset].sum(axis=0) / n
+
+
+def _order(primary: np.ndarray, secondary: np.ndarray) -> np.ndarray:
+    """Descending by ``primary``, then ``secondary``, then ascending unit index."""
+    k = np.arange(len(primary))
+    return np.lexsort((k, -np.nan_to_num(secondary, nan=-np.inf), -np.nan_to_num(primary, nan=-np.inf)))
+
+
+def _c_or_nan(d: Dissection, subset: np.ndarray, name: str) -> np.ndarray:
+    try:
+        return correlation(d.enabled, subset, name)
+    except UndefinedCorrelationError:
+        return np.full(d.n_units, np.nan)
+
+
+def _mean_r(d: Dissection, subset: np.ndarray) -> np.ndarray:
+    return d.r[subset].mean(axis=0) if subset.any() else np.full(d.n_units, np.nan)
+
+
+def rank_units(d: Dissection, labels, subset: str = "tp", threshold: float = 0.5) -> pd.DataFrame:
+    """Units sorted by c_k over ``subset`` (``"tp"``: true-positive predictions, the paper;
+    ``"positive"``: ground-truth fractures, what the published code did).
+
+    Columns: ``rank`` (1 = most correlated), ``unit``, ``c_k`` (the sort key), ``c_tp``,
+    ``c_positive``, ``c_fp``, ``c_all``, ``mean_r`` (mean r_k over the subset; ties in c_k are
+    broken by it, then by unit index), ``T_k``, ``realised_tail``, ``degenerate``.
+    Raises :class:`UndefinedCorrelationError` when the subset is empty.
+    """
+    o = outcomes(labels, d.probability, threshold)
+    c = correlation(d.enabled, o[subset], subset)
+    mean_r = _mean_r(d, o[subset])
+    order = _order(c, mean_r)
+    table = pd.DataFrame({
+        "unit": np.arange(d.n_units), "c_k": c,
+        "c_tp": _c_or_nan(d, o["tp"], "tp"), "c_positive": _c_or_nan(d, o["positive"], "positive"),
+        "c_fp": _c_or_nan(d, o["fp"], "fp"), "c_all": _c_or_nan(d, o["all"], "all"),
+        "mean_r": mean_r, "T_k": d.T.astype(np.float64), "realised_tail": d.realised_tail,
+        "degenerate": d.flags["degenerate"]}).iloc[order].reset_index(drop=True)
+    table.insert(0, "rank", np.arange(1, d.n_units + 1))
+    return table
+
+
+def rank_false_positives(d: Dissection, labels, threshold: float = 0.5) -> pd.DataFrame:
+    """Units behind false positives: c_k over the false positives (Eq. 1 with P = FP, divided by
+    |FP|), and the differential ``delta = c_fp - c_tp`` (fires more in false than in true
+    positives). Sorted by ``delta`` (then c_fp); ``rank`` is that order, ``rank_c_fp`` the
+    order by c_fp alone. ``c_tp``/``delta`` are NaN when there are no true positives.
+    Raises :class:`UndefinedCorrelationError` when there are no false positives.
+    """
+    o = outcomes(labels, d.probability, threshold)
+    c_fp = correlation(d.enabled, o["fp"], "fp")
+    c_tp = _c_or_nan(d, o["tp"], "tp")
+    delta = c_fp - c_tp
+    by_fp = _order(c_fp, _mean_r(d, o["fp"]))
+    rank_fp = np.empty(d.n_units, dtype=int)
+    rank_fp[by_fp] = np.arange(1, d.n_units + 1)
+    order = _order(delta, c_fp)
+    table = pd.DataFrame({
+        "unit": np.arange(d.n_units), "delta": delta, "c_fp": c_fp, "c_tp": c_tp,
+        "rank_c_fp": rank_fp, "mean_r_fp": _mean_r(d, o["fp"]), "mean_r_tp": _mean_r(d, o["tp"]),
+        "T_k": d.T.astype(np.float64), "degenerate": d.flags["degenerate"]}).iloc[order]
+    table = table.reset_index(drop=True)
+    table.insert(0, "rank", np.arange(1, d.n_units + 1))
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# Exemplars: top-activating samples per unit, from the requested subset only
+# --------------------------------------------------------------------------------------------
+
+EXEMPLAR_SCORES = ("r", "max", "mean")
+
+
+def exemplars(d: Dissection, subset: np.ndarray | None = None, k: int = 25, by: str = "r",
+              units: Sequence[int] | None = None) -> dict[int, list[int]]:
+    """Per unit, the indices of its ``k`` top-activating samples among ``subset`` (bool [N];
+    None = all), best first (ties: lower index first).
+
+    ``by``: ``"r"`` = r_k(x) = sum(M_k * A_k) (default; only samples where the unit fires, so
+    every exemplar shows a mask), ``"max"`` or ``"mean"`` of A_k(x). A unit that fires in fewer
+    than k samples of the subset gets fewer exemplars: the list is never filled with samples
+    outside the subset (the published code's defect).
+    """
+    if by not in EXEMPLAR_SCORES:
+        raise DataValueError("by", f"must be one of {EXEMPLAR_SCORES}, got {by!r}")
+    score = {"r": d.r, "max": d.max, "mean": d.mean}[by]
+    member = np.ones(d.n_samples, dtype=bool) if subset is None else np.asarray(subset, dtype=bool)
+    if member.shape != (d.n_samples,):
+        raise DataValueError("subset", f"expected {d.n_samples} booleans, got shape {member.shape}")
+    out = {}
+    for u in (range(d.n_units) if units is None else units):
+        u = int(u)
+        candidates = member & (d.mask_size[:, u] > 0) if by == "r" else member
+        idx = np.flatnonzero(candidates)
+        order = np.lexsort((idx, -score[idx, u].astype(np.float64)))
+        out[u] = [int(i) for i in idx[order[:k]]]
+    return out
