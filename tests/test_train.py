@@ -120,3 +120,26 @@ def test_the_augmentation_is_part_of_the_config(store):
         train.train_seed(store, "small", 0, epochs=2, batch_size=4, augment="paper", progress=False)
     train.train_seed(store, "small", 0, epochs=2, batch_size=4, augment="light", progress=False)
     assert len(pd.read_csv(store / "model" / "seed0" / "history.csv")) == 2
+
+
+def test_a_preloaded_split_trains_the_same(store, tmp_path):
+    """preload=True (the GPU path: the splits as one tensor on the device, indexed per batch)
+    gives the same history and weights as reading memory-mapped batches."""
+    kwargs = dict(preset="small", seed=0, epochs=2, batch_size=4, augment="light", progress=False)
+    other = write_store(tmp_path / "other", n=30)
+    train.train_seed(store, preload=False, **kwargs)
+    train.train_seed(other, preload=True, **kwargs)
+    a = pd.read_csv(store / "model" / "seed0" / "history.csv").drop(columns="samples_per_s")
+    b = pd.read_csv(other / "model" / "seed0" / "history.csv").drop(columns="samples_per_s")
+    pd.testing.assert_frame_equal(a, b)
+    wa = torch.load(store / "model" / "seed0" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(other / "model" / "seed0" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_preload_decision():
+    patches = np.zeros((3, 96, 96, 96), np.int16)
+    patches[1, 0, 0, 0] = 7
+    assert train.preload_split(patches, torch.device("cpu")) is None       # CPU: not by default
+    t = train.preload_split(patches, torch.device("cpu"), preload=True)
+    assert t.dtype == torch.int16 and t.shape == (3, 96, 96, 96) and int(t[1, 0, 0, 0]) == 7

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .data import Augment, augment_batch, balanced_epoch, get_augment, load_split, to_network_input
 from .errors import CheckpointError
 from .io import atomic_save, sha256_file, versions, write_json
-from .model import FractureNet, Preset, get_preset
+from .model import PATCH_SIZE, FractureNet, Preset, get_preset
 from .runtime import pick_device
 
 FORMAT = "vfcore-checkpoint-1"
@@ -151,16 +151,38 @@ def _precision(device: torch.device) -> tuple[torch.dtype | None, bool]:
 @torch.no_grad()
 def predict(model: torch.nn.Module, patches, preset: str | Preset, batch_size: int = 32,
             device: str | torch.device | None = None) -> np.ndarray:
-    """Fracture probabilities of int16 HU patches [N, 96, 96, 96], model in eval mode."""
+    """Fracture probabilities of int16 HU patches [N, 96, 96, 96] (numpy, memory-mapped, or a
+    tensor, e.g. already on the GPU), model in eval mode."""
     device = pick_device(device) if not isinstance(device, torch.device) else device
     dtype, _ = _precision(device)
     model.eval().to(device)
     out = []
     for start in range(0, len(patches), batch_size):
-        x = to_network_input(torch.from_numpy(np.asarray(patches[start:start + batch_size])).to(device), preset)
+        batch = patches[start:start + batch_size]
+        batch = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.asarray(batch))
+        x = to_network_input(batch.to(device), preset)
         with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
             out.append(torch.sigmoid(model(x).float()).cpu())
     return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def preload_split(patches, device: torch.device, preload: bool | None = None,
+                  budget: float = 0.5) -> torch.Tensor | None:
+    """The whole split as one int16 tensor on ``device`` (or None: read batches from disk).
+
+    ``preload=None`` decides: on CUDA, when the split takes at most ``budget`` of the free GPU
+    memory (10,000 patches of 96^3 int16 are 17.7 GB), so batches are indexed on the GPU and
+    the host does no work per batch; on a CPU, no (memory-mapped batches cost little there,
+    and Binder has 2 GB).
+    """
+    if preload is None:
+        if device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(device)
+        preload = len(patches) * PATCH_SIZE ** 3 * 2 <= budget * free
+    if not preload:
+        return None
+    return torch.from_numpy(np.asarray(patches[:])).to(device)
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -180,12 +202,13 @@ def _set_rng_state(generator: torch.Generator, state: dict) -> None:
 def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 0, *,
                epochs: int | None = None, batch_size: int | None = None,
                patience: int | None = None, lr: float = 1e-3, augment: Augment | str | None = "paper",
-               device: str | None = None, compile: bool = False, progress: bool = True,
-               on_epoch=None) -> Path:
+               device: str | None = None, compile: bool = False, preload: bool | None = None,
+               progress: bool = True, on_epoch=None) -> Path:
     """Train one seed into ``<run>/model/seed<seed>/``; resume from its ``last.pt`` if present.
 
     ``augment``: an :class:`~vfcore.data.Augment`, a name in ``vfcore.data.AUGMENTATIONS``
-    (``"paper"``, ``"light"``) or ``None`` (no augmentation).
+    (``"paper"``, ``"light"``) or ``None`` (no augmentation). ``preload``: keep the training
+    and validation splits on the device (:func:`preload_split`; None: on CUDA when they fit).
 
     Returns the folder. ``on_epoch(history_row)`` is called after every epoch (live plots).
     """
@@ -208,7 +231,12 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
     # split) must not silently resume or reuse a model trained on the old one
     manifest = sha256_file(Path(run_dir) / "patches" / "manifest.csv")
     config = {"preset": p.name, "seed": seed, "batch_size": batch_size, "lr": lr,
-              "patience": patience, "augment": asdict(augment) if augment else None, "manifest_sha256": manifest}
+              "patience": patience, "augment": asdict(augment) if augment else None,
+              "manifest_sha256": manifest}
+
+    # on a GPU, the splits once in GPU memory: no host work and no copy per batch
+    train_t, val_t = preload_split(train_x, dev, preload), preload_split(val_x, dev, preload)
+    labels_t = torch.tensor(train_y, dtype=torch.float32, device=dev)
 
     torch.manual_seed(seed)
     model = FractureNet(p).to(dev)
@@ -245,8 +273,9 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
                    disable=not progress, leave=False)
         for b in bar:
             ids = np.sort(order[b * batch_size:(b + 1) * batch_size])
-            hu = torch.from_numpy(train_x[ids]).to(dev, non_blocking=True)
-            y = torch.from_numpy(train_y[ids]).float().to(dev)
+            hu = train_t[torch.from_numpy(ids).to(dev)] if train_t is not None \
+                else torch.from_numpy(train_x[ids]).to(dev)
+            y = labels_t[torch.from_numpy(ids).to(dev)]
             x = augment_batch(hu, p, generator, augment) if augment else to_network_input(hu, p)
             if dev.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last_3d)
@@ -259,7 +288,7 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.3f}",
                             samples_s=f"{(b + 1) * batch_size / (time.perf_counter() - t0):.0f}")
-        val = classification_metrics(val_y, predict(model, val_x, p, device=dev))
+        val = classification_metrics(val_y, predict(model, val_x if val_t is None else val_t, p, device=dev))
         row = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
                **{f"val_{k}": float(v) for k, v in val.items()},
                "samples_per_s": n_batches * batch_size / (time.perf_counter() - t0)}
@@ -279,7 +308,7 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
 def fit(run_dir: str | Path, preset: str | Preset = "small", *, seeds=(0,), epochs: int | None = None,
         batch_size: int | None = None, patience: int | None = None, lr: float = 1e-3,
         augment: Augment | str | None = "paper", device: str | None = None, compile: bool = False,
-        progress: bool = True, on_epoch=None) -> dict:
+        preload: bool | None = None, progress: bool = True, on_epoch=None) -> dict:
     """Train every seed, test each best checkpoint, write ``<run>/model/metrics.json``.
 
     ``<run>/model/best.pt`` becomes the checkpoint of the seed with the best validation F1.
@@ -292,7 +321,7 @@ def fit(run_dir: str | Path, preset: str | Preset = "small", *, seeds=(0,), epoc
     for seed in seeds:
         folder = train_seed(run_dir, p, seed, epochs=epochs, batch_size=batch_size,
                             patience=patience, lr=lr, augment=augment, device=device,
-                            compile=compile, progress=progress, on_epoch=on_epoch)
+                            compile=compile, preload=preload, progress=progress, on_epoch=on_epoch)
         model, meta = load_checkpoint(folder / "best.pt")
         per_seed[str(seed)] = classification_metrics(test_y, predict(model, test_x, p, device=device))
         val_f1[str(seed)] = meta["val"]["f1"]
