@@ -71,6 +71,18 @@ def test_pickled_objects_and_truncated_files_are_refused(tmp_path):
     assert pickle  # noqa: the module is there for readers: torch.save pickles, weights_only refuses
 
 
+def assert_same_training(run_a, run_b, seed: int = 0) -> None:
+    """Two runs of one seed wrote the same history (but for the speed) and the same weights."""
+    folder_a, folder_b = run_a / "model" / f"seed{seed}", run_b / "model" / f"seed{seed}"
+    a = pd.read_csv(folder_a / "history.csv").drop(columns="samples_per_s")
+    b = pd.read_csv(folder_b / "history.csv").drop(columns="samples_per_s")
+    pd.testing.assert_frame_equal(a, b)
+    wa = torch.load(folder_a / "last.pt", weights_only=True)["model"]
+    wb = torch.load(folder_b / "last.pt", weights_only=True)["model"]
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
 @pytest.fixture
 def store(tmp_path):
     torch.set_num_threads(1)
@@ -84,13 +96,7 @@ def test_resume_continues_the_same_history(store, tmp_path):
     train.train_seed(straight, epochs=3, **kwargs)
     train.train_seed(store, epochs=2, **kwargs)                  # "killed" after two epochs
     train.train_seed(store, epochs=3, **kwargs)                  # resumed from last.pt
-    a = pd.read_csv(straight / "model" / "seed0" / "history.csv").drop(columns="samples_per_s")
-    b = pd.read_csv(store / "model" / "seed0" / "history.csv").drop(columns="samples_per_s")
-    pd.testing.assert_frame_equal(a, b)
-    wa = torch.load(straight / "model" / "seed0" / "last.pt", weights_only=True)["model"]
-    wb = torch.load(store / "model" / "seed0" / "last.pt", weights_only=True)["model"]
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
+    assert_same_training(straight, store)
 
 
 def test_fit_writes_metrics_and_best_checkpoint(store):
@@ -129,12 +135,7 @@ def test_a_preloaded_split_trains_the_same(store, tmp_path):
     other = write_store(tmp_path / "other", n=30)
     train.train_seed(store, preload=False, **kwargs)
     train.train_seed(other, preload=True, **kwargs)
-    a = pd.read_csv(store / "model" / "seed0" / "history.csv").drop(columns="samples_per_s")
-    b = pd.read_csv(other / "model" / "seed0" / "history.csv").drop(columns="samples_per_s")
-    pd.testing.assert_frame_equal(a, b)
-    wa = torch.load(store / "model" / "seed0" / "last.pt", weights_only=True)["model"]
-    wb = torch.load(other / "model" / "seed0" / "last.pt", weights_only=True)["model"]
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_training(store, other)
 
 
 def test_preload_decision():
