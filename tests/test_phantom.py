@@ -20,8 +20,8 @@ from scipy import ndimage
 
 from vfcore import verse
 from vfcore.errors import FormatError
-from vfcore.phantom import (CONCEPTS, case_paths, render_scan, sample_scan, target_concepts,
-                            write_phantom_root)
+from vfcore.phantom import (CONCEPTS, case_paths, read_truth, render_scan, sample_scan,
+                            target_concepts, write_phantom_root)
 from vfcore.phantom.concepts import BODY, DEGENERATED_DISC_BASE, DISC_BASE
 
 N_SCANS = 3
@@ -380,3 +380,21 @@ def test_bad_arguments(tmp_path):
     f.write_text("x")
     with pytest.raises(FormatError, match="not a folder"):
         write_phantom_root(f, n_scans=1, progress=False)
+
+
+def test_read_truth(root, tmp_path):
+    truth = read_truth(root)
+    grades = verse.read_grades(root / "fracture_grades.tsv")
+    both = truth.merge(grades, on=["case", "label"], suffixes=("", "_tsv"))
+    assert len(both) == len(truth) == len(grades) > 0
+    assert (both["grade"] == both["grade_tsv"].astype(int)).all()
+    assert (both["shape"] == both["shape_tsv"].astype(int)).all()
+    # Schmorl nodes are drawn on intact vertebrae only; fractured bodies lost height
+    assert (truth.loc[truth["confounders"].str.contains("Schmorl"), "grade"] == 0).all()
+    assert (truth.loc[truth["grade"] >= 1, "height_loss"] >= 0.2 - 0.04).all()
+    assert read_truth(tmp_path / "nothing").empty
+    bad = tmp_path / "bad" / "derivatives" / "sub-phantom000"
+    bad.mkdir(parents=True)
+    (bad / "sub-phantom000_phantom-truth.json").write_text("{not json")
+    with pytest.raises(FormatError, match="phantom truth"):
+        read_truth(tmp_path / "bad")

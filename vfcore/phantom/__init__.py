@@ -45,7 +45,7 @@ from .concepts import CONCEPTS, TARGET_CONCEPTS, label_table, target_concepts
 from .render import Scan, render_scan
 
 __all__ = ["CONCEPTS", "DEFAULT_SCANS", "TARGET_CONCEPTS", "GRADE_LOSS", "SHAPES", "Scan",
-           "ScanSpec", "case_paths", "make_scan", "render_scan", "sample_scan",
+           "ScanSpec", "case_paths", "make_scan", "read_truth", "render_scan", "sample_scan",
            "target_concepts", "write_phantom_root", "write_scan"]
 
 #: Scans in the default data set (about a minute on one CPU core).
@@ -200,3 +200,33 @@ def write_phantom_root(root: str | os.PathLike, n_scans: int = DEFAULT_SCANS, se
         f.write(_grades_tsv(truths))
     write_json(root / "concept_labels.json", label_table())
     return root
+
+
+#: Columns of :func:`read_truth`.
+TRUTH_COLUMNS = ("case", "label", "grade", "shape", "height_loss", "physiological_wedge",
+                 "confounders")
+
+
+def read_truth(root: str | os.PathLike) -> "pandas.DataFrame":  # noqa: F821
+    """The phantom's ground truth, one row per vertebra of every scan under ``root``.
+
+    Read from ``derivatives/<sub>/<sub>_phantom-truth.json``: ``case``, ``label`` (VerSe),
+    Genant ``grade`` and ``shape``, the drawn ``height_loss`` and ``physiological_wedge``
+    (fractions), and ``confounders`` ("; "-joined: physiological wedging, Schmorl node,
+    degenerated disc, ...; empty when none). An empty table for a root without truth files
+    (real data). Used to ask what a trained network gets wrong (notebook 02).
+    """
+    import pandas as pd
+
+    rows = []
+    for path in sorted(Path(root).glob("derivatives/*/*_phantom-truth.json")):
+        try:
+            truth = json.loads(path.read_text())
+            for v in truth["vertebrae"]:
+                rows.append({"case": truth["case"], "label": int(v["label"]), "grade": int(v["grade"]),
+                             "shape": int(v["shape"]), "height_loss": float(v["height_loss"]),
+                             "physiological_wedge": float(v["physiological_wedge"]),
+                             "confounders": "; ".join(v.get("confounders") or [])})
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise FormatError(path, f"not a readable phantom truth file ({type(err).__name__}: {err})") from None
+    return pd.DataFrame(rows, columns=list(TRUTH_COLUMNS))
