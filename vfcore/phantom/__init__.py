@@ -36,6 +36,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 
 from vfcore.errors import FormatError
 from vfcore.io import atomic_save, atomic_write, write_json
@@ -207,7 +208,7 @@ TRUTH_COLUMNS = ("case", "label", "grade", "shape", "height_loss", "physiologica
                  "confounders")
 
 
-def read_truth(root: str | os.PathLike) -> "pandas.DataFrame":  # noqa: F821
+def read_truth(root: str | os.PathLike) -> pd.DataFrame:
     """The phantom's ground truth, one row per vertebra of every scan under ``root``.
 
     Read from ``derivatives/<sub>/<sub>_phantom-truth.json``: ``case``, ``label`` (VerSe),
@@ -216,8 +217,6 @@ def read_truth(root: str | os.PathLike) -> "pandas.DataFrame":  # noqa: F821
     degenerated disc, ...; empty when none). An empty table for a root without truth files
     (real data). Used to ask what a trained network gets wrong (notebook 02).
     """
-    import pandas as pd
-
     rows = []
     for path in sorted(Path(root).glob("derivatives/*/*_phantom-truth.json")):
         try:
