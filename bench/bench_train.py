@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import resource
 import sys
 import tempfile
@@ -27,15 +26,7 @@ from store_helpers import write_store  # noqa: E402
 
 from vfcore import data, train  # noqa: E402
 from vfcore.model import build_model, get_preset  # noqa: E402
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    return platform.processor()
+from vfcore.runtime import device_name  # noqa: E402
 
 
 def timed(fn, steps: int, dev: torch.device) -> float:

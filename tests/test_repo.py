@@ -83,3 +83,19 @@ def test_ci_runs_the_readme_commands():
                                ("python -m pytest", "python3 -m pytest")):
         assert readme_cmd in readme
         assert ci_cmd in ci
+
+
+def test_device_name_names_the_cpu_model(monkeypatch):
+    """Timings are quoted with the device: on a CPU, /proc/cpuinfo's model and torch's threads."""
+    import torch
+
+    from vfcore.runtime import device_name
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    name = device_name()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        model = next(ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+                     if ln.startswith("model name"))
+        assert name.startswith(model)
+    assert name.endswith(f"({torch.get_num_threads()} threads)")

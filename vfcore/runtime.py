@@ -1,8 +1,10 @@
 """Where am I running? Device choice and the versions every notebook prints first."""
 from __future__ import annotations
 
+import platform
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -21,6 +23,18 @@ def pick_device(prefer: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def device_name(device: torch.device | str | None = None) -> str:
+    """The GPU's name, or the CPU model with torch's thread count (what timings are quoted with)."""
+    device = pick_device(str(device) if device is not None else None)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
+                 platform.processor() or "CPU")
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
 def describe_runtime() -> dict[str, str]:
     """Print and return package versions and the compute device.
 
@@ -30,11 +44,11 @@ def describe_runtime() -> dict[str, str]:
     info = versions()
     device = pick_device()
     if device.type == "cuda":
-        info["device"] = torch.cuda.get_device_name(device)
+        info["device"] = device_name(device)
         info["cuda"] = str(torch.version.cuda)
         info["cudnn"] = str(torch.backends.cudnn.version())
     else:
-        info["device"] = f"cpu ({torch.get_num_threads()} threads)"
+        info["device"] = f"cpu: {device_name(device)}"
     for key, value in info.items():
         print(f"{key:>8}: {value}")
     if on_colab() and device.type != "cuda":
