@@ -23,7 +23,7 @@ BRANCH = "main"
 #: Small parameters: the whole series in a few minutes on a 2-core CPU (CI, Binder).
 #: Notebooks not named here run with their own defaults.
 QUICK: dict[str, dict] = {
-    "01_preprocessing": {"N_SCANS": 48, "WORKERS": 1},
+    "01_preprocessing": {"N_SCANS": 48, "WORKERS": 2},
     "02_training": {"PRESET": "small", "EPOCHS": 30, "SEEDS": [0], "PATIENCE": 30, "AUGMENT": None},
     "03_quantile_thresholding": {},
     "04_correlation_ranking": {},
