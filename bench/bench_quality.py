@@ -80,8 +80,7 @@ def main() -> None:
         found = train.predict_split(run)
         found = found.merge(phantom.read_truth(root)[["case", "label", "height_loss", "confounders"]],
                             on=["case", "label"], how="left")
-        found["predicted"] = (found["probability"] >= 0.5).astype(int)
-        wrong = found[found["predicted"] != found["fracture"].astype(int)]
+        wrong = found[found["outcome"].isin(["FP", "FN"])]
         print(f"best seed {metrics['best_seed']}: {len(wrong)} wrong calls of {len(found)}")
         if len(wrong):
             print(wrong[["case", "level", "fracture", "grade", "shape", "height_loss", "confounders",

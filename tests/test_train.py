@@ -141,6 +141,13 @@ def test_a_preloaded_split_trains_the_same(store, tmp_path):
 def test_preload_decision():
     patches = np.zeros((3, 96, 96, 96), np.int16)
     patches[1, 0, 0, 0] = 7
-    assert train.preload_split(patches, torch.device("cpu")) is None       # CPU: not by default
+    assert train.preload_split(patches, torch.device("cpu")) is patches    # CPU: not by default
     t = train.preload_split(patches, torch.device("cpu"), preload=True)
     assert t.dtype == torch.int16 and t.shape == (3, 96, 96, 96) and int(t[1, 0, 0, 0]) == 7
+
+
+def test_outcome_names_by_hand():
+    labels = [1, 1, 0, 0, 1]
+    probability = [0.9, 0.2, 0.7, 0.1, 0.5]          # 0.5 counts as "fractured"
+    assert list(train.outcome_names(labels, probability)) == ["TP", "FN", "FP", "TN", "TP"]
+    assert list(train.outcome_names(labels, probability, threshold=0.8)) == ["TP", "FN", "TN", "TN", "FN"]

@@ -46,6 +46,7 @@ from vfcore.dissect import (VIEWS, best_slice, concept_overlap, patch_mask, rele
                             upsample_to_patch, vertebra_overlap)
 from vfcore.errors import InputError, VfcoreError
 from vfcore.io import write_json
+from vfcore.train import outcome_names
 
 # --------------------------------------------------------------------------------------------
 # Constants
@@ -561,8 +562,8 @@ class RunData:
 
 
 def outcome(label: int, prediction: int) -> str:
-    """TP/FP/TN/FN of one prediction against its label."""
-    return {(1, 1): "TP", (0, 1): "FP", (0, 0): "TN", (1, 0): "FN"}[(int(label), int(prediction))]
+    """TP/FP/TN/FN of one prediction (0/1) against its label."""
+    return str(outcome_names([label], [prediction])[0])
 
 
 def _load_run_data(run_dir: Path, split: str = "test", device: str | None = None) -> RunData:

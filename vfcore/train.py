@@ -63,6 +63,13 @@ def average_precision(labels, scores) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+def outcome_names(labels, probability, threshold: float = 0.5) -> np.ndarray:
+    """"TP", "FP", "TN" or "FN" per vertebra (predicted fractured: probability >= threshold)."""
+    y = np.asarray(labels).astype(int) == 1
+    pred = np.asarray(probability) >= threshold
+    return np.where(y, np.where(pred, "TP", "FN"), np.where(pred, "FP", "TN"))
+
+
 def classification_metrics(labels, probability, threshold: float = 0.5) -> dict[str, float]:
     """F1, accuracy (at ``threshold``), AUC and AP of fracture probabilities."""
     y = np.asarray(labels).astype(bool)
@@ -167,8 +174,9 @@ def predict(model: torch.nn.Module, patches, preset: str | Preset, batch_size: i
 
 
 def preload_split(patches, device: torch.device, preload: bool | None = None,
-                  budget: float = 0.5) -> torch.Tensor | None:
-    """The whole split as one int16 tensor on ``device`` (or None: read batches from disk).
+                  budget: float = 0.5):
+    """The split as training reads it: one int16 tensor on ``device``, or ``patches`` itself
+    (batches read from disk).
 
     ``preload=None`` decides: on CUDA, when the split takes at most ``budget`` of the free GPU
     memory (10,000 patches of 96^3 int16 are 17.7 GB), so batches are indexed on the GPU and
@@ -177,11 +185,11 @@ def preload_split(patches, device: torch.device, preload: bool | None = None,
     """
     if preload is None:
         if device.type != "cuda":
-            return None
+            return patches
         free, _ = torch.cuda.mem_get_info(device)
         preload = len(patches) * PATCH_SIZE ** 3 * 2 <= budget * free
     if not preload:
-        return None
+        return patches
     return torch.from_numpy(np.asarray(patches[:])).to(device)
 
 
@@ -235,8 +243,8 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
               "manifest_sha256": manifest}
 
     # on a GPU, the splits once in GPU memory: no host work and no copy per batch
-    train_t, val_t = preload_split(train_x, dev, preload), preload_split(val_x, dev, preload)
-    labels_t = torch.tensor(train_y, dtype=torch.float32, device=dev)
+    train_x, val_x = preload_split(train_x, dev, preload), preload_split(val_x, dev, preload)
+    labels = torch.tensor(train_y, dtype=torch.float32, device=dev)
 
     torch.manual_seed(seed)
     model = FractureNet(p).to(dev)
@@ -273,9 +281,7 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
                    disable=not progress, leave=False)
         for b in bar:
             ids = np.sort(order[b * batch_size:(b + 1) * batch_size])
-            hu = train_t[torch.from_numpy(ids).to(dev)] if train_t is not None \
-                else torch.from_numpy(train_x[ids]).to(dev)
-            y = labels_t[torch.from_numpy(ids).to(dev)]
+            hu, y = torch.as_tensor(train_x[ids], device=dev), labels[ids]
             x = augment_batch(hu, p, generator, augment) if augment else to_network_input(hu, p)
             if dev.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last_3d)
@@ -288,7 +294,7 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.3f}",
                             samples_s=f"{(b + 1) * batch_size / (time.perf_counter() - t0):.0f}")
-        val = classification_metrics(val_y, predict(model, val_x if val_t is None else val_t, p, device=dev))
+        val = classification_metrics(val_y, predict(model, val_x, p, device=dev))
         row = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
                **{f"val_{k}": float(v) for k, v in val.items()},
                "samples_per_s": n_batches * batch_size / (time.perf_counter() - t0)}
@@ -341,11 +347,14 @@ def fit(run_dir: str | Path, preset: str | Preset = "small", *, seeds=(0,), epoc
 
 
 def predict_split(run_dir: str | Path, checkpoint: str | Path | None = None,
-                     device: str | None = None) -> pd.DataFrame:
-    """The test split's manifest rows with ``probability`` from the run's best checkpoint."""
+                  device: str | None = None, threshold: float = 0.5) -> pd.DataFrame:
+    """The test split's manifest rows with ``probability`` from the run's best checkpoint,
+    ``prediction`` (probability >= threshold) and ``outcome`` (TP, FP, TN, FN)."""
     run_dir = Path(run_dir)
     model, meta = load_checkpoint(checkpoint or run_dir / "model" / "best.pt")
     x, y, rows = load_split(run_dir, "test")
     rows = rows.copy()
     rows["probability"] = predict(model, x, model.preset, device=device)
+    rows["prediction"] = (rows["probability"] >= threshold).astype(int)
+    rows["outcome"] = outcome_names(y, rows["probability"], threshold)
     return rows

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from vfcore.errors import DataValueError, MissingArtifactError, StaleArtifactError, VfcoreError
+from vfcore.train import outcome_names
 
 from .capture import activations
 from .dissection import Dissection, dissect
@@ -233,8 +234,6 @@ def load_network(run_dir: str | Path, checkpoint: str | Path | None = None,
 
 
 def _samples_table(rows: pd.DataFrame, labels: np.ndarray, d: Dissection, threshold: float) -> pd.DataFrame:
-    o = outcomes(labels, d.probability, threshold)
-    outcome = np.select([o["tp"], o["fp"], o["tn"], o["fn"]], ["TP", "FP", "TN", "FN"], default="")
     table = pd.DataFrame({"index": np.arange(d.n_samples)})
     for col in ("case", "label", "level", "grade", "ct_path", "mask_path", "concept_path"):
         if col in rows:
@@ -242,7 +241,7 @@ def _samples_table(rows: pd.DataFrame, labels: np.ndarray, d: Dissection, thresh
     table["fracture"] = np.asarray(labels, dtype=int)
     table["probability"] = d.probability.astype(np.float64)
     table["prediction"] = (d.probability >= threshold).astype(int)
-    table["outcome"] = outcome
+    table["outcome"] = outcome_names(labels, d.probability, threshold)
     table["n_enabled"] = d.enabled.sum(axis=1)
     return table
 
