@@ -151,3 +151,17 @@ def test_outcome_names_by_hand():
     probability = [0.9, 0.2, 0.7, 0.1, 0.5]          # 0.5 counts as "fractured"
     assert list(train.outcome_names(labels, probability)) == ["TP", "FN", "FP", "TN", "TP"]
     assert list(train.outcome_names(labels, probability, threshold=0.8)) == ["TP", "FN", "TN", "TN", "FN"]
+
+
+def test_training_curves_mark_the_epoch_of_best_pt(store):
+    from vfcore.viz import training as vt
+
+    folder = train.train_seed(store, "small", 0, epochs=4, batch_size=4, augment=None, progress=False)
+    _, meta = train.load_checkpoint(folder / "best.pt")
+    ax = vt.training_curves(pd.read_csv(folder / "history.csv"))
+    marks = [line.get_xdata()[0] for line in ax.figure.axes[1].lines if line.get_linestyle() == ":"]
+    assert marks == [meta["epoch"]]
+    # ties in F1 are broken by AUC, as training does
+    h = pd.DataFrame({"epoch": [0, 1, 2], "loss": [1.0] * 3, "val_f1": [0.8, 0.8, 0.1], "val_auc": [0.6, 0.9, 1.0]})
+    ax = vt.training_curves(h)
+    assert [line.get_xdata()[0] for line in ax.figure.axes[1].lines if line.get_linestyle() == ":"] == [1]
