@@ -42,7 +42,7 @@ from .quantile import (Q_TAIL_PAPER, Q_TAIL_PUBLISHED, SPARSE_TAIL_FRACTION, tai
                        TopQuantile, SampledQuantile, example_units, q_table, tail_fraction,
                        sketch_comparison)
 from .dissection import Dissection, dissect
-from .ranking import (UndefinedCorrelationError, enabled_sets, relevance, top_units, outcomes,
+from .ranking import (UndefinedCorrelationError, M_k, enabled_sets, relevance, top_units, outcomes,
                       SUBSET_NAMES, correlation, rank_units, rank_false_positives,
                       EXEMPLAR_SCORES, exemplars)
 from .geometry import (VIEWS, AIR_HU, upsample_to_patch, patch_mask, best_slice,
@@ -57,7 +57,7 @@ __all__ = [
     'DEFAULT_LAYER', 'layer_names', 'find_layer', 'capture', 'evaluating', 'activations',
     'Q_TAIL_PAPER', 'Q_TAIL_PUBLISHED', 'SPARSE_TAIL_FRACTION', 'tail_size', 'TopQuantile',
     'SampledQuantile', 'example_units', 'q_table', 'tail_fraction', 'sketch_comparison',
-    'Dissection', 'dissect', 'UndefinedCorrelationError', 'enabled_sets', 'relevance',
+    'Dissection', 'dissect', 'UndefinedCorrelationError', 'M_k', 'enabled_sets', 'relevance',
     'top_units', 'outcomes', 'SUBSET_NAMES', 'correlation', 'rank_units',
     'rank_false_positives', 'EXEMPLAR_SCORES', 'exemplars', 'VIEWS', 'AIR_HU',
     'upsample_to_patch', 'patch_mask', 'best_slice', 'canonical_patch_affine',

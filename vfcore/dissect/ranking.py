@@ -20,12 +20,21 @@ class UndefinedCorrelationError(DataValueError):
     """c_k (Eq. 1) over an empty set (no true positives, no false positives): undefined."""
 
 
+def M_k(A, T, axis: int = 0) -> np.ndarray:
+    """The unit masks M_k(x) = A_k(x) > T_k (paper, Sec. 2.3) as a boolean array of A's shape.
+
+    ``A`` [K, *spatial] for one sample (``axis=0``) or [N, K, *spatial] (``axis=1``); ``T`` [K].
+    The one place in the package where a mask is thresholded.
+    """
+    A = np.asarray(A.detach().float().cpu() if isinstance(A, torch.Tensor) else A)
+    T = np.asarray(T).reshape((-1,) + (1,) * (A.ndim - axis - 1))
+    return A > T
+
+
 def enabled_sets(A, T, axis: int = 1) -> np.ndarray:
     """E_x as an indicator [N, K]: sum M_k(x) > 0 with M_k(x) = A_k(x) > T_k, for activations
     A [N, K, *spatial] (``axis`` = the unit axis)."""
-    A = np.asarray(A.detach().cpu() if isinstance(A, torch.Tensor) else A)
-    T = np.asarray(T).reshape((-1,) + (1,) * (A.ndim - axis - 1))
-    M = A > T
+    M = M_k(A, T, axis)
     return M.reshape(M.shape[:axis + 1] + (-1,)).any(axis=-1)
 
 
