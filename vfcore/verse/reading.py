@@ -9,18 +9,21 @@ names the file.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import math
 import os
+import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import BinaryIO, Iterable, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
 from nibabel.affines import apply_affine
-from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+from nibabel.volumeutils import apply_read_scaling
 
 from vfcore.errors import CorruptFileError, DataValueError, FormatError, GeometryError, LabelError
 from vfcore.io import atomic_write
@@ -54,32 +57,173 @@ class Volume:
         return nib.aff2axcodes(self.affine)
 
 
-_READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, ImageFileError, gzip.BadGzipFile)
+#: Largest voxel array a file reader allocates, checked against the header BEFORE reading the
+#: voxels (the stored payload, and the array returned: float32 for a CT): 4 GiB, above the
+#: largest VerSe scans (512 x 512 x ~1,000 int16 voxels: 0.5 GiB stored, 1 GiB as float32).
+NIFTI_MAX_BYTES = 4 << 30
+#: Largest upload :func:`read_nifti_bytes` accepts (the file itself, the voxel payload its
+#: header claims, the array returned): 64 MiB, room for a 256^3 float32 crop; a vertebra
+#: patch is 96^3 voxels (3.4 MiB as float32).
+UPLOAD_MAX_BYTES = 64 << 20
+#: Decompressed bytes a .nii.gz may hold past the end its header claims before it is refused.
+GZIP_SLACK_BYTES = 1 << 20
+#: Largest NIfTI extension block (bytes between the header and ``vox_offset``).
+_MAX_EXTENSIONS = 16 << 20
+_CHUNK = 1 << 20
+_GZIP_MAGIC = b"\x1f\x8b"
+_READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, gzip.BadGzipFile)
 
 
-def _load_nifti(path: Path, dtype=None) -> tuple[np.ndarray, np.ndarray]:
-    """Voxel values (scl_slope/scl_inter applied by nibabel) and the affine.
+def _read_up_to(stream: BinaryIO, out: memoryview) -> int:
+    """Fill ``out`` from ``stream`` in 1 MiB chunks; returns the bytes read (short at the end)."""
+    got = 0
+    while got < len(out):
+        n = stream.readinto(out[got:got + _CHUNK])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _decode_nifti(name: str | Path, stream: BinaryIO, present: int | None, gzipped: bool,
+                  max_bytes: int, out_itemsize: int) -> tuple[np.ndarray, np.ndarray]:
+    """Header first, sizes checked, then the voxels: (values, scl_slope/inter applied; affine).
+
+    ``present``: bytes in an uncompressed file (None for a gzip stream, where the voxels are
+    counted as they are decompressed and reading stops :data:`GZIP_SLACK_BYTES` past the end the
+    header claims). The payload the header claims (shape x dtype) and the array returned
+    (voxels x ``out_itemsize``) must fit ``max_bytes``; nothing larger is allocated.
+    """
+    head = bytearray(540)
+    got = _read_up_to(stream, memoryview(head)[:4])
+    sizes = {struct.unpack("<i", head[:4])[0], struct.unpack(">i", head[:4])[0]} if got == 4 else set()
+    if 348 in sizes:
+        header_class, n_head = nib.Nifti1Header, 348
+    elif 540 in sizes:
+        header_class, n_head = nib.Nifti2Header, 540
+    else:
+        raise CorruptFileError(name, "not a NIfTI-1/2 file (its first 4 bytes are not the header "
+                                     "size 348 or 540)")
+    got += _read_up_to(stream, memoryview(head)[4:n_head])
+    if got < n_head:
+        raise CorruptFileError(name, f"holds {got} bytes, less than the {n_head}-byte NIfTI header")
+    try:
+        header = header_class.from_fileobj(io.BytesIO(bytes(head[:n_head])), check=True)
+        shape = tuple(int(d) for d in header.get_data_shape())
+        dtype = header.get_data_dtype()
+        slope, inter = header.get_slope_inter()
+        affine = np.asarray(header.get_best_affine(), dtype=np.float64)
+    except (HeaderDataError, ValueError, TypeError, KeyError) as err:
+        raise CorruptFileError(name, f"bad NIfTI header: {type(err).__name__}: {err}") from err
+    magic = bytes(header["magic"]).rstrip(b"\x00")
+    if magic not in (b"n+1", b"n+2"):
+        raise FormatError(name, f"header magic {magic!r}: a .hdr/.img pair, "
+                                "not a single-file NIfTI (.nii or .nii.gz)")
+    if len(shape) != 3:
+        raise FormatError(name, f"expected a 3D image, got shape {shape}")
+    voxels = math.prod(shape)
+    payload = voxels * dtype.itemsize
+    returned = voxels * max(out_itemsize, dtype.itemsize)
+    if max(payload, returned) > max_bytes:
+        raise FormatError(name, f"header claims shape {list(shape)} of {dtype} = {payload:,} bytes "
+                                f"({returned:,} bytes as read), more than the limit of "
+                                f"{max_bytes:,} bytes: refused before allocating")
+    offset = int(header.get_data_offset())
+    if not n_head <= offset <= n_head + _MAX_EXTENSIONS:
+        raise CorruptFileError(name, f"vox_offset {offset} is not between {n_head} and "
+                                     f"{n_head + _MAX_EXTENSIONS}")
+    claimed = offset + payload
+    if present is not None and present < claimed:
+        raise CorruptFileError(name, f"holds {present:,} bytes but its header claims {claimed:,} "
+                                     f"(shape {list(shape)} of {dtype}): truncated, or a false header")
+    skipped = _read_up_to(stream, memoryview(bytearray(offset - n_head)))
+    buffer = np.empty(payload, dtype=np.uint8)  # pages are committed only as they are filled
+    got += skipped + _read_up_to(stream, memoryview(buffer))
+    if got < claimed:
+        raise CorruptFileError(name, f"decompresses to {got:,} bytes but its header claims "
+                                     f"{claimed:,} (shape {list(shape)} of {dtype}): truncated, "
+                                     "or a false header")
+    if gzipped:
+        extra = len(stream.read(GZIP_SLACK_BYTES + 1))
+        if extra > GZIP_SLACK_BYTES:
+            raise FormatError(name, f"decompresses to more than {claimed + GZIP_SLACK_BYTES:,} "
+                                    f"bytes but its header claims {claimed:,}: refused (a gzip bomb?)")
+    data = buffer.view(dtype).reshape(shape, order="F")
+    if not data.dtype.isnative:
+        data = data.astype(data.dtype.newbyteorder("="))
+    return apply_read_scaling(data, slope, inter), affine
+
+
+def _check_affine(name, affine: np.ndarray) -> None:
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise GeometryError(name, f"the affine is singular or not finite:\n{affine}")
+
+
+def _load_nifti(path: Path, dtype=None, max_bytes: int = NIFTI_MAX_BYTES
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel values (scl_slope/scl_inter applied) and the affine of a .nii or .nii.gz file.
 
     ``dtype=None`` keeps the stored integer type when the file has no scaling (a uint8 mask
-    stays uint8: VerSe scans reach 512 x 512 x 1000 voxels, so float64 copies matter).
+    stays uint8: VerSe scans reach 512 x 512 x 1000 voxels, so float64 copies matter). The
+    header's claimed size is checked against the file and ``max_bytes`` before any voxel is
+    read (:func:`_decode_nifti`).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    _require_file(path, "NIfTI")
+    out_itemsize = np.dtype(dtype).itemsize if dtype is not None else 2
     try:
-        img = nib.load(path)
-        if len(img.shape) != 3:
-            raise FormatError(path, f"expected a 3D image, got shape {img.shape}")
-        data = np.asarray(img.dataobj) if dtype is None else img.get_fdata(dtype=dtype)
-        affine = np.asarray(img.affine, dtype=np.float64)
-    except FormatError:
-        raise
+        with open(path, "rb") as raw:
+            gzipped = raw.read(2) == _GZIP_MAGIC
+            raw.seek(0)
+            if gzipped:
+                with gzip.GzipFile(fileobj=raw) as stream:
+                    data, affine = _decode_nifti(path, stream, None, True, max_bytes, out_itemsize)
+            else:
+                present = os.fstat(raw.fileno()).st_size
+                data, affine = _decode_nifti(path, raw, present, False, max_bytes, out_itemsize)
     except _READ_ERRORS as err:
         raise CorruptFileError(path, f"cannot read NIfTI (truncated or corrupt?): "
                                      f"{type(err).__name__}: {err}") from err
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise GeometryError(path, f"the affine is singular or not finite:\n{affine}")
+    _check_affine(path, affine)
+    if dtype is not None:
+        data = data.astype(dtype, copy=False)
     return data, affine
+
+
+def _require_file(path: Path, what: str) -> None:
+    """:class:`CorruptFileError` for a missing file or a folder where a file is expected."""
+    if path.is_dir():
+        raise CorruptFileError(path, f"is a folder, not a {what} file")
+    if not path.is_file():
+        raise CorruptFileError(path, f"no such {what} file")
+
+
+def read_nifti_bytes(name: str, content: bytes, max_bytes: int = UPLOAD_MAX_BYTES) -> Volume:
+    """An in-memory NIfTI (``.nii`` or ``.nii.gz`` bytes, e.g. an upload) -> :class:`Volume`.
+
+    ``data`` holds the stored values with scl_slope/scl_inter applied, ``path`` is ``name``.
+    The same checks as the file readers, against :data:`UPLOAD_MAX_BYTES` by default: the
+    upload itself, the payload its header claims and the decompressed stream must fit
+    ``max_bytes`` (:class:`FormatError`), and a header claiming more voxels than the bytes
+    present is :class:`CorruptFileError`; both messages name ``name`` and both sizes.
+    """
+    content = bytes(content)
+    if len(content) > max_bytes:
+        raise FormatError(name, f"is {len(content):,} bytes, more than the upload limit of "
+                                f"{max_bytes:,} bytes")
+    gzipped = content[:2] == _GZIP_MAGIC
+    try:
+        with io.BytesIO(content) as raw:
+            if gzipped:
+                with gzip.GzipFile(fileobj=raw) as stream:
+                    data, affine = _decode_nifti(name, stream, None, True, max_bytes, 4)
+            else:
+                data, affine = _decode_nifti(name, raw, len(content), False, max_bytes, 4)
+    except _READ_ERRORS as err:
+        raise CorruptFileError(name, f"cannot read NIfTI (truncated or corrupt?): "
+                                     f"{type(err).__name__}: {err}") from err
+    _check_affine(name, affine)
+    return Volume(data, affine, Path(name))
 
 
 def _check_finite(path: Path, data: np.ndarray) -> None:
@@ -92,28 +236,32 @@ def _check_finite(path: Path, data: np.ndarray) -> None:
                                    f"{first})")
 
 
-def read_ct(path: str | os.PathLike) -> Volume:
+def read_ct(path: str | os.PathLike, *, max_bytes: int = NIFTI_MAX_BYTES) -> Volume:
     """CT in Hounsfield units as float32 (scl_slope/scl_inter honoured, e.g. uint8 storage).
 
-    Raises :class:`CorruptFileError` (unreadable file) and :class:`DataValueError` (NaN/inf).
+    Raises :class:`CorruptFileError` (missing, unreadable or truncated file, a header that
+    claims more voxels than the file holds), :class:`FormatError` (not 3D, larger than
+    ``max_bytes``) and :class:`DataValueError` (NaN/inf).
     """
     path = Path(path)
-    data, affine = _load_nifti(path, dtype=np.float32)
+    data, affine = _load_nifti(path, dtype=np.float32, max_bytes=max_bytes)
     _check_finite(path, data)
     return Volume(data, affine, path)
 
 
 def read_mask(path: str | os.PathLike,
-              valid: Iterable[int] | None = VERTEBRA_LABELS) -> Volume:
+              valid: Iterable[int] | None = VERTEBRA_LABELS, *,
+              max_bytes: int = NIFTI_MAX_BYTES) -> Volume:
     """Label mask as int16 after rounding (VerSe masks are sometimes stored as float64).
 
     ``valid`` is the set of allowed labels (default: 0 and the VerSe vertebra labels; pass
     :data:`SUBREG_LABELS` for subregion masks, ``None`` for no check). Values that are not
     within 0.01 of an integer (a mask resampled with linear interpolation) raise
-    :class:`DataValueError`; labels outside ``valid`` raise :class:`LabelError`.
+    :class:`DataValueError`; labels outside ``valid`` raise :class:`LabelError`. Sizes are
+    checked as in :func:`read_ct`.
     """
     path = Path(path)
-    data, affine = _load_nifti(path)
+    data, affine = _load_nifti(path, max_bytes=max_bytes)
     if data.dtype.kind == "f":
         _check_finite(path, data)
         rounded = np.rint(data)
@@ -136,9 +284,9 @@ def read_mask(path: str | os.PathLike,
     return Volume(labels, affine, path)
 
 
-def read_subreg(path: str | os.PathLike) -> Volume:
+def read_subreg(path: str | os.PathLike, *, max_bytes: int = NIFTI_MAX_BYTES) -> Volume:
     """Subregion mask (labels 41-49 posterior parts, 50 vertebral body), see :func:`read_mask`."""
-    return read_mask(path, valid=SUBREG_LABELS)
+    return read_mask(path, valid=SUBREG_LABELS, max_bytes=max_bytes)
 
 
 # --------------------------------------------------------------------------------------------
