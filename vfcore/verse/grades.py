@@ -12,9 +12,10 @@ import zipfile
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import pandas as pd
 
-from vfcore.errors import CorruptFileError, GradeTableError, LabelError
+from vfcore.errors import CorruptFileError, FormatError, GradeTableError, LabelError
 from vfcore.verse.layout import _RANK, LEVEL_LABELS, LEVEL_NAMES, _ranges
 
 # --------------------------------------------------------------------------------------------
@@ -27,6 +28,8 @@ FXGRADER_CODES = {4: "Schmorl node", 5: "non-osteoporotic fracture", 6: "sclerot
                   7: "cortical lesion", 8: "foreign material", 9: "malignant", 10: "metastasis",
                   11: "unclear"}
 NOT_GRADED = "not graded"
+#: Largest grade table read (the Löffler appendix is 50 kB; FX-Grader's table a few hundred kB).
+TABLE_MAX_BYTES = 64 << 20
 FOREIGN = "foreign material (x)"
 
 
@@ -34,6 +37,8 @@ def _cell(value) -> int | str | None:
     """A grade/shape cell: None (empty), ``"x"``, or an int; anything else -> ValueError."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(value)  # a TRUE/FALSE cell is not a grade
     if isinstance(value, str):
         text = value.strip()
         if text == "" or text.lower() in ("nan", "na", "n/a"):
@@ -42,8 +47,8 @@ def _cell(value) -> int | str | None:
             return "x"
         value = float(text)
     value = float(value)
-    if value != int(value):
-        raise ValueError(value)
+    if not math.isfinite(value) or value != int(value):
+        raise ValueError(value)  # inf, nan spelt otherwise, 1.5
     return int(value)
 
 
@@ -107,7 +112,14 @@ def _read_appendix(path: Path) -> pd.DataFrame:
                               if unknown else "no <LEVEL>_fx-g grade columns")
     rows = []
     for i, rec in table.iterrows():
-        case = appendix_case_id(rec["verse_ID"], rec["subject_ID"])
+        ids = [rec["verse_ID"], rec["subject_ID"]]
+        try:
+            if any(isinstance(v, (bool, np.bool_)) or float(v) != int(float(v)) for v in ids):
+                raise ValueError(ids)
+        except (ValueError, TypeError, OverflowError):
+            raise GradeTableError(path, f"row {i + 2}: verse_ID/subject_ID {ids[0]!r}/{ids[1]!r} "
+                                        "are not whole numbers (an empty cell?)") from None
+        case = appendix_case_id(*ids)
         for level in levels:
             where = f"row {i + 2} ({case}), {level}"
             try:
@@ -145,7 +157,7 @@ def _read_text_table(path: Path) -> pd.DataFrame:
         else:
             try:
                 label = int(float(text))
-            except ValueError:
+            except (ValueError, OverflowError):
                 raise GradeTableError(path, f"{where}: label {text!r} is neither a VerSe label "
                                             "nor a level name") from None
             if label not in LEVEL_NAMES or float(text) != label:
@@ -169,6 +181,8 @@ def _read_fxgrader(path: Path, table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for i, rec in table.iterrows():
         case = rec["ID"].strip()
+        if not case:
+            raise GradeTableError(path, f"line {i + 2}: empty ID")
         for col in (c for c in table.columns if c.startswith("def_")):
             level = col[len("def_"):]
             if level not in LEVEL_LABELS:
@@ -205,8 +219,14 @@ def read_grades(path: str | os.PathLike, known_cases: Iterable[str] | None = Non
     :class:`GradeTableError` (pass it when table and data describe the same set of scans).
     """
     path = Path(path)
+    if path.is_dir():
+        raise CorruptFileError(path, "is a folder, not a grade table")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise CorruptFileError(path, "no such grade table")
+    size = path.stat().st_size
+    if size > TABLE_MAX_BYTES:
+        raise FormatError(path, f"grade table of {size:,} bytes is larger than the limit of "
+                                f"{TABLE_MAX_BYTES:,} bytes")
     if path.suffix.lower() in (".xlsx", ".xlsm"):
         grades = _read_appendix(path)
     else:

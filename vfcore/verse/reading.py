@@ -317,6 +317,27 @@ _OLD_FORMAT = ("no 'direction' entry: this is the old VerSe'19 challenge centroi
                "'direction' entry) or convert the file")
 
 
+#: Largest JSON file read (centroids, download records): real centroid files are ~1 kB.
+JSON_MAX_BYTES = 16 << 20
+
+
+def read_small_json(path: str | os.PathLike, what: str = "JSON", max_bytes: int = JSON_MAX_BYTES):
+    """Parse a small JSON file; :class:`CorruptFileError` for a missing, oversized, undecodable
+    or too deeply nested file (``json`` recurses: 100,000 nested lists exhaust the stack)."""
+    path = Path(path)
+    _require_file(path, what)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise FormatError(path, f"{what} of {size:,} bytes is larger than the limit of "
+                                f"{max_bytes:,} bytes")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptFileError(path, f"not valid JSON: {err}") from err
+    except RecursionError:
+        raise CorruptFileError(path, "not readable JSON: nested too deeply") from None
+
+
 def read_centroids(path: str | os.PathLike, reference: Volume | None = None) -> Centroids:
     """Read a VerSe centroid JSON: ``[{"direction": [..]}, {"label": L, "X":, "Y":, "Z":}, ..]``.
 
@@ -325,10 +346,7 @@ def read_centroids(path: str | os.PathLike, reference: Volume | None = None) -> 
     inside ``reference.shape`` (:class:`GeometryError` otherwise).
     """
     path = Path(path)
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CorruptFileError(path, f"not valid JSON: {err}") from err
+    entries = read_small_json(path, "centroid JSON")
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise FormatError(path, "expected a JSON list of objects "
                                 '[{"direction": [...]}, {"label": .., "X": .., "Y": .., "Z": ..}, ...]')
@@ -349,7 +367,8 @@ def read_centroids(path: str | os.PathLike, reference: Volume | None = None) -> 
         if not {"label", "X", "Y", "Z"} <= set(entry):
             raise FormatError(path, f"entry {entry!r} lacks one of label, X, Y, Z")
         label = entry["label"]
-        if not isinstance(label, (int, float)) or float(label) != int(label):
+        if (isinstance(label, bool) or not isinstance(label, (int, float))
+                or not math.isfinite(label) or float(label) != int(label)):
             raise FormatError(path, f"entry {entry!r}: label is not an integer")
         label = int(label)
         if label not in LEVEL_NAMES:
