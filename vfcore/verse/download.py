@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import http.client
-import json
 import os
 import re
 import shutil
@@ -23,8 +22,9 @@ import zlib
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from vfcore.errors import CorruptFileError, DownloadError, FormatError
+from vfcore.errors import DownloadError, FormatError
 from vfcore.io import sha256_file, write_json
+from vfcore.verse.reading import read_small_json
 
 # --------------------------------------------------------------------------------------------
 # Download
@@ -103,14 +103,29 @@ def _total_size(headers) -> int | None:
 
 
 def _load_record(path: Path) -> dict:
+    """The checksum record ``{archive: {"size": int, "sha256": hex, ...}}``; {} when absent.
+
+    Every entry is checked here, so a hand-edited or damaged record is a :class:`FormatError`
+    naming the record and the entry, never a ``KeyError`` later.
+    """
     if not path.exists():
         return {}
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CorruptFileError(path, f"checksum record is not valid JSON: {err}") from err
+    record = read_small_json(path, "checksum record")
     if not isinstance(record, dict):
         raise FormatError(path, "checksum record must be a JSON object {archive: {size, sha256}}")
+    for name, entry in record.items():
+        if not isinstance(entry, dict):
+            raise FormatError(path, f"entry {name!r} is {type(entry).__name__} {entry!r}, not an "
+                                    "object {size, sha256}: delete the record to start afresh")
+        size, digest = entry.get("size"), entry.get("sha256")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise FormatError(path, f"entry {name!r} has no valid 'size' (got {size!r}): delete "
+                                    "the record to start afresh")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise FormatError(path, f"entry {name!r} has no valid 'sha256' (got {digest!r}): "
+                                    "delete the record to start afresh")
+        if not isinstance(entry.get("extracted", ""), str):
+            raise FormatError(path, f"entry {name!r}: 'extracted' is not a folder name")
     return record
 
 
@@ -201,19 +216,41 @@ def _check_zip_kept(archive: Path) -> None:
                                      "it again")
 
 
+#: HTTP status codes worth another try (server busy or failing); others are final.
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+#: Longest wait between two tries, seconds (the wait doubles from ``retry_wait``).
+MAX_RETRY_WAIT = 60.0
+
+
 def _fetch_with_retries(url: str, part: Path, *, retries: int, retry_wait: float,
                         **fetch_kwargs) -> None:
-    """:func:`_fetch`, resumed up to ``retries`` times after a dropped connection."""
+    """:func:`_fetch`, resumed up to ``retries`` times after a dropped connection or a 5xx/429.
+
+    The wait doubles from ``retry_wait`` (capped at :data:`MAX_RETRY_WAIT`). A 404 is "not
+    found at URL"; other 4xx answers are final and named with their code.
+    """
     for attempt in range(retries + 1):
         try:
             return _fetch(url, part, **fetch_kwargs)
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                raise DownloadError(url, "not found at URL (HTTP 404): check the archive name "
+                                         "or URL") from None
+            if err.code not in RETRY_STATUS:
+                raise DownloadError(url, f"the server refused the download (HTTP {err.code} "
+                                         f"{err.reason})") from None
+            if attempt == retries:
+                kept = part.stat().st_size if part.exists() else 0
+                raise DownloadError(url, f"server error HTTP {err.code} {err.reason} in "
+                                         f"{retries + 1} tries; {kept} bytes kept in {part}, "
+                                         "run again later to resume") from None
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
                 TimeoutError) as err:
-            if isinstance(err, urllib.error.HTTPError) or attempt == retries:
+            if attempt == retries:
                 kept = part.stat().st_size if part.exists() else 0
                 raise DownloadError(url, f"download failed ({err}); {kept} bytes kept in "
                                          f"{part}, run again to resume") from err
-            time.sleep(retry_wait * 2 ** attempt)
+        time.sleep(min(retry_wait * 2 ** attempt, MAX_RETRY_WAIT))
 
 
 def _record_entry(url: str, archive: Path) -> dict:
