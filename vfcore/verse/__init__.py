@@ -6,7 +6,8 @@ Four modules, one stage each (``from vfcore.verse import X`` works for every pub
   the scans of a root (``find_cases`` -> :class:`Case`);
 - :mod:`vfcore.verse.reading`: CT in HU, label masks and centroid JSON, read with bounded
   memory (``read_ct``, ``read_mask``, ``read_centroids``, ``read_nifti_bytes``, ``load_case``);
-- :mod:`vfcore.verse.grades`: fracture grade tables (``read_grades``, ``find_grade_table``);
+- :mod:`vfcore.verse.grades`: fracture grade tables (``read_grades``; ``grades_for_root`` finds the
+  table a root ships with);
 - :mod:`vfcore.verse.download`: the public archives (``download``, ``extract_zip``).
 
 Every file that cannot be read correctly raises a typed :mod:`vfcore.errors` exception that
@@ -24,6 +25,10 @@ from vfcore.verse.layout import (
     level_name,
 )
 from vfcore.verse.reading import (
+    GZIP_SLACK_BYTES,
+    JSON_MAX_BYTES,
+    NIFTI_MAX_BYTES,
+    UPLOAD_MAX_BYTES,
     CaseData,
     Centroids,
     Volume,
@@ -32,6 +37,8 @@ from vfcore.verse.reading import (
     check_same_grid,
     load_case,
     read_centroids,
+    read_nifti_bytes,
+    read_small_json,
     read_ct,
     read_mask,
     read_subreg,
@@ -41,12 +48,19 @@ from vfcore.verse.grades import (
     FOREIGN,
     FXGRADER_CODES,
     GRADE_COLUMNS,
+    GRADE_TABLE_PATTERNS,
     NOT_GRADED,
+    TABLE_MAX_BYTES,
+    GradeTable,
     appendix_case_id,
+    find_grade_table,
+    grade_table_mismatch,
+    grades_for_root,
     read_grades,
 )
 from vfcore.verse.download import (
     RECORD_NAME,
+    RETRY_STATUS,
     VERSE_ARCHIVES,
     VERSE_RELEASES,
     download,
@@ -60,5 +74,8 @@ __all__ = [
     "CaseData", "Centroids", "Volume", "centroids_json", "check_centroids", "check_same_grid",
     "load_case", "read_centroids", "read_ct", "read_mask", "read_subreg", "write_centroids",
     "FOREIGN", "FXGRADER_CODES", "GRADE_COLUMNS", "NOT_GRADED", "appendix_case_id", "read_grades",
-    "RECORD_NAME", "VERSE_ARCHIVES", "VERSE_RELEASES", "download", "extract_zip", "main",
+    "GZIP_SLACK_BYTES", "JSON_MAX_BYTES", "NIFTI_MAX_BYTES", "UPLOAD_MAX_BYTES", "read_nifti_bytes",
+    "read_small_json", "GRADE_TABLE_PATTERNS", "TABLE_MAX_BYTES", "GradeTable", "find_grade_table",
+    "grade_table_mismatch", "grades_for_root",
+    "RETRY_STATUS", "RECORD_NAME", "VERSE_ARCHIVES", "VERSE_RELEASES", "download", "extract_zip", "main",
 ]

@@ -5,17 +5,19 @@ The task's label (paper, Sec. 3): fractured = Genant grade >= 1; vertebrae grade
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import pandas as pd
 
-from vfcore.errors import CorruptFileError, FormatError, GradeTableError, LabelError
+from vfcore.errors import CorruptFileError, EmptyRootError, FormatError, GradeTableError, LabelError
 from vfcore.verse.layout import _RANK, LEVEL_LABELS, LEVEL_NAMES, _ranges
 
 # --------------------------------------------------------------------------------------------
@@ -237,3 +239,113 @@ def read_grades(path: str | os.PathLike, known_cases: Iterable[str] | None = Non
             shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
             raise GradeTableError(path, f"{len(unknown)} case(s) not in the data: {shown}")
     return grades
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the grade table of a data root
+# --------------------------------------------------------------------------------------------
+
+#: Names (``fnmatch`` patterns, case-insensitive) of the grade tables found automatically, in the
+#: order they are preferred: the long table (what :mod:`vfcore.phantom` writes; also the format
+#: to bring your own), FX-Grader's ratings (``dataset_ctfu_labels.tsv`` beside ``rawdata/`` in
+#: its sample dataset), the VerSe'19 grades (Löffler et al. 2020 appendix E1, file name as
+#: published by Radiology: AI).
+GRADE_TABLE_PATTERNS: tuple[str, ...] = (
+    "fracture_grades.tsv", "fracture_grades.csv", "dataset_ctfu_labels*.tsv",
+    "ryai190138_appendixe1*.xlsx", "*appendix*e1*.xlsx",
+)
+
+
+@dataclass(frozen=True)
+class GradeTable:
+    """The grades of a root and where they came from (``path``/``grades`` None: no table)."""
+
+    path: Path | None
+    kind: str  # "long table", "FX-Grader ratings", "VerSe'19 appendix E1" or "none"
+    grades: pd.DataFrame | None
+
+    def describe(self) -> str:
+        """One line for the user: which table was used."""
+        if self.path is None:
+            return "no grade table found: every vertebra is unlabelled"
+        n = 0 if self.grades is None else int((self.grades["status"] == "graded").sum())
+        return f"grades from {self.path} ({self.kind}, {n} graded vertebrae)"
+
+
+def _table_kind(path: Path) -> str:
+    if path.suffix.lower() in (".xlsx", ".xlsm"):
+        return "VerSe'19 appendix E1"
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = f.readline(1 << 16)
+    columns = {c.strip() for c in first.replace("\t", ",").split(",")}
+    if "ID" in columns and any(c.startswith("def_") for c in columns):
+        return "FX-Grader ratings"
+    return "long table"
+
+
+def _matches(folder: Path) -> list[tuple[int, Path]]:
+    """(preference, path) of every grade table directly in ``folder``."""
+    found = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        for rank, pattern in enumerate(GRADE_TABLE_PATTERNS):
+            if fnmatch.fnmatch(path.name.lower(), pattern):
+                found.append((rank, path))
+                break
+    return found
+
+
+def find_grade_table(root: str | os.PathLike) -> Path | None:
+    """The grade table of a data root: in ``root`` itself, else in one of its direct subfolders.
+
+    Names are :data:`GRADE_TABLE_PATTERNS` (earlier patterns win). Two equally preferred
+    tables at the same depth are ambiguous: :class:`GradeTableError` listing both (pass one
+    explicitly). ``None`` when there is no table.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise EmptyRootError(root, "is not a folder")
+    found = _matches(root)
+    if not found:
+        for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            found += _matches(sub)
+    if not found:
+        return None
+    best = min(rank for rank, _ in found)
+    paths = [p for rank, p in found if rank == best]
+    if len(paths) > 1:
+        raise GradeTableError(root, f"several grade tables: {', '.join(map(str, paths))}; pass "
+                                    "the one to use explicitly")
+    return paths[0]
+
+
+def grades_for_root(root: str | os.PathLike, table: str | os.PathLike | None = None
+                    ) -> GradeTable:
+    """Read the grades of ``root``: ``table`` when given, else :func:`find_grade_table`.
+
+    Returns a :class:`GradeTable` that says which file was used and its kind. An explicit
+    ``table`` that does not exist is :class:`CorruptFileError` (never silently no grades).
+    """
+    path = Path(table) if table is not None else find_grade_table(root)
+    if path is None:
+        return GradeTable(None, "none", None)
+    grades = read_grades(path)
+    return GradeTable(path, _table_kind(path), grades)
+
+
+def grade_table_mismatch(grades: pd.DataFrame, case_ids: Iterable[str],
+                         table: str | os.PathLike | None = None) -> str | None:
+    """A warning when no case id of the table names a scan of the root; None when some do.
+
+    The caller warns (``warnings.warn`` or a printed line): a table for other scans would
+    otherwise leave every vertebra unlabelled without a word.
+    """
+    scans = sorted(set(case_ids))
+    cases = sorted(set(grades["case"]))
+    if set(cases) & set(scans):
+        return None
+    where = f"{table}: " if table is not None else ""
+    return (f"{where}none of the {len(cases)} case id(s) of the grade table (e.g. "
+            f"{', '.join(cases[:3]) or 'none'}) names one of the {len(scans)} scan(s) of the root "
+            f"(e.g. {', '.join(scans[:3]) or 'none'}): every vertebra will be unlabelled")
