@@ -54,6 +54,11 @@ def _cell(value) -> int | str | None:
     return int(value)
 
 
+def _plain(value):
+    """A numpy scalar as the Python value (for messages: ``nan``, not ``np.float64(nan)``)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _row(path, case, label, grade, shape, where) -> dict:
     """One output row from parsed grade/shape cells (Genant grade 0-3, shape 0-3)."""
     for name, v in (("grade", grade), ("shape", shape)):
@@ -114,7 +119,7 @@ def _read_appendix(path: Path) -> pd.DataFrame:
                               if unknown else "no <LEVEL>_fx-g grade columns")
     rows = []
     for i, rec in table.iterrows():
-        ids = [rec["verse_ID"], rec["subject_ID"]]
+        ids = [_plain(rec["verse_ID"]), _plain(rec["subject_ID"])]
         try:
             if any(isinstance(v, (bool, np.bool_)) or float(v) != int(float(v)) for v in ids):
                 raise ValueError(ids)
@@ -129,7 +134,8 @@ def _read_appendix(path: Path) -> pd.DataFrame:
                 shape = _cell(rec.get(f"{level}_fx-s"))
             except ValueError:
                 raise GradeTableError(path, f"{where}: grade/shape "
-                                            f"{rec[f'{level}_fx-g']!r}/{rec.get(f'{level}_fx-s')!r}"
+                                            f"{_plain(rec[f'{level}_fx-g'])!r}/"
+                                            f"{_plain(rec.get(f'{level}_fx-s'))!r}"
                                             " is not 0-3, x or empty") from None
             rows.append(_row(path, case, LEVEL_LABELS[level], grade, shape, where))
     return _frame(path, rows)

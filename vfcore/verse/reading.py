@@ -86,13 +86,14 @@ def _read_up_to(stream: BinaryIO, out: memoryview) -> int:
 
 
 def _decode_nifti(name: str | Path, stream: BinaryIO, present: int | None, gzipped: bool,
-                  max_bytes: int, out_itemsize: int) -> tuple[np.ndarray, np.ndarray]:
+                  max_bytes: int, out_dtype) -> tuple[np.ndarray, np.ndarray]:
     """Header first, sizes checked, then the voxels: (values, scl_slope/inter applied; affine).
 
     ``present``: bytes in an uncompressed file (None for a gzip stream, where the voxels are
     counted as they are decompressed and reading stops :data:`GZIP_SLACK_BYTES` past the end the
-    header claims). The payload the header claims (shape x dtype) and the array returned
-    (voxels x ``out_itemsize``) must fit ``max_bytes``; nothing larger is allocated.
+    header claims). The payload the header claims (shape x dtype) and the array the caller
+    makes of it (``out_dtype``: float32 for a CT, int16 for a mask) must fit ``max_bytes``;
+    nothing larger is allocated.
     """
     head = bytearray(540)
     got = _read_up_to(stream, memoryview(head)[:4])
@@ -123,10 +124,11 @@ def _decode_nifti(name: str | Path, stream: BinaryIO, present: int | None, gzipp
         raise FormatError(name, f"expected a 3D image, got shape {shape}")
     voxels = math.prod(shape)
     payload = voxels * dtype.itemsize
-    returned = voxels * max(out_itemsize, dtype.itemsize)
+    out_dtype = np.dtype(out_dtype)
+    returned = voxels * out_dtype.itemsize
     if max(payload, returned) > max_bytes:
         raise FormatError(name, f"header claims shape {list(shape)} of {dtype} = {payload:,} bytes "
-                                f"({returned:,} bytes as read), more than the limit of "
+                                f"({returned:,} bytes as {out_dtype}), more than the limit of "
                                 f"{max_bytes:,} bytes: refused before allocating")
     offset = int(header.get_data_offset())
     if not n_head <= offset <= n_head + _MAX_EXTENSIONS:
@@ -170,17 +172,16 @@ def _load_nifti(path: Path, dtype=None, max_bytes: int = NIFTI_MAX_BYTES
     """
     path = Path(path)
     _require_file(path, "NIfTI")
-    out_itemsize = np.dtype(dtype).itemsize if dtype is not None else 2
     try:
         with open(path, "rb") as raw:
             gzipped = raw.read(2) == _GZIP_MAGIC
             raw.seek(0)
             if gzipped:
                 with gzip.GzipFile(fileobj=raw) as stream:
-                    data, affine = _decode_nifti(path, stream, None, True, max_bytes, out_itemsize)
+                    data, affine = _decode_nifti(path, stream, None, True, max_bytes, dtype or np.int16)
             else:
                 present = os.fstat(raw.fileno()).st_size
-                data, affine = _decode_nifti(path, raw, present, False, max_bytes, out_itemsize)
+                data, affine = _decode_nifti(path, raw, present, False, max_bytes, dtype or np.int16)
     except _READ_ERRORS as err:
         raise CorruptFileError(path, f"cannot read NIfTI (truncated or corrupt?): "
                                      f"{type(err).__name__}: {err}") from err
@@ -203,8 +204,8 @@ def read_nifti_bytes(name: str, content: bytes, max_bytes: int = UPLOAD_MAX_BYTE
 
     ``data`` holds the stored values with scl_slope/scl_inter applied, ``path`` is ``name``.
     The same checks as the file readers, against :data:`UPLOAD_MAX_BYTES` by default: the
-    upload itself, the payload its header claims and the decompressed stream must fit
-    ``max_bytes`` (:class:`FormatError`), and a header claiming more voxels than the bytes
+    upload itself, the payload its header claims, that payload as float32 (what a patch
+    becomes) and the decompressed stream must fit ``max_bytes`` (:class:`FormatError`), and a header claiming more voxels than the bytes
     present is :class:`CorruptFileError`; both messages name ``name`` and both sizes.
     """
     content = bytes(content)
@@ -216,9 +217,9 @@ def read_nifti_bytes(name: str, content: bytes, max_bytes: int = UPLOAD_MAX_BYTE
         with io.BytesIO(content) as raw:
             if gzipped:
                 with gzip.GzipFile(fileobj=raw) as stream:
-                    data, affine = _decode_nifti(name, stream, None, True, max_bytes, 4)
+                    data, affine = _decode_nifti(name, stream, None, True, max_bytes, np.float32)
             else:
-                data, affine = _decode_nifti(name, raw, len(content), False, max_bytes, 4)
+                data, affine = _decode_nifti(name, raw, len(content), False, max_bytes, np.float32)
     except _READ_ERRORS as err:
         raise CorruptFileError(name, f"cannot read NIfTI (truncated or corrupt?): "
                                      f"{type(err).__name__}: {err}") from err
