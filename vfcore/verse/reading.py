@@ -139,7 +139,11 @@ def _decode_nifti(name: str | Path, stream: BinaryIO, present: int | None, gzipp
         raise CorruptFileError(name, f"holds {present:,} bytes but its header claims {claimed:,} "
                                      f"(shape {list(shape)} of {dtype}): truncated, or a false header")
     skipped = _read_up_to(stream, memoryview(bytearray(offset - n_head)))
-    buffer = np.empty(payload, dtype=np.uint8)  # pages are committed only as they are filled
+    try:  # the OS commits the pages only as they are filled: a false header costs nothing
+        buffer = np.empty(payload, dtype=np.uint8)
+    except MemoryError:
+        raise FormatError(name, f"header claims {payload:,} bytes of voxels, more than this "
+                                "machine can allocate") from None
     got += skipped + _read_up_to(stream, memoryview(buffer))
     if got < claimed:
         raise CorruptFileError(name, f"decompresses to {got:,} bytes but its header claims "
