@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import http.server
 import io
 import json
@@ -28,6 +29,7 @@ class ArchiveServer(http.server.ThreadingHTTPServer):
         self.files: dict[str, bytes] = {}
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         self.cut_after: list[int] = []  # per coming GET: send only this many body bytes
+        self.fail_with: list[int] = []  # per coming GET: answer with this HTTP status instead
         self.honour_range = True
 
     def url(self, name: str) -> str:
@@ -42,6 +44,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         server: ArchiveServer = self.server
         name = self.path.lstrip("/")
         server.requests.append((name, self.headers.get("Range")))
+        if server.fail_with:
+            self.send_error(server.fail_with.pop(0))
+            return
         if name not in server.files:
             self.send_error(404)
             return
@@ -271,6 +276,7 @@ def test_http_errors_and_unknown_names(server, tmp_path):
     with pytest.raises(DownloadError) as err:
         verse.download({"g": server.url("missing.zip")}, tmp_path, progress=False)
     assert "404" in str(err.value) and server.url("missing.zip") in str(err.value)
+    assert "not found at URL" in str(err.value) and "resume" not in str(err.value)
     assert leftovers(tmp_path) == []
     with pytest.raises(DownloadError) as err:
         verse.download(["verse21training"], tmp_path, progress=False)
@@ -291,3 +297,45 @@ def test_command_line(tmp_path, capsys):
     (tmp_path / "dataset-verse19test.zip").write_bytes(verse_like_zip(9))
     assert verse.main(["download", "--target", str(tmp_path), "verse19test"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "dataset-verse19training")
+
+
+def test_server_errors_are_retried_then_succeed(server, tmp_path):
+    body = verse_like_zip(11)
+    server.files["f.zip"] = body
+    server.fail_with = [503, 500]
+    (archive,) = verse.download({"f": server.url("f.zip")}, tmp_path, extract=False,
+                                progress=False, retries=3, retry_wait=0.01)
+    assert archive.read_bytes() == body
+    assert len(server.requests) == 3  # two failures, one success
+
+
+def test_persistent_server_error_is_bounded_and_named(server, tmp_path):
+    server.files["g.zip"] = verse_like_zip(12)
+    server.fail_with = [502] * 10
+    with pytest.raises(DownloadError) as err:
+        verse.download({"g": server.url("g.zip")}, tmp_path, progress=False, retries=2,
+                       retry_wait=0.01)
+    assert len(server.requests) == 3  # retries + 1 tries, then stop
+    assert "HTTP 502" in str(err.value) and "3 tries" in str(err.value)
+    assert server.url("g.zip") in str(err.value)
+
+
+def test_client_errors_are_not_retried(server, tmp_path):
+    server.files["h.zip"] = verse_like_zip(13)
+    server.fail_with = [403]
+    with pytest.raises(DownloadError) as err:
+        verse.download({"h": server.url("h.zip")}, tmp_path, progress=False, retries=3,
+                       retry_wait=0.01)
+    assert len(server.requests) == 1
+    assert "HTTP 403" in str(err.value) and "resume" not in str(err.value)
+
+
+def test_retry_wait_doubles_and_is_capped(server, tmp_path, monkeypatch):
+    waits = []
+    # vfcore.verse.download is the function; its module is reached through importlib
+    monkeypatch.setattr(importlib.import_module("vfcore.verse.download").time, "sleep", waits.append)
+    server.files["i.zip"] = verse_like_zip(14)
+    server.fail_with = [503] * 4
+    verse.download({"i": server.url("i.zip")}, tmp_path, extract=False, progress=False,
+                   retries=4, retry_wait=25.0)
+    assert waits == [25.0, 50.0, 60.0, 60.0]  # doubling from retry_wait, capped at 60 s

@@ -581,3 +581,58 @@ def test_bad_grade_tables(tmp_path, body, error):
         verse.read_grades(path)
     check_names_file(err, path)
 
+
+
+# ---------------------------------------------------------------------------------- grade table detection
+
+
+LONG = "case\tlabel\tgrade\tshape\nsub-a\tL1\t2\t1\nsub-a\tL2\t0\t0\n"
+
+
+def test_detects_the_fxgrader_table_of_its_sample_dataset(fixtures_dir):
+    root = fixtures_dir / "fxgrader_ctfu"
+    found = verse.grades_for_root(root)
+    assert found.path == root / "dataset_ctfu_labels_subset.tsv"
+    assert found.kind == "FX-Grader ratings"
+    assert str(found.path) in found.describe() and "2 graded" in found.describe()
+    scans = [c.case_id for c in verse.find_cases(root)]
+    assert scans == [FXG_STEM]  # the table's ID column names the scan's stem
+    assert verse.grade_table_mismatch(found.grades, scans, found.path) is None
+
+
+def test_detects_the_verse19_appendix(fixtures_dir):
+    found = verse.grades_for_root(fixtures_dir / "loeffler2020_appendixE1")
+    assert found.path == fixtures_dir / APPENDIX and found.kind == "VerSe'19 appendix E1"
+    assert found.grades.case.nunique() == 160  # the appendix has 160 rows
+
+
+def test_detects_the_long_table_and_prefers_it(tmp_path):
+    (tmp_path / "fracture_grades.tsv").write_text(LONG)
+    (tmp_path / "dataset_ctfu_labels.tsv").write_text("ID\tdef_L1\nsub-a\t3\n")
+    found = verse.grades_for_root(tmp_path)
+    assert found.path == tmp_path / "fracture_grades.tsv" and found.kind == "long table"
+    assert found.grades.set_index("level").loc["L1", "grade"] == 2
+    explicit = verse.grades_for_root(tmp_path, tmp_path / "dataset_ctfu_labels.tsv")
+    assert explicit.path == tmp_path / "dataset_ctfu_labels.tsv"
+    assert explicit.grades.set_index("level").loc["L1", "grade"] == 3
+
+
+def test_table_one_folder_down_and_none_at_all(tmp_path):
+    (tmp_path / "dataset-verse19training" / "rawdata").mkdir(parents=True)
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "fracture_grades.tsv").write_text(LONG)  # hidden folders are skipped
+    assert verse.find_grade_table(tmp_path) is None
+    none = verse.grades_for_root(tmp_path)
+    assert none.path is None and none.grades is None and "no grade table" in none.describe()
+    (tmp_path / "dataset-verse19training" / "Fracture_Grades.TSV").write_text(LONG)
+    assert verse.find_grade_table(tmp_path) == tmp_path / "dataset-verse19training" / "Fracture_Grades.TSV"
+
+
+def test_mismatch_warning_names_table_and_examples(tmp_path):
+    table = tmp_path / "fracture_grades.tsv"
+    table.write_text(LONG)
+    grades = verse.read_grades(table)
+    message = verse.grade_table_mismatch(grades, ["sub-verse004", "sub-verse005"], table)
+    assert message is not None and str(table) in message
+    assert "sub-a" in message and "sub-verse004" in message and "unlabelled" in message
+    assert verse.grade_table_mismatch(grades, ["sub-a", "sub-b"], table) is None  # some match
