@@ -27,10 +27,12 @@ The per-sample maximum and mean of every unit are accumulated on the way ([N, K]
 
 The sub-package, one step a module (all names are importable from ``vfcore.dissect``):
 
-* :mod:`~vfcore.dissect.capture`: forward hooks on a named layer, eval mode, activations;
+* :mod:`~vfcore.dissect.capture`: a layer's activations in memory (through the forward
+  engine :mod:`vfcore.forward`, which also holds the hooks: ``capture``, ``find_layer``);
 * :mod:`~vfcore.dissect.quantile`: T_k, exact (:class:`TopQuantile`) and sketched
-  (:class:`SampledQuantile`, for comparison);
-* :mod:`~vfcore.dissect.dissection`: the one pass, :func:`dissect` -> :class:`Dissection`;
+  (:class:`SampledQuantile`, for comparison), and :func:`M_k`, the one mask threshold;
+* :mod:`~vfcore.dissect.dissection`: the one pass, :func:`dissect` -> :class:`Dissection`
+  (and :func:`example_units`);
 * :mod:`~vfcore.dissect.ranking`: Eq. 1 and Eq. 2, outcomes, rankings, exemplars;
 * :mod:`~vfcore.dissect.geometry`: activations on the patch (upsampling, best slice, NIfTI,
   concept overlap);
