@@ -410,6 +410,21 @@ def test_artifacts_round_trip_and_staleness(tmp_path, tiny):
         D.load_artifacts(tmp_path, expect=identity)
 
 
+@pytest.mark.parametrize("name", ["thresholds.npz", "stats.npz", "tail.npz"])
+def test_a_damaged_dissection_array_names_the_file(tmp_path, tiny, name):
+    from vfcore.errors import CorruptFileError
+
+    net, x, labels = tiny
+    d = D.dissect(net, x, "features", q_tail=0.02, batch_size=8, device="cpu", progress=False)
+    identity = {"checkpoint_sha256": "a" * 64, "split": "test", "q_tail": 0.02, "layer": "features",
+                "manifest_sha256": "b" * 64}
+    D.write_artifacts(tmp_path, d, identity, pd.DataFrame({"case": ["c"] * len(labels)}), labels)
+    path = tmp_path / "dissection" / name
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CorruptFileError, match=name):
+        D.load_artifacts(tmp_path)
+
+
 def test_undefined_rankings_are_recorded_not_written(tmp_path, tiny):
     net, x, _ = tiny
     d = D.dissect(net, x, "features", q_tail=0.02, batch_size=8, device="cpu", progress=False)

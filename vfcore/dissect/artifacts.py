@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -79,18 +80,32 @@ def save_dissection(d: Dissection, folder: str | Path, labels=None) -> None:
     npz("tail.npz", spatial_shape=np.asarray(d.spatial_shape, np.int64), **d.tail)
 
 
+def _npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file; a truncated or damaged one -> :class:`CorruptFileError`."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise CorruptFileError(path, f"unreadable arrays ({type(err).__name__}: truncated or "
+                               f"damaged): run {NOTEBOOK_03} again") from None
+
+
 def load_dissection(folder: str | Path, layer: str = "", seconds: float = 0.0) -> Dissection:
     """The :class:`Dissection` saved by :func:`save_dissection`."""
     folder = Path(folder)
-    with np.load(folder / "thresholds.npz") as t, np.load(folder / "stats.npz") as s, \
-            np.load(folder / "tail.npz") as tail:
-        flags = {k[5:]: t[k] for k in t.files if k.startswith("flag_")}
+    t, s, tail = (_npz(folder / name) for name in ("thresholds.npz", "stats.npz", "tail.npz"))
+    try:
+        flags = {k[5:]: t[k] for k in t if k.startswith("flag_")}
         return Dissection(
             layer=layer, q_tail=float(t["q_tail"]), spatial_shape=tuple(int(v) for v in tail["spatial_shape"]),
             T=t["T"], realised_tail=t["realised_tail"], flags=flags, unit_min=t["unit_min"],
             unit_max=t["unit_max"], zero_fraction=t["zero_fraction"], max=s["max"], mean=s["mean"],
             r=s["r"], mask_size=s["mask_size"], probability=s["probability"],
             tail={k: tail[k] for k in ("unit", "sample", "position", "value")}, seconds=seconds)
+    except KeyError as err:
+        raise CorruptFileError(folder, f"a dissection array is missing ({err}): run {NOTEBOOK_03} again") from None
 
 
 @dataclass
