@@ -68,8 +68,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from vfcore import dissect as D
-    from vfcore.dissect.capture import _autocast, _batches
     from vfcore.data import to_network_input
+    from vfcore.forward import forward_batches
     from vfcore.model import DISSECT_LAYER, build_model
     from vfcore.runtime import describe_runtime, pick_device
 
@@ -82,10 +82,11 @@ def main() -> None:
     preset = args.preset or ("paper" if gpu else "small")
     batch = args.batch or (128 if gpu else 16)
     if args.run:
+        from vfcore.checkpoint import load_checkpoint
         from vfcore.data import load_split
-        from vfcore.train import load_checkpoint
+        from vfcore.run import RunFolder
 
-        model, _ = load_checkpoint(Path(args.run) / "model" / "best.pt")
+        model, _ = load_checkpoint(RunFolder(args.run).require("checkpoint"))
         preset = model.preset.name
         patches, _, _ = load_split(args.run, args.split)
         source = f"{args.run} ({args.split}, {len(patches)} samples)"
@@ -104,20 +105,18 @@ def main() -> None:
 
     print(f"\npreset {preset}, layer {layer}, {source}, batch {batch}, q = {args.q}, device {device}")
     model = model.to(device).eval()
-    if gpu:
-        model = model.to(memory_format=torch.channels_last_3d)
 
     # warm-up (cuDNN autotuning, allocator)
     D.activations(model, patches[:batch], layer, batch_size=batch, transform=transform, device=device)
 
+    def passes(layers=(layer,)):
+        """The one forward engine (eval, inference mode, the device's precision)."""
+        return forward_batches(model, patches, layers, batch_size=batch, transform=transform,
+                               device=device)
+
     def forward_only():
-        with torch.inference_mode():
-            for x in _batches(patches, batch, device):
-                x = transform(x)
-                if gpu:
-                    x = x.contiguous(memory_format=torch.channels_last_3d)
-                with _autocast(device, True):
-                    model(x)
+        for _ in passes(()):
+            pass
 
     def exact():
         return D.dissect(model, patches, layer, q_tail=args.q, batch_size=batch, transform=transform,
@@ -125,14 +124,8 @@ def main() -> None:
 
     def sketched():
         sketch = D.SampledQuantile(args.q, resolution=1024, seed=0)
-        with torch.inference_mode(), D.capture(model, layer) as out:
-            for x in _batches(patches, batch, device):
-                x = transform(x)
-                if gpu:
-                    x = x.contiguous(memory_format=torch.channels_last_3d)
-                with _autocast(device, True):
-                    model(x)
-                sketch.update(out.pop().float())
+        for out in passes():
+            sketch.update(out.activations[layer])
         return sketch.thresholds()
 
     def timed(fn):
@@ -157,13 +150,10 @@ def main() -> None:
     # 4. how far the sketch is off: realised tails of both thresholds, counted on all values
     counts_exact = np.zeros(d.n_units)
     counts_sketch = np.zeros(d.n_units)
-    with torch.inference_mode(), D.capture(model, layer) as out:
-        for x in _batches(patches, batch, device):
-            with _autocast(device, True):
-                model(transform(x))
-            A = out.pop().float()
-            counts_exact += D.tail_fraction(A, d.T) * A.shape[0] * P
-            counts_sketch += D.tail_fraction(A, T_sketch) * A.shape[0] * P
+    for out in passes():
+        A = out.activations[layer]
+        counts_exact += D.tail_fraction(A, d.T) * A.shape[0] * P
+        counts_sketch += D.tail_fraction(A, T_sketch) * A.shape[0] * P
     real_exact = counts_exact / (n * P)
     real_sketch = counts_sketch / (n * P)
     live = ~d.flags["degenerate"]

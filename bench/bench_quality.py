@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from vfcore import patches, phantom, train
+from vfcore.run import RunFolder
 from vfcore.runtime import device_name, pick_device
 
 
@@ -51,7 +52,7 @@ def main() -> None:
           f"augment {augment}; {args.scans} scans; seeds {args.seeds}; up to {args.epochs} epochs")
     try:
         t0 = time.perf_counter()
-        root = phantom.write_phantom_root(run / "data", n_scans=args.scans, seed=0,
+        root = phantom.write_phantom_root(RunFolder(run).data, n_scans=args.scans, seed=0,
                                           workers=args.workers, progress=False)
         manifest = patches.extract_patches(root, run, workers=args.workers, seed=0, progress=False)
         t_data = time.perf_counter() - t0
@@ -67,7 +68,7 @@ def main() -> None:
         t_train = time.perf_counter() - t0
         rates, epochs = [], []
         for seed in args.seeds:
-            history = train.pd.read_csv(run / "model" / f"seed{seed}" / "history.csv")
+            history = train.pd.read_csv(RunFolder(run).history(seed))
             rates.append(history["samples_per_s"].iloc[1:].median() if len(history) > 1
                          else history["samples_per_s"].iloc[0])
             epochs.append(len(history))

@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from store_helpers import write_store  # noqa: E402
 
 from vfcore import data, train  # noqa: E402
+from vfcore.forward import precision  # noqa: E402
+from vfcore.run import RunFolder  # noqa: E402
 from vfcore.model import build_model, get_preset  # noqa: E402
 from vfcore.runtime import device_name  # noqa: E402
 
@@ -56,7 +58,7 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = get_preset(args.preset or ("paper" if dev.type == "cuda" else "small"))
     batch = args.batch or preset.batch_size
-    dtype, _ = train._precision(dev)
+    dtype, _ = precision(dev)
     print(f"device: {device_name(dev)}; torch {torch.__version__}; preset {preset.name}; batch {batch}")
 
     hu = torch.randint(-1000, 1500, (batch, 96, 96, 96), dtype=torch.int16, device=dev)
@@ -87,7 +89,7 @@ def main() -> None:
         # preload=None: on a GPU the training split goes to GPU memory once (int16)
         train.train_seed(run, preset, 0, epochs=3, batch_size=batch, patience=99, progress=False,
                          device=str(dev), compile=args.compile, augment="paper")
-        history = train.pd.read_csv(run / "model" / "seed0" / "history.csv")
+        history = train.pd.read_csv(RunFolder(run).history(0))
         print(f"end to end (store -> augmentation -> step), {n} patches, epochs 2-3: "
               f"{history['samples_per_s'].iloc[1:].mean():8.1f} samples/s "
               f"({time.perf_counter() - t0:.0f} s for 3 epochs, validation included)")

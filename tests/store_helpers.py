@@ -6,10 +6,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vfcore.run import RunFolder
+
 
 def write_store(run: Path, n: int = 30, seed: int = 0) -> Path:
     """``n`` int16 patches: a bright box, flattened (shorter in I) when 'fractured'."""
-    store = run / "patches"
+    store = RunFolder(run).patches
     store.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     rows = []
@@ -26,5 +28,5 @@ def write_store(run: Path, n: int = 30, seed: int = 0) -> Path:
                          mask_path="", concept_path="", source_sha256="", out_of_field=0.0, reason=""))
     # one unlabelled vertebra ('x'): must never be used
     rows.append(dict(rows[-1], case="sub-xx", fracture="", grade="", reason="foreign material (x)"))
-    pd.DataFrame(rows).to_csv(store / "manifest.csv", index=False)
+    pd.DataFrame(rows).to_csv(RunFolder(run).manifest, index=False)
     return run

@@ -128,3 +128,49 @@ def test_patch_array_keeps_no_file_open(tmp_path):
         assert int(patches[299][1, 2, 3]) == 299
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_a_damaged_patch_file_names_the_file(tmp_path, damage):
+    from vfcore.errors import CorruptFileError
+
+    path = tmp_path / "p.npy"
+    np.save(path, np.zeros((96, 96, 96), np.int16))
+    raw = path.read_bytes()
+    path.write_bytes({"truncated": raw[:len(raw) // 3], "empty": b"", "garbage": b"x" * 500}[damage])
+    with pytest.raises(CorruptFileError, match="p.npy") as err:
+        data.PatchArray([path])[0]
+    assert "mmap length" not in str(err.value)
+    with pytest.raises(CorruptFileError, match="p.npy"):
+        data.read_patch(path)
+
+
+def test_patch_array_of_a_run_reads_the_manifest_paths(tmp_path):
+    run = write_store(tmp_path, n=6)
+    rows = data.read_store(run)
+    patches = data.PatchArray.of(run, rows["ct_path"][:3])
+    assert patches.shape == (3, 96, 96, 96)
+    np.testing.assert_array_equal(patches[2], np.load(tmp_path / "patches" / rows["ct_path"][2]))
+
+
+def test_read_store_is_the_manifest_reader_of_the_patch_store(tmp_path):
+    from vfcore.patches import read_manifest
+
+    run = write_store(tmp_path, n=6)
+    got = data.read_store(run)
+    ref = read_manifest(tmp_path / "patches" / "manifest.csv")
+    assert dict(got.dtypes) == dict(ref.dtypes)
+    assert str(got["fracture"].dtype) == "Int64" and got["fracture"].isna().sum() == 1   # the 'x' row
+    assert got["case"].tolist()[:2] == ["sub-x000", "sub-x001"]
+
+
+def test_scale_hu_by_hand_and_as_monai_scales():
+    from monai.transforms import ScaleIntensityRange
+
+    from vfcore.constants import NETWORK_WINDOW_HU
+
+    hu = torch.tensor([-3000, -1000, -500, 0, 500, 1000, 3071], dtype=torch.int16)
+    np.testing.assert_allclose(data.scale_hu(hu).numpy(), [0, 0, 0.25, 0.5, 0.75, 1, 1], atol=1e-7)
+    lo, hi = NETWORK_WINDOW_HU
+    monai = ScaleIntensityRange(lo, hi, 0.0, 1.0, clip=True)(hu.float())
+    np.testing.assert_allclose(data.scale_hu(hu).numpy(), np.asarray(monai), atol=1e-7)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vfcore import dissect as D
+from vfcore.export import export_units
 from vfcore.errors import (DataValueError, LayerNotFoundError, MissingArtifactError,
                            StaleArtifactError)
 
@@ -409,6 +410,21 @@ def test_artifacts_round_trip_and_staleness(tmp_path, tiny):
         D.load_artifacts(tmp_path, expect=identity)
 
 
+@pytest.mark.parametrize("name", ["thresholds.npz", "stats.npz", "tail.npz"])
+def test_a_damaged_dissection_array_names_the_file(tmp_path, tiny, name):
+    from vfcore.errors import CorruptFileError
+
+    net, x, labels = tiny
+    d = D.dissect(net, x, "features", q_tail=0.02, batch_size=8, device="cpu", progress=False)
+    identity = {"checkpoint_sha256": "a" * 64, "split": "test", "q_tail": 0.02, "layer": "features",
+                "manifest_sha256": "b" * 64}
+    D.write_artifacts(tmp_path, d, identity, pd.DataFrame({"case": ["c"] * len(labels)}), labels)
+    path = tmp_path / "dissection" / name
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CorruptFileError, match=name):
+        D.load_artifacts(tmp_path)
+
+
 def test_undefined_rankings_are_recorded_not_written(tmp_path, tiny):
     net, x, _ = tiny
     d = D.dissect(net, x, "features", q_tail=0.02, batch_size=8, device="cpu", progress=False)
@@ -449,9 +465,9 @@ def test_patch_mask_keeps_every_feature_voxel_of_M_k():
 def small_run(tmp_path_factory):
     """A run folder with 12 test vertebrae (random HU with a bright block on half of them,
     a concept mask whose label 1 covers the network's field centre) and an untrained small
-    network saved by ``vfcore.train.save_checkpoint``."""
+    network saved by ``vfcore.checkpoint.save_checkpoint``."""
     from vfcore.model import build_model
-    from vfcore.train import save_checkpoint
+    from vfcore.checkpoint import save_checkpoint
 
     run = tmp_path_factory.mktemp("run")
     store = run / "patches"
@@ -487,7 +503,7 @@ def small_run(tmp_path_factory):
 def test_dissect_run_and_exports(small_run):
     from vfcore.data import load_split, to_network_input
     from vfcore.io import sha256_file
-    from vfcore.train import load_checkpoint
+    from vfcore.checkpoint import load_checkpoint
 
     q = 0.01
     art = D.dissect_run(small_run, "test", q, batch_size=5, progress=False)
@@ -511,7 +527,7 @@ def test_dissect_run_and_exports(small_run):
     assert art.meta["field"] == [[16, 80]] * 3 and art.meta["n_samples"] == 12
     assert art.samples["fracture"].tolist() == labels.tolist()
 
-    art = D.export_units(small_run, top=2, top_fp=1, k=4, nifti_top=1, progress=False)
+    art = export_units(small_run, top=2, top_fp=1, k=4, nifti_top=1, progress=False)
     o = D.outcomes(labels, d.probability)
     for name, entry in art.exemplars["subsets"].items():
         for u, items in entry["units"].items():
@@ -534,19 +550,19 @@ def test_a_new_checkpoint_makes_the_dissection_stale(small_run, tmp_path):
     import shutil
 
     from vfcore.model import build_model
-    from vfcore.train import save_checkpoint
+    from vfcore.checkpoint import save_checkpoint
 
     run = tmp_path / "run"
     shutil.copytree(small_run, run)
     D.dissect_run(run, "test", 0.01, batch_size=12, progress=False)
-    D.export_units(run, top=1, top_fp=0, k=2, nifti_top=0, progress=False)
+    export_units(run, top=1, top_fp=0, k=2, nifti_top=0, progress=False)
     torch.manual_seed(1)
     save_checkpoint(run / "model" / "best.pt", build_model("small"))    # retrained
     from vfcore.io import sha256_file
     with pytest.raises(StaleArtifactError, match="checkpoint_sha256"):
         D.load_artifacts(run, expect={"checkpoint_sha256": sha256_file(run / "model" / "best.pt")})
     with pytest.raises(StaleArtifactError, match="another checkpoint"):
-        D.export_units(run, top=1, progress=False)
+        export_units(run, top=1, progress=False)
     art = D.dissect_run(run, "test", 0.01, batch_size=12, progress=False)   # redone, exports dropped
     assert art.exemplars is None and not (run / "dissection" / "collages").exists()
     with pytest.raises(DataValueError, match="unknown split"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from store_helpers import write_store
-from vfcore import train
+from vfcore import checkpoint, metrics, train
 from vfcore.errors import CheckpointError
 from vfcore.model import build_model
 
@@ -17,7 +17,7 @@ from vfcore.model import build_model
 def test_metrics_by_hand():
     y = [1, 1, 0, 0, 0]
     p = [0.9, 0.4, 0.6, 0.2, 0.1]
-    m = train.classification_metrics(y, p)
+    m = metrics.classification_metrics(y, p)
     # at 0.5: TP = 1, FP = 1, FN = 1, TN = 2
     assert m["f1"] == pytest.approx(2 / 4) and m["accuracy"] == pytest.approx(3 / 5)
     # pairs (pos, neg): 0.9 beats all 3; 0.4 beats 0.2 and 0.1 -> 5 of 6
@@ -27,47 +27,47 @@ def test_metrics_by_hand():
 
 
 def test_metrics_with_ties():
-    assert train.auc_score([1, 0], [0.5, 0.5]) == pytest.approx(0.5)
+    assert metrics.auc_score([1, 0], [0.5, 0.5]) == pytest.approx(0.5)
     # one group of equal scores holding everything: precision 1/2 at recall 1
-    assert train.average_precision([1, 0], [0.3, 0.3]) == pytest.approx(0.5)
-    assert np.isnan(train.auc_score([0, 0], [0.1, 0.2]))
+    assert metrics.average_precision([1, 0], [0.3, 0.3]) == pytest.approx(0.5)
+    assert np.isnan(metrics.auc_score([0, 0], [0.1, 0.2]))
 
 
 def test_table1_layout():
     per_seed = {"0": {"f1": 0.8, "accuracy": 0.9, "auc": 0.95, "ap": 0.9},
                 "1": {"f1": 0.6, "accuracy": 0.7, "auc": 0.85, "ap": 0.8}}
-    row = train.table1(per_seed).iloc[0]
+    row = metrics.table1(per_seed).iloc[0]
     assert row["F1 (%)"] == "70.0 ± 14.1" and row["AUC (%)"] == "90.0 ± 7.1"
 
 
 def test_checkpoint_is_weights_only_and_checked(tmp_path):
     model = build_model("small")
-    path = train.save_checkpoint(tmp_path / "m.pt", model, epoch=3)
+    path = checkpoint.save_checkpoint(tmp_path / "m.pt", model, epoch=3)
     state = torch.load(path, weights_only=True)                 # plain tensors and values only
     assert state["epoch"] == 3 and state["preset"]["name"] == "small"
-    loaded, meta = train.load_checkpoint(path)
+    loaded, meta = checkpoint.load_checkpoint(path)
     assert not loaded.training and meta["epoch"] == 3
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
     with pytest.raises(CheckpointError, match="holds the 'small' network"):
-        train.load_checkpoint(path, preset="paper")
+        checkpoint.load_checkpoint(path, preset="paper")
     # a paper-preset dict claiming to be small: the weights do not fit
     bad = torch.load(path, weights_only=True)
     bad["model"] = build_model("paper").state_dict()
     torch.save(bad, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="do not fit"):
-        train.load_checkpoint(tmp_path / "bad.pt")
+        checkpoint.load_checkpoint(tmp_path / "bad.pt")
 
 
 def test_pickled_objects_and_truncated_files_are_refused(tmp_path):
     evil = tmp_path / "evil.pt"
-    torch.save({"format": train.FORMAT, "payload": pd.DataFrame({"a": [1]})}, evil)  # needs unpickling
+    torch.save({"format": checkpoint.FORMAT, "payload": pd.DataFrame({"a": [1]})}, evil)  # needs unpickling
     with pytest.raises(CheckpointError, match="weights-only"):
-        train.load_checkpoint(evil)
-    good = train.save_checkpoint(tmp_path / "m.pt", build_model("small"))
+        checkpoint.load_checkpoint(evil)
+    good = checkpoint.save_checkpoint(tmp_path / "m.pt", build_model("small"))
     (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="cut.pt"):
-        train.load_checkpoint(tmp_path / "cut.pt")
+        checkpoint.load_checkpoint(tmp_path / "cut.pt")
     assert pickle  # noqa: the module is there for readers: torch.save pickles, weights_only refuses
 
 
@@ -149,15 +149,15 @@ def test_preload_decision():
 def test_outcome_names_by_hand():
     labels = [1, 1, 0, 0, 1]
     probability = [0.9, 0.2, 0.7, 0.1, 0.5]          # 0.5 counts as "fractured"
-    assert list(train.outcome_names(labels, probability)) == ["TP", "FN", "FP", "TN", "TP"]
-    assert list(train.outcome_names(labels, probability, threshold=0.8)) == ["TP", "FN", "TN", "TN", "FN"]
+    assert list(metrics.outcome_names(labels, probability)) == ["TP", "FN", "FP", "TN", "TP"]
+    assert list(metrics.outcome_names(labels, probability, threshold=0.8)) == ["TP", "FN", "TN", "TN", "FN"]
 
 
 def test_training_curves_mark_the_epoch_of_best_pt(store):
     from vfcore.viz import training as vt
 
     folder = train.train_seed(store, "small", 0, epochs=4, batch_size=4, augment=None, progress=False)
-    _, meta = train.load_checkpoint(folder / "best.pt")
+    _, meta = checkpoint.load_checkpoint(folder / "best.pt")
     ax = vt.training_curves(pd.read_csv(folder / "history.csv"))
     marks = [line.get_xdata()[0] for line in ax.figure.axes[1].lines if line.get_linestyle() == ":"]
     assert marks == [meta["epoch"]]
@@ -165,3 +165,124 @@ def test_training_curves_mark_the_epoch_of_best_pt(store):
     h = pd.DataFrame({"epoch": [0, 1, 2], "loss": [1.0] * 3, "val_f1": [0.8, 0.8, 0.1], "val_auc": [0.6, 0.9, 1.0]})
     ax = vt.training_curves(h)
     assert [line.get_xdata()[0] for line in ax.figure.axes[1].lines if line.get_linestyle() == ":"] == [1]
+
+
+# --------------------------------------------------------------------------------------------
+# vfcore.checkpoint: every bad file is a CheckpointError naming it (issue 13, item 4)
+# --------------------------------------------------------------------------------------------
+
+class _Marker:
+    """Unpickling this object would create a file (what a malicious checkpoint could do)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _good_state() -> dict:
+    model = build_model("small")
+    return {"format": checkpoint.FORMAT, "preset": model.preset.to_dict(),
+            "model": model.state_dict()}
+
+
+def _bad_file(kind: str, tmp_path):
+    path = tmp_path / f"{kind}.pt"
+    marker = tmp_path / "marker"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        good = checkpoint.save_checkpoint(tmp_path / "good.pt", build_model("small"))
+        path.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    elif kind == "not_zip":
+        path.write_bytes(b"\x80\x04 this is not a torch checkpoint" * 10)
+    elif kind == "pickle_reduce":                       # a plain pickle (not a zip archive)
+        path.write_bytes(pickle.dumps({"format": checkpoint.FORMAT, "x": _Marker(marker)}))
+    elif kind == "torch_reduce":                        # a torch zip archive holding the object
+        torch.save({**_good_state(), "x": _Marker(marker)}, path)
+    elif kind == "no_preset":
+        state = _good_state()
+        del state["preset"]
+        torch.save(state, path)
+    elif kind == "no_model":
+        state = _good_state()
+        del state["model"]
+        torch.save(state, path)
+    elif kind == "wrong_architecture":
+        state = _good_state()
+        state["model"] = build_model("paper").state_dict()
+        torch.save(state, path)
+    elif kind == "unknown_preset_fields":
+        state = _good_state()
+        state["preset"] = {**state["preset"], "wings": 2}
+        torch.save(state, path)
+    return path, marker
+
+
+BAD = {"empty": "0 bytes", "truncated": "not a torch zip archive", "not_zip": "not a torch zip archive",
+       "pickle_reduce": "not a torch zip archive", "torch_reduce": "could run code",
+       "no_preset": "no 'preset'", "no_model": "no 'model'", "wrong_architecture": "do not fit",
+       "unknown_preset_fields": "not a vfcore architecture"}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_checkpoints_are_refused_with_the_file_and_the_reason(kind, tmp_path):
+    path, marker = _bad_file(kind, tmp_path)
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load_checkpoint(path)
+    message = str(err.value)
+    assert str(path) in message and BAD[kind] in message
+    assert "weights_only=False" not in message and "Weights only load failed" not in message
+    assert not marker.exists()                          # nothing was unpickled
+
+
+def test_refusal_says_what_and_why():
+    path = "x.pt"
+    message = str(checkpoint._refused(path))
+    assert "refused" in message and "pickled Python objects" in message and "could run code" in message
+    assert "weights-only" in message and "weights_only=False" not in message
+
+
+# --------------------------------------------------------------------------------------------
+# vfcore.forward: the one forward engine against a plain model(x)
+# --------------------------------------------------------------------------------------------
+
+def _plain(model, x, layer):
+    """Reference: eval mode, no_grad, one call, a hand-registered hook."""
+    out = []
+    handle = dict(model.named_modules())[layer].register_forward_hook(lambda m, i, o: out.append(o.clone()))
+    model.eval()
+    with torch.no_grad():
+        p = torch.sigmoid(model(x).float().reshape(len(x)))
+    handle.remove()
+    return p.numpy(), out[0].numpy()
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7])
+def test_forward_engine_equals_a_plain_model_call(batch_size):
+    from vfcore import forward as fw
+    from vfcore.data import to_network_input
+
+    torch.manual_seed(0)
+    model = build_model("small")
+    model.train()                                       # the engine must switch to eval and back
+    hu = torch.randint(-1000, 1500, (7, 96, 96, 96), dtype=torch.int16)
+    layer = model.preset.dissect_layer
+    p_ref, A_ref = _plain(model, to_network_input(hu, "small"), layer)
+    model.train()
+    p, acts = fw.forward(model, hu.numpy(), [layer], batch_size=batch_size, device="cpu",
+                         transform=lambda x: to_network_input(x, "small"))
+    assert model.training                               # previous mode restored
+    np.testing.assert_allclose(p, p_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(acts[layer], A_ref, rtol=1e-4, atol=1e-5)
+    # train.predict is the same engine
+    np.testing.assert_allclose(train.predict(model, hu, "small", batch_size=batch_size, device="cpu"),
+                               p_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_precision_policy_on_cpu():
+    from vfcore import forward as fw
+
+    assert fw.precision(torch.device("cpu")) == (None, False)
+    assert isinstance(fw.autocast(torch.device("cpu")), type(__import__("contextlib").nullcontext()))

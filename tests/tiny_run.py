@@ -41,7 +41,9 @@ def tiny_run(tmp_path_factory) -> Path:
     """The tiny run (built once per session). While developing, ``VFCORE_TINY_RUN=<folder>``
     reuses a run built earlier with :func:`build_tiny_run` (its dissection must be complete)."""
     reuse = os.environ.get("VFCORE_TINY_RUN")
-    if reuse and (Path(reuse) / "dissection" / "meta.json").is_file():
+    from vfcore.run import RunFolder
+
+    if reuse and RunFolder(reuse).has("dissection_meta"):
         return Path(reuse)
     if "run" not in _BUILT:
         _BUILT["run"] = build_tiny_run(tmp_path_factory.mktemp("tiny") / "run")

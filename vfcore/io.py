@@ -27,21 +27,28 @@ def _publish(tmp: str, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside ``path``; on success rename it to ``path``, else delete it."""
-    path = Path(path)
+def _temporary(path: Path, suffix: str) -> Iterator[str]:
+    """A temporary file name beside ``path``; renamed to ``path`` if the block succeeds (after
+    an fsync), deleted if it raises."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         _publish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on success rename it to ``path``, else delete it."""
+    with _temporary(Path(path), ".part") as tmp, open(tmp, mode) as f:
+        yield f
 
 
 def atomic_save(path: str | os.PathLike, save, suffix: str | None = None) -> Path:
@@ -51,20 +58,10 @@ def atomic_save(path: str | os.PathLike, save, suffix: str | None = None) -> Pat
     defaults to everything after the first dot of the target's name.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".part{suffix}")
-    os.close(fd)
-    try:
+    with _temporary(path, f".part{suffix}") as tmp:
         save(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        _publish(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     return path
 
 

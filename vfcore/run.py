@@ -69,6 +69,9 @@ ARTIFACTS: dict[str, Artifact] = {
     "checkpoint": Artifact("model/best.pt", "the trained model", "training", "vfcore train"),
     "metrics": Artifact("model/metrics.json", "the test metrics", "training", "vfcore train"),
     "dissection": Artifact("dissection", "the dissection", "thresholds", "vfcore dissect"),
+    "dissection_meta": Artifact("dissection/meta.json", "the dissection (T_k, statistics)",
+                                "thresholds", "vfcore dissect"),
+    "exemplars": Artifact("dissection/exemplars.json", "the exemplars and collages", "ranking"),
     "units": Artifact("dissection/units", "the exported units (collages, NIfTI)", "ranking"),
     "concepts": Artifact("concepts.json", "the concept dictionary", "explorer"),
     "alignment": Artifact("alignment", "the concept alignment", "alignment"),
@@ -150,6 +153,16 @@ class RunFolder:
     def seed_dir(self, seed: int) -> Path:
         """``model/seed<k>/``: one seed's checkpoints (best.pt, last.pt) and history.csv."""
         return self.model / f"seed{seed}"
+
+    def seed_checkpoint(self, seed: int, which: str = "best") -> Path:
+        """``model/seed<k>/best.pt`` (best validation F1) or ``last.pt`` (where training resumes)."""
+        if which not in ("best", "last"):
+            raise KeyError(f"unknown checkpoint {which!r}; known: 'best', 'last'")
+        return self.seed_dir(seed) / f"{which}.pt"
+
+    def history(self, seed: int) -> Path:
+        """``model/seed<k>/history.csv``: one row per epoch of that seed."""
+        return self.seed_dir(seed) / "history.csv"
 
     def patch(self, rel: str | Path) -> Path:
         """A file of the patch store, from its path relative to ``patches/`` (as in the manifest)."""

@@ -1,17 +1,19 @@
-"""Training the fracture classifier, metrics, and checkpoints that are safe to share.
+"""Training the fracture classifier (metrics: :mod:`vfcore.metrics`; checkpoints:
+:mod:`vfcore.checkpoint`; predictions: the forward engine :mod:`vfcore.forward`).
 
 The paper (Sec. 3): Adam, learning rate 1e-3, no weight decay, balanced epochs, early stopping
 when the validation F1 has not improved for 50 epochs, dropout 0.3; metrics F1, accuracy, AUC
 and AP at the vertebra level, mean +- std over several training runs (Table 1).
 
-Checkpoints hold tensors and plain Python values only, so ``torch.load(weights_only=True)``
-reads them and never unpickles arbitrary objects. ``last.pt`` carries everything a killed run
-needs to continue the same history (optimizer, epoch, history, random states); ``best.pt`` the
-weights of the best validation F1. Both are written atomically.
+Checkpoints (:mod:`vfcore.checkpoint`) hold tensors and plain Python values only. Each seed's
+``last`` checkpoint carries everything a killed run needs to continue the same history
+(optimizer, epoch, history, random states); its ``best`` one the weights of the best
+validation F1. Both are written atomically.
 
-Artifacts in ``<run>/model/``: ``seed<k>/{best.pt,last.pt,history.csv}`` per seed,
-``best.pt`` (the checkpoint of the seed with the best validation F1: what dissection reads),
-``metrics.json`` (test metrics per seed, mean and std, and ``test`` of ``best.pt``).
+Artifacts in the run folder (:class:`vfcore.run.RunFolder`): per seed (``seed_dir(k)``) the
+best and last checkpoints and ``history.csv``; the run's checkpoint (``.checkpoint``: the seed
+with the best validation F1, what dissection reads); ``.metrics`` (test metrics per seed, mean
+and std, and ``test`` of the run's checkpoint).
 """
 from __future__ import annotations
 
@@ -26,151 +28,37 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import FORMAT, load_checkpoint, read_checkpoint, save_checkpoint
+from .constants import PATCH_SIZE
 from .data import Augment, augment_batch, balanced_epoch, get_augment, load_split, to_network_input
 from .errors import CheckpointError
-from .io import atomic_save, sha256_file, versions, write_json
-from .model import PATCH_SIZE, FractureNet, Preset, get_preset
+from .forward import forward, precision
+from .io import sha256_file, versions, write_json
+from .metrics import (METRICS, auc_score, average_precision, classification_metrics, outcome_names,
+                      table1)
+from .model import FractureNet, Preset, get_preset
+from .run import RunFolder
 from .runtime import pick_device
 
-FORMAT = "vfcore-checkpoint-1"
-METRICS = ("f1", "accuracy", "auc", "ap")
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics (vertebra level)
-# --------------------------------------------------------------------------------------------
-
-def auc_score(labels, scores) -> float:
-    """Area under the ROC curve: P(score of a positive > score of a negative), ties count 1/2."""
-    y, s = np.asarray(labels).astype(bool), np.asarray(scores, dtype=float)
-    pos, neg = s[y], s[~y]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    ranks = pd.Series(s).rank().to_numpy()          # average ranks handle ties
-    return float((ranks[y].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
-def average_precision(labels, scores) -> float:
-    """AP = sum_n (R_n - R_{n-1}) P_n over the distinct score thresholds (as scikit-learn)."""
-    y, s = np.asarray(labels).astype(bool), np.asarray(scores, dtype=float)
-    if y.sum() == 0:
-        return float("nan")
-    order = np.argsort(-s, kind="mergesort")
-    y, s = y[order], s[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]   # end of each group of equal scores
-    tp = np.cumsum(y)[last]
-    precision, recall = tp / (last + 1), tp / y.sum()
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
-def outcome_names(labels, probability, threshold: float = 0.5) -> np.ndarray:
-    """"TP", "FP", "TN" or "FN" per vertebra (predicted fractured: probability >= threshold)."""
-    y = np.asarray(labels).astype(int) == 1
-    pred = np.asarray(probability) >= threshold
-    return np.where(y, np.where(pred, "TP", "FN"), np.where(pred, "FP", "TN"))
-
-
-def classification_metrics(labels, probability, threshold: float = 0.5) -> dict[str, float]:
-    """F1, accuracy (at ``threshold``), AUC and AP of fracture probabilities."""
-    y = np.asarray(labels).astype(bool)
-    pred = np.asarray(probability) >= threshold
-    tp, fp, fn = int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & y).sum())
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-    return {"f1": f1, "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
-            "auc": auc_score(y, probability), "ap": average_precision(y, probability)}
-
-
-def table1(per_seed: dict, training: str = "phantom", testing: str = "phantom") -> pd.DataFrame:
-    """Mean +- std over seeds in the layout of the paper's Table 1 (values in %)."""
-    values = pd.DataFrame(per_seed).T[list(METRICS)] * 100
-    row = {"Training": training, "Testing": testing}
-    for m, name in zip(METRICS, ("F1 (%)", "Acc. (%)", "AUC (%)", "AP (%)")):
-        std = values[m].std(ddof=1) if len(values) > 1 else 0.0
-        row[name] = f"{values[m].mean():.1f} ± {std:.1f}"
-    return pd.DataFrame([row])
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
-
-def _preset_from_dict(d: dict) -> Preset:
-    d = dict(d)
-    d["head"], d["mlp"] = tuple(d["head"]), tuple(d["mlp"])
-    return Preset(**d)
-
-
-def save_checkpoint(path: str | Path, model: FractureNet, **extra) -> Path:
-    """Weights + plain metadata (preset, versions, anything in ``extra``), atomically."""
-    state = {"format": FORMAT, "preset": model.preset.to_dict(), "versions": versions(),
-             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
-    return atomic_save(path, lambda tmp: torch.save(state, tmp), suffix=".pt")
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint's dictionary, read weights-only (no arbitrary unpickling)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(path, "no such checkpoint: train a model first (notebooks/02_training.ipynb)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError, zip errors, truncation
-        raise CheckpointError(path, f"not a readable weights-only checkpoint ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:200]})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(path, f"not a vfcore checkpoint (expected format {FORMAT!r})")
-    return state
-
-
-def load_checkpoint(path: str | Path, preset: str | Preset | None = None,
-                    device: str | torch.device = "cpu") -> tuple[FractureNet, dict]:
-    """(model in eval mode, metadata) from a checkpoint; ``preset`` asserts which one it is."""
-    state = read_checkpoint(path)
-    stored = _preset_from_dict(state["preset"])
-    if preset is not None and get_preset(preset) != stored:
-        want = get_preset(preset)
-        raise CheckpointError(path, f"holds the {stored.name!r} network ({stored}), not the requested "
-                              f"{want.name!r} one ({want})")
-    model = FractureNet(stored)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise CheckpointError(path, f"weights do not fit the {stored.name!r} architecture: "
-                              f"{str(err).splitlines()[1:2] or err}") from None
-    meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "rng")}
-    return model.to(device).eval(), meta
+#: Re-exported for callers of the earlier layout (``train.load_checkpoint`` etc.).
+__all__ = ["FORMAT", "METRICS", "auc_score", "average_precision", "classification_metrics",
+           "outcome_names", "table1", "save_checkpoint", "read_checkpoint", "load_checkpoint",
+           "predict", "preload_split", "train_seed", "fit", "predict_split"]
 
 
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
 
-def _precision(device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype, use GradScaler): bf16 where supported, fp16 + scaler on older GPUs
-    (e.g. the T4 of free Colab), plain fp32 on CPU."""
-    if device.type != "cuda":
-        return None, False
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, False
-    return torch.float16, True
-
-
-@torch.no_grad()
 def predict(model: torch.nn.Module, patches, preset: str | Preset, batch_size: int = 32,
             device: str | torch.device | None = None) -> np.ndarray:
-    """Fracture probabilities of int16 HU patches [N, 96, 96, 96] (numpy, memory-mapped, or a
-    tensor, e.g. already on the GPU), model in eval mode."""
-    device = pick_device(device) if not isinstance(device, torch.device) else device
-    dtype, _ = _precision(device)
-    model.eval().to(device)
-    out = []
-    for start in range(0, len(patches), batch_size):
-        batch = patches[start:start + batch_size]
-        batch = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.asarray(batch))
-        x = to_network_input(batch.to(device), preset)
-        with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
-            out.append(torch.sigmoid(model(x).float()).cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0)
+    """Fracture probabilities [N] of int16 HU patches [N, 96, 96, 96] (numpy, a lazy
+    :class:`~vfcore.data.PatchArray`, or a tensor, e.g. already on the GPU), through the one
+    forward engine (:func:`vfcore.forward.forward`: eval mode, the device's precision)."""
+    p = get_preset(preset)
+    probability, _ = forward(model, patches, batch_size=batch_size, device=device,
+                             transform=lambda hu: to_network_input(hu, p))
+    return probability
 
 
 def preload_split(patches, device: torch.device, preload: bool | None = None,
@@ -212,7 +100,8 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
                patience: int | None = None, lr: float = 1e-3, augment: Augment | str | None = "paper",
                device: str | None = None, compile: bool = False, preload: bool | None = None,
                progress: bool = True, on_epoch=None) -> Path:
-    """Train one seed into ``<run>/model/seed<seed>/``; resume from its ``last.pt`` if present.
+    """Train one seed into ``RunFolder(run_dir).seed_dir(seed)``; resume from its last
+    checkpoint if present.
 
     ``augment``: an :class:`~vfcore.data.Augment`, a name in ``vfcore.data.AUGMENTATIONS``
     (``"paper"``, ``"light"``) or ``None`` (no augmentation). ``preload``: keep the training
@@ -227,9 +116,10 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
     batch_size = p.batch_size if batch_size is None else batch_size
     patience = p.patience if patience is None else patience
     augment = get_augment(augment)
-    folder = Path(run_dir) / "model" / f"seed{seed}"
+    run = RunFolder(run_dir)
+    folder = run.seed_dir(seed)
     dev = pick_device(device)
-    dtype, use_scaler = _precision(dev)
+    dtype, use_scaler = precision(dev)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -237,7 +127,7 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
     val_x, val_y, _ = load_split(run_dir, "val")
     # the manifest's checksum: a run folder whose patch store was rebuilt (other scans, other
     # split) must not silently resume or reuse a model trained on the old one
-    manifest = sha256_file(Path(run_dir) / "patches" / "manifest.csv")
+    manifest = sha256_file(run.require("manifest"))
     config = {"preset": p.name, "seed": seed, "batch_size": batch_size, "lr": lr,
               "patience": patience, "augment": asdict(augment) if augment else None,
               "manifest_sha256": manifest}
@@ -256,7 +146,7 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
     history: list[dict] = []
     best = {"f1": -1.0, "auc": -1.0, "epoch": -1}
 
-    last = folder / "last.pt"
+    last = run.seed_checkpoint(seed, "last")
     if last.is_file():
         state = read_checkpoint(last)
         if state.get("config") != config:
@@ -302,10 +192,10 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
         improved = (val["f1"], np.nan_to_num(val["auc"])) > (best["f1"], best["auc"])
         if improved:
             best = {"f1": val["f1"], "auc": float(np.nan_to_num(val["auc"])), "epoch": epoch}
-            save_checkpoint(folder / "best.pt", model, config=config, epoch=epoch, val=val)
+            save_checkpoint(run.seed_checkpoint(seed), model, config=config, epoch=epoch, val=val)
         save_checkpoint(last, model, config=config, epoch=epoch, history=history, best=best,
                         optimizer=optimizer.state_dict(), rng=_rng_state(generator))
-        pd.DataFrame(history).to_csv(folder / "history.csv", index=False)
+        pd.DataFrame(history).to_csv(run.history(seed), index=False)
         if on_epoch is not None:
             on_epoch(row)
     return folder
@@ -317,10 +207,11 @@ def fit(run_dir: str | Path, preset: str | Preset = "small", *, seeds=(0,), epoc
         preload: bool | None = None, progress: bool = True, on_epoch=None) -> dict:
     """Train every seed, test each best checkpoint, write ``<run>/model/metrics.json``.
 
-    ``<run>/model/best.pt`` becomes the checkpoint of the seed with the best validation F1.
+    The run's checkpoint (``RunFolder.checkpoint``) becomes the best one of the seed with the
+    best validation F1.
     Returns the metrics dictionary (``per_seed``, ``mean``, ``std``, ``test``, ``best_seed``).
     """
-    run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
     p = get_preset(preset)
     test_x, test_y, _ = load_split(run_dir, "test")
     per_seed, val_f1 = {}, {}
@@ -328,12 +219,14 @@ def fit(run_dir: str | Path, preset: str | Preset = "small", *, seeds=(0,), epoc
         folder = train_seed(run_dir, p, seed, epochs=epochs, batch_size=batch_size,
                             patience=patience, lr=lr, augment=augment, device=device,
                             compile=compile, preload=preload, progress=progress, on_epoch=on_epoch)
-        model, meta = load_checkpoint(folder / "best.pt")
+        model, meta = load_checkpoint(RunFolder(run_dir).seed_checkpoint(seed))
         per_seed[str(seed)] = classification_metrics(test_y, predict(model, test_x, p, device=device))
         val_f1[str(seed)] = meta["val"]["f1"]
     chosen = max(val_f1, key=val_f1.get)
-    shutil.copyfile(run_dir / "model" / f"seed{chosen}" / "best.pt", run_dir / "model" / ".best.pt.part")
-    (run_dir / "model" / ".best.pt.part").replace(run_dir / "model" / "best.pt")
+    best = run.checkpoint
+    part = best.with_name(f".{best.name}.part")
+    shutil.copyfile(run.seed_checkpoint(int(chosen)), part)
+    part.replace(best)
     values = pd.DataFrame(per_seed).T
     clean = lambda d: {k: (None if not np.isfinite(v) else float(v)) for k, v in d.items()}  # noqa: E731
     metrics = {"preset": p.name, "seeds": [int(s) for s in seeds], "best_seed": int(chosen),
@@ -342,7 +235,7 @@ def fit(run_dir: str | Path, preset: str | Preset = "small", *, seeds=(0,), epoc
                "mean": clean(values.mean().to_dict()),
                "std": clean(values.std(ddof=1).to_dict() if len(values) > 1 else {k: 0.0 for k in METRICS}),
                "test": clean(per_seed[chosen]), "versions": versions()}
-    write_json(run_dir / "model" / "metrics.json", metrics)
+    write_json(run.metrics, metrics)
     return metrics
 
 
@@ -350,8 +243,7 @@ def predict_split(run_dir: str | Path, checkpoint: str | Path | None = None,
                   device: str | None = None, threshold: float = 0.5) -> pd.DataFrame:
     """The test split's manifest rows with ``probability`` from the run's best checkpoint,
     ``prediction`` (probability >= threshold) and ``outcome`` (TP, FP, TN, FN)."""
-    run_dir = Path(run_dir)
-    model, meta = load_checkpoint(checkpoint or run_dir / "model" / "best.pt")
+    model, meta = load_checkpoint(checkpoint or RunFolder(run_dir).require("checkpoint"))
     x, y, rows = load_split(run_dir, "test")
     rows = rows.copy()
     rows["probability"] = predict(model, x, model.preset, device=device)

@@ -27,21 +27,26 @@ The per-sample maximum and mean of every unit are accumulated on the way ([N, K]
 
 The sub-package, one step a module (all names are importable from ``vfcore.dissect``):
 
-* :mod:`~vfcore.dissect.capture`: forward hooks on a named layer, eval mode, activations;
+* :mod:`~vfcore.dissect.capture`: a layer's activations in memory (through the forward
+  engine :mod:`vfcore.forward`, which also holds the hooks: ``capture``, ``find_layer``);
 * :mod:`~vfcore.dissect.quantile`: T_k, exact (:class:`TopQuantile`) and sketched
-  (:class:`SampledQuantile`, for comparison);
-* :mod:`~vfcore.dissect.dissection`: the one pass, :func:`dissect` -> :class:`Dissection`;
+  (:class:`SampledQuantile`, for comparison), and :func:`M_k`, the one mask threshold;
+* :mod:`~vfcore.dissect.dissection`: the one pass, :func:`dissect` -> :class:`Dissection`
+  (and :func:`example_units`);
 * :mod:`~vfcore.dissect.ranking`: Eq. 1 and Eq. 2, outcomes, rankings, exemplars;
 * :mod:`~vfcore.dissect.geometry`: activations on the patch (upsampling, best slice, NIfTI,
   concept overlap);
-* :mod:`~vfcore.dissect.artifacts`: the run folder (:func:`dissect_run`, :func:`export_units`,
-  :func:`load_artifacts`).
+* :mod:`~vfcore.dissect.artifacts`: the run folder (:func:`dissect_run`, :func:`load_artifacts`).
+
+The package is analysis only: it draws nothing and imports no ``train``, ``viz`` or
+``explorer``. Notebook 04's collages and NIfTI exports are :func:`vfcore.export.export_units`;
+the forward pass is :mod:`vfcore.forward`, checkpoints :mod:`vfcore.checkpoint`.
 """
 from .capture import DEFAULT_LAYER, layer_names, find_layer, capture, evaluating, activations
 from .quantile import (Q_TAIL_PAPER, Q_TAIL_PUBLISHED, SPARSE_TAIL_FRACTION, tail_size,
-                       TopQuantile, SampledQuantile, example_units, q_table, tail_fraction,
+                       TopQuantile, SampledQuantile, q_table, tail_fraction,
                        sketch_comparison)
-from .dissection import Dissection, dissect
+from .dissection import Dissection, dissect, example_units
 from .ranking import (UndefinedCorrelationError, M_k, enabled_sets, relevance, top_units, outcomes,
                       SUBSET_NAMES, correlation, rank_units, rank_false_positives,
                       EXEMPLAR_SCORES, exemplars)
@@ -51,7 +56,7 @@ from .geometry import (VIEWS, AIR_HU, upsample_to_patch, patch_mask, best_slice,
 from .artifacts import (FORMAT, NOTEBOOK_03, NOTEBOOK_04, IDENTITY, dissection_dir,
                         network_field, save_dissection, load_dissection, DissectionArtifacts,
                         load_artifacts, Network, load_network, write_artifacts, dissect_run,
-                        concept_names, PatchFiles, export_units, UNITS_COLUMNS)
+                        concept_names)
 
 __all__ = [
     'DEFAULT_LAYER', 'layer_names', 'find_layer', 'capture', 'evaluating', 'activations',
@@ -65,5 +70,5 @@ __all__ = [
     'vertebra_overlap', 'FORMAT', 'NOTEBOOK_03', 'NOTEBOOK_04', 'IDENTITY', 'dissection_dir',
     'network_field', 'save_dissection', 'load_dissection', 'DissectionArtifacts',
     'load_artifacts', 'Network', 'load_network', 'write_artifacts', 'dissect_run',
-    'concept_names', 'PatchFiles', 'export_units', 'UNITS_COLUMNS',
+    'concept_names',
 ]

@@ -15,7 +15,9 @@ import torch
 
 from vfcore.errors import DataValueError
 
-from .capture import DEFAULT_LAYER, _autocast, _batches, _probabilities, capture, evaluating
+from vfcore.forward import forward_batches
+
+from .capture import DEFAULT_LAYER
 from .quantile import Q_TAIL_PAPER, TopQuantile, _check_q
 
 
@@ -102,41 +104,25 @@ def dissect(model: torch.nn.Module, data, layer: str = DEFAULT_LAYER, *,
     kept tail (this function) is exact in one pass with K x m x 12 bytes (values + indices),
     m = ceil(q (n - 1)) + 1: 0.6 % of (b) for q = 0.005, independent of the batch size.
     """
-    from tqdm.auto import tqdm
-
-    from vfcore.runtime import pick_device
-
     q_tail = _check_q(q_tail)
     n = len(data)
     if n == 0:
         raise DataValueError("data", "no samples to dissect")
-    device = pick_device(str(device) if device is not None else None)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last_3d)
     stats = TopQuantile(q_tail, n_samples=n)
     maxs, means, probs = [], [], []
     spatial = None
     start = time.perf_counter()
-    bar = tqdm(total=n, desc=f"dissecting {layer}", unit="sample", disable=not progress)
-    with evaluating(model), capture(model, layer) as out, torch.inference_mode():
-        for x in _batches(data, batch_size, device):
-            x = transform(x) if transform is not None else x
-            if device.type == "cuda" and x.ndim == 5:
-                x = x.contiguous(memory_format=torch.channels_last_3d)
-            with _autocast(device, amp):
-                y = model(x)
-            A = out.pop().float()
-            b = A.shape[0]
-            if spatial is None:
-                spatial = tuple(int(s) for s in A.shape[2:])
-            probs.append(_probabilities(y, b))
-            flat = A.reshape(b, A.shape[1], -1)
-            maxs.append(flat.amax(dim=2))
-            means.append(flat.mean(dim=2))
-            stats.update(A)
-            bar.update(b)
-    bar.close()
+    for out in forward_batches(model, data, [layer], batch_size=batch_size, transform=transform,
+                               device=device, amp=amp, progress=progress, desc=f"dissecting {layer}"):
+        A = out.activations[layer]
+        b = A.shape[0]
+        if spatial is None:
+            spatial = tuple(int(s) for s in A.shape[2:])
+        probs.append(out.probability)
+        flat = A.reshape(b, A.shape[1], -1)
+        maxs.append(flat.amax(dim=2))
+        means.append(flat.mean(dim=2))
+        stats.update(A)
     T = stats.thresholds()
     tail = stats.tail()
     K = len(T)
@@ -152,3 +138,16 @@ def dissect(model: torch.nn.Module, data, layer: str = DEFAULT_LAYER, *,
         max=torch.cat(maxs).cpu().numpy(), mean=torch.cat(means).cpu().numpy(), r=r,
         mask_size=size, probability=torch.cat(probs).cpu().numpy(), tail=tail,
         seconds=time.perf_counter() - start)
+
+
+def example_units(d: Dissection, n: int = 4) -> list[int]:
+    """n units to look at closely: spread over the non-degenerate units sorted by T_k (largest,
+    ..., smallest), the last replaced by a degenerate unit when there is one."""
+    live = np.flatnonzero(~d.flags["degenerate"])
+    order = live[np.argsort(-d.T[live].astype(np.float64), kind="stable")]
+    picks = [int(order[i]) for i in np.unique(np.linspace(0, len(order) - 1, n).round().astype(int))] \
+        if len(order) else []
+    dead = np.flatnonzero(d.flags["degenerate"])
+    if len(dead) and n > 1:
+        picks = picks[:n - 1] + [int(dead[0])]
+    return picks[:n]

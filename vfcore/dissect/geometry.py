@@ -10,14 +10,23 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from vfcore.constants import AIR_HU, PATCH_SIZE
+from vfcore.run import RunFolder
+
+from .quantile import M_k
+
+__all__ = ["VIEWS", "AIR_HU", "upsample_to_patch", "patch_mask", "best_slice", "canonical_patch_affine",
+           "patch_world_affine", "write_nifti_exemplar", "concept_group", "concept_overlap",
+           "vertebra_overlap"]
+
+#: The shape of a stored patch (``vfcore.constants.PATCH_SIZE`` per axis).
+PATCH_SHAPE = (PATCH_SIZE,) * 3
 #: Patch axes are (I, P, L) (``vfcore.patches``); a view keeps one axis fixed (as the explorer).
 VIEWS: dict[str, int] = {"sagittal": 2, "coronal": 1, "axial": 0}
-#: HU written outside the mask in the masked-CT export (air, as ``vfcore.patches``).
-AIR_HU = -1024
 
 
 def upsample_to_patch(A: np.ndarray, field: Sequence[slice],
-                      patch_shape: Sequence[int] = (96, 96, 96)) -> np.ndarray:
+                      patch_shape: Sequence[int] = PATCH_SHAPE) -> np.ndarray:
     """Activation maps [..., d, h, w] -> [..., *patch_shape] float32.
 
     Trilinear interpolation with ``align_corners=False`` onto the region of the patch that the
@@ -35,7 +44,7 @@ def upsample_to_patch(A: np.ndarray, field: Sequence[slice],
     return out
 
 
-def patch_mask(M: np.ndarray, field: Sequence[slice], patch_shape: Sequence[int] = (96, 96, 96)) -> np.ndarray:
+def patch_mask(M: np.ndarray, field: Sequence[slice], patch_shape: Sequence[int] = PATCH_SHAPE) -> np.ndarray:
     """M_k on the patch: each feature voxel of the mask M_k(x) = A_k(x) > T_k [..., d, h, w]
     becomes the block of the field it summarises (nearest-neighbour upsampling: 8^3 mm blocks
     for the paper preset, 16^3 mm for the small one); False outside the field.
@@ -65,7 +74,7 @@ def best_slice(up: np.ndarray, T: float, view: str = "sagittal", mask: np.ndarra
     axis = VIEWS[view]
     other = tuple(a for a in range(up.ndim) if a != axis)
     a = np.asarray(up, dtype=np.float64)
-    inside = (a > T) if mask is None else np.asarray(mask, dtype=bool)
+    inside = M_k(a, T) if mask is None else np.asarray(mask, dtype=bool)
     for score in (np.where(inside, np.maximum(a, 0.0), 0.0).sum(axis=other),
                   inside.sum(axis=other).astype(np.float64), np.abs(a).sum(axis=other)):
         if np.any(score > 0):
@@ -73,7 +82,7 @@ def best_slice(up: np.ndarray, T: float, view: str = "sagittal", mask: np.ndarra
     return up.shape[axis] // 2
 
 
-def canonical_patch_affine(shape: Sequence[int] = (96, 96, 96), spacing: float = 1.0) -> np.ndarray:
+def canonical_patch_affine(shape: Sequence[int] = PATCH_SHAPE, spacing: float = 1.0) -> np.ndarray:
     """World affine of a patch in its own frame: axes (I, P, L) at ``spacing`` mm, centre at 0.
 
     Used when the patch store does not record where the vertebra was in the scan; every
@@ -90,9 +99,10 @@ def patch_world_affine(run_dir: str | Path, case: str, label: int) -> np.ndarray
     """The patch's affine in the original scan's world (``vfcore.patches.patch_affine`` of the
     frame recorded in ``<run>/patches/<case>/case.json``), so exports also overlay the source
     CT; :func:`canonical_patch_affine` when the record is missing."""
-    from vfcore.patches import PATCH_SIZE, PATCH_SPACING, RECORD_NAME, Frame, patch_affine
+    from vfcore.constants import PATCH_SPACING
+    from vfcore.patches import RECORD_NAME, Frame, patch_affine
 
-    record = Path(run_dir) / "patches" / str(case) / RECORD_NAME
+    record = RunFolder(run_dir).patch(str(case)) / RECORD_NAME
     try:
         rec = json.loads(record.read_text())
         v = next(v for v in rec["vertebrae"] if int(v["label"]) == int(label))
@@ -114,7 +124,7 @@ def write_nifti_exemplar(folder: str | Path, stem: str, ct: np.ndarray, activati
 
     act = np.nan_to_num(np.asarray(activation, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     ct = np.asarray(ct).astype(np.int16)
-    inside = act > T if mask is None else np.asarray(mask, dtype=bool)
+    inside = M_k(act, T) if mask is None else np.asarray(mask, dtype=bool)
     volumes = {"ct": ct, "activation": act, "masked_ct": np.where(inside, ct, AIR_HU).astype(np.int16)}
     paths = {}
     for kind, data in volumes.items():

@@ -1,4 +1,6 @@
-"""Thresholds T_k with P(a_k > T_k) = q_tail (paper, Sec. 2.2): exact and streamed.
+"""Thresholds T_k with P(a_k > T_k) = q_tail (paper, Sec. 2.2), exact and streamed; masks M_k.
+
+:func:`M_k` is the one place where a unit mask M_k(x) = A_k(x) > T_k is thresholded.
 
 :class:`TopQuantile` keeps, per unit, the m = ceil(q_tail (n - 1)) + 1 largest values with
 their sample and position and reads T_k exactly as ``numpy.quantile`` does.
@@ -8,18 +10,14 @@ their sample and position and reads T_k exactly as ``numpy.quantile`` does.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from vfcore.errors import DataValueError
-
-from .capture import _autocast, _batches, capture, evaluating
-
-if TYPE_CHECKING:
-    from .dissection import Dissection
+from vfcore.forward import forward_batches
 
 #: The paper's tail probability: P(a_k > T_k) = 0.005 (Sec. 2.2).
 Q_TAIL_PAPER = 0.005
@@ -27,6 +25,18 @@ Q_TAIL_PAPER = 0.005
 Q_TAIL_PUBLISHED = 0.01
 #: Units whose realised tail is below this fraction of q_tail are flagged (ties at T_k).
 SPARSE_TAIL_FRACTION = 0.5
+
+
+def M_k(A, T, axis: int = 0) -> np.ndarray:
+    """The unit masks M_k(x) = A_k(x) > T_k (paper, Sec. 2.3) as a boolean array of A's shape.
+
+    ``A`` [K, *spatial] for one sample (``axis=0``) or [N, K, *spatial] (``axis=1``); ``T`` [K]
+    (or one number for a single unit's map). The one place in the package where a mask is
+    thresholded.
+    """
+    A = np.asarray(A.detach().float().cpu() if isinstance(A, torch.Tensor) else A)
+    T = np.asarray(T).reshape((-1,) + (1,) * (A.ndim - axis - 1))
+    return A > T
 
 
 def _linear_index(n: int, level: float) -> tuple[int, int, float]:
@@ -208,14 +218,14 @@ class TopQuantile:
         if dropped and np.any(T < values[:, -1]):
             raise DataValueError("T", "thresholds below the smallest value the buffer kept: "
                                  "the values above them were not all kept")
-        return (values > T[:, None]).sum(axis=1) / self.n_values
+        return M_k(values, T).sum(axis=1) / self.n_values
 
     def tail(self, q_tail: float | None = None) -> dict[str, np.ndarray]:
         """The masks M_k of every sample, sparse: every (unit, sample, position, value) with
         value > T_k, ordered by unit, then value (descending)."""
         values, index = self._sorted(q_tail)
         T = self.thresholds(q_tail)
-        above = values > T[:, None]
+        above = M_k(values, T)
         unit = np.broadcast_to(np.arange(values.shape[0])[:, None], values.shape)[above]
         flat = index[above]
         return {"unit": unit.astype(np.int32), "sample": (flat // self.positions).astype(np.int32),
@@ -292,19 +302,6 @@ class SampledQuantile:
                         dtype=np.float32)
 
 
-def example_units(d: "Dissection", n: int = 4) -> list[int]:
-    """n units to look at closely: spread over the non-degenerate units sorted by T_k (largest,
-    ..., smallest), the last replaced by a degenerate unit when there is one."""
-    live = np.flatnonzero(~d.flags["degenerate"])
-    order = live[np.argsort(-d.T[live].astype(np.float64), kind="stable")]
-    picks = [int(order[i]) for i in np.unique(np.linspace(0, len(order) - 1, n).round().astype(int))] \
-        if len(order) else []
-    dead = np.flatnonzero(d.flags["degenerate"])
-    if len(dead) and n > 1:
-        picks = picks[:n - 1] + [int(dead[0])]
-    return picks[:n]
-
-
 def q_table(A: np.ndarray, units: Sequence[int], qs: Sequence[float]) -> pd.DataFrame:
     """What q does, for a few units' activations A [N, U, *spatial] over a whole split: per q
     and unit, T_k, the realised tail, the fraction of samples in which the unit fires (k in E_x)
@@ -317,7 +314,7 @@ def q_table(A: np.ndarray, units: Sequence[int], qs: Sequence[float]) -> pd.Data
     rows = []
     for q in sorted(qs, reverse=True):
         T = tq.thresholds(q)
-        M = flat > T[None, :, None]
+        M = M_k(flat, T, axis=1)
         for j, u in enumerate(units):
             rows.append({"q": q, "unit": int(u), "T_k": float(T[j]), "realised_tail": float(M[:, j].mean()),
                          "fires_in_samples": float(M[:, j].any(axis=1).mean()),
@@ -328,8 +325,7 @@ def q_table(A: np.ndarray, units: Sequence[int], qs: Sequence[float]) -> pd.Data
 def tail_fraction(acts, T) -> np.ndarray:
     """P(a_k > T_k) over a batch [B, K, *spatial] for given thresholds T [K] (count / n)."""
     flat = _as_units(acts)
-    T = torch.as_tensor(np.asarray(T), dtype=flat.dtype, device=flat.device)
-    return ((flat > T[:, None]).sum(dim=1).double() / flat.shape[1]).cpu().numpy()
+    return M_k(flat, np.asarray(T, dtype=np.float32)).sum(axis=1) / flat.shape[1]
 
 
 def sketch_comparison(model: torch.nn.Module, data, layer: str, T: np.ndarray, *,
@@ -347,36 +343,30 @@ def sketch_comparison(model: torch.nn.Module, data, layer: str, T: np.ndarray, *
     """
     from tqdm.auto import tqdm
 
-    from vfcore.runtime import pick_device
-
-    device = pick_device(str(device) if device is not None else None)
-    model = model.to(device)
     n = len(data)
     first = n if first is None else min(int(first), n)
     every, head = SampledQuantile(q_tail, resolution, seed), SampledQuantile(q_tail, resolution, seed)
     bar = tqdm(total=2 * n, desc="sketch vs exact", unit="sample", disable=not progress)
-    with evaluating(model), capture(model, layer) as out, torch.inference_mode():
-        seen = 0
-        for x in _batches(data, batch_size, device):
-            with _autocast(device, True):
-                model(transform(x) if transform is not None else x)
-            A = out.pop().float()
-            every.update(A)
-            if seen < first:
-                head.update(A[:first - seen])
-            seen += A.shape[0]
+
+    def passes():
+        for out in forward_batches(model, data, [layer], batch_size=batch_size, transform=transform,
+                                   device=device):
+            A = out.activations[layer]
             bar.update(A.shape[0])
-        estimates = {"exact": np.asarray(T), "sketch": every.thresholds(), "sketch_first": head.thresholds()}
-        counts = {k: np.zeros(len(T)) for k in estimates}
-        positions = 0
-        for x in _batches(data, batch_size, device):
-            with _autocast(device, True):
-                model(transform(x) if transform is not None else x)
-            A = out.pop().float()
-            positions += A.shape[0] * int(np.prod(A.shape[2:]))
-            for k, t in estimates.items():
-                counts[k] += tail_fraction(A, t) * A.shape[0] * int(np.prod(A.shape[2:]))
-            bar.update(A.shape[0])
+            yield out.start, A
+
+    for seen, A in passes():
+        every.update(A)
+        if seen < first:
+            head.update(A[:first - seen])
+    estimates = {"exact": np.asarray(T), "sketch": every.thresholds(), "sketch_first": head.thresholds()}
+    counts = {k: np.zeros(len(T)) for k in estimates}
+    positions = 0
+    for _, A in passes():
+        n_values = A.shape[0] * int(np.prod(A.shape[2:]))
+        positions += n_values
+        for k, t in estimates.items():
+            counts[k] += tail_fraction(A, t) * n_values
     bar.close()
     table = pd.DataFrame({"unit": np.arange(len(T))})
     for k, t in estimates.items():

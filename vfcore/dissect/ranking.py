@@ -13,22 +13,14 @@ import torch
 
 from vfcore.errors import DataValueError
 
+from vfcore.metrics import outcome_masks as outcomes  # the one TP/FP/TN/FN labelling
+
 from .dissection import Dissection
+from .quantile import M_k
 
 
 class UndefinedCorrelationError(DataValueError):
     """c_k (Eq. 1) over an empty set (no true positives, no false positives): undefined."""
-
-
-def M_k(A, T, axis: int = 0) -> np.ndarray:
-    """The unit masks M_k(x) = A_k(x) > T_k (paper, Sec. 2.3) as a boolean array of A's shape.
-
-    ``A`` [K, *spatial] for one sample (``axis=0``) or [N, K, *spatial] (``axis=1``); ``T`` [K].
-    The one place in the package where a mask is thresholded.
-    """
-    A = np.asarray(A.detach().float().cpu() if isinstance(A, torch.Tensor) else A)
-    T = np.asarray(T).reshape((-1,) + (1,) * (A.ndim - axis - 1))
-    return A > T
 
 
 def enabled_sets(A, T, axis: int = 1) -> np.ndarray:
@@ -43,9 +35,9 @@ def relevance(A, T, axis: int = 0) -> np.ndarray:
 
     ``A`` [K, *spatial] for one sample -> [K]; [N, K, *spatial] with ``axis=1`` -> [N, K].
     """
+    M = M_k(A, T, axis)
     A = np.asarray(A.detach().float().cpu() if isinstance(A, torch.Tensor) else A, dtype=np.float64)
-    T = np.asarray(T, dtype=np.float64).reshape((-1,) + (1,) * (A.ndim - axis - 1))
-    thresholded = np.where(A > T, A, 0.0)
+    thresholded = np.where(M, A, 0.0)
     return thresholded.reshape(thresholded.shape[:axis + 1] + (-1,)).sum(axis=-1)
 
 
@@ -53,15 +45,6 @@ def top_units(r: np.ndarray, n: int = 10) -> np.ndarray:
     """The n most relevant units of one inference: descending r_k, ties by unit index."""
     r = np.asarray(r, dtype=np.float64)
     return np.lexsort((np.arange(len(r)), -r))[:n]
-
-
-def outcomes(labels, probability, threshold: float = 0.5) -> dict[str, np.ndarray]:
-    """Boolean [N] masks of the samples: ``tp``, ``fp``, ``tn``, ``fn`` (prediction =
-    probability >= threshold), ``positive`` (ground truth) and ``all``."""
-    y = np.asarray(labels).astype(int) == 1
-    pred = np.asarray(probability) >= threshold
-    return {"tp": y & pred, "fp": ~y & pred, "tn": ~y & ~pred, "fn": y & ~pred,
-            "positive": y, "all": np.ones_like(y)}
 
 
 SUBSET_NAMES = {"tp": "true-positive predictions", "fp": "false-positive predictions",
