@@ -24,8 +24,8 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "training": ("manifest",),
     "thresholds": ("manifest", "checkpoint"),
     "ranking": ("manifest", "checkpoint"),
-    "explorer": ("manifest", "checkpoint", "dissection", "units"),
-    "alignment": ("manifest", "checkpoint", "dissection", "units"),
+    "explorer": ("manifest", "checkpoint", "dissection_meta", "exemplars"),
+    "alignment": ("manifest", "checkpoint", "dissection_meta", "exemplars"),
 }
 
 #: The stages that make artifacts, in the order they must run.

@@ -8,7 +8,7 @@ A run folder (e.g. ``runs/phantom/``) holds everything one pass through the cour
     model/seed<k>/           per-seed checkpoints and history       notebook 02
     model/metrics.json       test metrics per seed                  notebook 02
     dissection/              T_k, statistics, rankings              notebook 03/04 / `vfcore dissect`
-    dissection/units/        collages and NIfTI exports of units    notebook 04
+    dissection/units.csv     the exported units (collages/, nifti/)  notebook 04
     concepts.json            the student's concept dictionary       notebook 05
     alignment/               concept alignment and controls         notebook 06
     notebooks/               executed copies of the notebooks       `vfcore run-notebooks`
@@ -72,7 +72,7 @@ ARTIFACTS: dict[str, Artifact] = {
     "dissection_meta": Artifact("dissection/meta.json", "the dissection (T_k, statistics)",
                                 "thresholds", "vfcore dissect"),
     "exemplars": Artifact("dissection/exemplars.json", "the exemplars and collages", "ranking"),
-    "units": Artifact("dissection/units", "the exported units (collages, NIfTI)", "ranking"),
+    "units": Artifact("dissection/units.csv", "the exported units (collages, NIfTI)", "ranking"),
     "concepts": Artifact("concepts.json", "the concept dictionary", "explorer"),
     "alignment": Artifact("alignment", "the concept alignment", "alignment"),
     "notebooks": Artifact("notebooks", "the executed notebooks", "preprocessing", "vfcore run-notebooks"),
