@@ -426,10 +426,10 @@ def test_rerun_skips_and_interrupted_run_is_byte_identical(tiny_root, reference_
             raise KeyboardInterrupt
         return real_save(path, array)
 
-    monkeypatch.setattr(patches, "save_npy", dying_save)
+    monkeypatch.setattr(patches.store, "save_npy", dying_save)
     with pytest.raises(KeyboardInterrupt):
         patches.extract_patches(tiny_root, run, seed=3, progress=False)
-    monkeypatch.setattr(patches, "save_npy", real_save)
+    monkeypatch.setattr(patches.store, "save_npy", real_save)
     assert not (run / "patches" / "manifest.csv").exists()
     # temporaries as a SIGKILL leaves them (vfcore.io names them .<target>.<random>.part<suffix>)
     (run / "patches" / "sub-a01" / ".T3_ct.npy.x1y2.part.npy").write_bytes(b"half")
@@ -440,7 +440,7 @@ def test_rerun_skips_and_interrupted_run_is_byte_identical(tiny_root, reference_
     # a second run redoes nothing: no patch file is rewritten
     stamps = {p: p.stat().st_mtime_ns for p in (run / "patches").rglob("*.npy")}
     calls["n"] = 0
-    monkeypatch.setattr(patches, "save_npy", lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    monkeypatch.setattr(patches.store, "save_npy", lambda *a: calls.__setitem__("n", calls["n"] + 1))
     patches.extract_patches(tiny_root, run, seed=3, progress=False)
     assert calls["n"] == 0
     assert {p: p.stat().st_mtime_ns for p in (run / "patches").rglob("*.npy")} == stamps
