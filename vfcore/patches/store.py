@@ -338,11 +338,11 @@ def extract_patches(root: str | os.PathLike, run_dir: str | os.PathLike, *, work
 
     store = RunFolder(run_dir)
     root, out_dir = Path(root), store.patches
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_partial(out_dir)
-    table, table_source = find_grade_table(root, grades)
+    table, table_source = find_grade_table(root, grades)  # bad input: nothing written yet
     cases = find_cases(root, require_ct=require_ct)
     params = _params(size, spacing, ct_order)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_partial(out_dir)
 
     failed, unique, seen = [], [], set()
     for case in cases:
