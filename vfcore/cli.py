@@ -123,7 +123,9 @@ def _train(args) -> int:
         raise InputError("--augment", f"unknown augmentation {args.augment!r}; choose one of "
                                       f"{', '.join(sorted(AUGMENTATIONS))} or none")
     run = RunFolder(args.run)
-    run.require("manifest")
+    from .patches import read_manifest
+
+    read_manifest(run.require("manifest"))  # a typed error naming the file, before training
     from .train import fit
 
     metrics = fit(run.root, args.preset, seeds=args.seeds, epochs=args.epochs,

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from vfcore.errors import GradeTableError
+from vfcore.errors import CorruptFileError, DataValueError, FormatError, GradeTableError
 from vfcore.verse import read_grades
 
 MANIFEST_COLUMNS = ["case", "patient", "label", "level", "fracture", "grade", "shape", "split",
@@ -155,11 +155,28 @@ def write_manifest(path: Path, manifest: pd.DataFrame) -> None:
 
 
 def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
-    """The manifest with typed columns: ``fracture``/``grade``/``shape`` nullable Int64."""
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    for col in ("label",):
-        df[col] = df[col].astype(int)
+    """The manifest with typed columns: ``fracture``/``grade``/``shape`` nullable Int64.
+
+    A file that is not the store's manifest raises a typed error naming it:
+    :class:`CorruptFileError` (unreadable, not a CSV table), :class:`FormatError` (columns
+    missing), :class:`DataValueError` (a label or out-of-field value that is not a number).
+    """
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise CorruptFileError(path, f"not a readable manifest table ({type(err).__name__}: "
+                                     f"{' '.join(str(err).split())[:120]})") from None
+    except OSError as err:
+        raise CorruptFileError(path, f"cannot read the manifest: {err.strerror or err}") from None
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise FormatError(path, f"not a patch-store manifest: columns {', '.join(missing)} "
+                                f"missing (rebuild it with `vfcore patches`)")
+    try:
+        df["label"] = df["label"].astype(int)
+        df["out_of_field"] = df["out_of_field"].astype(float)
+    except ValueError as err:
+        raise DataValueError(path, f"a label or out_of_field value is not a number ({err})") from None
     for col in ("fracture", "grade", "shape"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
-    df["out_of_field"] = df["out_of_field"].astype(float)
     return df

@@ -138,9 +138,11 @@ def _extract_case(case: Case, root: Path, out_dir: Path, params: dict) -> tuple[
         if redone is None:
             _remove_partial(case_dir)
             return old, None
-    if record_path.exists():
-        record_path.unlink()  # redo: the case is incomplete until the new record lands
-    case_dir.mkdir(parents=True, exist_ok=True)
+    if case_dir.is_dir():  # redo from an empty folder: incomplete until the new record lands
+        shutil.rmtree(case_dir)
+    elif case_dir.exists():
+        case_dir.unlink()
+    case_dir.mkdir(parents=True)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
