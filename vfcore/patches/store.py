@@ -132,7 +132,8 @@ def _extract_case(case: Case, root: Path, out_dir: Path, params: dict) -> tuple[
     hashes = {role: sha256_file(p) for role, p in source_files(case).items()}
     checksum = case_checksum(hashes)
     old = _read_record(record_path)
-    redone = None
+    redone = None if old is not None or not record_path.exists() else (
+        f"{record_path}: unreadable completion record")
     if old is not None and old.get("source_sha256") == checksum and old.get("params") == params:
         redone = damaged_patch(old, out_dir)
         if redone is None:
