@@ -426,10 +426,10 @@ def test_rerun_skips_and_interrupted_run_is_byte_identical(tiny_root, reference_
             raise KeyboardInterrupt
         return real_save(path, array)
 
-    monkeypatch.setattr(patches, "save_npy", dying_save)
+    monkeypatch.setattr(patches.store, "save_npy", dying_save)
     with pytest.raises(KeyboardInterrupt):
         patches.extract_patches(tiny_root, run, seed=3, progress=False)
-    monkeypatch.setattr(patches, "save_npy", real_save)
+    monkeypatch.setattr(patches.store, "save_npy", real_save)
     assert not (run / "patches" / "manifest.csv").exists()
     # temporaries as a SIGKILL leaves them (vfcore.io names them .<target>.<random>.part<suffix>)
     (run / "patches" / "sub-a01" / ".T3_ct.npy.x1y2.part.npy").write_bytes(b"half")
@@ -440,7 +440,7 @@ def test_rerun_skips_and_interrupted_run_is_byte_identical(tiny_root, reference_
     # a second run redoes nothing: no patch file is rewritten
     stamps = {p: p.stat().st_mtime_ns for p in (run / "patches").rglob("*.npy")}
     calls["n"] = 0
-    monkeypatch.setattr(patches, "save_npy", lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    monkeypatch.setattr(patches.store, "save_npy", lambda *a: calls.__setitem__("n", calls["n"] + 1))
     patches.extract_patches(tiny_root, run, seed=3, progress=False)
     assert calls["n"] == 0
     assert {p: p.stat().st_mtime_ns for p in (run / "patches").rglob("*.npy")} == stamps
@@ -487,6 +487,85 @@ def test_corrupt_centroids_reported(tmp_path):
     assert [f["case"] for f in report["failed"]] == ["sub-a02"]
     assert "GeometryError" in report["failed"][0]["reason"]
     assert report["extracted"] == 1
+
+
+def _report(run: Path) -> dict:
+    return json.loads((run / "patches" / "report.json").read_text())
+
+
+def _without_report(store: dict[str, bytes]) -> dict[str, bytes]:
+    return {k: v for k, v in store.items() if not k.endswith("report.json")}
+
+
+def test_dying_worker_is_retried_once_in_a_fresh_process(tiny_root, reference_run, tmp_path,
+                                                         monkeypatch):
+    """Issue 13, case 2: the worker of sub-a02 is SIGKILLed once (as the OOM killer does):
+    the scan is retried alone, every scan ends up in the store, byte-identical to a clean run."""
+    ref_run, _ = reference_run
+    run, flag = tmp_path / "run", tmp_path / "died-once"
+    monkeypatch.setenv(patches.KILL_ENV, f"sub-a02:{flag}")
+    patches.extract_patches(tiny_root, run, seed=3, workers=2, progress=False)
+    assert flag.exists()  # the worker did die
+    report = _report(run)
+    assert report["failed"] == []
+    assert "sub-a02" in report["retried"]
+    assert _without_report(store_bytes(run)) == _without_report(store_bytes(ref_run))
+    assert not [p for p in (run / "patches").rglob(".*")]
+
+
+def test_worker_that_always_dies_is_reported_and_the_others_finish(tiny_root, reference_run,
+                                                                    tmp_path, monkeypatch):
+    """Issue 13, case 2: a scan whose worker dies every time is one line of report.json; no raw
+    BrokenProcessPool, the other scans finish, manifest and report are written."""
+    ref_run, ref = reference_run
+    run = tmp_path / "run"
+    monkeypatch.setenv(patches.KILL_ENV, "sub-a02")
+    m = patches.extract_patches(tiny_root, run, seed=3, workers=2, progress=False)
+    report = _report(run)
+    assert [f["case"] for f in report["failed"]] == ["sub-a02"]
+    assert "WorkerDied" in report["failed"][0]["reason"]
+    assert set(m["case"]) == set(ref["case"]) - {"sub-a02"}
+    assert report["extracted"] == ref["case"].nunique() - 1
+    for case in set(m["case"]):  # the finished scans are exactly those of a clean run
+        for path in (run / "patches" / case).iterdir():
+            assert path.read_bytes() == (ref_run / "patches" / case / path.name).read_bytes()
+    assert not (run / "patches" / "sub-a02" / patches.RECORD_NAME).exists()
+    assert not [p for p in (run / "patches").rglob(".*")]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip", "delete"])
+def test_resume_notices_a_damaged_patch(tiny_root, reference_run, tmp_path, capsys, damage):
+    """Issue 13, case 3: a truncated, bit-flipped or deleted patch is noticed on resume (sha256
+    recorded when written), its case re-extracted and said so; the store is then byte-identical
+    to a fresh one."""
+    import shutil
+
+    ref_run, ref = reference_run
+    run = tmp_path / "run"
+    shutil.copytree(ref_run / "patches", run / "patches")
+    rel = ref.loc[ref["case"] == "sub-a02", "ct_path"].iloc[1]
+    victim = run / "patches" / rel
+    data = bytearray(victim.read_bytes())
+    if damage == "truncate":
+        victim.write_bytes(bytes(data[: len(data) // 2]))
+    elif damage == "bitflip":
+        data[len(data) - 1000] ^= 0x10
+        victim.write_bytes(bytes(data))
+    else:
+        victim.unlink()
+    capsys.readouterr()
+    patches.extract_patches(tiny_root, run, seed=3, progress=False)
+    out = capsys.readouterr().out
+    assert "sub-a02 re-extracted" in out and victim.name in out
+    report = _report(run)
+    assert [r["case"] for r in report["redone"]] == ["sub-a02"]
+    assert victim.name in report["redone"][0]["reason"]
+    assert _without_report(store_bytes(run)) == _without_report(store_bytes(ref_run))
+    report.pop("redone")
+    expected = _report(ref_run)
+    expected.pop("redone")
+    assert report == expected
+
 
 
 # --------------------------------------------------------------------------------------------

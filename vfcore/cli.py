@@ -4,69 +4,194 @@
     vfcore phantom data/phantom --scans 60          # write a synthetic VerSe-layout root
     vfcore download --release verse19 --target data/verse
     vfcore patches data/phantom runs/phantom        # straightened 96^3 patches + manifest
+    vfcore train runs/phantom --preset small        # the classifier (model/best.pt, metrics)
+    vfcore dissect runs/phantom --split test        # T_k, c_k, r_k and the exported units
     vfcore badges                                   # regenerate Colab/Binder badges
+
+Exit status: 0 everything done; 1 the command ran but part of the work failed (a scan, a
+notebook: one line per failure); 2 bad input or usage (one line, ``vfcore: error: <file>:
+<problem>``); 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
-from .errors import VfcoreError
+from .errors import InputError, VfcoreError
+from .run import RunFolder
+
+#: The exit status of a command whose work partly failed (bad input and usage: 2, as argparse).
+FAILED = 1
+USAGE = 2
 
 
-def _run_notebooks(args) -> None:
-    from .notebooks import run_notebooks
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
-    executed = run_notebooks(args.run, quick=args.quick, only=args.only)
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
+def _tail_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 1.0:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r}: q must lie in (0, 1) (the paper: 0.005)")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# The commands
+# --------------------------------------------------------------------------------------------
+
+
+def _run_notebooks(args) -> int:
+    from .notebooks import NotebookError, run_notebooks
+
+    try:
+        executed = run_notebooks(args.run, quick=args.quick, only=args.only)
+    except NotebookError as err:  # the notebook's own error, one line; its copy stays readable
+        print(f"vfcore: failed: {_one_line(err)}", file=sys.stderr)
+        return FAILED
     print("\nExecuted notebooks:")
     for path in executed:
         print(f"  {path}")
-    print(f"Artifacts (patches, model, dissection, concepts) are in {args.run}/")
+    print(f"Artifacts (patches, model, dissection, concepts) are in {RunFolder(args.run).root}/")
+    return 0
 
 
-def _phantom(args) -> None:
+def _phantom(args) -> int:
     from .phantom import write_phantom_root
 
     root = write_phantom_root(args.root, n_scans=args.scans, seed=args.seed, workers=args.workers)
     print(f"phantom written to {root}")
+    return 0
 
 
-def _download(args) -> None:
+def _download(args) -> int:
     from .verse import download
 
     download(args.release, args.target)
+    return 0
 
 
-def _patches(args) -> None:
+def _patches(args) -> int:
+    import json
+
     from .patches import extract_patches
 
-    manifest = extract_patches(args.root, args.run, workers=args.workers, seed=args.seed)
-    print(f"{len(manifest)} vertebrae in {args.run}/patches/manifest.csv")
+    run = RunFolder(args.run)
+    manifest = extract_patches(args.root, run, workers=args.workers, seed=args.seed,
+                               grades=args.grades, progress=not args.quiet)
+    report = json.loads(run.path("patch_report").read_text(encoding="utf-8"))
+    table = report["grade_table"]
+    print(f"{len(manifest)} vertebrae from {report['extracted']} of {report['cases']} scans "
+          f"in {run.manifest}")
+    print(f"labelled: {report['labelled']} ({report['fractured']} fractured); grade table: "
+          f"{table['source'] or 'none found'}")
+    if report["redone"]:
+        print(f"re-extracted {len(report['redone'])} scan(s) whose patch files were damaged")
+    print(f"report: {run.path('patch_report')}")
+    for f in report["failed"]:
+        print(f"vfcore: failed: {f['case']}: {_one_line(f['reason'])}", file=sys.stderr)
+    if report["failed"]:
+        print(f"vfcore: {len(report['failed'])} of {report['cases']} scans failed",
+              file=sys.stderr)
+        return FAILED
+    return 0
 
 
-def _badges(args) -> None:
+def _train(args) -> int:
+    from .data import AUGMENTATIONS
+    from .model import PRESETS
+
+    if args.preset not in PRESETS:
+        raise InputError("--preset", f"unknown preset {args.preset!r}; choose one of "
+                                     f"{', '.join(sorted(PRESETS))}")
+    augment = None if args.augment.lower() == "none" else args.augment
+    if augment is not None and augment not in AUGMENTATIONS:
+        raise InputError("--augment", f"unknown augmentation {args.augment!r}; choose one of "
+                                      f"{', '.join(sorted(AUGMENTATIONS))} or none")
+    run = RunFolder(args.run)
+    from .patches import read_manifest
+
+    read_manifest(run.require("manifest"))  # a typed error naming the file, before training
+    from .train import fit
+
+    metrics = fit(run.root, args.preset, seeds=args.seeds, epochs=args.epochs,
+                  augment=augment, device=args.device, batch_size=args.batch_size,
+                  patience=args.patience, progress=not args.quiet)
+    test = ", ".join(f"{k} {v:.3f}" for k, v in metrics["test"].items() if v is not None)
+    print(f"best seed {metrics['best_seed']} of {metrics['seeds']}: test ({metrics['n_test']} "
+          f"vertebrae, {metrics['n_test_fractured']} fractured): {test}")
+    print(f"checkpoint: {run.checkpoint}")
+    print(f"metrics:    {run.metrics}")
+    print(f"per seed:   {', '.join(str(run.seed_dir(s)) for s in metrics['seeds'])}")
+    return 0
+
+
+def _dissect(args) -> int:
+    run = RunFolder(args.run)
+    run.require("checkpoint")
+    from . import dissect
+
+    art = dissect.dissect_run(run.root, args.split, args.q, layer=args.layer, device=args.device,
+                              batch_size=args.batch_size, force=args.force,
+                              progress=not args.quiet)
+    meta, d = art.meta, art.dissection
+    print(f"dissected layer {meta['layer']} on split {args.split!r}: {d.n_samples} vertebrae, "
+          f"{d.n_units} units, q = {meta['q_tail']}")
+    print(f"dissection: {art.folder}")
+    if not args.no_export:  # notebook 04's step: exemplars, collages, NIfTI files
+        export = getattr(dissect, "export_units")
+        art = export(run.root, top=args.top, top_fp=args.top_fp, device=args.device,
+                     progress=not args.quiet)
+        n = 0 if art.units is None else len(art.units)
+        print(f"exported {n} units (exemplars, collages, NIfTI files): {art.folder}")
+    return 0
+
+
+def _badges(args) -> int:
     from .notebooks import write_badges
 
     changed = write_badges()
     print(f"badges updated in {len(changed)} notebook(s)")
+    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+# --------------------------------------------------------------------------------------------
+# The parser
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vfcore`` argument parser (one sub-command per stage)."""
     parser = argparse.ArgumentParser(prog="vfcore", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run-notebooks", help="execute notebooks 01-05 in order (papermill)")
+    p = sub.add_parser("run-notebooks", help="execute the notebooks in order (papermill)")
     p.add_argument("--run", default="runs/phantom", help="run folder for artifacts and executed notebooks")
     p.add_argument("--quick", action="store_true", help="small sizes (CI, Binder): minutes on a 2-core CPU")
-    p.add_argument("--only", nargs="*", help="notebook stems to run (their inputs must exist)")
+    p.add_argument("--only", nargs="+", metavar="STEM",
+                   help="notebooks to run, by stem, stage or number (their inputs must exist)")
     p.set_defaults(func=_run_notebooks)
 
     p = sub.add_parser("phantom", help="write a synthetic VerSe-layout root")
     p.add_argument("root")
-    p.add_argument("--scans", type=int, default=60)
+    p.add_argument("--scans", type=_positive_int, default=60)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=_positive_int, default=1)
     p.set_defaults(func=_phantom)
 
     p = sub.add_parser("download", help="download and extract a VerSe release (resumable, checked)")
@@ -75,19 +200,65 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_download)
 
     p = sub.add_parser("patches", help="straightened 96^3 vertebra patches for every scan of a root")
-    p.add_argument("root")
-    p.add_argument("run")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("root", help="a VerSe-layout data root")
+    p.add_argument("run", help="the run folder (writes its patches/)")
+    p.add_argument("--grades", metavar="TABLE",
+                   help="the fracture grade table (default: one found in the root)")
+    p.add_argument("--workers", type=_positive_int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="seeds the patient-level split")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_patches)
+
+    p = sub.add_parser("train", help="train the fracture classifier on the run's patches")
+    p.add_argument("run", help="the run folder (reads patches/, writes model/)")
+    p.add_argument("--preset", default="small", help="small (CPU) or paper (the published network)")
+    p.add_argument("--epochs", type=_positive_int, help="upper limit (default: the preset's)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one model per seed")
+    p.add_argument("--augment", default="paper", help="paper, light or none")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--patience", type=_positive_int, help="early-stopping patience in epochs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("dissect", help="network dissection of the run's checkpoint (T_k, c_k, r_k)")
+    p.add_argument("run", help="the run folder (reads model/best.pt, writes dissection/)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="the split whose activations define T_k")
+    p.add_argument("--q", type=_tail_fraction, default=0.005, help="P(a_k > T_k); the paper: 0.005")
+    p.add_argument("--layer", help="the layer to dissect (default: the preset's)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--top", type=_positive_int, default=10, help="units exported by c_k over TPs")
+    p.add_argument("--top-fp", type=int, default=5, help="units exported for the false positives")
+    p.add_argument("--no-export", action="store_true", help="skip notebook 04's unit exports")
+    p.add_argument("--force", action="store_true", help="redo even if an identical dissection exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_dissect)
 
     p = sub.add_parser("badges", help="regenerate the Colab/Binder badges of every notebook")
     p.set_defaults(func=_badges)
+    return parser
 
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except VfcoreError as err:
-        print(f"vfcore: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"vfcore: warning: {_one_line(message)}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (see the module docstring)."""
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return args.func(args)
+        except VfcoreError as err:
+            print(f"vfcore: error: {_one_line(err)}", file=sys.stderr)
+            return USAGE
+        except OSError as err:  # a missing or unreadable file the stage did not wrap
+            where = f"{err.filename}: " if err.filename else ""
+            print(f"vfcore: error: {where}{_one_line(err.strerror or err)}", file=sys.stderr)
+            return USAGE
+        except KeyboardInterrupt:
+            print("vfcore: interrupted", file=sys.stderr)
+            return 130
