@@ -153,8 +153,9 @@ def _dissect(args) -> int:
           f"{d.n_units} units, q = {meta['q_tail']}")
     print(f"dissection: {art.folder}")
     if not args.no_export:  # notebook 04's step: exemplars, collages, NIfTI files
-        export = getattr(dissect, "export_units")
-        art = export(run.root, top=args.top, top_fp=args.top_fp, device=args.device,
+        from .export import export_units
+
+        art = export_units(run.root, top=args.top, top_fp=args.top_fp, device=args.device,
                      progress=not args.quiet)
         n = 0 if art.units is None else len(art.units)
         print(f"exported {n} units (exemplars, collages, NIfTI files): {art.folder}")

@@ -21,8 +21,6 @@ MANIFEST_COLUMNS = ["case", "patient", "label", "level", "fracture", "grade", "s
                     "reason"]
 SPLITS = ("train", "val", "test")
 _RELEASE_TO_SPLIT = {"training": "train", "validation": "val", "test": "test"}
-#: Grade tables looked for in a data root when none is given (our long table).
-GRADE_TABLE_NAMES = ("fracture_grades.tsv", "fracture_grades.csv")
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,11 +81,9 @@ def split_records(manifest: pd.DataFrame, records: Sequence[dict], seed: int,
 
 def find_grade_table(root: Path, grades=None) -> tuple[pd.DataFrame | None, str | None]:
     """The grade table and where it came from: ``grades`` (a path or a ``read_grades``
-    frame), else the first of :data:`GRADE_TABLE_NAMES` in ``root``, else ``(None, None)``.
-
-    This is the one place the store looks for labels. When :mod:`vfcore.verse` learns to
-    detect the label tables of the public releases (VerSe'19 appendix, FX-Grader's
-    ``dataset_ctfu_labels.tsv``), the automatic branch below calls that detection.
+    frame), else the label table that ships with the root (:func:`vfcore.verse.find_grade_table`:
+    our long table, FX-Grader's ``dataset_ctfu_labels.tsv``, the VerSe'19 appendix), else
+    ``(None, None)``. This is the one place the store looks for labels.
     """
     if isinstance(grades, pd.DataFrame):
         return grades, "<table given in Python>"
@@ -96,10 +92,12 @@ def find_grade_table(root: Path, grades=None) -> tuple[pd.DataFrame | None, str 
             kind = "a folder, not a table" if Path(grades).is_dir() else "no such file"
             raise GradeTableError(grades, f"grade table not found ({kind})")
         return read_grades(grades), str(grades)
-    for name in GRADE_TABLE_NAMES:  # the automatic detection goes here
-        if (root / name).is_file():
-            return read_grades(root / name), str(root / name)
-    return None, None
+    from vfcore.verse import find_grade_table as find_release_table  # the releases' label tables
+
+    found = find_release_table(root)
+    if found is None:
+        return None, None
+    return read_grades(found), str(found)
 
 
 def grade_table_summary(table: pd.DataFrame | None, source: str | None,
