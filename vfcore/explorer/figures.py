@@ -46,8 +46,8 @@ def snapshot_figure(state: ExplorerState, prediction: str = ""):
     else:
         axes[0, 1].axis("off")
         axes[0, 1].text(0.5, 0.5, f"unit {k}: no exemplars", ha="center", va="center")
-    text = (prediction + "\n" if prediction else "") + state.readout()
-    fig.suptitle(textwrap.fill(text, 140), fontsize=9)
+    lines = [prediction, state.readout()] if prediction else [state.readout()]
+    fig.suptitle("\n".join(textwrap.fill(t, 130) for t in lines), fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -66,7 +66,7 @@ def static_figure(state: ExplorerState, a: Analysis, n_units: int = 5, view: str
     units = a.top[:n_units]
     ex = data.exemplar_maps(unit)
     ncols = max(len(units) + 1, len(ex), 1)
-    fig, axes = plt.subplots(2, ncols, figsize=(2.3 * ncols, 5.9), squeeze=False)
+    fig, axes = plt.subplots(2, ncols, figsize=(2.3 * ncols, 6.6), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     mid = a.patch.shape[VIEWS[view]] // 2
@@ -93,5 +93,5 @@ def static_figure(state: ExplorerState, a: Analysis, n_units: int = 5, view: str
         f"{a.name}, {view} view. Top: the units with the largest r_k (Eq. 2), M_k = A_k > T_k, "
         f"coloured by A_k from red (lowest) to yellow (highest). Bottom: exemplars of unit {unit} "
         f"(among the {data.exemplar_subset(unit)})", 30 * ncols), fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.95), h_pad=1.5)
+    fig.tight_layout(rect=(0, 0, 1, 0.94), h_pad=2.5)
     return fig
