@@ -84,7 +84,7 @@ def _strip_tags(text: str) -> str:
     return re.sub(r"<[^>]+>", "", text)
 
 
-def _letter(text: str = "", width: str = "18px") -> "object":
+def _letter(text: str = "", width: str = "16px") -> "object":
     import ipywidgets as w
 
     return w.HTML(text, layout=w.Layout(width=width, justify_content="center", align_items="center"))
@@ -151,7 +151,7 @@ class Explorer:
         def lettered(img):
             top, bottom, left, right = (_letter() for _ in range(4))
             for lab in (top, bottom):
-                lab.layout.width = f"{side + 36}px"
+                lab.layout.width = f"{side + 32}px"
             self._letters.append((top, bottom, left, right))
             return w.VBox([top, w.HBox([left, img, right]), bottom])
 
