@@ -153,7 +153,7 @@ class Explorer:
             for lab in (top, bottom):
                 lab.layout.width = f"{side + 32}px"
             self._letters.append((top, bottom, left, right))
-            return w.VBox([top, w.HBox([left, img, right]), bottom])
+            return w.VBox([top, w.HBox([left, img, right], layout=w.Layout(align_items="center")), bottom])
 
         legend = w.HTML("<small>Overlay: the mask M_k = A_k &gt; T_k of the selected unit, coloured by its "
                         "upsampled activation from red (lowest) to yellow (highest); contour: its "
@@ -447,7 +447,7 @@ class Explorer:
         top, bottom, left, right = ORIENTATION[view]
         for widgets in self._letters:
             for wdg, letter in zip(widgets, (top, bottom, left, right)):
-                wdg.value = f"<b style='color:#1565c0'>{letter}</b>"
+                wdg.value = f"<div style='text-align:center'><b style='color:#1565c0'>{letter}</b></div>"
 
     def _fill_filter(self) -> None:
         t = self.data.samples.table
