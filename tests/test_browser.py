@@ -3,7 +3,9 @@
 The test runs every cell of the notebook on a small but real run folder (phantom -> patches ->
 a small model -> dissection; ``tiny_run``), moves the slice slider with the keyboard and
 picks another unit in the list, and checks that the picture on screen is the expected slice
-of the expected unit: the PNG shown by the browser is decoded and compared pixel by pixel
+of the expected unit, at least 480 px wide in a 1500 px window, with an exemplar of the same
+unit beside it (the strongest of notebook 04's subset, ground-truth fractures by r_k, at its
+best slice), and that the displayed explorer carries a PNG of its view for GitHub: the PNG shown by the browser is decoded and compared pixel by pixel
 with the CT slice, the HU window and the unit's thresholded activation, computed here from
 the checkpoint with ``vfcore.dissect.activations`` and ``scipy.ndimage.zoom`` (not with the
 explorer's code). The readout and the status line must name the same unit and slice.
@@ -146,8 +148,8 @@ RUN_STATE = """() => {
           idle: k.status === 'idle', error: error};
 }"""
 
-IMAGE_BYTES = """async () => {
-  const img = document.querySelector('.vf-explorer .vf-image');
+IMAGE_BYTES = """async (selector) => {
+  const img = document.querySelector(selector);
   const r = await fetch(img.src);
   const b = new Uint8Array(await r.arrayBuffer());
   let s = '';
@@ -169,8 +171,34 @@ def _shown(page) -> dict:
     next is at least as new as they are."""
     readout = page.inner_text(".vf-explorer .vf-readout")
     status = page.inner_text(".vf-explorer .vf-status")
-    img = page.evaluate(IMAGE_BYTES)
+    img = page.evaluate(IMAGE_BYTES, ".vf-explorer .vf-image")
     return {"src": img["src"], "png": base64.b64decode(img["png"]), "readout": readout, "status": status}
+
+
+# The explorer's output in the notebook model: the widget and, beside it, a PNG of its view.
+EMBEDDED_PNG = """() => {
+  const w = window.jupyterapp.shell.currentWidget;
+  for (const c of w.content.widgets) {
+    if (c.model.type !== 'code') continue;
+    for (const o of c.model.outputs.toJSON()) {
+      const d = o.data || {};
+      if (d['application/vnd.jupyter.widget-view+json'] && d['image/png']) return d['image/png'].length;
+    }
+  }
+  return 0;
+}"""
+
+
+def _strongest_fractured_exemplar(run_dir: Path, unit: int) -> str:
+    """'<case> <level>' of the unit's first exemplar as notebook 04 lists it (ground-truth
+    fractures, largest r_k from stats.npz, ties by index), computed here from the artifacts."""
+    import pandas as pd
+
+    samples = pd.read_csv(run_dir / "dissection" / "samples.csv", dtype={"case": str, "level": str})
+    with np.load(run_dir / "dissection" / "stats.npz") as s:
+        r = s["r"][:, unit]
+    order = [i for i in np.argsort(-r, kind="stable") if samples.fracture[i] == 1 and r[i] > 0]
+    return f"{samples.case[order[0]]} {samples.level[order[0]]}" if order else ""
 
 
 class Reference:
@@ -222,7 +250,7 @@ def test_notebook_05_in_chromium(lab, playwright_api, tiny_run, tmp_path):
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
                                      args=["--no-sandbox", "--disable-dev-shm-usage"])
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            page = browser.new_page(viewport={"width": 1500, "height": 1800})
             page.goto(f"{lab['url']}/lab/tree/{name}")
             page.wait_for_selector(".jp-Notebook", timeout=90_000)
             page.wait_for_function(KERNEL_IDLE, timeout=90_000)
@@ -299,6 +327,25 @@ def test_notebook_05_in_chromium(lab, playwright_api, tiny_run, tmp_path):
             # the exemplar row follows the selected unit
             _wait_for(page, lambda: page.inner_text(".vf-explorer .vf-exemplar-header").startswith(f"unit {unit2}:")
                       and page.evaluate(EXEMPLARS_SHOWN), f"the exemplars of unit {unit2}", timeout_s=60)
+
+            # two views side by side, each at least 480 px wide: this vertebra and an exemplar
+            box = page.locator(".vf-explorer .vf-image").bounding_box()
+            ex_box = page.locator(".vf-explorer .vf-exemplar-image").bounding_box()
+            timings["image_px"] = [round(box["width"]), round(ex_box["width"])]
+            assert box["width"] >= 480 and ex_box["width"] >= 480, timings["image_px"]
+            assert ex_box["x"] >= box["x"] + box["width"] - 1, (box, ex_box)
+            assert ex_box["y"] < box["y"] + box["height"] and box["y"] < ex_box["y"] + ex_box["height"], (box, ex_box)
+            exemplar = _strongest_fractured_exemplar(tiny_run, unit2)
+            if exemplar:  # the exemplar beside the sample: the strongest, at its best slice
+                _wait_for(page, lambda: f"unit {unit2}: {exemplar}," in page.inner_text(
+                    ".vf-explorer .vf-exemplar-readout"), f"exemplar {exemplar} of unit {unit2}")
+                ex_ref = Reference(tiny_run, exemplar)
+                ex_png = base64.b64decode(page.evaluate(IMAGE_BYTES, ".vf-explorer .vf-exemplar-image")["png"])
+                check_image(ex_png, ex_ref.patch, *ex_ref.map(unit2), T2, "sagittal",
+                            ref_best_slice(*ex_ref.map(unit2), "sagittal"), min_on=0)
+
+            # the saved output carries a PNG of the explorer (GitHub and nbviewer show it)
+            assert page.evaluate(EMBEDDED_PNG) > 1000
 
             # the executed notebook also shows static figures
             assert page.locator(".jp-OutputArea-output img").count() >= 2

@@ -20,6 +20,7 @@ import explorer_synthetic as syn
 from explorer_reference import (check_image, parse_readout, parse_status, ref_best_slice, ref_slice,
                                 ref_unit)
 from vfcore import explorer as ex
+from vfcore.errors import InputError
 from vfcore.explorer import Explorer
 
 
@@ -342,3 +343,135 @@ def test_unknown_sample_and_unit_are_messages(setup):
     missing = next(k for k in range(syn.K) if k not in app.analysis.top)
     app.select_unit(missing)
     assert f"unit {missing} is not among" in app.status_text
+
+
+# ---- the state, without widgets -------------------------------------------------------------
+
+@pytest.fixture
+def state(tmp_path, monkeypatch):
+    """An ExplorerState over the synthetic run, with ipywidgets made unimportable: the state
+    must not need widgets."""
+    import sys
+
+    from vfcore.explorer.state import ExplorerState
+
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)
+    data, patches = syn.make_run_data(tmp_path)
+    return ExplorerState(data), data, patches
+
+
+def test_state_select_sample_and_unit_say_what_to_draw(state):
+    st, data, patches = state
+    redraw = st.select_sample(9)
+    assert redraw.sample and redraw.unit and redraw.exemplars and redraw.partner and redraw.image
+    maps = ref_maps(patches[9], data.thresholds)
+    A, _ = syn.activations(patches[9][None])
+    r = np.array([np.sum(np.where(A[0, k] > data.thresholds[k], A[0, k], 0)) for k in range(syn.K)])
+    assert st.analysis.top == sorted(range(syn.K), key=lambda k: (-r[k], k))[:10]
+    k = st.unit
+    assert k == st.analysis.top[0] and st.index == ref_best_slice(*maps[k], "sagittal")
+    check_image(ex.png_bytes(st.image()), patches[9], *maps[k], float(data.thresholds[k]), "sagittal", st.index)
+    other = st.analysis.top[3]
+    redraw = st.select_unit(other)
+    assert (redraw.sample, redraw.unit, redraw.exemplars) == (False, True, True)
+    assert (st.unit, st.index) == (other, ref_best_slice(*maps[other], "sagittal"))
+    n_on = int(ref_slice(maps[other][1], "sagittal", st.index).sum())
+    assert f"unit {other} (r_k #4, " in st.readout() and f"M_k: {n_on} voxels" in st.readout()
+
+
+def test_state_views_slices_and_bad_input(state):
+    st, data, patches = state
+    st.select_sample(6)
+    maps = ref_maps(patches[6], data.thresholds)
+    k = st.unit
+    redraw = st.set_view(view="axial")
+    assert redraw.exemplars and st.letters == ("A", "P", "R", "L")
+    assert st.index == ref_best_slice(*maps[k], "axial")
+    assert not st.set_view(index=3).exemplars and st.index == 3
+    st.set_view(mode="contour")
+    check_image(ex.png_bytes(st.image()), patches[6], *maps[k], float(data.thresholds[k]), "axial", 3,
+                "contour", min_on=0)
+    before = (st.view, st.index, st.mode)
+    for bad in ({"index": 96}, {"view": "oblique"}, {"mode": "glow"}, {"view": "coronal", "index": -1}):
+        with pytest.raises(InputError):
+            st.set_view(**bad)
+        assert (st.view, st.index, st.mode) == before, bad
+    st.keep_slice = True
+    st.select_unit(st.analysis.top[1])
+    assert st.index == 3
+
+
+def test_state_exemplar_beside_the_sample(state):
+    st, data, patches = state
+    st.select_sample(2)
+    k = st.unit
+    assert [i for i, _, _ in st.exemplars()] == data.exemplars[k][:5]
+    for pos in (0, 3):
+        st.select_exemplar(pos)
+        i = data.exemplars[k][pos]
+        act, mask = ref_maps(patches[i], data.thresholds)[k]
+        s = ref_best_slice(act, mask, "sagittal")
+        check_image(ex.png_bytes(st.exemplar_image()), patches[i], act, mask, float(data.thresholds[k]),
+                    "sagittal", s)
+        assert st.exemplar_caption(pos).splitlines()[0] == f"sub-syn{i:03d} {data.samples.table.level[i]}"
+    with pytest.raises(InputError, match="outside"):
+        st.select_exemplar(5)
+    st.select_unit(st.analysis.top[1])
+    assert st.exemplar == 0
+
+
+def test_widget_shows_the_exemplar_beside_the_sample(setup):
+    app, data, patches = setup
+    app.select_sample(2)
+    k = app.unit
+    assert [v for _, v in app.exemplar_select.options] == list(range(5))
+    app.exemplar_select.value = 2
+    i = data.exemplars[k][2]
+    act, mask = ref_maps(patches[i], data.thresholds)[k]
+    check_image(app.exemplar_image.value, patches[i], act, mask, float(data.thresholds[k]), "sagittal",
+                ref_best_slice(act, mask, "sagittal"))
+    assert f"exemplar 3 of 5 of unit {k}" in app.exemplar_readout.value
+    app.view_select.value = "coronal"  # the exemplar follows the view
+    check_image(app.exemplar_image.value, patches[i], act, mask, float(data.thresholds[k]), "coronal",
+                ref_best_slice(act, mask, "coronal"))
+    # the image is at least 480 px wide on screen, and a PNG of the view rides with the widget
+    assert ex.SCALE * 96 >= 480 and int(app.image.width) >= 480
+    bundle = app._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    import base64
+    assert ex.decode_png(base64.b64decode(bundle["image/png"])).shape[1] >= 480
+
+
+# ---- the unit renderer ------------------------------------------------------------------------
+
+def test_unit_rgb_both_is_overlay_plus_outline():
+    rng = np.random.default_rng(0)
+    ct = rng.normal(300, 400, (12, 12))
+    act = rng.random((12, 12))
+    mask = np.zeros((12, 12), bool)
+    mask[3:8, 2:9] = True
+    both = ex.unit_rgb(ct, mask, act, 0.2, 0.9, "both").astype(float)
+    grey = np.clip((ct - ex.DISPLAY_WINDOW_HU[0]) / (ex.DISPLAY_WINDOW_HU[1] - ex.DISPLAY_WINDOW_HU[0]), 0, 1) * 255
+    edge = np.zeros_like(mask)
+    edge[3, 2:9] = edge[7, 2:9] = edge[3:8, 2] = edge[3:8, 8] = True
+    assert np.all(both[edge] == [0, 255, 255])
+    inner = mask & ~edge
+    t = np.clip((act - 0.2) / 0.7, 0, 1)
+    expected = 0.5 * grey[..., None] + 0.5 * np.stack([np.full_like(t, 255), 255 * t, 0 * t], -1)
+    assert np.abs(both[inner] - expected[inner]).max() <= 0.5 + 1e-9
+    assert np.abs(both[~mask] - grey[~mask][:, None]).max() <= 0.5 + 1e-9
+
+
+@pytest.mark.parametrize("n, grid", [(7, (2, 5)), (25, (5, 5)), (3, (1, 3)), (1, (1, 1)), (11, (3, 5))])
+def test_collages_are_sized_to_their_exemplars(n, grid):
+    import matplotlib.pyplot as plt
+
+    from vfcore.viz import dissection as vd
+
+    assert vd.collage_grid(n) == grid
+    tile = (np.zeros((96, 96)), np.ones((96, 96)), "sub-x L1\nr_k = 1", np.ones((96, 96), bool))
+    fig = vd.collage([tile] * n, 0.5, "unit 3: rank 1")
+    shown = [ax for ax in fig.axes if ax.axison]
+    assert len(fig.axes) == grid[0] * grid[1] and len(shown) == n
+    assert all(ax.title.get_fontsize() >= 7 for ax in shown)
+    plt.close(fig)

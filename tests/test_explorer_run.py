@@ -19,6 +19,7 @@ import pytest
 from explorer_reference import parse_readout, parse_status
 from tiny_run import tiny_run  # noqa: F401  (fixture: a small real run folder)
 from vfcore import dissect as dx
+from vfcore.errors import VfcoreError
 from vfcore.explorer import Explorer, RunData, explore
 
 pytestmark = pytest.mark.slow
@@ -119,3 +120,58 @@ def test_stale_dissection_is_a_message(tiny_run, tmp_path):  # noqa: F811
     app = explore(run)
     assert "stale" in app.status_text and "03_quantile_thresholding" in app.status_text, app.status_text
     assert app.analysis is None
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("thresholds.npz", "truncate"),
+    ("stats.npz", "truncate"),
+    ("tail.npz", "zero"),
+    ("samples.csv", "binary"),
+])
+def test_damaged_dissection_artifact_is_a_message_naming_it(tiny_run, tmp_path, name, damage):  # noqa: F811
+    """Issue 13: a truncated thresholds.npz (or another damaged artifact) must not escape
+    explore() as BadZipFile: the status line names the file, nothing is raised."""
+    run = _partial_run(tiny_run, tmp_path / "run", ("patches", "model", "dissection"))
+    path = run / "dissection" / name
+    raw = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "zero":
+        path.write_bytes(b"")
+    else:
+        path.write_bytes(b"\x00\xff" * 50 + raw[:40])
+    app = explore(run)  # never raises
+    assert app.analysis is None and app.slider.disabled, app.status_text
+    assert name in app.status_text, app.status_text
+    assert "BadZipFile" not in app.status_text or "damaged" in app.status_text
+    with pytest.raises(VfcoreError):  # the typed error behind the message
+        RunData.from_run(run)
+
+
+def test_explorer_shows_the_exemplars_notebook_04_exported(tiny_run, tmp_path):  # noqa: F811
+    """The explorer's exemplars of a unit are exemplars.json's list (same subset, same order),
+    and that list is, independently, the unit's fractured samples by r_k from stats.npz."""
+    run = _partial_run(tiny_run, tmp_path / "run", ("patches", "model", "dissection"))
+    art = dx.export_units(run, top=3, top_fp=1, k=25, nifti_top=0, progress=False)
+    data = RunData.from_run(run)
+    assert data.exemplar_source == "exported"
+    samples = pd.read_csv(run / "dissection" / "samples.csv")
+    with np.load(run / "dissection" / "stats.npz") as s:
+        r = s["r"]
+    tp_units = [int(u) for u in art.units[art.units.role == "tp"].unit]
+    assert tp_units
+    for u in tp_units:
+        exported = art.exemplar_list(u, "positive")
+        assert data.exemplars[u] == exported
+        ref = [i for i in np.argsort(-r[:, u], kind="stable")
+               if samples.fracture[i] == 1 and r[i, u] > 0][:25]
+        assert exported == [int(i) for i in ref]
+        assert data.exemplar_subset(u) == "ground-truth fractures"
+    app = Explorer(data)
+    app.select_sample(int(samples.index[samples.fracture == 1][0]))
+    k = next((u for u in app.analysis.top if data.exemplars[u]), None)
+    if k is not None:
+        app.select_unit(k)
+        names = [f"{samples.case[i]} {samples.level[i]}" for i in data.exemplars[k][:5]]
+        assert [c.splitlines()[0] for c in app.exemplar_captions] == names
+        assert "ground-truth fractures" in app.exemplar_header.value

@@ -13,41 +13,31 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from vfcore.dissect import VIEWS
+from vfcore.dissect import VIEWS, M_k
 
-#: CT display window (HU): a bone window, as the explorer.
-WINDOW = (-250.0, 1250.0)
-OVERLAY_CMAP = "autumn"
-CONTOUR_COLOUR = "yellow"
+from .units import colour_range, draw_unit, take_slice
 
 
 def take(volume: np.ndarray, view: str, index: int) -> np.ndarray:
-    """The 2-D slice ``index`` of a (I, P, L) volume in ``view``."""
-    return np.take(volume, int(index), axis=VIEWS[view])
+    """The 2-D slice ``index`` of a (I, P, L) volume in ``view`` (:func:`vfcore.viz.units.take_slice`)."""
+    return take_slice(volume, view, index)
 
 
 def draw_overlay(ax, ct2d: np.ndarray, act2d: np.ndarray | None = None, T: float | None = None,
                  mode: str = "overlay", title: str | None = None, fontsize: int = 7,
-                 mask2d: np.ndarray | None = None) -> None:
-    """A CT slice with a unit's thresholded activation: filled (``overlay``: colour = A_k
-    inside the mask) and/or outlined (``contour``, ``both``). The mask is ``mask2d`` (the
-    upsampled M_k, :func:`vfcore.dissect.patch_mask`) or else ``act2d > T``. An empty mask
-    draws no colour."""
-    ax.imshow(ct2d, cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1], interpolation="bilinear")
+                 mask2d: np.ndarray | None = None, view: str | None = None,
+                 colorbar: bool = False) -> None:
+    """A CT slice with a unit's thresholded activation, drawn by the one unit renderer
+    (:func:`vfcore.viz.units.draw_unit`): filled (``overlay``: red to yellow by A_k inside the
+    mask), outlined (``contour``) or both. The mask is ``mask2d`` (the upsampled M_k,
+    :func:`vfcore.dissect.patch_mask`) or else M_k of ``act2d`` at ``T``. ``view``: orientation
+    letters; ``colorbar``: the colour scale."""
+    mask = None
     if act2d is not None and T is not None:
-        mask = act2d > T if mask2d is None else np.asarray(mask2d, dtype=bool)
-        if mask.any():
-            if mode in ("overlay", "both"):
-                lo, hi = float(act2d[mask].min()), float(act2d[mask].max())
-                shown = np.ma.masked_where(~mask, act2d)
-                ax.imshow(shown, cmap=OVERLAY_CMAP, alpha=0.55, vmin=min(lo, float(T)),
-                          vmax=hi if hi > min(lo, T) else min(lo, T) + 1e-6, interpolation="nearest")
-            if mode in ("contour", "both"):
-                ax.contour(mask.astype(np.float32), levels=[0.5], colors=[CONTOUR_COLOUR], linewidths=0.7)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=fontsize)
+        mask = M_k(np.asarray(act2d)[None], [T])[0] if mask2d is None else np.asarray(mask2d, dtype=bool)
+    low, high = colour_range(act2d, mask)
+    draw_unit(ax, ct2d, mask, act2d, low, high, mode, view=view, title=title, fontsize=fontsize,
+              colorbar=colorbar)
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,13 +98,13 @@ def masks_for_q(ct: np.ndarray, feature_map: np.ndarray, thresholds: Mapping[flo
 
     qs = sorted(thresholds, reverse=True)
     up = upsample_to_patch(feature_map, field, ct.shape)
-    masks = {q: patch_mask(feature_map > thresholds[q], field, ct.shape) for q in qs}
+    masks = {q: patch_mask(M_k(feature_map[None], [thresholds[q]])[0], field, ct.shape) for q in qs}
     index = best_slice(up, thresholds[min(qs)], view, masks[min(qs)])
     fig, axes = plt.subplots(1, len(qs) + 1, figsize=(2.4 * (len(qs) + 1), 2.9))
-    draw_overlay(axes[0], take(ct, view, index), title=f"{title}\n{view} slice {index}")
+    draw_overlay(axes[0], take(ct, view, index), title=f"{title}\n{view} slice {index}", view=view)
     for ax, q in zip(axes[1:], qs):
         T = thresholds[q]
-        n_feat = int((feature_map > T).sum())
+        n_feat = int(M_k(feature_map[None], [T]).sum())
         draw_overlay(ax, take(ct, view, index), take(up, view, index), T, "both",
                      title=f"q = {q}: T_k = {T:.3g}\nM_k: {n_feat} of {feature_map.size} positions",
                      mask2d=take(masks[q], view, index))
@@ -169,23 +159,38 @@ def correlation_curve(ranking: pd.DataFrame, top: int = 10):
     return fig
 
 
+def collage_grid(n: int, cols: int = 5, rows: int | None = None) -> tuple[int, int]:
+    """(rows, cols) of a collage of ``n`` tiles: at most ``cols`` columns, as many rows as the
+    tiles fill (7 exemplars: 2 x 5, not the paper's 5 x 5 with 18 empty cells)."""
+    if rows is not None:
+        return rows, max(1, min(cols, int(np.ceil(n / rows)) if n else 1))
+    cols = max(1, min(cols, n))
+    return max(1, int(np.ceil(n / cols))), cols
+
+
 def collage(tiles: Sequence[tuple], T: float, title: str = "", cols: int = 5, rows: int | None = None,
-            mode: str = "both", tile_size: float = 1.6):
-    """A grid of single slices (default 5 x 5, as the paper's collages): ``tiles`` = (CT slice,
-    activation slice, caption[, mask slice]), each the slice where this unit's thresholded
-    activation is largest. Empty cells stay blank."""
-    rows = rows or max(5 if cols == 5 else 1, int(np.ceil(len(tiles) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(tile_size * cols, (tile_size + 0.15) * rows + (0.4 if title else 0)),
+            mode: str = "both", tile_size: float = 2.0, view: str = "sagittal", fontsize: float = 8):
+    """A grid of single slices, sized to the tiles (at most ``cols`` per row; ``rows`` fixes the
+    number of rows): ``tiles`` = (CT slice, activation slice, caption[, mask slice]), each the
+    slice of ``view`` where this unit's thresholded activation is largest, drawn by the unit
+    renderer (orientation letters on the first tile)."""
+    import textwrap
+
+    n_rows, n_cols = collage_grid(len(tiles), cols, rows)
+    head = 0.45 * len(textwrap.wrap(title, max(30, int(14 * tile_size * n_cols)))) if title else 0.0
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(tile_size * n_cols, (tile_size + 0.4) * n_rows + head),
                              squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, tile in zip(axes.ravel(), tiles):
+    for j, (ax, tile) in enumerate(zip(axes.ravel(), tiles)):
         ct2d, a2d, caption = tile[:3]
         ax.axis("on")
-        draw_overlay(ax, ct2d, a2d, T, mode, title=caption, fontsize=5.5,
-                     mask2d=tile[3] if len(tile) > 3 else None)
+        draw_overlay(ax, ct2d, a2d, T, mode, title=caption, fontsize=fontsize,
+                     mask2d=tile[3] if len(tile) > 3 else None, view=view if j == 0 else None)
+    if not tiles:
+        axes[0, 0].text(0.5, 0.5, "no exemplars", ha="center", va="center", fontsize=fontsize)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(textwrap.fill(title, max(30, int(14 * tile_size * n_cols))), fontsize=fontsize + 1)
     fig.tight_layout()
     return fig
 
@@ -235,16 +240,16 @@ def relevance_row(ct: np.ndarray, feature_maps: Mapping[int, np.ndarray], T: Map
     from vfcore.dissect import best_slice, patch_mask, upsample_to_patch
 
     n = len(units)
-    fig, axes = plt.subplots(1, n + 1, figsize=(1.9 * (n + 1), 2.8), squeeze=False)
+    fig, axes = plt.subplots(1, n + 1, figsize=(1.9 * (n + 1), 2.9), squeeze=False)
     mid = ct.shape[VIEWS[view]] // 2
-    draw_overlay(axes[0, 0], take(ct, view, mid), title=title or "sample")
+    draw_overlay(axes[0, 0], take(ct, view, mid), title=title or "sample", view=view)
     for j, (ax, k) in enumerate(zip(axes[0, 1:], units), start=1):
         up = upsample_to_patch(feature_maps[k], field, ct.shape)
-        mask = patch_mask(feature_maps[k] > T[k], field, ct.shape)
+        mask = patch_mask(M_k(feature_maps[k][None], [T[k]])[0], field, ct.shape)
         s = best_slice(up, T[k], view, mask)
         draw_overlay(ax, take(ct, view, s), take(up, view, s), T[k], "both",
                      title=f"relevance {j}\nunit {k} (c_k rank {c_rank[k]})\nr_k = {r[k]:.3g}",
-                     mask2d=take(mask, view, s))
+                     mask2d=take(mask, view, s), view=view if j == 1 else None)
     fig.tight_layout()
     return fig
 
