@@ -475,3 +475,34 @@ def test_collages_are_sized_to_their_exemplars(n, grid):
     assert len(fig.axes) == grid[0] * grid[1] and len(shown) == n
     assert all(ax.title.get_fontsize() >= 7 for ax in shown)
     plt.close(fig)
+
+
+# --- uploads: bounded memory whatever a header claims (issue 13) ---------------------------
+
+def _npy_header(shape, descr="<f4") -> bytes:
+    import io
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _nii_gz_header(shape) -> bytes:
+    import gzip
+    import nibabel as nib
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(np.int16)
+    return gzip.compress(hdr.binaryblock + b"\0" * 4)  # header + extension flag, no voxels
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("bomb.npy", _npy_header((2000, 2000, 2000)), "more than the upload limit"),
+    ("short.npy", _npy_header((40, 40, 40)) + b"\0" * 1000, "truncated"),
+    ("bomb.nii.gz", _nii_gz_header((1200, 1200, 600)), "limit"),
+    ("short.nii.gz", _nii_gz_header((40, 40, 40)), "cannot be read"),
+])
+def test_upload_refuses_what_a_header_claims_beyond_the_bytes(name, content, words):
+    from vfcore.explorer.upload import read_upload
+    with pytest.raises(InputError) as err:
+        read_upload(name, content, (32, 32, 32))
+    assert name in str(err.value) and words in str(err.value)

@@ -162,10 +162,10 @@ def _export_unit(run_dir: Path, folder: Path, art: DissectionArtifacts, role: st
                 where.append(vertebra_overlap(mask, vertebrae, int(row["label"])))
     kind = "true" if role == "tp" else "false"
     fig = collage(tiles, T, f"unit {unit}: rank {rank} by c_k over {kind} positives (c = {c:.2f}); "
-                            f"exemplars: {SUBSET_NAMES[sub]}")
+                            f"exemplars: {SUBSET_NAMES[sub]}", view=view)
     atomic_save(folder / entry["collage"], lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
     plt.close(fig)
-    fig = collage(tiles[:5], T, rows=1)                    # the gallery's row (Table 2)
+    fig = collage(tiles[:5], T, rows=1, view=view)                  # the gallery's row (Table 2)
     atomic_save(folder / entry["strip"], lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
     plt.close(fig)
     concept_rows, measured = [], ""

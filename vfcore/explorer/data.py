@@ -26,7 +26,7 @@ from vfcore.dissect import (M_k, SUBSET_NAMES, best_slice, concept_overlap, patc
                             top_units, upsample_to_patch, vertebra_overlap)
 from vfcore.errors import CorruptFileError, InputError, VfcoreError
 from vfcore.run import ARTIFACTS, RunFolder
-from vfcore.train import outcome_names
+from vfcore.metrics import outcome_names
 from vfcore.viz.units import take_slice, unit_rgb
 
 from .concepts import ConceptBook

@@ -1,7 +1,6 @@
 """Uploaded vertebra patches (``.nii``, ``.nii.gz``, ``.npy``) -> a 96^3 HU patch in (I, P, L)."""
 from __future__ import annotations
 
-import gzip
 import io
 from pathlib import Path
 from typing import Sequence
@@ -9,7 +8,8 @@ from typing import Sequence
 import numpy as np
 
 from vfcore.constants import AIR_HU, PATCH_SIZE
-from vfcore.errors import InputError
+from vfcore.errors import InputError, VfcoreError
+from vfcore.verse import UPLOAD_MAX_BYTES, read_nifti_bytes
 
 PATCH_SHAPE = (PATCH_SIZE,) * 3
 UPLOAD_SUFFIXES = (".nii", ".nii.gz", ".npy")
@@ -31,6 +31,31 @@ def _reorient_to_ipl(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return apply_orientation(data, transform)
 
 
+def _read_npy(name: str, content: bytes) -> np.ndarray:
+    """A ``.npy`` upload, its header's shape x dtype checked against the bytes present and
+    :data:`~vfcore.verse.UPLOAD_MAX_BYTES` before the array is made (never unpickled)."""
+    if len(content) > UPLOAD_MAX_BYTES:
+        raise InputError(name, f"is {len(content):,} bytes, more than the upload limit of "
+                               f"{UPLOAD_MAX_BYTES:,} bytes")
+    buf = io.BytesIO(content)
+    try:
+        version = np.lib.format.read_magic(buf)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(buf)
+    except ValueError as exc:
+        raise InputError(name, f"cannot be read as .npy ({exc})") from None
+    claimed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    present = len(content) - buf.tell()
+    if claimed > UPLOAD_MAX_BYTES or claimed * 4 // max(dtype.itemsize, 1) > UPLOAD_MAX_BYTES:
+        raise InputError(name, f"its header claims {claimed:,} bytes of data, more than the upload "
+                               f"limit of {UPLOAD_MAX_BYTES:,} bytes")
+    if claimed > present:
+        raise InputError(name, f"its header claims {claimed:,} bytes of data but only {present:,} "
+                               f"are present (truncated)")
+    return np.load(io.BytesIO(content), allow_pickle=False)
+
+
 def read_upload(name: str, content: bytes, min_shape: Sequence[int]) -> np.ndarray:
     """An uploaded vertebra patch (``.nii``, ``.nii.gz``, ``.npy``) -> float32 HU (I, P, L),
     centre-cropped or padded with air to 96^3 (the patch store's size).
@@ -46,18 +71,14 @@ def read_upload(name: str, content: bytes, min_shape: Sequence[int]) -> np.ndarr
     content = bytes(content)
     try:
         if suffix == ".npy":
-            data = np.load(io.BytesIO(content), allow_pickle=False)
-        else:
-            import nibabel as nib
-
-            raw = gzip.decompress(content) if suffix == ".nii.gz" else content
-            try:
-                img = nib.Nifti1Image.from_bytes(raw)
-            except Exception:
-                img = nib.Nifti2Image.from_bytes(raw)
-            data = np.asanyarray(img.dataobj)
+            data = _read_npy(name, content)
+        else:  # bounded: the header's claimed size is checked before anything is allocated
+            volume = read_nifti_bytes(name, content, UPLOAD_MAX_BYTES)
+            data = volume.data
             if data.ndim == 3:
-                data = _reorient_to_ipl(data, img.affine)
+                data = _reorient_to_ipl(data, volume.affine)
+    except VfcoreError as exc:
+        raise InputError(name, f"cannot be read as {suffix}: {exc.problem}") from None
     except InputError:
         raise
     except Exception as exc:  # truncated gzip, bad header, pickled npy, ...

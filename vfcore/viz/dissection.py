@@ -197,7 +197,7 @@ def collage(tiles: Sequence[tuple], T: float, title: str = "", cols: int = 5, ro
 
 def gallery(rows: Sequence[Mapping], images: Mapping[int, np.ndarray]):
     """Table 2 of the paper as a figure, one row per unit: rank, unit and c_k; its strongest
-    exemplars (``images[unit]``: the strip PNG of :func:`vfcore.dissect.export_units`); the
+    exemplars (``images[unit]``: the strip PNG of :func:`vfcore.export.export_units`); the
     measured concept (phantom); and the "clinical explanation" column, empty until filled."""
     import textwrap
 
