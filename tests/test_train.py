@@ -40,6 +40,23 @@ def test_table1_layout():
     assert row["F1 (%)"] == "70.0 ± 14.1" and row["AUC (%)"] == "90.0 ± 7.1"
 
 
+def test_table1_one_seed_gives_a_bootstrap_interval_not_zero_std():
+    y = np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0])
+    p = np.array([0.9, 0.8, 0.3, 0.6, 0.2, 0.1, 0.1, 0.2, 0.3, 0.4])
+    per_seed = {"0": metrics.classification_metrics(y, p)}
+    row = metrics.table1(per_seed, labels=y, probability=p).iloc[0]
+    assert "±" not in row["F1 (%)"] and row["n (fractured)"] == "10 (3)"
+    # an independent bootstrap: numpy resampling, hand-written accuracy
+    rng = np.random.default_rng(0)
+    acc = []
+    for _ in range(1000):
+        i = rng.integers(0, 10, 10)
+        acc.append(np.mean((p[i] >= 0.5) == (y[i] == 1)))
+    lo, hi = np.quantile(acc, [0.025, 0.975])
+    assert row["Acc. (%)"] == f"80.0 ({100 * lo:.1f}-{100 * hi:.1f})"
+    assert list(metrics.PAPER_TABLE1["AUC (%)"]) == ["84.5 ± 9.1", "96.2 ± 0.9", "94.7 ± 0.5"]
+
+
 def test_checkpoint_is_weights_only_and_checked(tmp_path):
     model = build_model("small")
     path = checkpoint.save_checkpoint(tmp_path / "m.pt", model, epoch=3)
