@@ -299,12 +299,16 @@ def test_ddp_training_same_weights_on_both_ranks_history_close_to_one_process(jo
     assert (job / "run" / "model" / "seed0" / "best.pt").is_file()
 
 
-def test_a_rank_that_dies_ends_the_job_with_a_message_from_rank_0(tmp_path):
-    proc, seconds = _torchrun("dead", tmp_path, timeout=120, extra_env={"VFCORE_DIST_TIMEOUT": "10"})
+@pytest.mark.parametrize("mode", ["dead", "stuck"])
+def test_a_rank_that_dies_or_hangs_ends_the_job_with_a_message_from_rank_0(tmp_path, mode):
+    """Rank 1 exits before the first collective ("dead": the peer's socket closes) or sleeps
+    ("stuck": only the collective timeout ends the wait); rank 0 names the collective."""
+    proc, seconds = _torchrun(mode, tmp_path, timeout=120, extra_env={"VFCORE_DIST_TIMEOUT": "8"})
     assert proc.returncode != 0
-    assert "rank 0 of 2" in proc.stderr and "failed" in proc.stderr, proc.stderr[-3000:]
+    assert "vfcore: error: rank 0 of 2: all-gathering the threshold buffers failed" in proc.stderr, \
+        proc.stderr[-3000:]
     assert "Another rank probably died" in proc.stderr
-    assert seconds < 60, seconds
+    assert seconds < 8 + 40, seconds                             # timeout + two start-ups
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,6 +324,8 @@ def _job(mode: str, out: Path) -> int:
         net, x = _case()
         if mode == "dead" and w.rank == 1:
             os._exit(0)                                          # gone without a word
+        if mode == "stuck" and w.rank == 1:
+            time.sleep(3600)                                     # alive but never answers
         kw = dict(q_tail=Q, batch_size=BATCH, device="cpu", progress=False)
         d = dd.dissect_sharded(net, x, "features", **kw)
         np.savez(out / f"dissect_rank{w.rank}.npz", **_arrays(d))
