@@ -14,7 +14,7 @@ process count and prints, from rank 0:
 
     python bench/bench_distributed.py                       # small preset, CPU, 1 and 2 processes
     python bench/bench_distributed.py --merge-units 512 --merge-positions 512   # paper's layer
-    python bench/bench_distributed.py --preset paper --n 2048                  # on GPUs
+    python bench/bench_distributed.py --preset paper --samples 2048                  # on GPUs
 """
 from __future__ import annotations
 
@@ -46,6 +46,17 @@ def peak_mb() -> str:
     return ", ".join(out) or "n/a"
 
 
+def rss_mb() -> float:
+    """The CPU memory this process holds now (VmRSS, MB; 0 where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def reset_peak() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -70,7 +81,7 @@ def worker(args) -> None:
     torch.manual_seed(0)
     model = FractureNet(p).eval()
     patches = torch.from_numpy(np.random.default_rng(0).integers(
-        -1000, 1500, (args.n, 96, 96, 96), dtype=np.int16))
+        -1000, 1500, (args.samples, 96, 96, 96), dtype=np.int16))
     kw = dict(q_tail=0.005, batch_size=args.batch, transform=lambda hu: to_network_input(hu, p),
               device=dev, progress=False)
     dd.dissect_sharded(model, patches[:args.batch * w.size], p.dissect_layer, **kw)   # warm-up
@@ -83,9 +94,9 @@ def worker(args) -> None:
     dd.barrier("bench")
     seconds = time.perf_counter() - t0
     if w.is_main:
-        print(f"{w.size} process(es), {device_name(dev)}: pass over N={args.n} ({p.name}, "
+        print(f"{w.size} process(es), {device_name(dev)}: pass over N={args.samples} ({p.name}, "
               f"{p.dissect_layer}: K={d.n_units} x {int(np.prod(d.spatial_shape))} positions, batch "
-              f"{args.batch}): {args.n / seconds:.1f} samples/s ({seconds:.2f} s), peak {peak_mb()}",
+              f"{args.batch}): {args.samples / seconds:.1f} samples/s ({seconds:.2f} s), peak {peak_mb()}",
               flush=True)
 
     # the merge at a real split's scale: every rank holds a full buffer, as after its share
@@ -103,6 +114,7 @@ def worker(args) -> None:
     del state
     dd.barrier("bench")
     reset_peak()
+    before = rss_mb()
     t0 = time.perf_counter()
     merged = _gather(stats, N) if w.size > 1 else stats
     if w.size > 1:
@@ -115,14 +127,14 @@ def worker(args) -> None:
         gathered = w.size * K * m * 12 / 2**20
         print(f"{w.size} process(es): merge of {w.size} buffer(s) of K={K} x m={m} (N={N} x "
               f"{P} positions, q=0.005): {seconds:.3f} s, {gathered:.0f} MB gathered per rank, "
-              f"peak {peak_mb()}", flush=True)
+              f"peak {peak_mb()} ({before:.0f} MB before the merge)", flush=True)
     dd.shutdown()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=None, help="small (default on CPU) or paper (default on GPU)")
-    ap.add_argument("--n", type=int, default=64, help="patches in the pass")
+    ap.add_argument("--samples", type=int, default=64, help="patches in the pass (N)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--procs", type=int, nargs="*", default=None,

@@ -322,11 +322,11 @@ class TopQuantile:
 
         Exact: the per-unit top m of the union is the top m of the two kept top-m buffers, so
         T_k, the tail (every value > T_k with its sample and position), min, max and zero
-        counts equal one pass over both parts in order, for any split point. Among values
-        equal at the buffer's edge the earliest samples are kept; which ones does not matter:
-        such a value is <= T_k, so never in a mask. Shards must be sized alike (the same q_tail
-        and ``n_samples``, the split's full size, so each keeps the split's m); else
-        :class:`~vfcore.errors.StateMismatchError`.
+        counts equal one pass over both parts in order, for any split point. The top m is
+        chosen as :meth:`update` chooses it (``torch.topk``); which of several values equal at
+        the buffer's edge it keeps never matters: such a value is <= T_k, so in no mask.
+        Shards must be sized alike (the same q_tail and ``n_samples``, the split's full size,
+        so each keeps the split's m); else :class:`~vfcore.errors.StateMismatchError`.
         """
         from vfcore.errors import StateMismatchError
 
@@ -346,10 +346,8 @@ class TopQuantile:
         keep = values.shape[1] if self.capacity is None else min(self.capacity, values.shape[1])
         if keep < values.shape[1]:
             self._exact_upto = min(self._exact_upto, keep)
-            by_index = torch.argsort(index, dim=1, stable=True)           # earliest first ...
-            values, index = torch.gather(values, 1, by_index), torch.gather(index, 1, by_index)
-            values, order = torch.sort(values, dim=1, descending=True, stable=True)  # ... in ties
-            values, index = values[:, :keep].contiguous(), torch.gather(index, 1, order[:, :keep])
+            values, pick = torch.topk(values, keep, dim=1, sorted=False)      # as update()
+            index = torch.gather(index, 1, pick)
         self.values, self.index = values, index
         self._exact_upto = min(self._exact_upto, other._exact_upto)
         self.min = torch.minimum(self.min, other.min.to(dev))

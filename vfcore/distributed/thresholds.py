@@ -100,13 +100,14 @@ def _gather(stats: TopQuantile, n: int) -> TopQuantile:
                          torch.full_like(stats.min, stats.n_samples),
                          torch.full_like(stats.min, stats._exact_upto)])  # [5, K]
     smalls = all_gather_rows(small, what)
-    merged = TopQuantile(stats.q_tail, n_samples=n)
     shape = {"format": TopQuantile.STATE_FORMAT, "q_tail": stats.q_tail, "n_samples_expected": n,
              "capacity": stats.capacity, "positions": stats.positions, "units": stats.units}
+    merged = None
     for v, i, s in zip(values, index, smalls):
         part = dict(shape, values=v.T, index=i.T, min=s[0], max=s[1], zeros=s[2].long(),
                     n_samples=int(s[3, 0]), exact_upto=float(s[4, 0]))
-        merged.merge(TopQuantile(stats.q_tail, n_samples=n).load_state_dict(part, device=v.device))
+        part = TopQuantile(stats.q_tail, n_samples=n).load_state_dict(part, device=v.device)
+        merged = part if merged is None else merged.merge(part)
     return merged
 
 
