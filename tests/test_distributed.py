@@ -117,7 +117,6 @@ def test_interrupted_pass_resumed_from_disk_equals_an_uninterrupted_one(tmp_path
     path = tmp_path / "thresholds.pt"
     context = {"layer": "features", "split": "test"}
     atomic_save(path, lambda tmp: torch.save(first.state_dict(context), tmp), suffix=".pt")
-    del first
     resumed = D.TopQuantile(q, n_samples=len(a))
     resumed.load_state_dict(torch.load(path, weights_only=True), context=context, units=6)
     for s in range(12, len(a), 4):
