@@ -141,7 +141,9 @@ def dissect_sharded(model: torch.nn.Module, data, layer: str, *, q_tail: float =
 
     ``state``: a folder for each rank's pass checkpoint (saved every ``save_every`` batches
     and at the end of its share; a restarted job resumes from it, and a checkpoint made for
-    another split size, q, layer, batch size, world size or ``context`` is refused).
+    another split size, q, layer, batch size, world size or ``context`` is refused: give a
+    ``context`` naming the model, e.g. ``{"checkpoint": sha256}``, or a state folder of another
+    model is resumed).
     ``stop_after``: stop (returning None) after that many batches of this rank, as a killed
     job would (for tests and demonstrations of resuming).
     """
@@ -169,7 +171,7 @@ def dissect_sharded(model: torch.nn.Module, data, layer: str, *, q_tail: float =
         model = model.to(memory_format=torch.channels_last_3d)
     t0 = time.perf_counter()
     bar = tqdm(total=hi - lo, initial=start - lo, desc=f"dissecting {layer} ({w.where})",
-               unit="sample", disable=not progress)
+               unit="sample", disable=not (progress and w.is_main))
     with evaluating(model), capture(model, layer) as out, torch.inference_mode():
         for b, x in enumerate(_batches(_Range(data, start, hi), batch_size, device)):
             x = transform(x) if transform is not None else x

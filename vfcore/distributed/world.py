@@ -25,6 +25,8 @@ from vfcore.errors import DistributedError
 #: Seconds a collective may wait for the other ranks (env ``VFCORE_DIST_TIMEOUT`` overrides).
 #: It must exceed the longest stretch one rank works alone (rank 0's validation, a checkpoint).
 DEFAULT_TIMEOUT_S = 600.0
+#: Words in the errors of gloo/NCCL collectives whose peer is gone or late.
+_PEER_TROUBLE = ("gloo", "nccl", "NCCL", "imed out", "imeout", "onnection", "peer", "socket")
 
 
 @dataclass(frozen=True)
@@ -95,9 +97,10 @@ def collective(what: str) -> Iterator[None]:
     """Run collectives; a timeout or a lost peer becomes a :class:`DistributedError`."""
     try:
         yield
-    except (RuntimeError, dist.DistError) as err:   # DistBackendError, timeouts, closed sockets
-        if isinstance(err, DistributedError):
-            raise
+    except RuntimeError as err:     # DistError, DistBackendError, gloo's timeouts and closed sockets
+        if isinstance(err, DistributedError) or not (
+                isinstance(err, dist.DistError) or any(m in str(err) for m in _PEER_TROUBLE)):
+            raise                   # e.g. out of memory, a shape error: not the other ranks' fault
         w = world() if dist.is_initialized() else World(int(os.environ.get("RANK", 0)),
                                                         int(os.environ.get("WORLD_SIZE", 1)))
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
