@@ -66,3 +66,12 @@ class LayerNotFoundError(VfcoreError):
 
 class InputError(VfcoreError):
     """A user-supplied input (e.g. an uploaded patch) that cannot be used."""
+
+
+class StateMismatchError(VfcoreError):
+    """A saved or gathered state (a threshold buffer, a pass checkpoint) that belongs to another
+    configuration: another layer, q, split, sample count or unit count."""
+
+
+class DistributedError(VfcoreError):
+    """A multi-process job that cannot go on: a collective timed out or failed (a rank died)."""

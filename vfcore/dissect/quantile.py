@@ -250,6 +250,122 @@ class TopQuantile:
         return {"min": self.min.cpu().numpy(), "max": self.max.cpu().numpy(),
                 "zero_fraction": self.zeros.cpu().numpy() / self.n_values}
 
+    # -- a pass in pieces: checkpoint and resume, shards merged (vfcore.distributed) ----------
+
+    #: The ``format`` of :meth:`state_dict`.
+    STATE_FORMAT = "vfcore-topquantile-1"
+
+    def state_dict(self, context: dict | None = None) -> dict:
+        """Everything this pass has seen, as CPU tensors and plain values (``torch.save`` it and
+        ``torch.load(..., weights_only=True)`` reads it back; no pickled objects).
+
+        ``context``: plain values naming what was dissected (e.g. layer, split, checkpoint
+        hash); :meth:`load_state_dict` refuses a state whose context differs.
+        """
+        def cpu(t):
+            return None if t is None else t.detach().cpu().clone()
+        return {"format": self.STATE_FORMAT, "q_tail": self.q_tail,
+                "n_samples_expected": self.n_samples_expected, "capacity": self.capacity,
+                "n_samples": self.n_samples, "positions": self.positions, "units": self.units,
+                "exact_upto": float(self._exact_upto), "values": cpu(self.values),
+                "index": cpu(self.index), "min": cpu(self.min), "max": cpu(self.max),
+                "zeros": cpu(self.zeros), "context": dict(context or {})}
+
+    def _refuse_other(self, q_tail, n_expected, capacity, shape, what: str) -> None:
+        """StateMismatchError unless q, the promised sample count, capacity and (units,
+        positions) agree with this pass."""
+        from vfcore.errors import StateMismatchError
+
+        problems = []
+        if q_tail != self.q_tail:
+            problems.append(f"q_tail={q_tail}, this pass uses q_tail={self.q_tail}")
+        if n_expected != self.n_samples_expected:
+            problems.append(f"sized for n_samples={n_expected} (the split's size), this pass "
+                            f"for n_samples={self.n_samples_expected}")
+        elif n_expected is None and capacity != self.capacity:
+            problems.append(f"capacity={capacity}, this pass keeps capacity={self.capacity}")
+        if self.units is not None and shape[0] is not None and shape != (self.units, self.positions):
+            problems.append(f"{shape[0]} units x {shape[1]} positions, this pass has "
+                            f"{self.units} x {self.positions} (another layer or model)")
+        if problems:
+            raise StateMismatchError(what, "belongs to another pass: " + "; ".join(problems))
+
+    def load_state_dict(self, state: dict, context: dict | None = None, units: int | None = None,
+                        device: str | torch.device | None = None) -> "TopQuantile":
+        """Continue from ``state`` (:meth:`state_dict`): this object becomes that pass.
+
+        Refused with :class:`~vfcore.errors.StateMismatchError` naming the reason when the state
+        was saved with another q_tail, n_samples (split size), capacity, ``units`` (if given) or
+        unit/position count (if this object has seen data), or when a key of ``context``
+        (e.g. ``layer``, ``split``) differs from the saved one. ``device``: where the buffers go
+        (default: the CPU).
+        """
+        from vfcore.errors import FormatError, StateMismatchError
+
+        if not isinstance(state, dict) or state.get("format") != self.STATE_FORMAT:
+            raise FormatError("TopQuantile state", f"not a threshold state (expected format "
+                              f"{self.STATE_FORMAT!r})")
+        saved = state.get("context") or {}
+        for key, want in (context or {}).items():
+            if saved.get(key) != want:
+                raise StateMismatchError("TopQuantile state", f"was saved for {key}="
+                                         f"{saved.get(key)!r}, this pass is for {key}={want!r}")
+        if units is not None and state["units"] is not None and state["units"] != units:
+            raise StateMismatchError("TopQuantile state", f"has {state['units']} units, this "
+                                     f"layer has {units}")
+        self._refuse_other(state["q_tail"], state["n_samples_expected"], state["capacity"],
+                           (state["units"], state["positions"]), "TopQuantile state")
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+
+        def on(t):
+            return None if t is None else t.to(dev).clone()
+        self.capacity, self.n_samples = state["capacity"], int(state["n_samples"])
+        self.positions, self.units = state["positions"], state["units"]
+        self._exact_upto = float(state["exact_upto"])
+        self.values, self.index = on(state["values"]), on(state["index"])
+        self.min, self.max, self.zeros = on(state["min"]), on(state["max"]), on(state["zeros"])
+        return self
+
+    def merge(self, other: "TopQuantile") -> "TopQuantile":
+        """Add ``other``'s samples, taken as the samples that FOLLOW this pass's (its sample i
+        becomes sample ``self.n_samples + i``), in place; returns ``self``.
+
+        Exact: the per-unit top m of the union is the top m of the two kept top-m buffers, so
+        T_k, the tail (every value > T_k with its sample and position), min, max and zero
+        counts equal one pass over both parts in order, for any split point. The top m is
+        chosen as :meth:`update` chooses it (``torch.topk``); which of several values equal at
+        the buffer's edge it keeps never matters: such a value is <= T_k, so in no mask.
+        Shards must be sized alike (the same q_tail and ``n_samples``, the split's full size,
+        so each keeps the split's m); else :class:`~vfcore.errors.StateMismatchError`.
+        """
+        from vfcore.errors import StateMismatchError
+
+        if other.units is None:                       # nothing seen: nothing to add
+            return self
+        self._refuse_other(other.q_tail, other.n_samples_expected, other.capacity,
+                           (other.units, other.positions), "TopQuantile.merge")
+        if self.units is None:
+            return self.load_state_dict(other.state_dict(), device=other.values.device)
+        n = self.n_samples + other.n_samples
+        if self.n_samples_expected is not None and n > self.n_samples_expected:
+            raise StateMismatchError("TopQuantile.merge", f"{self.n_samples} + {other.n_samples} "
+                                     f"samples, more than n_samples={self.n_samples_expected}")
+        dev = self.values.device
+        values = torch.cat([self.values, other.values.to(dev, self.values.dtype)], dim=1)
+        index = torch.cat([self.index, other.index.to(dev) + self.n_values], dim=1)
+        keep = values.shape[1] if self.capacity is None else min(self.capacity, values.shape[1])
+        if keep < values.shape[1]:
+            self._exact_upto = min(self._exact_upto, keep)
+            values, pick = torch.topk(values, keep, dim=1, sorted=False)      # as update()
+            index = torch.gather(index, 1, pick)
+        self.values, self.index = values, index
+        self._exact_upto = min(self._exact_upto, other._exact_upto)
+        self.min = torch.minimum(self.min, other.min.to(dev))
+        self.max = torch.maximum(self.max, other.max.to(dev))
+        self.zeros = self.zeros + other.zeros.to(dev)
+        self.n_samples = n
+        return self
+
 
 class SampledQuantile:
     """A randomized quantile sketch, like the published code's (netdissect ``RunningQuantile``):
