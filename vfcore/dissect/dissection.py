@@ -108,21 +108,47 @@ def dissect(model: torch.nn.Module, data, layer: str = DEFAULT_LAYER, *,
     n = len(data)
     if n == 0:
         raise DataValueError("data", "no samples to dissect")
-    stats = TopQuantile(q_tail, n_samples=n)
-    maxs, means, probs = [], [], []
-    spatial = None
+    part = PassState(TopQuantile(q_tail, n_samples=n))
     start = time.perf_counter()
     for out in forward_batches(model, data, [layer], batch_size=batch_size, transform=transform,
                                device=device, amp=amp, progress=progress, desc=f"dissecting {layer}"):
-        A = out.activations[layer]
-        b = A.shape[0]
-        if spatial is None:
-            spatial = tuple(int(s) for s in A.shape[2:])
-        probs.append(out.probability)
-        flat = A.reshape(b, A.shape[1], -1)
-        maxs.append(flat.amax(dim=2))
-        means.append(flat.mean(dim=2))
-        stats.update(A)
+        part.add(out.activations[layer], out.probability)
+    return dissection_from(part.stats, part.arrays(), layer, part.spatial,
+                           time.perf_counter() - start)
+
+
+class PassState:
+    """What the pass accumulates, batch by batch: ``stats`` (the T_k buffer, a
+    :class:`TopQuantile` sized for the whole split) and, per sample seen, the max and mean of
+    every unit's map ([B, K] a batch) and P(fracture) ([B]). A sharded pass
+    (:mod:`vfcore.distributed`) keeps one per rank, saves it and merges them."""
+
+    def __init__(self, stats: TopQuantile):
+        self.stats = stats
+        self.per_sample: dict[str, list[torch.Tensor]] = {"max": [], "mean": [], "probability": []}
+        self.spatial: tuple[int, ...] | None = None
+
+    def add(self, A: torch.Tensor, probability: torch.Tensor) -> None:
+        """One batch: activations A [B, K, *spatial] and P(fracture) [B]."""
+        self.spatial = self.spatial or tuple(int(s) for s in A.shape[2:])
+        flat = A.reshape(A.shape[0], A.shape[1], -1)
+        self.per_sample["max"].append(flat.amax(dim=2))
+        self.per_sample["mean"].append(flat.mean(dim=2))
+        self.per_sample["probability"].append(probability)
+        self.stats.update(A)
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """``max``, ``mean`` [n, K] and ``probability`` [n] of the samples seen, in order."""
+        return {k: torch.cat(v) if v else torch.zeros(0) for k, v in self.per_sample.items()}
+
+
+def dissection_from(stats: TopQuantile, per_sample: dict, layer: str,
+                    spatial: tuple[int, ...], seconds: float = 0.0) -> Dissection:
+    """The :class:`Dissection` of a finished pass: ``stats`` has seen all N samples,
+    ``per_sample`` holds ``max``, ``mean`` [N, K] and ``probability`` [N] (tensors or numpy)."""
+    arrays = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+              for k, v in per_sample.items()}
+    n = len(arrays["max"])
     T = stats.thresholds()
     tail = stats.tail()
     K = len(T)
@@ -132,12 +158,11 @@ def dissect(model: torch.nn.Module, data, layer: str = DEFAULT_LAYER, *,
     size = np.bincount(key, minlength=n * K).reshape(n, K).astype(np.int32)
     summary = stats.summary()
     return Dissection(
-        layer=layer, q_tail=q_tail, spatial_shape=spatial, T=T,
+        layer=layer, q_tail=stats.q_tail, spatial_shape=tuple(spatial), T=T,
         realised_tail=stats.realised_tail(), flags=stats.flags(),
         unit_min=summary["min"], unit_max=summary["max"], zero_fraction=summary["zero_fraction"],
-        max=torch.cat(maxs).cpu().numpy(), mean=torch.cat(means).cpu().numpy(), r=r,
-        mask_size=size, probability=torch.cat(probs).cpu().numpy(), tail=tail,
-        seconds=time.perf_counter() - start)
+        max=arrays["max"], mean=arrays["mean"], r=r, mask_size=size,
+        probability=arrays["probability"], tail=tail, seconds=seconds)
 
 
 def example_units(d: Dissection, n: int = 4) -> list[int]:

@@ -14,14 +14,14 @@ How to run it on one or several machines: ``docs/distributed.md``.
 """
 from .world import (DEFAULT_TIMEOUT_S, World, all_gather_rows, all_reduce_sum, barrier, broadcast,
                     collective, init, shutdown, timeout_s, world)
-from .thresholds import (dissect_sharded, dissection_from, load_pass_state, save_pass_state,
-                         shard_range, state_file)
+from .thresholds import (dissect_sharded, load_pass_state, save_pass_state, shard_range,
+                         state_file)
 from .ddp import GlooSyncBatchNorm, sync_batchnorm, wrap_model
 from .training import train_ranks, train_seed_distributed
 
 __all__ = [
     "DEFAULT_TIMEOUT_S", "World", "all_gather_rows", "all_reduce_sum", "barrier", "broadcast",
-    "collective", "init", "shutdown", "timeout_s", "world", "dissect_sharded", "dissection_from",
+    "collective", "init", "shutdown", "timeout_s", "world", "dissect_sharded",
     "load_pass_state", "save_pass_state", "shard_range", "state_file", "GlooSyncBatchNorm",
     "sync_batchnorm", "train_ranks", "train_seed_distributed", "wrap_model",
 ]

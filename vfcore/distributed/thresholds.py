@@ -10,6 +10,13 @@ the tail (the masks M_k), r_k(x), |M_k(x)| and E_x are identical to one process'
 every rank. Each sample is computed in the same batch as in the one-process pass, so even a
 convolution whose kernel choice depends on the batch size gives the same bits.
 
+Nothing of the pass is copied here: the batches come from the one forward engine
+(:func:`vfcore.forward.forward_batches`), each is added to a
+:class:`~vfcore.dissect.dissection.PassState` as in :func:`~vfcore.dissect.dissect`, and the
+merged state becomes a :class:`~vfcore.dissect.Dissection` through the same
+:func:`~vfcore.dissect.dissection.dissection_from`. This module adds only the shard, the
+all-gather + merge, and the checkpoint.
+
 With ``state=<folder>`` each rank saves its part every ``save_every`` batches (atomically,
 tensors only) and a restarted job continues from there: the result equals an uninterrupted
 pass. Cost of the merge: every rank receives all ranks' buffers, world x K x m values and
@@ -21,13 +28,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from vfcore.dissect import Dissection, TopQuantile
-from vfcore.dissect.capture import _autocast, _batches, _probabilities, capture, evaluating
+from vfcore.dissect.dissection import PassState, dissection_from
 from vfcore.dissect.quantile import Q_TAIL_PAPER, _check_q
 from vfcore.errors import CorruptFileError, DataValueError, StateMismatchError
+from vfcore.forward import forward_batches
 from vfcore.io import atomic_save
 
 from .world import World, all_gather_rows, world
@@ -46,7 +53,7 @@ def shard_range(n: int, batch_size: int, rank: int, size: int) -> tuple[int, int
 
 
 class _Range:
-    """Samples [lo, hi) of ``data`` as a sequence (slices only, as ``_batches`` reads them)."""
+    """Samples [lo, hi) of ``data`` as a sequence (slices only, as the forward engine reads them)."""
 
     def __init__(self, data, lo: int, hi: int):
         self.data, self.lo, self.hi = data, lo, hi
@@ -64,12 +71,12 @@ def state_file(folder: str | Path, w: World) -> Path:
     return Path(folder) / f"rank{w.rank}-of-{w.size}.pt"
 
 
-def save_pass_state(path: str | Path, stats: TopQuantile, done: dict, meta: dict) -> Path:
-    """Atomically write a part of a pass: the threshold buffer, the per-sample arrays so far
-    (``done``: max, mean, probability), and ``meta`` (range, layer, ...). Tensors only."""
-    state = {"format": STATE_FORMAT, "meta": meta, "quantile": stats.state_dict(meta),
-             **{k: torch.cat(v) if v else torch.zeros(0) for k, v in done.items()}}
-    state = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+def save_pass_state(path: str | Path, part: PassState, meta: dict) -> Path:
+    """Atomically write a part of a pass (:class:`~vfcore.dissect.dissection.PassState`): the
+    threshold buffer, the per-sample arrays so far (max, mean, probability), and ``meta``
+    (range, layer, ...). Tensors and plain values only."""
+    state = {"format": STATE_FORMAT, "meta": meta, "quantile": part.stats.state_dict(meta),
+             **{k: v.cpu() for k, v in part.arrays().items()}}
     return atomic_save(path, lambda tmp: torch.save(state, tmp), suffix=".pt")
 
 
@@ -111,25 +118,6 @@ def _gather(stats: TopQuantile, n: int) -> TopQuantile:
     return merged
 
 
-def dissection_from(stats: TopQuantile, maxs: np.ndarray, means: np.ndarray, probs: np.ndarray,
-                    layer: str, spatial: tuple[int, ...], seconds: float) -> Dissection:
-    """A :class:`Dissection` from a finished buffer and the per-sample arrays [N, K], [N].
-
-    The same steps as the end of :func:`vfcore.dissect.dissect` (Eq. 2 from the tail)."""
-    n = len(maxs)
-    T, tail = stats.thresholds(), stats.tail()
-    K = len(T)
-    key = tail["sample"].astype(np.int64) * K + tail["unit"]
-    r = np.bincount(key, weights=tail["value"].astype(np.float64), minlength=n * K).reshape(n, K)
-    size = np.bincount(key, minlength=n * K).reshape(n, K).astype(np.int32)
-    summary = stats.summary()
-    return Dissection(layer=layer, q_tail=stats.q_tail, spatial_shape=spatial, T=T,
-                      realised_tail=stats.realised_tail(), flags=stats.flags(),
-                      unit_min=summary["min"], unit_max=summary["max"],
-                      zero_fraction=summary["zero_fraction"], max=maxs, mean=means, r=r,
-                      mask_size=size, probability=probs, tail=tail, seconds=seconds)
-
-
 def dissect_sharded(model: torch.nn.Module, data, layer: str, *, q_tail: float = Q_TAIL_PAPER,
                     batch_size: int = 64, transform: Callable | None = None,
                     device: str | torch.device | None = None, amp: bool = True,
@@ -147,8 +135,6 @@ def dissect_sharded(model: torch.nn.Module, data, layer: str, *, q_tail: float =
     ``stop_after``: stop (returning None) after that many batches of this rank, as a killed
     job would (for tests and demonstrations of resuming).
     """
-    from tqdm.auto import tqdm
-
     q_tail = _check_q(q_tail)
     w, n = world(), len(data)
     if n == 0:
@@ -157,47 +143,31 @@ def dissect_sharded(model: torch.nn.Module, data, layer: str, *, q_tail: float =
     lo, hi = shard_range(n, batch_size, w.rank, w.size)
     meta = {"layer": layer, "q_tail": q_tail, "n": n, "batch_size": batch_size,
             "range": [lo, hi], "world": w.size, **(context or {})}
-    stats = TopQuantile(q_tail, n_samples=n)
-    done: dict[str, list[torch.Tensor]] = {"max": [], "mean": [], "probability": []}
+    part = PassState(TopQuantile(q_tail, n_samples=n))
     path = state_file(state, w) if state is not None else None
-    start, spatial = lo, None
+    start = lo
     if path is not None and path.is_file():
         saved = load_pass_state(path, meta)
-        stats.load_state_dict(saved["quantile"], context=meta, device=device)
-        done = {k: [saved[k].to(device)] for k in done}
-        start, spatial = lo + stats.n_samples, tuple(saved["meta"].get("spatial", ())) or None
-    model = model.to(device)
-    if device.type == "cuda":                    # as vfcore.dissect.dissect: the same kernels
-        model = model.to(memory_format=torch.channels_last_3d)
+        part.stats.load_state_dict(saved["quantile"], context=meta, device=device)
+        part.per_sample = {k: [saved[k].to(device)] for k in part.per_sample}
+        part.spatial = tuple(saved["meta"].get("spatial", ())) or None
+        start = lo + part.stats.n_samples           # a whole number of batches after lo
     t0 = time.perf_counter()
-    bar = tqdm(total=hi - lo, initial=start - lo, desc=f"dissecting {layer} ({w.where})",
-               unit="sample", disable=not (progress and w.is_main))
-    with evaluating(model), capture(model, layer) as out, torch.inference_mode():
-        for b, x in enumerate(_batches(_Range(data, start, hi), batch_size, device)):
-            x = transform(x) if transform is not None else x
-            if device.type == "cuda" and x.ndim == 5:
-                x = x.contiguous(memory_format=torch.channels_last_3d)
-            with _autocast(device, amp):
-                y = model(x)
-            A = out.pop().float()
-            spatial = spatial or tuple(int(s) for s in A.shape[2:])
-            flat = A.reshape(A.shape[0], A.shape[1], -1)
-            done["max"].append(flat.amax(dim=2))
-            done["mean"].append(flat.mean(dim=2))
-            done["probability"].append(_probabilities(y, A.shape[0]))
-            stats.update(A)
-            bar.update(A.shape[0])
-            last = start + (b + 1) * batch_size >= hi
-            if path is not None and ((b + 1) % save_every == 0 or last or b + 1 == stop_after):
-                save_pass_state(path, stats, done, {**meta, "spatial": list(spatial)})
-            if stop_after is not None and b + 1 >= stop_after and not last:
-                bar.close()
-                return None
-    bar.close()
-    cat = {k: torch.cat(v) for k, v in done.items()}
-    merged = _gather(stats, n)
-    arrays = {k: torch.cat(all_gather_rows(v, f"all-gathering the per-sample {k}")).cpu().numpy()
-              for k, v in cat.items()}
-    spatial = tuple(int(s) for s in spatial)
-    return dissection_from(merged, arrays["max"], arrays["mean"], arrays["probability"], layer,
-                           spatial, time.perf_counter() - t0)
+    # the same batches as the one-process pass (start is a multiple of batch_size), so the
+    # same bits even where a kernel's choice depends on the batch
+    batches = forward_batches(model, _Range(data, start, hi), [layer], batch_size=batch_size,
+                              transform=transform, device=device, amp=amp,
+                              progress=progress and w.is_main,
+                              desc=f"dissecting {layer} ({w.where}, from sample {start})")
+    for b, out in enumerate(batches):
+        part.add(out.activations[layer], out.probability)
+        last = start + out.start + len(out.probability) >= hi
+        if path is not None and ((b + 1) % save_every == 0 or last or b + 1 == stop_after):
+            save_pass_state(path, part, {**meta, "spatial": list(part.spatial)})
+        if stop_after is not None and b + 1 >= stop_after and not last:
+            batches.close()                         # leaves eval mode and removes the hook
+            return None
+    merged = _gather(part.stats, n)
+    arrays = {k: torch.cat(all_gather_rows(v, f"all-gathering the per-sample {k}"))
+              for k, v in part.arrays().items()}
+    return dissection_from(merged, arrays, layer, part.spatial, time.perf_counter() - t0)

@@ -13,8 +13,13 @@
 * augmentation and dropout draw from per-rank streams seeded, each epoch, from the shared
   generator (so a checkpoint holds only shared state);
 * validation, the best epoch and early stopping are decided on rank 0 and broadcast; rank 0
-  alone writes ``best.pt``, ``last.pt`` and ``history.csv`` (atomically), and a run resumes
-  from its ``last.pt`` on any number of ranks.
+  alone writes the seed's best and last checkpoints and its history
+  (:meth:`~vfcore.run.RunFolder.seed_checkpoint`, :meth:`~vfcore.run.RunFolder.history`,
+  atomically), and a run resumes from its last checkpoint on any number of ranks.
+
+What is still separate from :func:`vfcore.train.train_seed` (its epoch loop is repeated here
+with the collectives in between; ``docs/distributed.md`` lists what ``train.py`` must expose to
+merge the two): the config, the resume check and the history row are the same as there.
 
 Without torchrun (one process) the same code runs with no DDP and plain batch norm.
 """
@@ -36,8 +41,9 @@ from vfcore.errors import CheckpointError, DataValueError
 from vfcore.io import atomic_write, sha256_file
 from vfcore.model import FractureNet, Preset, get_preset
 from vfcore.run import RunFolder
-from vfcore.train import (_precision, classification_metrics, predict, preload_split,
-                          read_checkpoint, save_checkpoint)
+from vfcore.forward import precision
+from vfcore.train import (classification_metrics, predict, preload_split, read_checkpoint,
+                          save_checkpoint)
 
 from .ddp import wrap_model
 from .world import all_reduce_sum, barrier, broadcast, collective, world
@@ -51,7 +57,7 @@ def _stream_seed(order: torch.Generator) -> int:
 def train_seed_distributed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 0,
                            **kwargs) -> Path:
     """Train one seed into ``<run>/model/seed<seed>/`` on every rank of the job (see the module
-    docstring); resume from its ``last.pt``. Arguments as :func:`vfcore.train.train_seed`
+    docstring); resume from its last checkpoint. Arguments as :func:`vfcore.train.train_seed`
     (``batch_size`` is the global batch, divisible by the world size). Returns the folder."""
     return train_ranks(run_dir, preset, seed, **kwargs)[0]
 
@@ -78,13 +84,13 @@ def train_ranks(run_dir: str | Path, preset: str | Preset = "small", seed: int =
     run = RunFolder(run_dir)
     folder = run.seed_dir(seed)
     dev = w.device if device is None else torch.device(device)
-    dtype, use_scaler = _precision(dev)
+    dtype, use_scaler = precision(dev)
 
     train_x, train_y, _ = load_split(run.root, "train")
     val_x, val_y, _ = load_split(run.root, "val")
     config = {"preset": p.name, "seed": seed, "batch_size": batch_size, "lr": lr,
               "patience": patience, "augment": asdict(augment) if augment else None,
-              "manifest_sha256": sha256_file(run.manifest)}
+              "manifest_sha256": sha256_file(run.require("manifest"))}
     train_x = preload_split(train_x, dev, preload)
     val_x = preload_split(val_x, dev, preload) if w.is_main else val_x
     labels = torch.tensor(train_y, dtype=torch.float32, device=dev)
@@ -96,8 +102,8 @@ def train_ranks(run_dir: str | Path, preset: str | Preset = "small", seed: int =
     order = torch.Generator().manual_seed(seed)         # the shared order: same on every rank
     history: list[dict] = []
     best = {"f1": -1.0, "auc": -1.0, "epoch": -1}
-    last = folder / "last.pt"
-    if last.is_file():                                   # every rank reads rank 0's last.pt
+    last = run.seed_checkpoint(seed, "last")
+    if last.is_file():                                   # every rank reads rank 0's file
         state = read_checkpoint(last)
         if state.get("config") != config:
             raise CheckpointError(last, f"was trained with {state.get('config')}, not {config}: "
@@ -159,11 +165,11 @@ def train_ranks(run_dir: str | Path, preset: str | Preset = "small", seed: int =
             best = {"f1": val["f1"], "auc": float(np.nan_to_num(val["auc"])), "epoch": epoch}
         if w.is_main:
             if improved:
-                save_checkpoint(folder / "best.pt", model, config=config, epoch=epoch, val=val)
+                save_checkpoint(run.seed_checkpoint(seed), model, config=config, epoch=epoch, val=val)
             save_checkpoint(last, model, config=config, epoch=epoch, history=history, best=best,
                             optimizer=optimizer.state_dict(),
                             rng={"sampler": order.get_state(), "torch": torch.get_rng_state()})
-            with atomic_write(folder / "history.csv", "w") as f:
+            with atomic_write(run.history(seed), "w") as f:
                 pd.DataFrame(history).to_csv(f, index=False)
             if on_epoch is not None:
                 on_epoch(history[-1])
