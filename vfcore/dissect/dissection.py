@@ -3,6 +3,9 @@
 :func:`dissect` runs the network once over a split and returns a :class:`Dissection`: exact
 thresholds from :class:`~vfcore.dissect.quantile.TopQuantile`, and, from the values it kept
 above T_k, r_k(x) (Eq. 2), |M_k(x)| and E_x of every sample, without storing the activations.
+Its two halves, :class:`PassState` (what each batch adds) and :func:`dissection_from` (the
+finished pass -> :class:`Dissection`), are shared with the sharded pass of
+:mod:`vfcore.distributed`.
 """
 from __future__ import annotations
 
