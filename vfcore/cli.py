@@ -4,7 +4,7 @@
     vfcore phantom data/phantom --scans 60          # write a synthetic VerSe-layout root
     vfcore download --release verse19 --target data/verse
     vfcore patches data/phantom runs/phantom        # straightened 96^3 patches + manifest
-    vfcore train runs/phantom --preset small        # the classifier (model/best.pt, metrics)
+    vfcore train runs/phantom --preset small        # the classifier (checkpoint, metrics)
     vfcore dissect runs/phantom --split test        # T_k, c_k, r_k and the exported units
     vfcore badges                                   # regenerate Colab/Binder badges
 
@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("dissect", help="network dissection of the run's checkpoint (T_k, c_k, r_k)")
-    p.add_argument("run", help="the run folder (reads model/best.pt, writes dissection/)")
+    p.add_argument("run", help="the run folder (reads the trained checkpoint, writes the dissection)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"),
                    help="the split whose activations define T_k")
     p.add_argument("--q", type=_tail_fraction, default=0.005, help="P(a_k > T_k); the paper: 0.005")

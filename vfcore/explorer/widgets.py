@@ -27,7 +27,7 @@ from vfcore.dissect import VIEWS
 from vfcore.errors import InputError, VfcoreError
 from vfcore.viz.units import ORIENTATION, figure_png, png_bytes
 
-from . import text
+import vfcore.explorer.text as text
 from .data import SCALE, TOP_UNITS, Analysis, RunData
 from .figures import snapshot_figure, static_figure
 from .state import MODES, ExplorerState, Redraw

@@ -1,7 +1,7 @@
 """The patch store's tables: the manifest (one row per vertebra), the patient-level split and
 the grade table each vertebra's label comes from.
 
-``manifest.csv`` columns: :data:`MANIFEST_COLUMNS`. ``fracture`` is 1/0 for a graded vertebra
+The manifest's columns: :data:`MANIFEST_COLUMNS`. ``fracture`` is 1/0 for a graded vertebra
 and empty otherwise (``reason`` says why: no grade table, not graded, excluded).
 """
 from __future__ import annotations

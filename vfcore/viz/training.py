@@ -39,7 +39,7 @@ def training_curves(history: pd.DataFrame, ax=None):
     right = ax.twinx()
     right.plot(history["epoch"], history["val_f1"], label="validation F1", color="tab:red")
     right.plot(history["epoch"], history["val_auc"], label="validation AUC", color="tab:blue")
-    # the epoch of best.pt: highest validation F1, ties broken by AUC, then the earliest
+    # the epoch of the best checkpoint: highest validation F1, ties broken by AUC, then the earliest
     key = history.assign(val_auc=history["val_auc"].fillna(0.0))
     best = key.sort_values(["val_f1", "val_auc"], ascending=False, kind="stable")["epoch"].iloc[0]
     right.axvline(best, color="tab:red", ls=":", lw=1)
