@@ -97,7 +97,8 @@ def bootstrap_c(enabled: np.ndarray, subset: np.ndarray, B: int = BOOTSTRAP_B, s
     draws = np.random.default_rng(seed).integers(0, n, size=(B, n))
     counts = np.bincount((draws + n * np.arange(B)[:, None]).ravel(), minlength=B * n).reshape(B, n)
     c = counts.astype(np.float64) @ E / n                                                # [B, K]
-    low, high = np.percentile(c, [50 * (1 - level), 50 * (1 + level)], axis=0)
+    tail = round(50 * (1 - level), 9)                      # 2.5 for 95 %, not 2.5000000000000022
+    low, high = np.percentile(c, [tail, 100 - tail], axis=0)
     return low, high
 
 
