@@ -774,3 +774,20 @@ def test_a_layer_without_a_grid_names_the_layer_and_its_shape(small_run, tmp_pat
     assert D.check_layer_grid("x", (2, 5, 4, 4, 4)) == (4, 4, 4)
     with pytest.raises(D.LayerGridError, match="4x1x4"):
         D.check_layer_grid("x", (2, 5, 4, 1, 4))
+
+
+def test_out_of_field_analysis_of_a_dissected_run(small_run, tmp_path):
+    from vfcore import shortcut as S
+
+    run = _with_splits(small_run, tmp_path / "run", ["test"] * 6 + ["dissect"] * 6)
+    manifest = pd.read_csv(run / "patches" / "manifest.csv", dtype=str, keep_default_na=False)
+    manifest["out_of_field"] = [f"{v:.2f}" for v in np.linspace(0, 0.55, 12)]
+    manifest.to_csv(run / "patches" / "manifest.csv", index=False)
+    art = D.dissect_run(run, q_tail=0.01, progress=False, B=10)
+    a = S.run_out_of_field(run)
+    assert a.bins["n"].sum() == 12 and a.threshold == art.meta["threshold"]
+    np.testing.assert_allclose(a.samples["out_of_field"], art.samples["out_of_field"])
+    (art.folder / "samples.csv").write_text(art.samples.drop(columns="out_of_field").to_csv(index=False))
+    b = S.run_out_of_field(run)                        # older samples.csv: joined with the manifest
+    np.testing.assert_allclose(b.samples["out_of_field"], a.samples["out_of_field"])
+    pd.testing.assert_frame_equal(a.bins, b.bins)
