@@ -590,12 +590,17 @@ def test_bad_checkpoint_and_missing_inputs_name_the_problem(small_run, tmp_path)
 # Rankings with their n: bootstrap interval, ties, small-n flag (issue 11)
 # --------------------------------------------------------------------------------------------
 
-def test_bootstrap_interval_equals_a_plain_numpy_loop():
+@pytest.mark.parametrize("block", [None, 3])
+def test_bootstrap_interval_equals_a_plain_numpy_loop(monkeypatch, block):
+    import vfcore.dissect.ranking as ranking
+
     rng = np.random.default_rng(11)
     N, K = 23, 7
     enabled = rng.random((N, K)) < np.linspace(0.1, 0.9, K)
     subset = rng.random(N) < 0.6
     B, seed = 200, 5
+    if block:                                    # resamples drawn a few at a time: same answer
+        monkeypatch.setattr(ranking, "_BOOTSTRAP_DRAWS", block * int(subset.sum()))
     low, high = D.bootstrap_c(enabled, subset, B=B, seed=seed)
     # reference: B resamples one at a time, c_k of each, numpy.percentile
     members = enabled[subset]
@@ -702,11 +707,16 @@ def test_dissect_run_on_the_held_out_union_with_a_dissect_split(small_run, tmp_p
     assert art.samples["fracture"].tolist() == [i % 2 for i in order]
     # the same set however it is spelt: reused, not stale
     for spelling in (("dissect", "test"), "test+dissect", None):
-        again = D.dissect_run(run, spelling, 0.01, progress=False)
+        again = D.dissect_run(run, spelling, 0.01, progress=False, B=100)
         assert again.meta["created"] == art.meta["created"]
         D.load_artifacts(run, expect={"split": spelling})
     with pytest.raises(StaleArtifactError, match="split"):
         D.load_artifacts(run, expect={"split": "test"})
+    # another threshold or bootstrap is not reused (the rankings depend on them)
+    other = D.dissect_run(run, None, 0.01, threshold=0.0, progress=False, B=100)
+    assert other.meta["threshold"] == 0.0 and other.meta["counts"]["tn"] == 0
+    assert D.dissect_run(run, None, 0.01, threshold=0.0, progress=False, B=20).meta["bootstrap"]["B"] == 20
+    art = D.dissect_run(run, None, 0.01, batch_size=4, progress=False, B=100)
     # independent check of the statistics on the union: hook + numpy on the rows in that order
     from vfcore.checkpoint import load_checkpoint
     from vfcore.data import PatchArray, to_network_input

@@ -249,7 +249,8 @@ def load_artifacts(run_dir: str | Path, expect: Mapping | None = None,
         have = meta.get(key)
         if key == "split":
             want = split_name(want)
-        same = math.isclose(float(have), float(want)) if key == "q_tail" and have is not None else have == want
+        numeric = key in ("q_tail", "threshold") and have is not None
+        same = math.isclose(float(have), float(want)) if numeric else have == want
         if not same:
             raise StaleArtifactError(meta_path, f"stale: made with {key} = {have!r}, expected "
                                      f"{want!r}: run {NOTEBOOK_03} again (parameters of this run)")
@@ -376,7 +377,7 @@ def write_artifacts(run_dir: str | Path, d: Dissection, identity: Mapping, rows:
             table.to_csv(f, index=False, lineterminator="\n", float_format="%.9g")
         key = "c_k" if which == "tp" else ("delta" if o["tp"].any() else "c_fp")
         rankings[which] = {"defined": True, "reason": "", **ranking_summary(table, key, which),
-                           "bootstrap": {"B": B, "seed": seed, "level": 0.95, "method": "percentile"}}
+                           "bootstrap": _bootstrap(B, seed)}
     meta = {
         "format": FORMAT, **{k: identity[k] for k in IDENTITY}, "dissection_id": _identity_id(identity),
         "checkpoint": ARTIFACTS["checkpoint"].rel, "preset": None, "field": None,
@@ -384,7 +385,7 @@ def write_artifacts(run_dir: str | Path, d: Dissection, identity: Mapping, rows:
         **(extra or {}),
         "n_samples": d.n_samples, "n_units": d.n_units, "spatial_shape": list(d.spatial_shape),
         "n_values_per_unit": d.n_samples * int(np.prod(d.spatial_shape)),
-        "threshold": threshold, "ranking_subset": "tp",
+        "threshold": threshold, "ranking_subset": "tp", "bootstrap": _bootstrap(B, seed),
         "splits": list(parse_split(identity["split"])),
         "counts": {k: int(v.sum()) for k, v in o.items()},
         "split_counts": _split_counts(samples),
@@ -396,6 +397,11 @@ def write_artifacts(run_dir: str | Path, d: Dissection, identity: Mapping, rows:
     }
     write_json(RunFolder(run_dir).path("dissection_meta"), meta)
     return folder
+
+
+def _bootstrap(B: int, seed: int) -> dict:
+    """How the c_k intervals were made (meta.json ``bootstrap``)."""
+    return {"B": int(B), "seed": int(seed), "level": 0.95, "method": "percentile"}
 
 
 def _split_counts(samples: pd.DataFrame) -> dict[str, dict[str, int]]:
@@ -444,9 +450,10 @@ def dissect_run(run_dir: str | Path, split: str | Sequence[str] | None = None,
                 "manifest_sha256": sha256_file(manifest)}
     model, preset, transform = network(ckpt)
     identity["layer"] = layer or preset.dissect_layer
-    if not force:
+    if not force:     # reused only when the rankings were made with this threshold and bootstrap
         try:
-            return load_artifacts(run_dir, expect=identity)
+            return load_artifacts(run_dir, expect={**identity, "threshold": threshold,
+                                                   "bootstrap": _bootstrap(B, seed)})
         except VfcoreError:
             pass
     patches, labels, rows = load_dissection_set(run_dir, split)

@@ -76,6 +76,7 @@ MIN_RANKING_N = 5
 #: Bootstrap resamples for the interval of c_k, and the seed of their generator.
 BOOTSTRAP_B = 1000
 BOOTSTRAP_SEED = 0
+_BOOTSTRAP_DRAWS = 1 << 21                                  # draws held at once (16 MB of int64)
 
 
 def bootstrap_c(enabled: np.ndarray, subset: np.ndarray, B: int = BOOTSTRAP_B, seed: int = BOOTSTRAP_SEED,
@@ -87,16 +88,22 @@ def bootstrap_c(enabled: np.ndarray, subset: np.ndarray, B: int = BOOTSTRAP_B, s
     (``numpy.random.default_rng(seed).integers(0, n, (B, n))``) and recomputes c_k; the interval
     is the (1 - level)/2 and (1 + level)/2 percentiles of the B values (``numpy.percentile``,
     linear). Vectorised: the draws become counts [B, n] (how often each sample was drawn),
-    and c^b = counts @ E / n is one matrix product. Returns (c_low [K], c_high [K]).
+    and c^b = counts @ E / n is one matrix product (in blocks of resamples, so memory stays
+    bounded for any n). Returns (c_low [K], c_high [K]).
     Raises :class:`UndefinedCorrelationError` for an empty subset.
     """
     E = np.asarray(enabled, dtype=bool)[np.asarray(subset, dtype=bool)].astype(np.float64)   # [n, K]
     n = len(E)
     if n == 0:
         raise UndefinedCorrelationError("subset", "no bootstrap interval: the subset is empty")
-    draws = np.random.default_rng(seed).integers(0, n, size=(B, n))
-    counts = np.bincount((draws + n * np.arange(B)[:, None]).ravel(), minlength=B * n).reshape(B, n)
-    c = counts.astype(np.float64) @ E / n                                                # [B, K]
+    rng = np.random.default_rng(seed)
+    c = np.empty((B, E.shape[1]))
+    step = max(1, _BOOTSTRAP_DRAWS // n)                    # resamples per block: bounded memory
+    for s in range(0, B, step):
+        b = min(step, B - s)
+        draws = rng.integers(0, n, size=(b, n))             # the same stream as one (B, n) draw
+        counts = np.bincount((draws + n * np.arange(b)[:, None]).ravel(), minlength=b * n).reshape(b, n)
+        c[s:s + b] = counts.astype(np.float64) @ E / n                                   # [b, K]
     tail = round(50 * (1 - level), 9)                      # 2.5 for 95 %, not 2.5000000000000022
     low, high = np.percentile(c, [tail, 100 - tail], axis=0)
     return low, high
