@@ -66,7 +66,7 @@ def correlation(enabled: np.ndarray, subset: np.ndarray, name: str = "subset") -
     subset = np.asarray(subset, dtype=bool)
     n = int(subset.sum())
     if n == 0:
-        raise UndefinedCorrelationError(name, f"c_k is undefined: the split has no "
+        raise UndefinedCorrelationError(name, f"c_k is undefined: the dissection set has no "
                                         f"{SUBSET_NAMES.get(name, name)} (0 of {len(subset)} samples)")
     return enabled[subset].sum(axis=0) / n
 
@@ -130,6 +130,10 @@ def ranking_note(n: int, subset: str) -> str:
             f"(fewer than {MIN_RANKING_N} samples); read its units as examples, not as a ranking")
 
 
+TIE_BREAK = {"c_k": "mean r_k over the subset, then unit index", "delta": "c_fp, then unit index",
+             "c_fp": "mean r_k over the false positives, then unit index"}
+
+
 def ranking_summary(table: pd.DataFrame, key: str, subset: str, top: int = 10) -> dict:
     """What meta.json records of a ranking (``table`` sorted, with columns ``n``, ``ties`` and
     the sort ``key``): ``n``, ``small_n``, ``note`` (:func:`ranking_note`) and ``ties``:
@@ -143,7 +147,7 @@ def ranking_summary(table: pd.DataFrame, key: str, subset: str, top: int = 10) -
     sharing = int(np.isin(values, head).sum())
     across = int((values[len(head):] == head[-1]).sum()) if len(head) else 0
     distinct = int(len(np.unique(head)))
-    tie_break = "mean r_k over the subset, then unit index"
+    tie_break = TIE_BREAK.get(key, "unit index")
     note = (f"the top {len(head)} units have {distinct} distinct {key} values, shared by {sharing} units; "
             f"{across} unit(s) below rank {len(head)} tie with rank {len(head)}; ties are ordered by {tie_break}")
     return {"n": n, "subset": subset, "key": key, "small_n": n < MIN_RANKING_N, "note": ranking_note(n, subset),
