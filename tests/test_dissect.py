@@ -584,3 +584,220 @@ def test_bad_checkpoint_and_missing_inputs_name_the_problem(small_run, tmp_path)
         D.dissect_run(run, "test", progress=False)
     with pytest.raises(MissingArtifactError, match="01_preprocessing"):
         D.dissect_run(tmp_path / "empty", "test", checkpoint=small_run / "model" / "best.pt", progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Rankings with their n: bootstrap interval, ties, small-n flag (issue 11)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("block", [None, 3])
+def test_bootstrap_interval_equals_a_plain_numpy_loop(monkeypatch, block):
+    import vfcore.dissect.ranking as ranking
+
+    rng = np.random.default_rng(11)
+    N, K = 23, 7
+    enabled = rng.random((N, K)) < np.linspace(0.1, 0.9, K)
+    subset = rng.random(N) < 0.6
+    B, seed = 200, 5
+    if block:                                    # resamples drawn a few at a time: same answer
+        monkeypatch.setattr(ranking, "_BOOTSTRAP_DRAWS", block * int(subset.sum()))
+    low, high = D.bootstrap_c(enabled, subset, B=B, seed=seed)
+    # reference: B resamples one at a time, c_k of each, numpy.percentile
+    members = enabled[subset]
+    n = len(members)
+    draw = np.random.default_rng(seed)
+    c = np.empty((B, K))
+    for b in range(B):
+        idx = draw.integers(0, n, size=n)
+        for k in range(K):
+            c[b, k] = sum(members[i, k] for i in idx) / n
+    np.testing.assert_array_equal(low, np.percentile(c, 2.5, axis=0))
+    np.testing.assert_array_equal(high, np.percentile(c, 97.5, axis=0))
+    point = members.mean(axis=0)
+    assert np.all(low <= point) and np.all(point <= high)
+    # a unit that fires everywhere (or nowhere) has a zero-width interval
+    enabled[:, 0], enabled[:, 1] = True, False
+    low, high = D.bootstrap_c(enabled, subset, B=50)
+    assert (low[0], high[0], low[1], high[1]) == (1.0, 1.0, 0.0, 0.0)
+    with pytest.raises(D.UndefinedCorrelationError):
+        D.bootstrap_c(enabled, np.zeros(N, bool))
+
+
+def test_rankings_record_n_intervals_ties_and_the_small_n_flag():
+    #            unit: 0  1  2  3
+    enabled = np.array([[1, 1, 1, 0],    # TP
+                        [1, 1, 0, 0],    # TP
+                        [1, 0, 1, 1],    # TP
+                        [0, 1, 1, 1],    # FP
+                        [0, 0, 0, 0]],   # TN
+                       dtype=bool)
+    labels = np.array([1, 1, 1, 0, 0])
+    prob = np.array([0.9, 0.8, 0.7, 0.6, 0.1])
+    d = _made(enabled, prob)
+    t = D.rank_units(d, labels, "tp", B=100).set_index("unit")
+    # c_k over 3 TP: units 0 (3/3); 1, 2 (2/3, tied); 3 (1/3)
+    np.testing.assert_array_equal(t.loc[[0, 1, 2, 3], "c_k"], [1.0, 2 / 3, 2 / 3, 1 / 3])
+    assert t["n"].tolist() == [3] * 4 and t["small_n"].all()
+    assert t.loc[[0, 1, 2, 3], "ties"].tolist() == [1, 2, 2, 1]
+    assert t.loc[[0, 1, 2, 3], "tied_rank"].tolist() == [1, 2, 2, 4]
+    assert (t["c_low"] <= t["c_k"]).all() and (t["c_k"] <= t["c_high"]).all()
+    s = D.ranking_summary(D.rank_units(d, labels, "tp", B=10), "c_k", "tp", top=2)
+    assert s["n"] == 3 and s["small_n"] and "only 3 true-positive predictions" in s["note"]
+    assert s["ties"]["distinct_values"] == 2 and s["ties"]["units_sharing_top_values"] == 3
+    assert s["ties"]["tied_across_cut"] == 1             # unit 2 ties with rank 2 below the cut
+    fp = D.rank_false_positives(d, labels, B=100)
+    assert fp["n"].tolist() == [1] * 4 and fp["small_n"].all()
+    assert {"c_fp_low", "c_fp_high", "ties", "tied_rank"} <= set(fp.columns)
+    big = np.tile(enabled, (2, 1)), np.tile(prob, 2), np.tile(labels, 2)
+    t = D.rank_units(_made(big[0], big[1]), big[2], "tp", B=10)
+    assert t["n"].tolist() == [6] * 4 and not t["small_n"].any()
+    assert D.ranking_note(6, "tp") == "" and "1/4" in D.ranking_note(4, "fp")
+
+
+def test_ranking_meta_records_n_bootstrap_ties_and_notes(tmp_path, tiny):
+    net, x, labels = tiny
+    d = D.dissect(net, x, "features", q_tail=0.02, batch_size=8, device="cpu", progress=False)
+    identity = {"checkpoint_sha256": "a" * 64, "split": "test", "q_tail": 0.02, "layer": "features",
+                "manifest_sha256": "b" * 64}
+    rows = pd.DataFrame({"case": ["c"] * 37, "label": 20, "level": "L1"})
+    D.write_artifacts(tmp_path, d, identity, rows, labels, threshold=0.0, B=50, seed=3)  # all predicted 1
+    art = D.load_artifacts(tmp_path)
+    tp, fp = art.meta["rankings"]["tp"], art.meta["rankings"]["fp"]
+    assert tp["n"] == int(labels.sum()) == art.ranking_tp["n"].iloc[0]
+    assert fp["n"] == int((labels == 0).sum()) == art.ranking_fp["n"].iloc[0]
+    assert tp["bootstrap"] == {"B": 50, "seed": 3, "level": 0.95, "method": "percentile"}
+    assert not tp["small_n"] and tp["note"] == "" and art.ranking_status("tp") == ""
+    assert tp["ties"]["top"] == min(10, d.n_units) and "ties are ordered by" in tp["ties"]["note"]
+    sharing = art.ranking_tp["c_k"].round(12).isin(art.ranking_tp["c_k"].head(10).round(12)).sum()
+    assert tp["ties"]["units_sharing_top_values"] == sharing
+    assert art.reasons == {"tp": "", "fp": ""}
+
+
+# --------------------------------------------------------------------------------------------
+# Dissection sets of several splits; sets without TP or FP; layers without a grid (issue 11)
+# --------------------------------------------------------------------------------------------
+
+def _with_splits(small_run, run, splits):
+    """A copy of ``small_run`` whose 12 vertebrae get the given splits (one per row)."""
+    import shutil
+
+    shutil.copytree(small_run, run)
+    manifest = pd.read_csv(run / "patches" / "manifest.csv", dtype=str, keep_default_na=False)
+    manifest["split"] = splits
+    manifest.to_csv(run / "patches" / "manifest.csv", index=False)
+    return run
+
+
+def test_dissect_run_on_the_held_out_union_with_a_dissect_split(small_run, tmp_path):
+    splits = ["train", "test", "dissect", "val", "dissect", "test",
+              "dissect", "train", "dissect", "test", "dissect", "dissect"]
+    run = _with_splits(small_run, tmp_path / "run", splits)
+    assert D.default_split(run) == "test+dissect"
+    assert D.parse_split("dissect+test") == D.parse_split(("test", "dissect")) == ("test", "dissect")
+    with pytest.raises(DataValueError, match="unknown split"):
+        D.parse_split("test+validation")
+    art = D.dissect_run(run, q_tail=0.01, batch_size=4, progress=False, B=100)
+    order = [i for s in ("test", "dissect") for i, x in enumerate(splits) if x == s]   # by split
+    assert art.meta["split"] == "test+dissect" and art.meta["splits"] == ["test", "dissect"]
+    assert art.samples["case"].tolist() == [f"sub-t{i:02d}" for i in order]
+    assert art.samples["split"].tolist() == [splits[i] for i in order]
+    assert "train" not in set(art.samples["split"]) and "val" not in set(art.samples["split"])
+    assert art.meta["split_counts"]["dissect"]["n"] == 6 and art.meta["split_counts"]["test"]["n"] == 3
+    assert art.meta["split_counts"]["dissect"]["positive"] == sum(i % 2 for i in order[3:])
+    assert art.samples["fracture"].tolist() == [i % 2 for i in order]
+    # the same set however it is spelt: reused, not stale
+    for spelling in (("dissect", "test"), "test+dissect", None):
+        again = D.dissect_run(run, spelling, 0.01, progress=False, B=100)
+        assert again.meta["created"] == art.meta["created"]
+        D.load_artifacts(run, expect={"split": spelling})
+    with pytest.raises(StaleArtifactError, match="split"):
+        D.load_artifacts(run, expect={"split": "test"})
+    # another threshold or bootstrap is not reused (the rankings depend on them)
+    other = D.dissect_run(run, None, 0.01, threshold=0.0, progress=False, B=100)
+    assert other.meta["threshold"] == 0.0 and other.meta["counts"]["tn"] == 0
+    assert D.dissect_run(run, None, 0.01, threshold=0.0, progress=False, B=20).meta["bootstrap"]["B"] == 20
+    art = D.dissect_run(run, None, 0.01, batch_size=4, progress=False, B=100)
+    # independent check of the statistics on the union: hook + numpy on the rows in that order
+    from vfcore.checkpoint import load_checkpoint
+    from vfcore.data import PatchArray, to_network_input
+
+    model, _ = load_checkpoint(run / "model" / "best.pt")
+    x = to_network_input(PatchArray.of(run, [f"sub-t{i:02d}/L1_ct.npy" for i in order])[:], "small")
+    A = []
+    h = model.down_tr512.register_forward_hook(lambda m, i, o: A.append(o.detach().clone()))
+    with torch.no_grad():
+        for s in range(0, len(x), 4):                                # the pass's batches of 4
+            model(x[s:s + 4])
+    h.remove()
+    np.testing.assert_array_equal(art.dissection.T, _ref_T(torch.cat(A).numpy(), 0.01))
+    exported = export_units(run, top=2, top_fp=1, k=3, nifti_top=0, progress=False)
+    assert exported.exemplars is not None
+    one = D.dissect_run(run, "dissect", 0.01, progress=False)             # one split still works
+    assert one.meta["split"] == "dissect" and len(one.samples) == 6
+
+
+def test_a_store_without_a_dissect_split_defaults_to_test(small_run):
+    assert D.default_split(small_run) == "test"
+
+
+def test_a_set_without_true_or_false_positives_still_runs(small_run, tmp_path):
+    run = _with_splits(small_run, tmp_path / "run", ["test"] * 12)
+    art = D.dissect_run(run, "test", 0.01, threshold=1.1, progress=False)   # nothing predicted positive
+    assert art.ranking_tp is None and art.ranking_fp is None
+    assert "c_k is undefined" in art.reasons["tp"] and "no true-positive predictions" in art.reasons["tp"]
+    assert "no false-positive predictions" in art.reasons["fp"]
+    assert art.ranking_status("fp") == art.reasons["fp"]
+    assert not (art.folder / "ranking_tp.csv").exists() and not (art.folder / "ranking_fp.csv").exists()
+    meta = json.loads((art.folder / "meta.json").read_text())
+    assert meta["rankings"]["tp"]["defined"] is False and meta["rankings"]["tp"]["n"] == 0
+    # no fractures at all: no TP ranking, the FP ranking stands (everything predicted positive)
+    manifest = pd.read_csv(run / "patches" / "manifest.csv", dtype=str, keep_default_na=False)
+    manifest["fracture"], manifest["grade"] = "0", "0"
+    manifest.to_csv(run / "patches" / "manifest.csv", index=False)
+    art = D.dissect_run(run, "test", 0.01, threshold=0.0, progress=False, B=50)
+    assert art.ranking_tp is None and "no true-positive" in art.reasons["tp"]
+    assert art.ranking_fp is not None and art.meta["rankings"]["fp"]["n"] == 12
+    assert art.ranking_fp["delta"].isna().all() and art.meta["rankings"]["fp"]["key"] == "c_fp"
+    export_units(run, top=2, top_fp=1, k=2, nifti_top=0, progress=False)
+
+
+def test_a_layer_without_a_grid_names_the_layer_and_its_shape(small_run, tmp_path):
+    from vfcore.checkpoint import save_checkpoint
+    from vfcore.model import Preset, build_model
+
+    run = _with_splits(small_run, tmp_path / "run", ["test"] * 12)
+    D.dissect_run(run, "test", 0.01, progress=False, B=10)
+    with pytest.raises(D.LayerGridError, match=r"layer 'classifier.0'.*no spatial grid") as err:
+        D.dissect_run(run, "test", 0.01, layer="classifier.0", progress=False)   # nn.Flatten
+    import re
+    assert "preset 'small'" in str(err.value) and re.search(r"shape \[1, \d+\]", str(err.value))
+    assert (run / "dissection" / "meta.json").is_file()           # the earlier dissection is kept
+    one = Preset("one_cube", crop=16, zoom=2, base=2, head=(4,), mlp=(4,), dropout=0.0)
+    torch.manual_seed(0)
+    save_checkpoint(run / "model" / "best.pt", build_model(one))
+    with pytest.raises(D.LayerGridError, match=r"preset 'one_cube', layer 'down_tr512'.*1x1x1 grid") as err:
+        D.dissect_run(run, "test", 0.01, progress=False)
+    assert "32x1x1x1" in str(err.value)
+    from vfcore.errors import GeometryError
+    assert isinstance(err.value, GeometryError)
+    # the check itself, on shapes
+    assert D.check_layer_grid("x", (2, 5, 4, 4, 4)) == (4, 4, 4)
+    with pytest.raises(D.LayerGridError, match="4x1x4"):
+        D.check_layer_grid("x", (2, 5, 4, 1, 4))
+
+
+def test_out_of_field_analysis_of_a_dissected_run(small_run, tmp_path):
+    from vfcore import shortcut as S
+
+    run = _with_splits(small_run, tmp_path / "run", ["test"] * 6 + ["dissect"] * 6)
+    manifest = pd.read_csv(run / "patches" / "manifest.csv", dtype=str, keep_default_na=False)
+    manifest["out_of_field"] = [f"{v:.2f}" for v in np.linspace(0, 0.55, 12)]
+    manifest.to_csv(run / "patches" / "manifest.csv", index=False)
+    art = D.dissect_run(run, q_tail=0.01, progress=False, B=10)
+    a = S.run_out_of_field(run)
+    assert a.bins["n"].sum() == 12 and a.threshold == art.meta["threshold"]
+    np.testing.assert_allclose(a.samples["out_of_field"], art.samples["out_of_field"])
+    (art.folder / "samples.csv").write_text(art.samples.drop(columns="out_of_field").to_csv(index=False))
+    b = S.run_out_of_field(run)                        # older samples.csv: joined with the manifest
+    np.testing.assert_allclose(b.samples["out_of_field"], a.samples["out_of_field"])
+    pd.testing.assert_frame_equal(a.bins, b.bins)

@@ -46,17 +46,20 @@ from .capture import DEFAULT_LAYER, layer_names, find_layer, capture, evaluating
 from .quantile import (Q_TAIL_PAPER, Q_TAIL_PUBLISHED, SPARSE_TAIL_FRACTION, tail_size,
                        TopQuantile, SampledQuantile, q_table, tail_fraction,
                        sketch_comparison)
-from .dissection import Dissection, dissect, example_units
+from .dissection import (Dissection, dissect, example_units, LayerGridError, layer_output_shape,
+                         check_layer_grid, check_layer)
 from .ranking import (UndefinedCorrelationError, M_k, enabled_sets, relevance, top_units, outcomes,
                       SUBSET_NAMES, correlation, rank_units, rank_false_positives,
-                      EXEMPLAR_SCORES, exemplars)
+                      MIN_RANKING_N, BOOTSTRAP_B, BOOTSTRAP_SEED, bootstrap_c, tie_counts,
+                      ranking_note, ranking_summary, EXEMPLAR_SCORES, exemplars)
 from .geometry import (VIEWS, AIR_HU, upsample_to_patch, patch_mask, best_slice,
                        canonical_patch_affine, patch_world_affine, write_nifti_exemplar,
                        concept_group, concept_overlap, vertebra_overlap)
 from .artifacts import (FORMAT, NOTEBOOK_03, NOTEBOOK_04, IDENTITY, dissection_dir,
                         network_field, save_dissection, load_dissection, DissectionArtifacts,
                         load_artifacts, Network, load_network, write_artifacts, dissect_run,
-                        concept_names)
+                        concept_names, DISSECT_SPLIT, split_names, parse_split, split_name,
+                        default_split, load_dissection_set)
 
 __all__ = [
     'DEFAULT_LAYER', 'layer_names', 'find_layer', 'capture', 'evaluating', 'activations',
@@ -70,5 +73,8 @@ __all__ = [
     'vertebra_overlap', 'FORMAT', 'NOTEBOOK_03', 'NOTEBOOK_04', 'IDENTITY', 'dissection_dir',
     'network_field', 'save_dissection', 'load_dissection', 'DissectionArtifacts',
     'load_artifacts', 'Network', 'load_network', 'write_artifacts', 'dissect_run',
-    'concept_names',
+    'concept_names', 'LayerGridError', 'layer_output_shape', 'check_layer_grid', 'check_layer',
+    'MIN_RANKING_N', 'BOOTSTRAP_B', 'BOOTSTRAP_SEED', 'bootstrap_c', 'tie_counts', 'ranking_note',
+    'ranking_summary', 'DISSECT_SPLIT', 'split_names', 'parse_split', 'split_name', 'default_split',
+    'load_dissection_set',
 ]

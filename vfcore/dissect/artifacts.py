@@ -1,8 +1,9 @@
 """The dissection's artifacts in the run folder (``RunFolder.dissection``; written by notebook
 03, completed by notebook 04's exports, read by the explorer of notebook 05).
 
-:func:`dissect_run` dissects a run's best checkpoint on one split and writes the artifacts
-with their identity (checkpoint, split, q, layer, patch manifest); :func:`load_artifacts`
+:func:`dissect_run` dissects a run's best checkpoint on a dissection set (one split or a union
+of held-out splits, e.g. ``"test+dissect"``) and writes the artifacts with their identity
+(checkpoint, split, q, layer, patch manifest); :func:`load_artifacts`
 reads them back and names the notebook to run when one is missing or stale. The exemplar
 collages and NIfTI files are written by :func:`vfcore.export.export_units` (a layer above
 ``vfcore.viz``: this package draws nothing).
@@ -16,7 +17,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,9 +30,10 @@ from vfcore.errors import (CorruptFileError, DataValueError, MissingArtifactErro
 from vfcore.metrics import outcome_names
 from vfcore.run import ARTIFACTS, RunFolder, notebook_path
 
-from .dissection import Dissection, dissect
+from .dissection import Dissection, check_layer, dissect
 from .quantile import Q_TAIL_PAPER, _check_q
-from .ranking import UndefinedCorrelationError, outcomes, rank_false_positives, rank_units
+from .ranking import (BOOTSTRAP_B, BOOTSTRAP_SEED, UndefinedCorrelationError, outcomes,
+                      rank_false_positives, rank_units, ranking_summary)
 
 
 FORMAT = 1
@@ -39,6 +41,67 @@ NOTEBOOK_03 = notebook_path("thresholds")
 NOTEBOOK_04 = notebook_path("ranking")
 #: What identifies a dissection: a different value makes every artifact stale.
 IDENTITY = ("checkpoint_sha256", "split", "q_tail", "layer", "manifest_sha256")
+
+
+#: The split of scans written only for dissection (never trained or validated on).
+DISSECT_SPLIT = "dissect"
+
+
+def split_names() -> tuple[str, ...]:
+    """The split names a dissection set may combine, in their canonical order: the patch
+    store's splits (``vfcore.data.SPLITS``) and :data:`DISSECT_SPLIT`."""
+    from vfcore.data import SPLITS
+
+    return tuple(SPLITS) + tuple(s for s in (DISSECT_SPLIT,) if s not in SPLITS)
+
+
+def parse_split(split: str | Sequence[str]) -> tuple[str, ...]:
+    """The splits of a dissection set: ``"test"``, ``"test+dissect"`` or ``("test", "dissect")``
+    -> ``("test", "dissect")`` (canonical order, no repeats); an unknown name ->
+    :class:`DataValueError`."""
+    names = split.split("+") if isinstance(split, str) else [str(s) for s in split]
+    names = [n.strip() for n in names]
+    known = split_names()
+    unknown = [n for n in names if n not in known]
+    if not names or unknown or "" in names:
+        raise DataValueError(f"split {split!r}", f"unknown split {unknown or names}; choose one of "
+                             f"{known} or several joined by '+', e.g. 'test+{DISSECT_SPLIT}'")
+    return tuple(s for s in known if s in names)
+
+
+def split_name(split: str | Sequence[str]) -> str:
+    """The canonical name of a dissection set, as recorded in meta.json: ``"test+dissect"``."""
+    return "+".join(parse_split(split))
+
+
+def _labelled(manifest: pd.DataFrame) -> pd.Series:
+    return pd.to_numeric(manifest["fracture"], errors="coerce").isin([0, 1])
+
+
+def default_split(run_dir: str | Path) -> str:
+    """The held-out dissection set of a run: ``"test+dissect"`` when the patch store has
+    labelled vertebrae in the ``dissect`` split (scans written only for dissection), else
+    ``"test"``. Never the training split."""
+    from vfcore.data import read_store
+
+    manifest = read_store(run_dir)
+    has = (manifest["split"] == DISSECT_SPLIT) & _labelled(manifest)
+    return split_name(("test", DISSECT_SPLIT)) if has.any() else "test"
+
+
+def load_dissection_set(run_dir: str | Path, split: str | Sequence[str]):
+    """The labelled vertebrae of a dissection set: (patches [N, 96, 96, 96] int16 HU, lazy
+    ``vfcore.data.PatchArray``; labels [N] 0/1; manifest rows with a fresh index 0..N-1).
+    Rows come split by split in canonical order (:func:`parse_split`), each in manifest order;
+    rows without a label (``x``, ungraded) are left out, as in ``vfcore.data.load_split``."""
+    from vfcore.data import PatchArray, read_store
+
+    manifest = read_store(run_dir)
+    keep = _labelled(manifest)
+    rows = pd.concat([manifest[(manifest["split"] == s) & keep] for s in parse_split(split)],
+                     ignore_index=True)
+    labels = pd.to_numeric(rows["fracture"]).to_numpy(dtype=np.int64)
+    return PatchArray.of(run_dir, rows["ct_path"]), labels, rows
 
 
 def dissection_dir(run_dir: str | Path) -> Path:
@@ -132,6 +195,19 @@ class DissectionArtifacts:
     def field(self) -> tuple[slice, slice, slice]:
         return tuple(slice(a, b) for a, b in self.meta["field"])
 
+    def ranking_status(self, which: str = "tp") -> str:
+        """What to print above the ``"tp"`` or ``"fp"`` ranking: the reason it is undefined,
+        the small-n warning, or "" when it stands on at least MIN_RANKING_N samples."""
+        info = self.meta.get("rankings", {}).get(which, {})
+        if not info.get("defined", False):
+            return info.get("reason", "") or f"no {which} ranking"
+        return info.get("note", "")
+
+    @property
+    def reasons(self) -> dict[str, str]:
+        """``{"tp": reason, "fp": reason}``: why a ranking is undefined ("" where defined)."""
+        return {w: ("" if i.get("defined") else i.get("reason", "")) for w, i in self.meta["rankings"].items()}
+
     def exemplar_list(self, unit: int, subset: str = "positive") -> list[int]:
         """Sample indices (rows of ``samples``) of a unit's exemplars in ``subset``."""
         if self.exemplars is None:
@@ -148,7 +224,9 @@ def _missing(path: Path, notebook: str, what: str) -> MissingArtifactError:
 def load_artifacts(run_dir: str | Path, expect: Mapping | None = None,
                    require_exports: bool = False) -> DissectionArtifacts:
     """Read ``<run>/dissection/``; check it against ``expect`` (any of ``checkpoint_sha256``,
-    ``split``, ``q_tail``, ``layer``, ``manifest_sha256``, ``n_samples``).
+    ``split`` (any spelling :func:`parse_split` reads; None = any), ``q_tail``, ``layer``,
+    ``manifest_sha256``, ``n_samples``). A ranking where c_k is undefined (no TP, no FP) is
+    None, with the reason in ``meta["rankings"][which]["reason"]`` (:meth:`DissectionArtifacts.ranking_status`).
 
     Raises :class:`MissingArtifactError` naming the notebook that makes a missing file, and
     :class:`StaleArtifactError` when the artifacts come from other inputs (another checkpoint,
@@ -169,7 +247,10 @@ def load_artifacts(run_dir: str | Path, expect: Mapping | None = None,
         if want is None:
             continue
         have = meta.get(key)
-        same = math.isclose(float(have), float(want)) if key == "q_tail" and have is not None else have == want
+        if key == "split":
+            want = split_name(want)
+        numeric = key in ("q_tail", "threshold") and have is not None
+        same = math.isclose(float(have), float(want)) if numeric else have == want
         if not same:
             raise StaleArtifactError(meta_path, f"stale: made with {key} = {have!r}, expected "
                                      f"{want!r}: run {NOTEBOOK_03} again (parameters of this run)")
@@ -246,7 +327,8 @@ def load_network(run_dir: str | Path, checkpoint: str | Path | None = None,
 
 def _samples_table(rows: pd.DataFrame, labels: np.ndarray, d: Dissection, threshold: float) -> pd.DataFrame:
     table = pd.DataFrame({"index": np.arange(d.n_samples)})
-    for col in ("case", "label", "level", "grade", "ct_path", "mask_path", "concept_path"):
+    for col in ("case", "label", "level", "grade", "split", "out_of_field", "ct_path", "mask_path",
+                "concept_path"):
         if col in rows:
             table[col] = rows[col].to_numpy()
     table["fracture"] = np.asarray(labels, dtype=int)
@@ -263,10 +345,13 @@ def _relative_to(path: Path, root: Path) -> str:
 
 
 def write_artifacts(run_dir: str | Path, d: Dissection, identity: Mapping, rows: pd.DataFrame,
-                    labels, threshold: float = 0.5, extra: Mapping | None = None) -> Path:
+                    labels, threshold: float = 0.5, extra: Mapping | None = None,
+                    B: int = BOOTSTRAP_B, seed: int = BOOTSTRAP_SEED) -> Path:
     """Write a dissection's artifacts into ``<run>/dissection/`` (see :func:`dissect_run`):
-    arrays, ``samples.csv`` (``rows``: the split's manifest rows, in sample order), the two
-    rankings where defined, and ``meta.json`` last (``identity`` + ``extra`` + counts)."""
+    arrays, ``samples.csv`` (``rows``: the set's manifest rows, in sample order), the two
+    rankings where defined (c_k intervals from ``B`` bootstrap resamples, ``seed``), and
+    ``meta.json`` last (``identity`` + ``extra`` + counts + per ranking ``defined``, ``n``,
+    ``reason``, ``small_n``, ``note``, ``ties``, ``bootstrap``)."""
     from vfcore.io import atomic_write, versions, write_json
 
     folder = dissection_dir(run_dir)
@@ -279,17 +364,20 @@ def write_artifacts(run_dir: str | Path, d: Dissection, identity: Mapping, rows:
         samples.to_csv(f, index=False, lineterminator="\n")
     o = outcomes(labels, d.probability, threshold)
     rankings = {}
-    for which, make in (("tp", lambda: rank_units(d, labels, "tp", threshold)),
-                        ("fp", lambda: rank_false_positives(d, labels, threshold))):
+    for which, make in (("tp", lambda: rank_units(d, labels, "tp", threshold, B, seed)),
+                        ("fp", lambda: rank_false_positives(d, labels, threshold, B, seed))):
         try:
             table = make()
         except UndefinedCorrelationError as e:
             (folder / f"ranking_{which}.csv").unlink(missing_ok=True)
-            rankings[which] = {"defined": False, "n": 0, "reason": e.problem}
+            rankings[which] = {"defined": False, "n": 0, "reason": e.problem, "small_n": True,
+                               "note": e.problem}
             continue
         with atomic_write(folder / f"ranking_{which}.csv", "w") as f:
             table.to_csv(f, index=False, lineterminator="\n", float_format="%.9g")
-        rankings[which] = {"defined": True, "n": int(o[which].sum()), "reason": ""}
+        key = "c_k" if which == "tp" else ("delta" if o["tp"].any() else "c_fp")
+        rankings[which] = {"defined": True, "reason": "", **ranking_summary(table, key, which),
+                           "bootstrap": _bootstrap(B, seed)}
     meta = {
         "format": FORMAT, **{k: identity[k] for k in IDENTITY}, "dissection_id": _identity_id(identity),
         "checkpoint": ARTIFACTS["checkpoint"].rel, "preset": None, "field": None,
@@ -297,8 +385,10 @@ def write_artifacts(run_dir: str | Path, d: Dissection, identity: Mapping, rows:
         **(extra or {}),
         "n_samples": d.n_samples, "n_units": d.n_units, "spatial_shape": list(d.spatial_shape),
         "n_values_per_unit": d.n_samples * int(np.prod(d.spatial_shape)),
-        "threshold": threshold, "ranking_subset": "tp",
+        "threshold": threshold, "ranking_subset": "tp", "bootstrap": _bootstrap(B, seed),
+        "splits": list(parse_split(identity["split"])),
         "counts": {k: int(v.sum()) for k, v in o.items()},
+        "split_counts": _split_counts(samples),
         "rankings": rankings,
         "degenerate": {k: [int(u) for u in np.flatnonzero(v)] for k, v in d.flags.items()},
         "seconds": round(d.seconds, 3),
@@ -309,11 +399,37 @@ def write_artifacts(run_dir: str | Path, d: Dissection, identity: Mapping, rows:
     return folder
 
 
-def dissect_run(run_dir: str | Path, split: str = "test", q_tail: float = Q_TAIL_PAPER, *,
-                batch_size: int | None = None, checkpoint: str | Path | None = None,
-                layer: str | None = None, device: str | None = None, threshold: float = 0.5,
-                force: bool = False, progress: bool = True) -> DissectionArtifacts:
-    """Notebook 03's step: dissect the run's checkpoint on one split and write the artifacts.
+def _bootstrap(B: int, seed: int) -> dict:
+    """How the c_k intervals were made (meta.json ``bootstrap``)."""
+    return {"B": int(B), "seed": int(seed), "level": 0.95, "method": "percentile"}
+
+
+def _split_counts(samples: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Per split of the set: vertebrae, fractures and TP/FP/TN/FN (samples.csv's columns)."""
+    if "split" not in samples:
+        return {}
+    out = {}
+    for name, group in samples.groupby("split", sort=False):
+        counts = group["outcome"].value_counts()
+        out[str(name)] = {"n": len(group), "positive": int(group["fracture"].sum()),
+                          **{k.lower(): int(counts.get(k, 0)) for k in ("TP", "FP", "TN", "FN")}}
+    return out
+
+
+def dissect_run(run_dir: str | Path, split: str | Sequence[str] | None = None,
+                q_tail: float = Q_TAIL_PAPER, *, batch_size: int | None = None,
+                checkpoint: str | Path | None = None, layer: str | None = None,
+                device: str | None = None, threshold: float = 0.5, force: bool = False,
+                progress: bool = True, B: int = BOOTSTRAP_B, seed: int = BOOTSTRAP_SEED) -> DissectionArtifacts:
+    """Notebook 03's step: dissect the run's checkpoint on a dissection set and write the artifacts.
+
+    ``split``: one split (``"test"``), a union as ``"test+dissect"`` or ``("test", "dissect")``
+    (recorded in meta.json as the canonical ``"test+dissect"``, with ``splits`` and
+    ``split_counts``), or None = :func:`default_split` (the held-out union when the store has
+    a ``dissect`` split, else ``"test"``). A set without true or false positives still runs:
+    that ranking is absent and meta.json says why. A layer without a grid to dissect raises
+    :class:`~vfcore.dissect.dissection.LayerGridError` naming the preset, layer and shape,
+    before anything is removed.
 
     Writes ``<run>/dissection/``: ``thresholds.npz``, ``stats.npz``, ``tail.npz``,
     ``samples.csv``, ``ranking_tp.csv``, ``ranking_fp.csv`` (when defined), and ``meta.json``
@@ -323,22 +439,28 @@ def dissect_run(run_dir: str | Path, split: str = "test", q_tail: float = Q_TAIL
     """
     import shutil
 
-    from vfcore.data import load_split
     from vfcore.io import sha256_file
 
     run_dir = Path(run_dir)
     q_tail = _check_q(q_tail)
     ckpt = checkpoint_path(run_dir, checkpoint)
     manifest = RunFolder(run_dir).require("manifest")
+    split = split_name(default_split(run_dir) if split is None else split)
     identity = {"checkpoint_sha256": sha256_file(ckpt), "split": split, "q_tail": q_tail,
                 "manifest_sha256": sha256_file(manifest)}
     model, preset, transform = network(ckpt)
     identity["layer"] = layer or preset.dissect_layer
-    if not force:
+    if not force:     # reused only when the rankings were made with this threshold and bootstrap
         try:
-            return load_artifacts(run_dir, expect=identity)
+            return load_artifacts(run_dir, expect={**identity, "threshold": threshold,
+                                                   "bootstrap": _bootstrap(B, seed)})
         except VfcoreError:
             pass
+    patches, labels, rows = load_dissection_set(run_dir, split)
+    labels = np.asarray(labels, dtype=int)
+    if len(labels) == 0:
+        raise DataValueError(manifest, f"split {split!r} has no labelled vertebrae")
+    check_layer(model, identity["layer"], patches[:1], transform, where=f"preset {preset.name!r}")
     folder = dissection_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     RunFolder(run_dir).path("dissection_meta").unlink(missing_ok=True)   # incomplete until it lands
@@ -347,10 +469,6 @@ def dissect_run(run_dir: str | Path, split: str = "test", q_tail: float = Q_TAIL
     for old in ("collages", "nifti"):
         shutil.rmtree(folder / old, ignore_errors=True)
 
-    patches, labels, rows = load_split(run_dir, split)
-    labels = np.asarray(labels, dtype=int)
-    if len(labels) == 0:
-        raise DataValueError(manifest, f"split {split!r} has no labelled vertebrae")
     if batch_size is None:
         batch_size = 128 if torch.cuda.is_available() and device != "cpu" else 16
     d = dissect(model, patches, identity["layer"], q_tail=q_tail, batch_size=batch_size,
@@ -359,7 +477,7 @@ def dissect_run(run_dir: str | Path, split: str = "test", q_tail: float = Q_TAIL
     write_artifacts(run_dir, d, identity, rows, labels, threshold=threshold, extra={
         "checkpoint": _relative_to(ckpt, run_dir), "preset": preset.name,
         "field": [[s.start, s.stop] for s in network_field(preset)],
-        "device": str(pick_device(device)), "batch_size": batch_size})
+        "device": str(pick_device(device)), "batch_size": batch_size}, B=B, seed=seed)
     return load_artifacts(run_dir, expect=identity)
 
 

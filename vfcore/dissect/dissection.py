@@ -16,9 +16,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from vfcore.errors import DataValueError
+from vfcore.errors import DataValueError, GeometryError
 
-from vfcore.forward import forward_batches
+from vfcore.forward import evaluating, find_layer, forward_batches
 
 from .capture import DEFAULT_LAYER
 from .quantile import Q_TAIL_PAPER, TopQuantile, _check_q
@@ -88,6 +88,67 @@ class Dissection:
         return out.reshape(len(units), *self.spatial_shape)
 
 
+class LayerGridError(GeometryError):
+    """A layer whose output has no grid to dissect: no spatial axes (e.g. a linear layer) or an
+    axis of one position (e.g. a 1^3 grid, where M_k cannot say where a unit fires)."""
+
+
+class _Stop(Exception):
+    """Raised by the probe hook to end a forward pass at the probed layer."""
+
+    def __init__(self, shape):
+        self.shape = shape
+
+
+def layer_output_shape(model: torch.nn.Module, layer: str, x: torch.Tensor) -> tuple[int, ...]:
+    """The shape of ``layer``'s output for the network input ``x`` ([B, ...]); the forward pass
+    stops at the layer (eval mode, inference mode), so layers after it never run."""
+    module = find_layer(model, layer)
+
+    def hook(_m, _inp, out):
+        raise _Stop(tuple((out[0] if isinstance(out, (tuple, list)) else out).shape))
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with evaluating(model), torch.inference_mode():
+            model(x)
+    except _Stop as stop:
+        return stop.shape
+    finally:
+        handle.remove()
+    raise LayerGridError(f"layer {layer!r}", "the layer never ran in the forward pass")
+
+
+def check_layer_grid(layer: str, shape: Sequence[int], where: str = "") -> tuple[int, ...]:
+    """The spatial grid of an output shaped [B, K, *spatial], or :class:`LayerGridError` naming
+    the layer (and ``where``, e.g. the preset) and its shape: dissection needs every unit's
+    activation on a grid of at least 2 positions along each spatial axis."""
+    name = f"{where}, layer {layer!r}" if where else f"layer {layer!r}"
+    shape = tuple(int(s) for s in shape)
+    per_sample = "x".join(str(s) for s in shape[1:]) or "a scalar"
+    if len(shape) < 3:
+        raise LayerGridError(name, f"output {per_sample} per sample (shape {list(shape)}) has no spatial "
+                             f"grid: dissect a convolutional layer, output [B, K, d, h, w]")
+    spatial = shape[2:]
+    if min(spatial) < 2:
+        grid = "x".join(str(s) for s in spatial)
+        raise LayerGridError(name, f"output {per_sample} per sample (shape {list(shape)}) is a {grid} grid: "
+                             f"with one position along an axis, M_k cannot say where a unit fires; "
+                             f"dissect an earlier layer or a preset with a larger input")
+    return spatial
+
+
+def check_layer(model: torch.nn.Module, layer: str, sample, transform: Callable | None = None,
+                where: str = "") -> tuple[int, ...]:
+    """Probe ``layer`` with one sample (``sample`` [1, ...], on the model's device after
+    ``transform``) -> its spatial grid; :class:`LayerGridError` when it cannot be dissected."""
+    t = sample if isinstance(sample, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(sample))
+    device = next(model.parameters(), torch.empty(0)).device
+    x = t.to(device)
+    x = transform(x) if transform is not None else x
+    return check_layer_grid(layer, layer_output_shape(model, layer, x), where)
+
+
 def dissect(model: torch.nn.Module, data, layer: str = DEFAULT_LAYER, *,
             q_tail: float = Q_TAIL_PAPER, batch_size: int = 64,
             transform: Callable | None = None, device: str | torch.device | None = None,
@@ -111,6 +172,7 @@ def dissect(model: torch.nn.Module, data, layer: str = DEFAULT_LAYER, *,
     n = len(data)
     if n == 0:
         raise DataValueError("data", "no samples to dissect")
+    check_layer(model, layer, data[:1], transform)           # a clear error before the pass
     part = PassState(TopQuantile(q_tail, n_samples=n))
     start = time.perf_counter()
     for out in forward_batches(model, data, [layer], batch_size=batch_size, transform=transform,

@@ -2,6 +2,10 @@
 
 c_k = |{x in P : k in E_x}| / |P| (Eq. 1) over the true-positive predictions P (the paper),
 the false-positive variant divided by |FP|, and r_k(x) = sum(M_k(x) * A_k(x)) (Eq. 2).
+
+c_k is a proportion over |P| samples, so it moves in steps of 1/|P|: every ranking records its
+n, a bootstrap 95 % interval of c_k (:func:`bootstrap_c`), how many units share a value
+(:func:`tie_counts`), and a flag when n < :data:`MIN_RANKING_N` (:func:`ranking_summary`).
 """
 from __future__ import annotations
 
@@ -62,9 +66,116 @@ def correlation(enabled: np.ndarray, subset: np.ndarray, name: str = "subset") -
     subset = np.asarray(subset, dtype=bool)
     n = int(subset.sum())
     if n == 0:
-        raise UndefinedCorrelationError(name, f"c_k is undefined: the split has no "
+        raise UndefinedCorrelationError(name, f"c_k is undefined: the dissection set has no "
                                         f"{SUBSET_NAMES.get(name, name)} (0 of {len(subset)} samples)")
     return enabled[subset].sum(axis=0) / n
+
+
+#: A ranking over fewer samples than this is flagged (``small_n``): c_k moves in steps of 1/n.
+MIN_RANKING_N = 5
+#: Bootstrap resamples for the interval of c_k, and the seed of their generator.
+BOOTSTRAP_B = 1000
+BOOTSTRAP_SEED = 0
+_BOOTSTRAP_DRAWS = 1 << 21                                  # draws held at once (16 MB of int64)
+
+
+def bootstrap_c(enabled: np.ndarray, subset: np.ndarray, B: int = BOOTSTRAP_B, seed: int = BOOTSTRAP_SEED,
+                level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap interval of c_k (Eq. 1) over the samples of ``subset``.
+
+    ``enabled`` [N, K] bool (k in E_x), ``subset`` [N] bool with n samples. Each of the ``B``
+    resamples draws n of the subset's samples with replacement
+    (``numpy.random.default_rng(seed).integers(0, n, (B, n))``) and recomputes c_k; the interval
+    is the (1 - level)/2 and (1 + level)/2 percentiles of the B values (``numpy.percentile``,
+    linear). Vectorised: the draws become counts [B, n] (how often each sample was drawn),
+    and c^b = counts @ E / n is one matrix product (in blocks of resamples, so memory stays
+    bounded for any n). Returns (c_low [K], c_high [K]).
+    Raises :class:`UndefinedCorrelationError` for an empty subset.
+    """
+    E = np.asarray(enabled, dtype=bool)[np.asarray(subset, dtype=bool)].astype(np.float64)   # [n, K]
+    n = len(E)
+    if n == 0:
+        raise UndefinedCorrelationError("subset", "no bootstrap interval: the subset is empty")
+    rng = np.random.default_rng(seed)
+    c = np.empty((B, E.shape[1]))
+    step = max(1, _BOOTSTRAP_DRAWS // n)                    # resamples per block: bounded memory
+    for s in range(0, B, step):
+        b = min(step, B - s)
+        draws = rng.integers(0, n, size=(b, n))             # the same stream as one (B, n) draw
+        counts = np.bincount((draws + n * np.arange(b)[:, None]).ravel(), minlength=b * n).reshape(b, n)
+        c[s:s + b] = counts.astype(np.float64) @ E / n                                   # [b, K]
+    tail = round(50 * (1 - level), 9)                      # 2.5 for 95 %, not 2.5000000000000022
+    low, high = np.percentile(c, [tail, 100 - tail], axis=0)
+    return low, high
+
+
+def tie_counts(values: np.ndarray, decimals: int = 12) -> np.ndarray:
+    """For every unit, how many units (itself included) share its value (rounded to
+    ``decimals``, so 0.3 - 0.1 and 0.2 count as one value; NaN never ties)."""
+    v = np.round(np.asarray(values, dtype=np.float64), decimals)
+    out = np.ones(len(v), dtype=int)
+    ok = ~np.isnan(v)
+    _, inverse, counts = np.unique(v[ok], return_inverse=True, return_counts=True)
+    out[ok] = counts[inverse]
+    return out
+
+
+def ranking_note(n: int, subset: str) -> str:
+    """The message notebooks and the explorer print above a ranking over n samples ("" when
+    n >= MIN_RANKING_N)."""
+    if n >= MIN_RANKING_N:
+        return ""
+    what = SUBSET_NAMES.get(subset, subset)
+    return (f"only {n} {what}: c_k moves in steps of 1/{n}, so this ranking is anecdotal "
+            f"(fewer than {MIN_RANKING_N} samples); read its units as examples, not as a ranking")
+
+
+TIE_BREAK = {"c_k": "mean r_k over the subset, then unit index", "delta": "c_fp, then unit index",
+             "c_fp": "mean r_k over the false positives, then unit index"}
+
+
+def ranking_summary(table: pd.DataFrame, key: str, subset: str, top: int = 10) -> dict:
+    """What meta.json records of a ranking (``table`` sorted, with columns ``n``, ``ties`` and
+    the sort ``key``): ``n``, ``small_n``, ``note`` (:func:`ranking_note`) and ``ties``:
+    ``top``, ``distinct_values`` (among the top ``top`` values of ``key``),
+    ``units_sharing_top_values`` (all units whose value is one of them), ``tied_across_cut``
+    (units below rank ``top`` that share the value at rank ``top``: the cut is arbitrary), and a
+    ``note``."""
+    n = int(table["n"].iloc[0]) if len(table) else 0
+    head = np.round(table[key].head(top).to_numpy(dtype=np.float64), 12)
+    values = np.round(table[key].to_numpy(dtype=np.float64), 12)
+    sharing = int(np.isin(values, head).sum())
+    across = int((values[len(head):] == head[-1]).sum()) if len(head) else 0
+    distinct = int(len(np.unique(head)))
+    tie_break = TIE_BREAK.get(key, "unit index")
+    note = (f"the top {len(head)} units have {distinct} distinct {key} values, shared by {sharing} units; "
+            f"{across} unit(s) below rank {len(head)} tie with rank {len(head)}; ties are ordered by {tie_break}")
+    return {"n": n, "subset": subset, "key": key, "small_n": n < MIN_RANKING_N, "note": ranking_note(n, subset),
+            "ties": {"top": len(head), "distinct_values": distinct, "units_sharing_top_values": sharing,
+                     "tied_across_cut": across, "tie_break": tie_break, "note": note}}
+
+
+def _competition_rank(values: np.ndarray, decimals: int = 12) -> np.ndarray:
+    """For a sorted (descending) column: the rank of the first unit with the same value
+    ("1224" ranking: tied units share the best rank)."""
+    v = np.round(np.asarray(values, dtype=np.float64), decimals)
+    first = np.r_[True, v[1:] != v[:-1]]
+    return np.maximum.accumulate(np.where(first, np.arange(1, len(v) + 1), 0))
+
+
+def _add_counts(table: pd.DataFrame, key: str, n: int, low: np.ndarray, high: np.ndarray,
+                prefix: str) -> pd.DataFrame:
+    """Insert the interval, n, tie and small-n columns after ``key`` (table sorted by ``rank``)."""
+    units = table["unit"].to_numpy()
+    at = table.columns.get_loc(prefix if prefix in table else key) + 1
+    name = "c" if prefix == "c_k" else prefix
+    for offset, (col, values) in enumerate(((f"{name}_low", low[units]), (f"{name}_high", high[units]))):
+        table.insert(at + offset, col, values)
+    table["n"] = n
+    table["ties"] = tie_counts(table[key].to_numpy())
+    table["tied_rank"] = _competition_rank(table[key].to_numpy())
+    table["small_n"] = n < MIN_RANKING_N
+    return table
 
 
 def _order(primary: np.ndarray, secondary: np.ndarray) -> np.ndarray:
@@ -84,17 +195,22 @@ def _mean_r(d: Dissection, subset: np.ndarray) -> np.ndarray:
     return d.r[subset].mean(axis=0) if subset.any() else np.full(d.n_units, np.nan)
 
 
-def rank_units(d: Dissection, labels, subset: str = "tp", threshold: float = 0.5) -> pd.DataFrame:
+def rank_units(d: Dissection, labels, subset: str = "tp", threshold: float = 0.5,
+               B: int = BOOTSTRAP_B, seed: int = BOOTSTRAP_SEED) -> pd.DataFrame:
     """Units sorted by c_k over ``subset`` (``"tp"``: true-positive predictions, the paper;
     ``"positive"``: ground-truth fractures, what the published code did).
 
-    Columns: ``rank`` (1 = most correlated), ``unit``, ``c_k`` (the sort key), ``c_tp``,
-    ``c_positive``, ``c_fp``, ``c_all``, ``mean_r`` (mean r_k over the subset; ties in c_k are
-    broken by it, then by unit index), ``T_k``, ``realised_tail``, ``degenerate``.
+    Columns: ``rank`` (1 = most correlated), ``unit``, ``c_k`` (the sort key), ``c_low``,
+    ``c_high`` (bootstrap 95 % interval of c_k, :func:`bootstrap_c` with ``B``, ``seed``),
+    ``c_tp``, ``c_positive``, ``c_fp``, ``c_all``, ``mean_r`` (mean r_k over the subset; ties
+    in c_k are broken by it, then by unit index), ``T_k``, ``realised_tail``, ``degenerate``,
+    ``n`` (|subset|), ``ties`` (units with the same c_k), ``tied_rank`` (the best rank of its
+    tie group), ``small_n`` (n < MIN_RANKING_N).
     Raises :class:`UndefinedCorrelationError` when the subset is empty.
     """
     o = outcomes(labels, d.probability, threshold)
     c = correlation(d.enabled, o[subset], subset)
+    low, high = bootstrap_c(d.enabled, o[subset], B, seed)
     mean_r = _mean_r(d, o[subset])
     order = _order(c, mean_r)
     table = pd.DataFrame({
@@ -104,18 +220,22 @@ def rank_units(d: Dissection, labels, subset: str = "tp", threshold: float = 0.5
         "mean_r": mean_r, "T_k": d.T.astype(np.float64), "realised_tail": d.realised_tail,
         "degenerate": d.flags["degenerate"]}).iloc[order].reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, d.n_units + 1))
-    return table
+    return _add_counts(table, "c_k", int(o[subset].sum()), low, high, "c_k")
 
 
-def rank_false_positives(d: Dissection, labels, threshold: float = 0.5) -> pd.DataFrame:
+def rank_false_positives(d: Dissection, labels, threshold: float = 0.5,
+                         B: int = BOOTSTRAP_B, seed: int = BOOTSTRAP_SEED) -> pd.DataFrame:
     """Units behind false positives: c_k over the false positives (Eq. 1 with P = FP, divided by
     |FP|), and the differential ``delta = c_fp - c_tp`` (fires more in false than in true
     positives). Sorted by ``delta`` (then c_fp); ``rank`` is that order, ``rank_c_fp`` the
     order by c_fp alone. ``c_tp``/``delta`` are NaN when there are no true positives.
+    ``c_fp_low``/``c_fp_high``: bootstrap 95 % interval of c_fp; ``n`` = |FP|; ``ties``,
+    ``tied_rank`` on ``delta`` (on ``c_fp`` when there is no TP); ``small_n`` as in :func:`rank_units`.
     Raises :class:`UndefinedCorrelationError` when there are no false positives.
     """
     o = outcomes(labels, d.probability, threshold)
     c_fp = correlation(d.enabled, o["fp"], "fp")
+    low, high = bootstrap_c(d.enabled, o["fp"], B, seed)
     c_tp = _c_or_nan(d, o["tp"], "tp")
     delta = c_fp - c_tp
     by_fp = _order(c_fp, _mean_r(d, o["fp"]))
@@ -128,7 +248,8 @@ def rank_false_positives(d: Dissection, labels, threshold: float = 0.5) -> pd.Da
         "T_k": d.T.astype(np.float64), "degenerate": d.flags["degenerate"]}).iloc[order]
     table = table.reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, d.n_units + 1))
-    return table
+    key = "delta" if o["tp"].any() else "c_fp"           # without TP, delta is NaN: c_fp orders
+    return _add_counts(table, key, int(o["fp"].sum()), low, high, "c_fp")
 
 
 # --------------------------------------------------------------------------------------------
