@@ -5,7 +5,7 @@
     vfcore download --release verse19 --target data/verse
     vfcore patches data/phantom runs/phantom        # straightened 96^3 patches + manifest
     vfcore train runs/phantom --preset small        # the classifier (checkpoint, metrics)
-    vfcore dissect runs/phantom --split test        # T_k, c_k, r_k and the exported units
+    vfcore dissect runs/phantom                     # T_k, c_k, r_k and the exported units
     vfcore badges                                   # regenerate Colab/Binder badges
 
 Exit status: 0 everything done; 1 the command ran but part of the work failed (a scan, a
@@ -149,7 +149,7 @@ def _dissect(args) -> int:
                               batch_size=args.batch_size, force=args.force,
                               progress=not args.quiet)
     meta, d = art.meta, art.dissection
-    print(f"dissected layer {meta['layer']} on split {args.split!r}: {d.n_samples} vertebrae, "
+    print(f"dissected layer {meta['layer']} on split {meta['split']!r}: {d.n_samples} vertebrae, "
           f"{d.n_units} units, q = {meta['q_tail']}")
     print(f"dissection: {art.folder}")
     if not args.no_export:  # notebook 04's step: exemplars, collages, NIfTI files
@@ -224,8 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dissect", help="network dissection of the run's checkpoint (T_k, c_k, r_k)")
     p.add_argument("run", help="the run folder (reads the trained checkpoint, writes the dissection)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"),
-                   help="the split whose activations define T_k")
+    p.add_argument("--split", default=None,
+                   help="the split(s) whose activations define T_k: test, val, dissect or a union "
+                        "such as test+dissect (default: test+dissect when the store has "
+                        "dissection-only scans, else test; never train)")
     p.add_argument("--q", type=_tail_fraction, default=0.005, help="P(a_k > T_k); the paper: 0.005")
     p.add_argument("--layer", help="the layer to dissect (default: the preset's)")
     p.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")

@@ -263,7 +263,7 @@ class RunData:
         return int(t.index[hit[0]])
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, split: str = "test", device: str | None = None) -> "RunData":
+    def from_run(cls, run_dir: str | Path, split: str | None = None, device: str | None = None) -> "RunData":
         """Read a run folder (:func:`load_run_data`): the checkpoint, the dissection artifacts
         (notebooks 03/04) and the patch store (notebook 01).
 
@@ -325,8 +325,10 @@ def exported_exemplars(art, n_units: int) -> tuple[dict[int, list[int]], dict[in
     return {u: art.exemplar_list(u, subsets[u]) for u in range(n_units)}, subsets, "exported"
 
 
-def load_run_data(run_dir: str | Path, split: str = "test", device: str | None = None) -> RunData:
-    """:meth:`RunData.from_run`: the run's network and dissection, checked against each other."""
+def load_run_data(run_dir: str | Path, split: str | None = None, device: str | None = None) -> RunData:
+    """:meth:`RunData.from_run`: the run's network and dissection, checked against each other.
+
+    ``split`` None: the run's default dissection set (:func:`vfcore.dissect.default_split`)."""
     from vfcore import dissect as dx
     from vfcore.io import sha256_file
 
@@ -335,6 +337,8 @@ def load_run_data(run_dir: str | Path, split: str = "test", device: str | None =
     checkpoint = run.require("checkpoint")
     net = dx.load_network(run.root)
     checkpoint_sha = sha256_file(checkpoint)
+    if split is None:
+        split = dx.default_split(run.root)
     try:
         art = dx.load_artifacts(run.root, expect={
             "checkpoint_sha256": checkpoint_sha, "split": split, "layer": net.layer,

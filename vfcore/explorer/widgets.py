@@ -570,11 +570,12 @@ class Explorer:
 
 
 def explore(run_dir: str | Path, sample: int | str | None = None, top: int = TOP_UNITS,
-            split: str = "test", device: str | None = None) -> Explorer:
+            split: str | None = None, device: str | None = None) -> Explorer:
     """Open the concept explorer on a run folder (notebook 05).
 
     ``sample``: a row of the sample list (index, or ``"<case> <level>"``); None shows the most
-    confident true positive. A run folder without, with stale or with damaged dissection
+    confident true positive; ``split`` None: the run's dissection set (notebook 03's default).
+    A run folder without, with stale or with damaged dissection
     artifacts gives an explorer whose status line says which file and which notebook to run;
     it never raises.
     """
