@@ -19,7 +19,9 @@ orientation codes, partial field of view, blur, noise).  About 12 % of the verte
 Genant fracture (grade 1-3; wedge, biconcave or crush) with its signs (height loss, endplate
 depression and irregularity, anterior cortical buckling, sclerotic condensation band); the
 confounders (physiological wedging, Schmorl nodes, degenerated discs with endplate sclerosis,
-osteophytes, low bone density) make naive cues fail.  See ``anatomy`` (geometry), ``render``
+osteophytes, low bone density) make naive cues fail.  See ``anatomy`` (geometry and its
+dataclasses), ``sampling`` (drawing a geometry from a seed), ``acquisition`` (spacing,
+orientation, field of view), ``render`` with ``canvas``, ``background`` and ``bones``
 (voxels) and ``concepts`` (the concept mask and per-vertebra concept masks).
 
 Same seed -> byte-identical files.  Scans already complete are skipped on a re-run.
@@ -41,9 +43,10 @@ import pandas as pd
 from vfcore.errors import FormatError
 from vfcore.io import atomic_save, atomic_write, write_json
 
-from .anatomy import GRADE_LOSS, SHAPES, ScanSpec, sample_scan
+from .anatomy import GRADE_LOSS, SHAPES, ScanSpec
 from .concepts import CONCEPTS, TARGET_CONCEPTS, label_table, target_concepts
 from .render import Scan, render_scan
+from .sampling import sample_scan
 
 __all__ = ["CONCEPTS", "DEFAULT_SCANS", "TARGET_CONCEPTS", "GRADE_LOSS", "SHAPES", "Scan",
            "ScanSpec", "case_paths", "make_scan", "read_truth", "render_scan", "sample_scan",
