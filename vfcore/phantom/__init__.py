@@ -55,7 +55,7 @@ __all__ = ["CONCEPTS", "DEFAULT_SCANS", "TARGET_CONCEPTS", "GRADE_LOSS", "SHAPES
 #: Scans in the default data set (about a minute on one CPU core).
 DEFAULT_SCANS = 40
 #: Bumped whenever the drawing changes, so that old scans are redrawn, not reused.
-PHANTOM_VERSION = 2
+PHANTOM_VERSION = 3
 
 _CASE = re.compile(r"^sub-phantom(\d+)$")
 

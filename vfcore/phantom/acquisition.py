@@ -49,14 +49,51 @@ def scan_cost(spacing, size_mm, n_vertebrae: int) -> float:
     return 0.25 + 0.13e-6 * n_out + 0.02 * n_vertebrae * density
 
 
-def field_of_view(rng, verts, spacing, budget_s, pts):
-    """A box around a run of 5-14 consecutive vertebrae whose drawing fits ``budget_s``."""
-    width = float(rng.uniform(110, 125) if min(spacing) < 0.72 and max(spacing) < 1.5
-                  else rng.uniform(120, 150))
+#: Kinds whose in-plane sampling allows a reconstruction over the whole trunk, and how often
+#: they get one (a 512-voxel matrix over the body outline); every other scan is a
+#: spine-centred reconstruction.
+TRUNK_KINDS = ("iso", "coarse")
+TRUNK_SHARE = 0.4
+#: Half the edge of a vertebra patch (96 mm at 1 mm) plus a margin for the spline's frame.
+PATCH_REACH_MM = 48.0 + 4.0
+
+
+def patch_reach(run) -> tuple[np.ndarray, np.ndarray]:
+    """World (x, y) bounds of the 96 mm cubes around the bodies of ``run``, in their frames."""
+    corners = np.array([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)],
+                       dtype=np.float64) * PATCH_REACH_MM
+    pts = np.concatenate([v.frame.to_world(corners) for v in run])
+    return pts[:, :2].min(axis=0), pts[:, :2].max(axis=0)
+
+
+def field_of_view(rng, verts, spacing, budget_s, pts, kind: str, background: dict):
+    """A box around a run of 5-14 consecutive vertebrae whose drawing fits ``budget_s``.
+
+    Cranio-caudally the box cuts the end vertebrae at random (through the body or the disc),
+    as real scans do.  In the axial plane it never cuts a vertebra's 96 mm patch: a
+    spine-centred reconstruction reaches from behind the skin of the back (the body outline)
+    to 55-85 mm in front of the bodies and 125-165 mm across (wider where a patch
+    reaches further); a trunk reconstruction
+    (``TRUNK_SHARE`` of the ``TRUNK_KINDS``) holds the whole body outline, with the in-plane
+    voxel size of a 512 matrix when that is coarser.  Returns ``(lo, hi, spacing, field)``.
+    """
+    trunk = kind in TRUNK_KINDS and rng.random() < TRUNK_SHARE
     n = len(verts)
+    back_skin = max(0.5 * v.D + v.post["canal_ap"] + v.post["lam_t"]
+                    + v.post["sp_len"] * math.cos(math.radians(v.post["sp_angle"])) for v in verts)
+    back_skin += 8.0 + background["fat_back"]             # spine centre -> skin of the back
+    front_skin = 2.0 * background["torso_y"] + back_skin   # the torso ellipse's front
+    if trunk:
+        width = 2.0 * background["torso_a"] + 2.0 * float(rng.uniform(8, 30))
+        depth = back_skin + front_skin + float(rng.uniform(20, 60))
+        s_xy = max(width, depth) / 512.0
+        spacing = tuple(round(max(s, s_xy), 3) if i < 2 else s for i, s in enumerate(spacing))
+    else:
+        width = float(rng.uniform(125, 165))
+        depth = back_skin + float(rng.uniform(2, 15)) + float(rng.uniform(55, 85))
     want = int(rng.integers(8, 15))
     seg = float(np.mean([v.centre_height + level_size("disc", v.q) for v in verts]))
-    while want > 5 and scan_cost(spacing, (width, 150.0, want * seg), want) > budget_s:
+    while want > 5 and scan_cost(spacing, (width, depth, want * seg), want) > budget_s:
         want -= 1
     want = min(want, n)
     first = int(rng.integers(0, n - want + 1))
@@ -71,15 +108,21 @@ def field_of_view(rng, verts, spacing, budget_s, pts):
     else:
         z_bot = bot_v.frame.o[2] - bot_v.H * float(rng.uniform(0.3, 1.5))
     inside = (pts[:, 2] <= z_top + 10) & (pts[:, 2] >= z_bot - 10)
-    cx = float(pts[inside, 0].mean()) + float(rng.uniform(-6, 6))
-    # antero-posterior: from in front of the bodies to about the spinous process tips
-    behind = max(0.5 * v.D + v.post["canal_ap"] + v.post["lam_t"]
-                 + v.post["sp_len"] * math.cos(math.radians(v.post["sp_angle"])) for v in run)
-    y_front = float(pts[inside, 1].max()) + 0.5 * max(v.D for v in run) + float(rng.uniform(15, 40))
-    y_back = float(pts[inside, 1].min()) - behind - float(rng.uniform(-3, 15))
-    lo = (cx - width / 2, y_back, z_bot)
-    hi = (cx + width / 2, y_front, z_top)
+    cx = float(pts[inside, 0].mean())
+    reach_lo, reach_hi = patch_reach([v for v in verts
+                                      if z_bot - 50 <= v.frame.o[2] <= z_top + 50])
+    if trunk:
+        x_lo, x_hi = cx - width / 2, cx + width / 2
+        y_back = float(pts[inside, 1].min()) - back_skin - float(rng.uniform(10, 30))
+        y_front = float(pts[inside, 1].max()) + front_skin + float(rng.uniform(8, 30))
+    else:
+        cx += float(rng.uniform(-6, 6))
+        x_lo, x_hi = cx - width / 2, cx + width / 2
+        y_back = float(pts[inside, 1].min()) - back_skin - float(rng.uniform(2, 15))
+        y_front = float(pts[inside, 1].max()) + float(rng.uniform(55, 85))
+    lo = (min(x_lo, reach_lo[0]), min(y_back, reach_lo[1]), z_bot)
+    hi = (max(x_hi, reach_hi[0]), max(y_front, reach_hi[1]), z_top)
     # snap the box to whole voxels
     shape = [max(8, int(round((h - l) / sp))) for l, h, sp in zip(lo, hi, spacing)]
     hi = tuple(float(l + n_ * sp) for l, n_, sp in zip(lo, shape, spacing))
-    return tuple(float(x) for x in lo), hi
+    return tuple(float(x) for x in lo), hi, spacing, "trunk" if trunk else "spine"

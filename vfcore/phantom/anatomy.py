@@ -307,6 +307,7 @@ class Acquisition:
     noise_hu: float          # noise standard deviation in the final image
     contrast: bool           # contrast-enhanced vessels
     hu_offset: float
+    fov: str = "spine"       # field of view: "spine" (spine-centred) or "trunk" (whole body)
 
 
 @dataclass

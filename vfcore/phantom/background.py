@@ -93,24 +93,31 @@ def draw_background(spec: ScanSpec, grid: Grid, rng: np.random.Generator):
     el = _Slices(grid, ps["cx"], ps["cy"])
     q, W, D, canal = ps["q"], ps["W"], ps["D"], ps["canal"]
     cls = np.full(grid.shape, _VISCERA, dtype=np.uint8)
-    # torso outline: a wide ellipse whose back lies behind the spinous processes; skin and a
-    # layer of subcutaneous fat at the back (evaluated only on the rows near the back)
+    # torso outline: an ellipse (half-width torso_a) whose back lies behind the spinous
+    # processes; inwards from the skin: subcutaneous fat, then the muscle of the back, chest
+    # and abdominal wall (evaluated only on the rows that reach this shell).  The depth below
+    # the skin is measured along the ray from the torso's centre: |d| (1 / rho - 1).
     y_skin = -(ps["back"] + 8.0 + bg["fat_back"])
     yc = bg["torso_y"]
     B = yc - y_skin
-    A = 175.0
-    Ex = (((xo[:, None] - ps["cx"][None, :]) / A) ** 2).astype(F32)        # (nx, nz)
-    Ey = (((yo[:, None] - ps["cy"][None, :] - yc) / B[None, :]) ** 2).astype(F32)   # (ny, nz)
-    thr = ((1.0 - (bg["fat_back"] + 1.0) / B) ** 2).astype(F32)           # E above this: fat
-    rows = np.flatnonzero((Ey + Ex.min(axis=0)[None, :] > thr[None, :]).any(axis=1))
+    A = bg["torso_a"]
+    dx2 = ((xo[:, None] - ps["cx"][None, :]) ** 2).astype(F32)                # (nx, nz)
+    dy2 = ((yo[:, None] - ps["cy"][None, :] - yc) ** 2).astype(F32)           # (ny, nz)
+    Ex, Ey = dx2 / F32(A * A), dy2 / (B * B).astype(F32)[None, :]
+    shell = bg["fat_back"] + bg["wall"] + 1.0
+    thr = ((1.0 - shell / np.maximum(B, A)) ** 2).astype(F32)                 # rho^2 above: shell
+    rows = np.flatnonzero((Ey + Ex.max(axis=0)[None, :] > thr[None, :]).any(axis=1))
     if rows.size:
         j = slice(rows[0], rows[-1] + 1)
-        depth = (F32(1.0) - np.sqrt(Ex[:, None, :] + Ey[None, j, :])) * B.astype(F32)[None, None, :]
+        rho = np.sqrt(Ex[:, None, :] + Ey[None, j, :])
+        depth = np.sqrt(dx2[:, None, :] + dy2[None, j, :]) * (F32(1.0) / np.maximum(rho, F32(1e-3)) - F32(1.0))
+        depth[rho > 1] = -1.0
         view = cls[:, j, :]
+        view[depth < shell - 1.0] = _MUSCLE
         view[depth < bg["fat_back"]] = _FAT
         view[depth < 2.0] = _SKIN
         view[depth < 0] = _AIR
-        del depth
+        del depth, rho
     # paraspinal muscles behind the laminae and transverse processes
     y_c = -(0.5 * D + 0.5 * canal)
     for side in (-1, 1):

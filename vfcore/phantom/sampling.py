@@ -205,6 +205,24 @@ def frame_at(spec_s, spec_p, spec_t, anterior, s0: float, twist: float = 0.0) ->
     return Frame(o, e_l, e_a, e_s)
 
 
+#: Shape of the gamma-distributed patient risk (mean 1): fractures cluster in patients.
+RISK_SHAPE = 0.7
+
+
+def fracture_probability(prevalence: float, hazard: np.ndarray) -> np.ndarray:
+    """P(fracture) of each vertebra: ``1 - exp(-lambda * hazard)``, at most 0.9.
+
+    ``hazard`` is the patient's risk times the level weight (mean 1 over patients and
+    levels); ``lambda`` solves ``1 - E[exp(-lambda * risk)] = prevalence`` for the gamma
+    risk, ``E[exp(-lambda R)] = (1 + lambda / k)^-k``, so the expected fraction of
+    fractured vertebrae is ``prevalence`` at any rate, not only at small ones (a linear
+    ``prevalence * hazard`` saturates: 0.36 realised for 0.5 asked).
+    """
+    k = RISK_SHAPE
+    lam = k * ((1.0 - prevalence) ** (-1.0 / k) - 1.0)
+    return np.minimum(1.0 - np.exp(-lam * np.asarray(hazard, dtype=np.float64)), 0.9)
+
+
 def sample_scan(seed: int, index: int, prevalence: float = 0.12, confounders: float = 1.0,
                 budget_s: float = 1.6) -> ScanSpec:
     """Draw the geometry of scan ``index`` of the data set with ``seed`` (cheap: no voxels).
@@ -223,10 +241,10 @@ def sample_scan(seed: int, index: int, prevalence: float = 0.12, confounders: fl
     osteoporotic = rng.random() < 0.18
     density = float(rng.uniform(0.3, 0.55) if osteoporotic else rng.uniform(0.6, 1.25))
     # patient-level fracture risk (fractures cluster in patients), level-weighted
-    risk = float(rng.gamma(0.7, 1 / 0.7))
+    risk = float(rng.gamma(RISK_SHAPE, 1 / RISK_SHAPE))
     qs = np.array([level_q(lab) for lab in labels])
     w = _level_weights(qs)
-    p = np.clip(prevalence * risk * w / w.mean(), 0, 0.85)
+    p = fracture_probability(prevalence, risk * w / w.mean())
     verts = [_vertebra(rng, lab, scale, density, float(pi), confounders)
              for lab, pi in zip(labels, p)]
     sacrum = _vertebra(rng, SACRUM, scale, density, 0.0, 0.0)
@@ -267,18 +285,22 @@ def sample_scan(seed: int, index: int, prevalence: float = 0.12, confounders: fl
         axcodes = str(rng.choice(["PIR", "PSR", "ASL", "PIL"]))
     else:
         axcodes = str(rng.choice(AXCODES))
-    fov_lo, fov_hi = field_of_view(rng, verts, spacing, budget_s, pts)
-    acq = Acquisition(kind=kind, spacing=spacing, fov_lo=fov_lo, fov_hi=fov_hi, axcodes=axcodes,
-                      psf_mm=float(rng.uniform(0.45, 0.9)), noise_hu=float(rng.uniform(10, 40)),
-                      contrast=bool(rng.random() < 0.4), hu_offset=float(rng.normal(0, 6)))
     background = {
-        "fat_back": float(rng.uniform(6, 30)),         # subcutaneous fat at the back
+        "fat_back": float(rng.uniform(6, 30)),         # subcutaneous fat (back, flanks, front)
         "lung_limit": float(rng.uniform(10.2, 11.2)),  # level where the lungs end (posterior)
         "psoas": float(rng.uniform(0.8, 1.2)),
         "aorta_x": float(rng.uniform(-18, -6)),
-        "torso_y": float(rng.uniform(40, 90)),          # torso centre anterior of the spine
+        "torso_y": float(rng.uniform(15, 50)),          # torso centre anterior of the spine
+        "torso_a": float(rng.uniform(145, 175)),        # half the torso's width
+        "wall": float(rng.uniform(7, 14)),              # muscle of the chest / abdominal wall
         "waves": rng.normal(0, 1, (6, 4)).tolist(),      # smooth texture of the viscera
     }
+    fov_lo, fov_hi, spacing, fov = field_of_view(rng, verts, spacing, budget_s, pts, kind,
+                                                 background)
+    acq = Acquisition(kind=kind, spacing=spacing, fov_lo=fov_lo, fov_hi=fov_hi, axcodes=axcodes,
+                      psf_mm=float(rng.uniform(0.45, 0.9)), noise_hu=float(rng.uniform(10, 40)),
+                      contrast=bool(rng.random() < 0.4), hu_offset=float(rng.normal(0, 6)),
+                      fov=fov)
     return ScanSpec(case=f"sub-phantom{index:03d}", seed=int(seed), index=int(index),
                     vertebrae=verts, discs=disc_specs, sacrum=sacrum, curve_s=s, curve_p=pts,
                     curve_t=tan, anterior=anterior, acq=acq, background=background,
