@@ -14,7 +14,8 @@ centroids". The authors never published this step; this module is our reconstruc
    world(i, j, k) = c + r_i (-e_S) + r_j (-e_A) + r_k e_L,   r_i = (i - 47.5) mm;
 4. ONE interpolation from the original voxels (world -> voxel with the inverse affine,
    ``scipy.ndimage.map_coordinates``): linear for CT (-1024 HU outside the scan), nearest for
-   label masks (0 outside). Everything is in mm, so anisotropic scans are not distorted.
+   label masks (0 outside; concept masks: the concept "outside the scan", 12). Everything is
+   in mm, so anisotropic scans are not distorted.
 
 :func:`extract_patches` runs this over a whole VerSe-layout root (phantom or real) and keeps
 the result in ``<run>/patches/``: int16 HU patches, label patches, ``manifest.csv`` (one row
@@ -44,6 +45,7 @@ from scipy.ndimage import center_of_mass, map_coordinates, spline_filter
 
 from vfcore.errors import GeometryError, VfcoreError
 from vfcore.io import save_npy, sha256_file, write_json
+from vfcore.phantom.concepts import OUTSIDE_SCAN
 from vfcore.verse import (
     SUBREG_BODY,
     Case,
@@ -66,7 +68,7 @@ CERVICAL = frozenset(range(1, 8))
 WORLD_S = np.array([0.0, 0.0, 1.0])
 WORLD_A = np.array([0.0, 1.0, 0.0])
 #: Bump when the stored patches would change for the same inputs (forces re-extraction).
-METHOD_VERSION = 1
+METHOD_VERSION = 2
 
 MANIFEST_COLUMNS = ["case", "patient", "label", "level", "fracture", "grade", "shape", "split",
                     "ct_path", "mask_path", "concept_path", "source_sha256", "out_of_field",
@@ -286,7 +288,8 @@ def straighten(ct: Volume | None, mask: Volume | None, centroids_world: Mapping[
     centroids are world mm (``Centroids.world(affine)``). Pass a prefitted ``spine`` to reuse
     one spline for all vertebrae of a scan. CT: ``ct_order`` (1 linear, 3 cubic) with -1024 HU
     outside (``ct_prefiltered``: ``ct.data`` already holds cubic spline coefficients, see
-    :func:`sample`); labels: nearest, 0 outside.
+    :func:`sample`); labels: nearest, 0 outside; concepts: nearest,
+    :data:`~vfcore.phantom.concepts.OUTSIDE_SCAN` outside.
     """
     volumes = [v for v in (ct, mask, concepts) if v is not None]
     if not volumes:
@@ -307,8 +310,9 @@ def straighten(ct: Volume | None, mask: Volume | None, centroids_world: Mapping[
                                     prefiltered=ct_prefiltered))
     if mask is not None:
         patch.mask = _label_dtype(sample(mask, coords, outside, order=0, fill=0))
-    if concepts is not None:
-        patch.concepts = _label_dtype(sample(concepts, coords, outside, order=0, fill=0))
+    if concepts is not None:  # outside the scan is a concept of its own, not "nothing"
+        patch.concepts = _label_dtype(sample(concepts, coords, outside, order=0,
+                                             fill=OUTSIDE_SCAN))
     return patch
 
 
