@@ -168,6 +168,7 @@ def _truth(spec: ScanSpec, affine: np.ndarray, shape, vert: np.ndarray):
         "spacing": list(acq.spacing),
         "axcodes": acq.axcodes,
         "acquisition": acq.kind,
+        "field_of_view": acq.fov,
         "shape": [int(n) for n in shape],
         "psf_mm": round(acq.psf_mm, 3),
         "noise_hu": round(acq.noise_hu, 2),
