@@ -53,7 +53,7 @@ def scan_cost(spacing, size_mm, n_vertebrae: int) -> float:
 #: they get one (a 512-voxel matrix over the body outline); every other scan is a
 #: spine-centred reconstruction.
 TRUNK_KINDS = ("iso", "coarse")
-TRUNK_SHARE = 0.4
+TRUNK_SHARE = 0.25
 #: Half the edge of a vertebra patch (96 mm at 1 mm) plus a margin for the spline's frame.
 PATCH_REACH_MM = 48.0 + 4.0
 
@@ -66,13 +66,21 @@ def patch_reach(run) -> tuple[np.ndarray, np.ndarray]:
     return pts[:, :2].min(axis=0), pts[:, :2].max(axis=0)
 
 
+def _cut(rng, end, beyond) -> float:
+    """Distance (world z, mm) from the centre of the ``end`` vertebra to the scan's end,
+    short of the centre of the vertebra ``beyond`` it (which then has no centroid)."""
+    seg = abs(float(beyond.frame.o[2] - end.frame.o[2]))
+    lo = min(max(0.35 * end.H, 40.0 - seg), seg - 3.0)
+    return float(rng.uniform(lo, seg - 2.0))
+
+
 def field_of_view(rng, verts, spacing, budget_s, pts, kind: str, background: dict):
     """A box around a run of 5-14 consecutive vertebrae whose drawing fits ``budget_s``.
 
-    Cranio-caudally the box cuts the end vertebrae at random (through the body or the disc),
-    as real scans do.  In the axial plane it never cuts a vertebra's 96 mm patch: a
+    Cranio-caudally the box ends at random between the centres of an end vertebra and of the
+    next one (:func:`_cut`), as real scans do: only the end vertebrae lose much of their patch.  In the axial plane it never cuts a vertebra's 96 mm patch: a
     spine-centred reconstruction reaches from behind the skin of the back (the body outline)
-    to 55-85 mm in front of the bodies and 125-165 mm across (wider where a patch
+    to 50-75 mm in front of the bodies and 120-150 mm across (wider where a patch
     reaches further); a trunk reconstruction
     (``TRUNK_SHARE`` of the ``TRUNK_KINDS``) holds the whole body outline, with the in-plane
     voxel size of a 512 matrix when that is coarser.  Returns ``(lo, hi, spacing, field)``.
@@ -89,8 +97,8 @@ def field_of_view(rng, verts, spacing, budget_s, pts, kind: str, background: dic
         s_xy = max(width, depth) / 512.0
         spacing = tuple(round(max(s, s_xy), 3) if i < 2 else s for i, s in enumerate(spacing))
     else:
-        width = float(rng.uniform(125, 165))
-        depth = back_skin + float(rng.uniform(2, 15)) + float(rng.uniform(55, 85))
+        width = float(rng.uniform(120, 150))
+        depth = back_skin + float(rng.uniform(2, 15)) + float(rng.uniform(50, 75))
     want = int(rng.integers(8, 15))
     seg = float(np.mean([v.centre_height + level_size("disc", v.q) for v in verts]))
     while want > 5 and scan_cost(spacing, (width, depth, want * seg), want) > budget_s:
@@ -98,14 +106,17 @@ def field_of_view(rng, verts, spacing, budget_s, pts, kind: str, background: dic
     want = min(want, n)
     first = int(rng.integers(0, n - want + 1))
     run = verts[first:first + want]
+    # the scan ends between an end vertebra's centre and the next one's: the end vertebra's
+    # patch is cut, the next-inner one's by at most about 10 % (40 mm of its 48 mm half kept)
     top_v, bot_v = run[0], run[-1]
-    # cut the end vertebrae at random: sometimes through the body, sometimes in the disc
-    z_top = top_v.frame.o[2] + top_v.H * float(rng.uniform(-0.3, 0.75))
-    if first == 0:
-        z_top = min(z_top, top_v.frame.o[2] + 0.5 * top_v.H * top_v.frame.e_s[2] - 2.0)
+    if first > 0:
+        z_top = top_v.frame.o[2] + _cut(rng, top_v, verts[first - 1])
+    else:       # T1: nothing drawn above it
+        z_top = min(top_v.frame.o[2] + top_v.H * float(rng.uniform(0.3, 0.75)),
+                    top_v.frame.o[2] + 0.5 * top_v.H * top_v.frame.e_s[2] - 2.0)
     if first + want < n:
-        z_bot = bot_v.frame.o[2] - bot_v.H * float(rng.uniform(-0.3, 0.75))
-    else:
+        z_bot = bot_v.frame.o[2] - _cut(rng, bot_v, verts[first + want])
+    else:       # into the sacrum
         z_bot = bot_v.frame.o[2] - bot_v.H * float(rng.uniform(0.3, 1.5))
     inside = (pts[:, 2] <= z_top + 10) & (pts[:, 2] >= z_bot - 10)
     cx = float(pts[inside, 0].mean())
@@ -119,7 +130,7 @@ def field_of_view(rng, verts, spacing, budget_s, pts, kind: str, background: dic
         cx += float(rng.uniform(-6, 6))
         x_lo, x_hi = cx - width / 2, cx + width / 2
         y_back = float(pts[inside, 1].min()) - back_skin - float(rng.uniform(2, 15))
-        y_front = float(pts[inside, 1].max()) + float(rng.uniform(55, 85))
+        y_front = float(pts[inside, 1].max()) + float(rng.uniform(50, 75))
     lo = (min(x_lo, reach_lo[0]), min(y_back, reach_lo[1]), z_bot)
     hi = (max(x_hi, reach_hi[0]), max(y_front, reach_hi[1]), z_top)
     # snap the box to whole voxels
