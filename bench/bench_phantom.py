@@ -37,7 +37,7 @@ def main(n: int = 12) -> None:
             write_scan(tmp, 0, i)
             total.append(time.process_time() - t0)
             sizes.append(sum(f.stat().st_size for f in Path(tmp).rglob(f"{scan.case}_*")))
-            print(f"scan {i:3d} {spec.acq.kind:12s} {getattr(spec.acq, "fov", "-"):5s} {scan.ct.shape} "
+            print(f"scan {i:3d} {spec.acq.kind:12s} {getattr(spec.acq, 'fov', '-'):5s} {scan.ct.shape} "
                   f"{scan.ct.size / 1e6:5.2f} Mvox {verts[-1]:2d} vertebrae: draw {draw[-1]:.2f} s, "
                   f"draw + write {total[-1]:.2f} s CPU, {sizes[-1] / 1e6:.1f} MB")
     print(f"\nper scan (CPU, one core): draw {np.mean(draw):.2f} s, draw + write {np.mean(total):.2f} s "
