@@ -233,7 +233,11 @@ def sample_scan(seed: int, index: int, prevalence: float = 0.12, confounders: fl
     """
     ss = np.random.SeedSequence([int(seed), int(index)])
     rng = np.random.default_rng(ss)
-    render_seed = int(ss.spawn(1)[0].generate_state(1)[0])
+    # the voxels' noise and the acquisition have streams of their own, so that another
+    # prevalence changes the fractures, not how the scan was acquired
+    render_ss, acq_ss = ss.spawn(2)
+    render_seed = int(render_ss.generate_state(1)[0])
+    arng = np.random.default_rng(acq_ss)
     thoracic = THORACIC + ([T13] if rng.random() < 0.06 else [])
     lumbar = LUMBAR + ([L6] if rng.random() < 0.06 else [])
     labels = thoracic + lumbar
@@ -279,12 +283,12 @@ def sample_scan(seed: int, index: int, prevalence: float = 0.12, confounders: fl
         s_mid = up.s + up.centre_height / 2 + d.height / 2
         d.frame = frame_at(s, pts, tan, anterior, s_mid)
 
-    kind = str(rng.choice([k for k, _ in ACQ_KINDS], p=[p for _, p in ACQ_KINDS]))
-    spacing = voxel_spacing(rng, kind)
+    kind = str(arng.choice([k for k, _ in ACQ_KINDS], p=[p for _, p in ACQ_KINDS]))
+    spacing = voxel_spacing(arng, kind)
     if kind == "sagittal":
-        axcodes = str(rng.choice(["PIR", "PSR", "ASL", "PIL"]))
+        axcodes = str(arng.choice(["PIR", "PSR", "ASL", "PIL"]))
     else:
-        axcodes = str(rng.choice(AXCODES))
+        axcodes = str(arng.choice(AXCODES))
     background = {
         "fat_back": float(rng.uniform(6, 30)),         # subcutaneous fat (back, flanks, front)
         "lung_limit": float(rng.uniform(10.2, 11.2)),  # level where the lungs end (posterior)
@@ -295,11 +299,11 @@ def sample_scan(seed: int, index: int, prevalence: float = 0.12, confounders: fl
         "wall": float(rng.uniform(7, 14)),              # muscle of the chest / abdominal wall
         "waves": rng.normal(0, 1, (6, 4)).tolist(),      # smooth texture of the viscera
     }
-    fov_lo, fov_hi, spacing, fov = field_of_view(rng, verts, spacing, budget_s, pts, kind,
+    fov_lo, fov_hi, spacing, fov = field_of_view(arng, verts, spacing, budget_s, pts, kind,
                                                  background)
     acq = Acquisition(kind=kind, spacing=spacing, fov_lo=fov_lo, fov_hi=fov_hi, axcodes=axcodes,
-                      psf_mm=float(rng.uniform(0.45, 0.9)), noise_hu=float(rng.uniform(10, 40)),
-                      contrast=bool(rng.random() < 0.4), hu_offset=float(rng.normal(0, 6)),
+                      psf_mm=float(arng.uniform(0.45, 0.9)), noise_hu=float(arng.uniform(10, 40)),
+                      contrast=bool(arng.random() < 0.4), hu_offset=float(arng.normal(0, 6)),
                       fov=fov)
     return ScanSpec(case=f"sub-phantom{index:03d}", seed=int(seed), index=int(index),
                     vertebrae=verts, discs=disc_specs, sacrum=sacrum, curve_s=s, curve_p=pts,
