@@ -227,9 +227,11 @@ def sample_scan(seed: int, index: int, prevalence: float = 0.12, confounders: fl
                 budget_s: float = 1.6) -> ScanSpec:
     """Draw the geometry of scan ``index`` of the data set with ``seed`` (cheap: no voxels).
 
-    ``prevalence`` is the expected fraction of fractured vertebrae; ``confounders`` scales
-    the rate of Schmorl nodes, osteophytes and degenerated discs; ``budget_s`` bounds the
-    estimated drawing time (:func:`scan_cost`) by covering fewer vertebrae at fine spacing.
+    ``prevalence`` is the expected fraction of fractured vertebrae, at any rate
+    (:func:`fracture_probability`); ``confounders`` scales the rate of Schmorl nodes,
+    osteophytes and degenerated discs; ``budget_s`` bounds the estimated drawing time
+    (:func:`~vfcore.phantom.acquisition.scan_cost`) by covering fewer vertebrae in a large
+    or finely sampled field of view.
     """
     ss = np.random.SeedSequence([int(seed), int(index)])
     rng = np.random.default_rng(ss)
