@@ -186,8 +186,10 @@ def write_phantom_root(root: str | os.PathLike, n_scans: int = DEFAULT_SCANS, se
     VerSe share; at most :data:`MAX_PREVALENCE`); fractures still cluster in patients and
     at the mid-thoracic and thoraco-lumbar levels.  A higher rate makes a held-out set with
     many positives from few scans, e.g. for the dissection: ``write_phantom_root(root,
-    n_scans=12, seed=1, prevalence=0.5)`` holds about 50 fractured vertebrae (another
-    ``seed`` draws other patients; the case ids ``sub-phantomNNN`` repeat across roots).
+    n_scans=15, seed=2, prevalence=0.5)``; 12 such scans held 46-67 fractured vertebrae
+    of 100-123 for seeds 2-6, but 25 for seed 1 (fractures cluster in patients, so a
+    few scans vary).  Another ``seed`` draws other patients; the case ids
+    ``sub-phantomNNN`` repeat across roots.
     ``confounders`` scales the rate of Schmorl nodes, osteophytes and degenerated discs.
     """
     root = Path(root)
