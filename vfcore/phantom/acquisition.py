@@ -53,7 +53,7 @@ def scan_cost(spacing, size_mm, n_vertebrae: int) -> float:
 #: they get one (a 512-voxel matrix over the body outline); every other scan is a
 #: spine-centred reconstruction.
 TRUNK_KINDS = ("iso", "coarse")
-TRUNK_SHARE = 0.25
+TRUNK_SHARE = 0.15
 #: Half the edge of a vertebra patch (96 mm at 1 mm) plus a margin for the spline's frame.
 PATCH_REACH_MM = 48.0 + 4.0
 
@@ -80,7 +80,7 @@ def field_of_view(rng, verts, spacing, budget_s, pts, kind: str, background: dic
     Cranio-caudally the box ends at random between the centres of an end vertebra and of the
     next one (:func:`_cut`), as real scans do: only the end vertebrae lose much of their patch.  In the axial plane it never cuts a vertebra's 96 mm patch: a
     spine-centred reconstruction reaches from behind the skin of the back (the body outline)
-    to 50-75 mm in front of the bodies and 120-150 mm across (wider where a patch
+    to 30-50 mm in front of the bodies and 110-140 mm across (wider where a patch
     reaches further); a trunk reconstruction
     (``TRUNK_SHARE`` of the ``TRUNK_KINDS``) holds the whole body outline, with the in-plane
     voxel size of a 512 matrix when that is coarser.  Returns ``(lo, hi, spacing, field)``.
@@ -97,8 +97,8 @@ def field_of_view(rng, verts, spacing, budget_s, pts, kind: str, background: dic
         s_xy = max(width, depth) / 512.0
         spacing = tuple(round(max(s, s_xy), 3) if i < 2 else s for i, s in enumerate(spacing))
     else:
-        width = float(rng.uniform(120, 150))
-        depth = back_skin + float(rng.uniform(2, 15)) + float(rng.uniform(50, 75))
+        width = float(rng.uniform(110, 140))
+        depth = back_skin + float(rng.uniform(2, 10)) + float(rng.uniform(30, 50))
     want = int(rng.integers(8, 15))
     seg = float(np.mean([v.centre_height + level_size("disc", v.q) for v in verts]))
     while want > 5 and scan_cost(spacing, (width, depth, want * seg), want) > budget_s:
@@ -129,8 +129,8 @@ def field_of_view(rng, verts, spacing, budget_s, pts, kind: str, background: dic
     else:
         cx += float(rng.uniform(-6, 6))
         x_lo, x_hi = cx - width / 2, cx + width / 2
-        y_back = float(pts[inside, 1].min()) - back_skin - float(rng.uniform(2, 15))
-        y_front = float(pts[inside, 1].max()) + float(rng.uniform(50, 75))
+        y_back = float(pts[inside, 1].min()) - back_skin - float(rng.uniform(2, 10))
+        y_front = float(pts[inside, 1].max()) + float(rng.uniform(30, 50))
     lo = (min(x_lo, reach_lo[0]), min(y_back, reach_lo[1]), z_bot)
     hi = (max(x_hi, reach_hi[0]), max(y_front, reach_hi[1]), z_top)
     # snap the box to whole voxels
