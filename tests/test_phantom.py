@@ -398,3 +398,113 @@ def test_read_truth(root, tmp_path):
     (bad / "sub-phantom000_phantom-truth.json").write_text("{not json")
     with pytest.raises(FormatError, match="phantom truth"):
         read_truth(tmp_path / "bad")
+
+
+# ------------------------------------------------------------------------------------------
+# Field of view like a real scan, the fracture rate, the concept "outside the scan"
+# ------------------------------------------------------------------------------------------
+
+def _ras_axes(affine: np.ndarray) -> np.ndarray:
+    """World axis (0 x, 1 y, 2 z) that each array axis runs along."""
+    return nib.orientations.io_orientation(affine)[:, 0].astype(int)
+
+
+def test_patches_leave_the_scan_only_cranio_caudally(root):
+    """Every vertebra's straightened 96 mm patch lies inside the scan in the axial plane: where
+    a patch leaves the CT volume, it leaves through the scan's first or last slice (world z),
+    as real scans do; the outside voxels are measured with nibabel, independently of
+    vfcore.patches, and are exactly the patch's concept "outside the scan" (and -1024 HU)."""
+    from nibabel.affines import apply_affine
+
+    from vfcore.patches import straighten
+    from vfcore.phantom.concepts import OUTSIDE_SCAN
+
+    cut = 0
+    for case in verse.find_cases(root):
+        data = verse.load_case(case)
+        centroids = data.centroids.world(data.ct.affine)
+        along = _ras_axes(data.ct.affine)
+        shape = np.array(data.ct.shape)
+        for label in centroids:
+            p = straighten(data.ct, data.mask, centroids, label, concepts=data.concepts)
+            ijk = np.stack(np.meshgrid(*[np.arange(96)] * 3, indexing="ij"), -1).reshape(-1, 3)
+            vox = apply_affine(np.linalg.inv(data.ct.affine), apply_affine(p.affine, ijk))
+            out = (vox < -0.5) | (vox > shape - 0.5)                       # (n, array axis)
+            in_plane = out[:, along != 2].any(axis=1)
+            assert not in_plane.any(), (case.case_id, label, in_plane.mean())
+            outside = out.any(axis=1).reshape(96, 96, 96)
+            assert np.array_equal(p.concepts == OUTSIDE_SCAN, outside), (case.case_id, label)
+            assert (p.ct[outside] == -1024).all()
+            assert p.out_of_field == pytest.approx(outside.mean(), abs=1e-9)
+            cut += outside.any()
+    assert cut >= 2          # the cranio-caudal ends do cut patches
+
+
+def test_field_of_view_covers_the_trunk_in_sampled_scans():
+    """Over 100 sampled scans: every patch cube around a body in the field lies inside the
+    box in x and y; spine-centred fields reach the skin of the back; some fields hold the
+    whole trunk (the body outline on both sides)."""
+    fields = Counter()
+    for i in range(100):
+        spec = sample_scan(2, i)
+        lo, hi = np.array(spec.acq.fov_lo), np.array(spec.acq.fov_hi)
+        fields[spec.acq.fov] += 1
+        corners = np.array([[a, b, c] for a in (-48, 48) for b in (-48, 48) for c in (-48, 48)])
+        for v in spec.vertebrae:
+            if lo[2] <= v.frame.o[2] <= hi[2]:
+                w = v.frame.to_world(corners)
+                assert (w[:, :2] >= lo[:2]).all() and (w[:, :2] <= hi[:2]).all(), (i, v.label)
+        bg = spec.background
+        z = spec.curve_p[:, 2]
+        y_spine = spec.curve_p[(z >= lo[2]) & (z <= hi[2]), 1].min()
+        back = max(0.5 * v.D + v.post["canal_ap"] + v.post["lam_t"]
+                   + v.post["sp_len"] * math.cos(math.radians(v.post["sp_angle"]))
+                   for v in spec.vertebrae) + 8 + bg["fat_back"]
+        assert lo[1] < y_spine - back, i                  # behind the skin of the back
+        if spec.acq.fov == "trunk":
+            cx = spec.curve_p[:, 0].mean()
+            assert lo[0] < cx - bg["torso_a"] + 15 and hi[0] > cx + bg["torso_a"] - 15
+    assert fields["spine"] > 60 and fields["trunk"] >= 3, fields
+
+
+def test_axial_field_shows_the_tissues_of_the_trunk(root):
+    """Each written scan holds skin/air of the body outline, fat and muscle; scans with
+    thoracic levels hold ribs and air-filled lung (about -850 HU); no scan's own concept
+    mask uses the concept "outside the scan"."""
+    from vfcore.phantom.concepts import OUTSIDE_SCAN
+
+    lung_hu = []
+    for case in _cases(root):
+        p = case_paths(root, case)
+        con = np.asarray(nib.load(p["concept"]).dataobj)
+        ct = np.asarray(nib.load(p["ct"]).dataobj)
+        values = set(np.unique(con).tolist())
+        assert {20, 23, 27} <= values, (case, values)        # muscle, fat, air outside the body
+        assert OUTSIDE_SCAN not in values
+        thoracic = any(v["label"] <= 19 for v in _truth(root, case)["vertebrae"])
+        if thoracic:
+            assert {19, 22} <= values, case                   # ribs and lung
+            lung_hu.append(ct[ndimage.binary_erosion(con == 22, iterations=2)])
+    assert lung_hu
+    assert -900 < np.median(np.concatenate(lung_hu)) < -780
+
+
+@pytest.mark.parametrize("prevalence", [0.12, 0.3, 0.5])
+def test_realised_fracture_rate_follows_prevalence(prevalence):
+    """The share of fractured vertebrae in the field of view is the asked ``prevalence``
+    (within 0.04 over about 1,000 vertebrae; the default 0.12 too)."""
+    n = fractured = 0
+    for i in range(110):
+        spec = sample_scan(21, i, prevalence=prevalence)
+        lo, hi = spec.acq.fov_lo[2], spec.acq.fov_hi[2]
+        inside = [v for v in spec.vertebrae if lo <= v.frame.o[2] <= hi]
+        n += len(inside)
+        fractured += sum(v.grade > 0 for v in inside)
+    assert n > 800
+    assert abs(fractured / n - prevalence) < 0.04, (prevalence, fractured / n)
+
+
+def test_prevalence_out_of_range(tmp_path):
+    for bad in (-0.1, 0.95):
+        with pytest.raises(FormatError, match="prevalence"):
+            write_phantom_root(tmp_path / "x", n_scans=1, prevalence=bad, progress=False)

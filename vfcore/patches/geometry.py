@@ -14,7 +14,8 @@ centroids". The authors never published this step; this module is our reconstruc
    world(i, j, k) = c + r_i (-e_S) + r_j (-e_A) + r_k e_L,   r_i = (i - 47.5) mm;
 4. ONE interpolation from the original voxels (world -> voxel with the inverse affine,
    ``scipy.ndimage.map_coordinates``): linear for CT (-1024 HU outside the scan), nearest for
-   label masks (0 outside). Everything is in mm, so anisotropic scans are not distorted.
+   label masks (0 outside; concept masks: the concept "outside the scan", 12). Everything is
+   in mm, so anisotropic scans are not distorted.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from scipy.ndimage import center_of_mass, map_coordinates
 
 from vfcore.constants import AIR_HU, PATCH_SIZE, PATCH_SPACING
 from vfcore.errors import GeometryError
+from vfcore.phantom.concepts import OUTSIDE_SCAN
 from vfcore.verse import SUBREG_BODY, Volume, craniocaudal, level_name
 
 #: Hounsfield value written where the patch leaves the scan (air).
@@ -248,7 +250,8 @@ def straighten(ct: Volume | None, mask: Volume | None, centroids_world: Mapping[
     centroids are world mm (``Centroids.world(affine)``). Pass a prefitted ``spine`` to reuse
     one spline for all vertebrae of a scan. CT: ``ct_order`` (1 linear, 3 cubic) with -1024 HU
     outside (``ct_prefiltered``: ``ct.data`` already holds cubic spline coefficients, see
-    :func:`sample`); labels: nearest, 0 outside.
+    :func:`sample`); labels: nearest, 0 outside; concepts: nearest,
+    :data:`~vfcore.phantom.concepts.OUTSIDE_SCAN` outside.
     """
     volumes = [v for v in (ct, mask, concepts) if v is not None]
     if not volumes:
@@ -270,7 +273,8 @@ def straighten(ct: Volume | None, mask: Volume | None, centroids_world: Mapping[
     if mask is not None:
         patch.mask = _label_dtype(sample(mask, coords, outside, order=0, fill=0))
     if concepts is not None:
-        patch.concepts = _label_dtype(sample(concepts, coords, outside, order=0, fill=0))
+        # outside the scan is a concept of its own, not "nothing"
+        patch.concepts = _label_dtype(sample(concepts, coords, outside, order=0, fill=OUTSIDE_SCAN))
     return patch
 
 

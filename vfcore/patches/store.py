@@ -46,7 +46,7 @@ from .manifest import (MANIFEST_COLUMNS, SPLITS, find_grade_table, grade_table_s
                        manifest_rows, read_manifest, split_records, write_manifest)
 
 #: Bump when the stored patches would change for the same inputs (forces re-extraction).
-METHOD_VERSION = 1
+METHOD_VERSION = 2
 #: A case's completion record, in its folder of the store.
 RECORD_NAME = "case.json"
 #: The patch files of a vertebra, as keys of its record (and manifest columns).

@@ -15,11 +15,15 @@ scans as a VerSe-layout root that :mod:`vfcore.verse` reads exactly like the rea
 Each scan is a curved spine (kyphosis, lordosis, mild scoliosis) of vertebrae with cortical
 shell, endplates, trabecular core, discs, posterior elements, canal, ribs, lungs, muscle
 and fat, drawn at one of several acquisitions (0.5-3 mm spacing, anisotropic, different
-orientation codes, partial field of view, blur, noise).  About 12 % of the vertebrae carry a
-Genant fracture (grade 1-3; wedge, biconcave or crush) with its signs (height loss, endplate
+orientation codes, blur, noise).  The field of view is that of a real scan: cut
+cranio-caudally (the end vertebrae may lie partly outside), in the axial plane either
+spine-centred (to the skin of the back) or the whole trunk.  About 12 % of the vertebrae
+(``prevalence``) carry a Genant fracture (grade 1-3; wedge, biconcave or crush) with its signs (height loss, endplate
 depression and irregularity, anterior cortical buckling, sclerotic condensation band); the
 confounders (physiological wedging, Schmorl nodes, degenerated discs with endplate sclerosis,
-osteophytes, low bone density) make naive cues fail.  See ``anatomy`` (geometry), ``render``
+osteophytes, low bone density) make naive cues fail.  See ``anatomy`` (geometry and its
+dataclasses), ``sampling`` (drawing a geometry from a seed), ``acquisition`` (spacing,
+orientation, field of view), ``render`` with ``canvas``, ``background`` and ``bones``
 (voxels) and ``concepts`` (the concept mask and per-vertebra concept masks).
 
 Same seed -> byte-identical files.  Scans already complete are skipped on a re-run.
@@ -41,9 +45,10 @@ import pandas as pd
 from vfcore.errors import FormatError
 from vfcore.io import atomic_save, atomic_write, write_json
 
-from .anatomy import GRADE_LOSS, SHAPES, ScanSpec, sample_scan
+from .anatomy import GRADE_LOSS, SHAPES, ScanSpec
 from .concepts import CONCEPTS, TARGET_CONCEPTS, label_table, target_concepts
 from .render import Scan, render_scan
+from .sampling import sample_scan
 
 __all__ = ["CONCEPTS", "DEFAULT_SCANS", "TARGET_CONCEPTS", "GRADE_LOSS", "SHAPES", "Scan",
            "ScanSpec", "case_paths", "make_scan", "read_truth", "render_scan", "sample_scan",
@@ -51,8 +56,10 @@ __all__ = ["CONCEPTS", "DEFAULT_SCANS", "TARGET_CONCEPTS", "GRADE_LOSS", "SHAPES
 
 #: Scans in the default data set (about a minute on one CPU core).
 DEFAULT_SCANS = 40
+#: The highest fracture rate ``prevalence`` may ask for (a dissection set of many positives).
+MAX_PREVALENCE = 0.8
 #: Bumped whenever the drawing changes, so that old scans are redrawn, not reused.
-PHANTOM_VERSION = 2
+PHANTOM_VERSION = 3
 
 _CASE = re.compile(r"^sub-phantom(\d+)$")
 
@@ -174,10 +181,23 @@ def write_phantom_root(root: str | os.PathLike, n_scans: int = DEFAULT_SCANS, se
     files, whatever ``workers`` is.  Resumable: complete scans are skipped.  ``workers > 1``
     draws scans in that many processes.  Phantom scans ``sub-phantomNNN`` beyond ``n_scans``
     left by an earlier run are removed, so the root always holds exactly this data set.
+
+    ``prevalence`` is the expected share of fractured vertebrae (default 0.12, about the
+    VerSe share; at most :data:`MAX_PREVALENCE`); fractures still cluster in patients and
+    at the mid-thoracic and thoraco-lumbar levels.  A higher rate makes a held-out set with
+    many positives from few scans, e.g. for the dissection: ``write_phantom_root(root,
+    n_scans=15, seed=2, prevalence=0.5)``; 12 such scans held 46-67 fractured vertebrae
+    of 100-123 for seeds 2-6, but 25 for seed 1 (fractures cluster in patients, so a
+    few scans vary).  Another ``seed`` draws other patients; the case ids
+    ``sub-phantomNNN`` repeat across roots.
+    ``confounders`` scales the rate of Schmorl nodes, osteophytes and degenerated discs.
     """
     root = Path(root)
     if n_scans < 1:
         raise FormatError(root, f"n_scans must be at least 1, got {n_scans}")
+    if not 0.0 <= prevalence <= MAX_PREVALENCE:
+        raise FormatError(root, f"prevalence (the share of fractured vertebrae) must be in "
+                                f"[0, {MAX_PREVALENCE}], got {prevalence}")
     if root.exists() and not root.is_dir():
         raise FormatError(root, "exists and is not a folder")
     root.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,10 @@ from the two masks together by :func:`target_concepts`:
 - the adjacent vertebrae of L are the voxels with ``vert`` equal to the vertebra above or
   below L (all their concepts);
 - Schmorl nodes: the pit (disc material, ``vert == 0``) and its sclerotic rim (``vert == L``)
-  both carry concept 9.
+  both carry concept 9;
+- ``12`` (:data:`OUTSIDE_SCAN`) marks, in a straightened patch, the voxels sampled outside the
+  CT volume (a scan's own concept mask never holds it): the "outside the scan" concept, whose
+  share of a patch is the manifest's ``out_of_field``.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ CONCEPTS: dict[int, str] = {
     9: "Schmorl node",
     10: "osteophyte",
     11: "degenerative endplate sclerosis",
+    12: "outside the scan",
     13: "pedicle",
     14: "lamina",
     15: "spinous process",
@@ -48,6 +52,9 @@ CONCEPTS: dict[int, str] = {
     26: "sacrum",
     27: "air",
 }
+#: Concept of a patch voxel sampled outside the CT volume (never in a scan's own concept mask:
+#: :mod:`vfcore.patches` writes it where a straightened patch leaves the field of view).
+OUTSIDE_SCAN = 12
 DISC_BASE = 100
 DEGENERATED_DISC_BASE = 150
 BODY = (1, 2, 3, 4, 5, 6, 7, 8, 9, 11)           # concepts that make up a vertebral body
@@ -59,6 +66,7 @@ GROUPS = {
     "posterior elements": list(POSTERIOR_ELEMENTS),
     "fracture signs": [7, 8],
     "confounders": [9, 10, 11],
+    "outside the scan": [OUTSIDE_SCAN],
 }
 
 
@@ -124,4 +132,5 @@ def target_concepts(concept: np.ndarray, vert: np.ndarray, label: int,
     if below is not None:
         degen.append(DEGENERATED_DISC_BASE + below)
     out["degenerated disc"] = np.isin(concept, degen)
+    out["outside the scan"] = concept == OUTSIDE_SCAN
     return {name: out[name] for name in TARGET_CONCEPTS}
