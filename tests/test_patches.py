@@ -692,3 +692,36 @@ def test_phantom_patch_content(phantom_root):
             com = np.argwhere(body).mean(0) - H
             assert np.linalg.norm(com) < 1.5, (case_id, r.level, com)
     assert checked >= 10
+
+
+def test_a_roots_split_table_pins_dissection_only_scans(tmp_path):
+    """The phantom's dissection-only scans land in the split `dissect`, nothing else does, and
+    the first scans are the same files with or without them."""
+    from vfcore.phantom import write_phantom_root
+    from vfcore.patches import read_manifest, extract_patches
+
+    plain = write_phantom_root(tmp_path / "plain", n_scans=3, seed=5, progress=False)
+    root = write_phantom_root(tmp_path / "data", n_scans=3, seed=5, progress=False,
+                              dissect_scans=2, dissect_prevalence=0.6)
+    table = (root / "splits.tsv").read_text().splitlines()
+    assert table == ["patient\tsplit", "sub-phantom003\tdissect", "sub-phantom004\tdissect"]
+    for name in ("sub-phantom000", "sub-phantom002"):
+        a = (plain / "rawdata" / name / f"{name}_ct.nii.gz").read_bytes()
+        b = (root / "rawdata" / name / f"{name}_ct.nii.gz").read_bytes()
+        assert a == b
+    extract_patches(root, tmp_path / "run", workers=1, seed=0)
+    m = read_manifest(tmp_path / "run" / "patches" / "manifest.csv")
+    by_case = m.groupby("case")["split"].unique()
+    assert {c for c, s in by_case.items() if "dissect" in s} == {"sub-phantom003", "sub-phantom004"}
+    assert all(len(s) == 1 for s in by_case)
+    # back to no dissection scans: the table goes, and so do the extra scans
+    write_phantom_root(root, n_scans=3, seed=5, progress=False)
+    assert not (root / "splits.tsv").exists()
+
+
+def test_a_malformed_split_table_is_refused_naming_it(tmp_path):
+    from vfcore.errors import FormatError
+    from vfcore.patches import read_split_table
+    (tmp_path / "splits.tsv").write_text("patient\tsplit\nsub-a\tholiday\n")
+    with pytest.raises(FormatError, match="splits.tsv.*row 2"):
+        read_split_table(tmp_path)

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from vfcore.constants import DISSECT_SPLIT  # scans written only for dissection
 from vfcore.checkpoint import load_checkpoint
 from vfcore.constants import PATCH_SIZE
 from vfcore.errors import (CorruptFileError, DataValueError, MissingArtifactError, StaleArtifactError,
@@ -41,10 +42,6 @@ NOTEBOOK_03 = notebook_path("thresholds")
 NOTEBOOK_04 = notebook_path("ranking")
 #: What identifies a dissection: a different value makes every artifact stale.
 IDENTITY = ("checkpoint_sha256", "split", "q_tail", "layer", "manifest_sha256")
-
-
-#: The split of scans written only for dissection (never trained or validated on).
-DISSECT_SPLIT = "dissect"
 
 
 def split_names() -> tuple[str, ...]:

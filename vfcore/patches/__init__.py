@@ -18,7 +18,7 @@ from vfcore.io import save_npy
 from .geometry import (CERVICAL, CT_FILL, WORLD_A, WORLD_S, Frame, Patch, Spine,
                        centroids_from_subreg, fit_spine, outside_field, patch_affine, sample,
                        spine_frame, straighten, voxel_coordinates)
-from .manifest import (MANIFEST_COLUMNS, SPLITS, find_grade_table,
+from .manifest import (DISSECT_SPLIT, MANIFEST_COLUMNS, SPLIT_TABLE, SPLITS, read_split_table, find_grade_table,
                        patient_splits, read_manifest, write_manifest)
 from .store import (KILL_ENV, METHOD_VERSION, RECORD_NAME, case_checksum, damaged_patch,
                     extract_patches, source_files)
@@ -26,7 +26,7 @@ from .store import (KILL_ENV, METHOD_VERSION, RECORD_NAME, case_checksum, damage
 __all__ = [
     "PATCH_SIZE", "PATCH_SPACING", "CERVICAL", "CT_FILL", "WORLD_A", "WORLD_S", "Frame", "Patch",
     "Spine", "centroids_from_subreg", "fit_spine", "outside_field", "patch_affine", "sample",
-    "spine_frame", "straighten", "voxel_coordinates", "MANIFEST_COLUMNS",
+    "spine_frame", "straighten", "voxel_coordinates", "DISSECT_SPLIT", "SPLIT_TABLE", "read_split_table", "MANIFEST_COLUMNS",
     "SPLITS", "find_grade_table", "patient_splits", "read_manifest", "write_manifest",
     "KILL_ENV", "METHOD_VERSION", "RECORD_NAME", "case_checksum", "damaged_patch",
     "extract_patches", "source_files", "save_npy",

@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from vfcore.constants import DISSECT_SPLIT, SPLIT_TABLE
 from vfcore.errors import CorruptFileError, DataValueError, FormatError, GradeTableError
 from vfcore.verse import read_grades
 
@@ -55,11 +56,36 @@ def patient_splits(has_fracture: Mapping[str, bool], seed: int = 0,
     return out
 
 
+def read_split_table(root: Path) -> dict[str, str]:
+    """Patient -> split pinned by the root's :data:`SPLIT_TABLE` (empty when there is none).
+
+    Columns ``patient`` and ``split`` (one of :data:`SPLITS` or :data:`DISSECT_SPLIT`); a
+    malformed table raises :class:`FormatError` naming it and the row.
+    """
+    path = Path(root) / SPLIT_TABLE
+    if not path.is_file():
+        return {}
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise CorruptFileError(path, f"not a readable split table ({type(err).__name__})") from None
+    if not {"patient", "split"} <= set(table.columns):
+        raise FormatError(path, "a split table needs the columns patient and split")
+    allowed = SPLITS + (DISSECT_SPLIT,)
+    for i, (patient, split) in enumerate(zip(table["patient"], table["split"]), start=2):
+        if not patient or split not in allowed:
+            raise FormatError(path, f"row {i}: patient {patient!r}, split {split!r} (allowed: "
+                                    f"{', '.join(allowed)})")
+    return dict(zip(table["patient"], table["split"]))
+
+
 def split_records(manifest: pd.DataFrame, records: Sequence[dict], seed: int,
-                  fractions: Sequence[float]) -> dict[str, str]:
-    """Patient -> split for the extracted cases: VerSe's official split where the folder names
-    tell it (a patient in two releases goes to the later stage: no leakage), else
-    :func:`patient_splits` stratified by "has a fractured vertebra"."""
+                  fractions: Sequence[float], pinned: Mapping[str, str] | None = None
+                  ) -> dict[str, str]:
+    """Patient -> split for the extracted cases: ``pinned`` patients (the root's split table)
+    keep theirs; VerSe's official split where the folder names tell it (a patient in two
+    releases goes to the later stage: no leakage); the others :func:`patient_splits`
+    stratified by "has a fractured vertebra"."""
     has_fx: dict[str, bool] = {}
     for patient, fx in zip(manifest["patient"], manifest["fracture"]):
         has_fx[patient] = has_fx.get(patient, False) or fx == 1
@@ -71,6 +97,7 @@ def split_records(manifest: pd.DataFrame, records: Sequence[dict], seed: int,
         if official:
             prev = fixed.get(rec["patient"])
             fixed[rec["patient"]] = max(filter(None, [prev, official]), key=SPLITS.index)
+    fixed.update(pinned or {})
     return patient_splits(has_fx, seed, fractions, fixed)
 
 

@@ -43,7 +43,8 @@ from vfcore.verse import Case, Volume, craniocaudal, find_cases, level_name, loa
 
 from .geometry import CERVICAL, centroids_from_subreg, fit_spine, straighten
 from .manifest import (MANIFEST_COLUMNS, SPLITS, find_grade_table, grade_table_summary,
-                       manifest_rows, read_manifest, split_records, write_manifest)
+                       manifest_rows, read_manifest, read_split_table, split_records,
+                       write_manifest)
 
 #: Bump when the stored patches would change for the same inputs (forces re-extraction).
 METHOD_VERSION = 2
@@ -382,7 +383,7 @@ def extract_patches(root: str | os.PathLike, run_dir: str | os.PathLike, *, work
         warned.extend({"case": rec["case"], "warning": w} for w in rec["warnings"])
 
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    split_of = split_records(manifest, records, seed, fractions)
+    split_of = split_records(manifest, records, seed, fractions, pinned=read_split_table(root))
     manifest["split"] = manifest["patient"].map(split_of)
     write_manifest(store.manifest, manifest)
 

@@ -172,9 +172,22 @@ def _remove_stale(root: Path, n_scans: int) -> None:
                 shutil.rmtree(sub)
 
 
+def _write_split_table(root: Path, dissect_cases: list[str]) -> None:
+    """The root's split table: the dissection-only scans' patients -> ``dissect`` (none: no table)."""
+    from vfcore.constants import DISSECT_SPLIT, SPLIT_TABLE
+
+    path = root / SPLIT_TABLE
+    if not dissect_cases:
+        path.unlink(missing_ok=True)
+        return
+    with atomic_write(path, "w") as f:
+        f.write("patient\tsplit\n" + "".join(f"{c}\t{DISSECT_SPLIT}\n" for c in dissect_cases))
+
+
 def write_phantom_root(root: str | os.PathLike, n_scans: int = DEFAULT_SCANS, seed: int = 0,
                        workers: int = 1, prevalence: float = 0.12, confounders: float = 1.0,
-                       progress: bool = True) -> Path:
+                       progress: bool = True, dissect_scans: int = 0,
+                       dissect_prevalence: float = 0.5) -> Path:
     """Write ``n_scans`` synthetic scans as a VerSe-layout root; returns the root.
 
     Deterministic: the same (seed, n_scans, prevalence, confounders) give byte-identical
@@ -191,20 +204,31 @@ def write_phantom_root(root: str | os.PathLike, n_scans: int = DEFAULT_SCANS, se
     few scans vary).  Another ``seed`` draws other patients; the case ids
     ``sub-phantomNNN`` repeat across roots.
     ``confounders`` scales the rate of Schmorl nodes, osteophytes and degenerated discs.
+
+    ``dissect_scans`` more scans (``sub-phantomNNN`` after the first ``n_scans``), drawn with
+    ``dissect_prevalence``, are pinned to the split ``dissect`` by the root's split table
+    (``splits.tsv``, read by :func:`vfcore.patches.extract_patches`): held-out vertebrae for
+    the dissection only, so c_k ranks tens of true positives without a larger training set.
+    The first ``n_scans`` scans are the same with or without them.
     """
     root = Path(root)
     if n_scans < 1:
         raise FormatError(root, f"n_scans must be at least 1, got {n_scans}")
-    if not 0.0 <= prevalence <= MAX_PREVALENCE:
-        raise FormatError(root, f"prevalence (the share of fractured vertebrae) must be in "
-                                f"[0, {MAX_PREVALENCE}], got {prevalence}")
+    for name, value in (("prevalence", prevalence), ("dissect_prevalence", dissect_prevalence)):
+        if not 0.0 <= value <= MAX_PREVALENCE:
+            raise FormatError(root, f"{name} (the share of fractured vertebrae) must be in "
+                                    f"[0, {MAX_PREVALENCE}], got {value}")
+    if dissect_scans < 0:
+        raise FormatError(root, f"dissect_scans must be 0 or more, got {dissect_scans}")
     if root.exists() and not root.is_dir():
         raise FormatError(root, "exists and is not a folder")
     root.mkdir(parents=True, exist_ok=True)
-    jobs = [(root, seed, i, prevalence, confounders) for i in range(n_scans)]
+    total = n_scans + dissect_scans
+    jobs = [(root, seed, i, prevalence if i < n_scans else dissect_prevalence, confounders)
+            for i in range(total)]
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n_scans, desc="phantom scans", unit="scan", disable=not progress)
+    bar = tqdm(total=total, desc="phantom scans", unit="scan", disable=not progress)
     truths: list[dict] = []
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
@@ -216,7 +240,8 @@ def write_phantom_root(root: str | os.PathLike, n_scans: int = DEFAULT_SCANS, se
             truths.append(_job(job))
             bar.update()
     bar.close()
-    _remove_stale(root, n_scans)
+    _remove_stale(root, total)
+    _write_split_table(root, [f"sub-phantom{i:03d}" for i in range(n_scans, total)])
     with atomic_write(root / "fracture_grades.tsv", "w") as f:
         f.write(_grades_tsv(truths))
     write_json(root / "concept_labels.json", label_table())
