@@ -29,7 +29,7 @@ BRANCH = "main"
 #: Small parameters: the whole series in a few minutes on a 2-core CPU (CI, Binder).
 #: Notebooks not named here run with their own defaults.
 QUICK: dict[str, dict] = {
-    NOTEBOOKS["preprocessing"]: {"N_SCANS": 48, "WORKERS": 2},
+    NOTEBOOKS["preprocessing"]: {"N_SCANS": 48, "N_DISSECT_SCANS": 12, "WORKERS": 2},
     NOTEBOOKS["training"]: {"PRESET": "small", "EPOCHS": 30, "SEEDS": [0], "PATIENCE": 30,
                             "AUGMENT": None},
     NOTEBOOKS["thresholds"]: {},

@@ -75,7 +75,9 @@ def _run_step(step: str, run: RunFolder, quick: dict) -> None:
 
         p = quick.get("01_preprocessing", {})
         root = write_phantom_root(run.data, n_scans=p.get("N_SCANS", 48), seed=0,
-                                  workers=p.get("WORKERS", 1))
+                                  workers=p.get("WORKERS", 1),
+                                  dissect_scans=p.get("N_DISSECT_SCANS", 0),
+                                  dissect_prevalence=p.get("DISSECT_PREVALENCE", 0.5))
         extract_patches(root, run.root, workers=p.get("WORKERS", 1), seed=0)
     elif step == "training":
         from .train import fit
@@ -88,7 +90,7 @@ def _run_step(step: str, run: RunFolder, quick: dict) -> None:
         from .export import export_units
 
         p = quick.get("04_correlation_ranking", {})
-        dissect_run(run.root, p.get("SPLIT", "test"), p.get("Q_TAIL", 0.005))
+        dissect_run(run.root, p.get("SPLIT"), p.get("Q_TAIL", 0.005))
         export_units(run.root, top=p.get("TOP_UNITS", 10), top_fp=p.get("TOP_FP_UNITS", 5))
 
 
