@@ -52,6 +52,13 @@ from .artifacts import (FORMAT, NOTEBOOK_03, NOTEBOOK_04, IDENTITY, dissection_d
                         network_field, save_dissection, load_dissection, DissectionArtifacts,
                         load_artifacts, Network, load_network, write_artifacts, dissect_run,
                         concept_names, PatchFiles, export_units, UNITS_COLUMNS)
+from .alignment import (IOU_THRESHOLD, ALPHA, N_PERM, FRACTURE_CONCEPTS, CONFOUNDERS, NoConceptMasksError,
+                        patch_concepts, RunConcepts, ConceptCounts, concept_counts, concept_counts_grids,
+                        mask_entries, Alignment, same_class_pairings, block_alignment, layer_batches,
+                        interpolated_alignment, unit_table, random_unit_draws, control_table,
+                        fp_concept_table, align_network, layers_below, layer_summary)
+from .ablation import KS, N_RANDOM, zeroed, predict, ablation_table, ablation_summary
+from .findings import EVIDENCE, concept_dictionary, student_dictionary, draft_findings
 
 __all__ = [
     'DEFAULT_LAYER', 'layer_names', 'find_layer', 'capture', 'evaluating', 'activations',
@@ -66,4 +73,11 @@ __all__ = [
     'network_field', 'save_dissection', 'load_dissection', 'DissectionArtifacts',
     'load_artifacts', 'Network', 'load_network', 'write_artifacts', 'dissect_run',
     'concept_names', 'PatchFiles', 'export_units', 'UNITS_COLUMNS',
+    'IOU_THRESHOLD', 'ALPHA', 'N_PERM', 'FRACTURE_CONCEPTS', 'CONFOUNDERS', 'NoConceptMasksError',
+    'patch_concepts', 'RunConcepts', 'ConceptCounts', 'concept_counts', 'concept_counts_grids',
+    'mask_entries', 'Alignment', 'same_class_pairings', 'block_alignment', 'layer_batches',
+    'interpolated_alignment', 'unit_table', 'random_unit_draws', 'control_table', 'fp_concept_table',
+    'align_network', 'layers_below', 'layer_summary',
+    'KS', 'N_RANDOM', 'zeroed', 'predict', 'ablation_table', 'ablation_summary',
+    'EVIDENCE', 'concept_dictionary', 'student_dictionary', 'draft_findings',
 ]
