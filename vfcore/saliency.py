@@ -42,10 +42,33 @@ def _no_inplace(model: nn.Module) -> dict[nn.Module, bool]:
     return flags
 
 
+def _minmax(cam: torch.Tensor) -> torch.Tensor:
+    """Each map scaled so that its min -> 0 and max -> 1 (all zero when constant). MONAI's
+    default normaliser maps (min, max) to (1, 0), flipping the map: not used."""
+    flat = cam.reshape(cam.shape[0], -1)
+    lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    shape = (-1,) + (1,) * (cam.ndim - 1)
+    return (cam - lo.reshape(shape)) / span.reshape(shape)
+
+
+def _hook_keys(module: nn.Module) -> dict[str, set]:
+    return {name: set(d) for name, d in vars(module).items()
+            if name.startswith(("_forward", "_backward")) and isinstance(d, dict)}
+
+
+def _remove_new_hooks(module: nn.Module, before: dict[str, set]) -> None:
+    for name, d in vars(module).items():
+        if name.startswith(("_forward", "_backward")) and isinstance(d, dict):
+            for key in [k for k in d if k not in before.get(name, set())]:
+                del d[key]
+
+
 def grad_cam(model: nn.Module, x: torch.Tensor, layer: str) -> np.ndarray:
     """Grad-CAM of the fracture logit at ``layer`` for a network input ``x`` [1, 1, S, S, S]
     -> [S, S, S] float32 in [0, 1] (MONAI: ReLU of the gradient-weighted maps, trilinear
-    upsampling to the input grid, min-max normalised; all zero when nothing is positive).
+    upsampling to the input grid), scaled so that min -> 0 and max -> 1 (all zero when the map
+    is constant).
 
     Eval mode and the model's flags are restored afterwards; the weights are not changed.
     """
@@ -53,19 +76,21 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: str) -> np.ndarray:
 
     from vfcore.dissect.capture import evaluating, find_layer
 
-    find_layer(model, layer)                     # a clear error for a wrong name
+    target = find_layer(model, layer)            # a clear error for a wrong name
     if x.ndim != 5 or x.shape[:2] != (1, 1):
         raise DataValueError("x", f"expected one network input [1, 1, S, S, S], got {tuple(x.shape)}")
     wrapped = _Logits2D(model)
     flags = _no_inplace(model)
+    hooks = _hook_keys(target)
     try:
         with evaluating(model), torch.enable_grad():
-            cam = GradCAM(nn_module=wrapped, target_layers=f"model.{layer}")
+            cam = GradCAM(nn_module=wrapped, target_layers=f"model.{layer}", postprocessing=_minmax)
             device = next(model.parameters()).device
             out = cam(x.to(device).float(), class_idx=0)
     finally:
         for m, flag in flags.items():
             m.inplace = flag
+        _remove_new_hooks(target, hooks)         # MONAI keeps no handles to its hooks
         model.zero_grad(set_to_none=True)
     out = out.detach().float().cpu().numpy()[0, 0]
     return np.nan_to_num(out, nan=0.0).astype(np.float32)

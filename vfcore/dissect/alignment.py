@@ -27,6 +27,7 @@ The concept masks come from the phantom (:class:`RunConcepts`); real data has no
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -435,6 +436,9 @@ def unit_table(al: Alignment, concepts: Sequence[str] | None = None, units: Sequ
     iou = al.iou[np.ix_(units, cols)]
     best = np.argmax(iou, axis=1)
     ref = significance if significance is not None else al
+    if ref.p is not None and 1.0 / (1 + ref.n_perm) >= alpha:
+        warnings.warn(f"{ref.n_perm} permutations cannot give p < {alpha} (the smallest p is "
+                      f"1/{ref.n_perm + 1}): no unit can be a detector; use >= {int(np.ceil(1 / alpha))} permutations")
     p = np.full(len(units), np.nan) if ref.p is None else ref.p[units, np.asarray(cols)[best]]
     null = np.full(len(units), np.nan) if ref.null_iou is None else ref.null_iou[units, np.asarray(cols)[best]]
     best_iou = iou[np.arange(len(units)), best]
