@@ -295,9 +295,11 @@ def _intersections(u, s, p, counts: np.ndarray, n_units: int, pairing: np.ndarra
 
 def same_class_pairings(labels, n_perm: int = N_PERM, seed: int = 0,
                         samples: np.ndarray | None = None) -> np.ndarray:
-    """[n_perm, N] int: row j pairs sample i with sample ``P[j, i]`` of the same class, never
-    itself when its class has another member (a random cycle through each class); samples
-    outside ``samples`` (bool [N]) keep themselves."""
+    """[n_perm, N] int: row j pairs sample i with sample ``P[j, i]`` of the same class, a
+    uniform random permutation within each class (most samples get another one; a class of n
+    leaves about one in place). Uniform, so the observed pairing is exchangeable with the
+    shuffled ones and (1 + #)/(1 + n_perm) is a valid p-value even for a class of 3 (whose
+    pairings without fixed points are only 2). Samples outside ``samples`` keep themselves."""
     labels = np.asarray(labels)
     n = len(labels)
     keep = np.ones(n, bool) if samples is None else np.asarray(samples, bool)
@@ -305,11 +307,8 @@ def same_class_pairings(labels, n_perm: int = N_PERM, seed: int = 0,
     P = np.tile(np.arange(n), (int(n_perm), 1))
     for value in np.unique(labels[keep]):
         members = np.flatnonzero(keep & (labels == value))
-        if len(members) < 2:
-            continue
         for j in range(int(n_perm)):
-            cycle = rng.permutation(members)
-            P[j, cycle] = np.roll(cycle, -1)
+            P[j, members] = rng.permutation(members)
     return P
 
 
