@@ -300,6 +300,23 @@ def test_ablation_table_on_a_toy_with_a_known_answer():
     assert s.loc[("zero", 1), "lost_random"] == pytest.approx(1 - rand["recall"].mean())
 
 
+def test_ablation_fast_path_equals_the_hooks():
+    """The cached activations + network above give what the hooks on the full network give."""
+    from vfcore.model import build_model
+
+    torch.manual_seed(2)
+    model = build_model("small").eval()
+    x = torch.rand(6, 1, 32, 32, 32)
+    labels = np.array([1, 1, 1, 1, 0, 1])
+    kw = dict(ks=(1, 5), n_random=3, batch_size=4, threshold=0.0, n_units=128)
+    ranked = list(range(127, -1, -1))
+    fast = ablation_table(model, x, labels, "down_tr512", ranked, fast=True, **kw)
+    hooks = ablation_table(model, x, labels, "down_tr512", ranked, fast=False, **kw)
+    assert list(fast["mode"]) == list(hooks["mode"]) and list(fast["k"]) == list(hooks["k"])
+    np.testing.assert_allclose(fast["mean_p_tp"], hooks["mean_p_tp"], rtol=0, atol=1e-6)
+    assert not model.down_tr512._forward_hooks
+
+
 # --------------------------------------------------------------------------------------------
 # Grad-CAM
 # --------------------------------------------------------------------------------------------
