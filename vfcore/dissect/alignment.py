@@ -420,7 +420,7 @@ def interpolated_alignment(batches, T: np.ndarray, masks, field: Sequence[slice]
 def unit_table(al: Alignment, concepts: Sequence[str] | None = None, units: Sequence[int] | None = None,
                significance: Alignment | None = None, iou_threshold: float = IOU_THRESHOLD,
                alpha: float = ALPHA) -> pd.DataFrame:
-    """Per unit its best concept (among ``concepts``; default all): ``unit``, ``concept``,
+    """Per unit its best concept (among ``concepts``; default all; "" when every IoU is 0): ``unit``, ``concept``,
     ``iou``, ``p`` (shuffle p-value of that pair), ``shuffled_iou`` (mean shuffled IoU),
     ``detector`` (iou > ``iou_threshold`` and p < ``alpha``; False where p is unknown).
 
@@ -441,7 +441,8 @@ def unit_table(al: Alignment, concepts: Sequence[str] | None = None, units: Sequ
     p = np.full(len(units), np.nan) if ref.p is None else ref.p[units, np.asarray(cols)[best]]
     null = np.full(len(units), np.nan) if ref.null_iou is None else ref.null_iou[units, np.asarray(cols)[best]]
     best_iou = iou[np.arange(len(units)), best]
-    return pd.DataFrame({"unit": units, "concept": [names[cols[b]] for b in best], "iou": best_iou,
+    return pd.DataFrame({"unit": units, "concept": [names[cols[b]] if v > 0 else "" for b, v in zip(best, best_iou)],
+                         "iou": best_iou,
                          "p": p, "shuffled_iou": null,
                          "detector": (best_iou > iou_threshold) & (np.nan_to_num(p, nan=1.0) < alpha)})
 
