@@ -20,7 +20,8 @@ Per unit the best concept, its IoU, and whether it is a **detector**: IoU > 0.04
 threshold) *and* significant under the same-class shuffle (:func:`block_alignment`): pair every
 sample's masks with the concept masks of another sample of the same class; a unit that marks
 "wherever fractured vertebrae have something" scores as well shuffled as not. With block masks
-a permutation is one gather over the tail, so hundreds are cheap.
+a permutation is a gather of the counts and one sparse product (the masks' cells per unit
+times the counts), so hundreds are cheap.
 
 The concept masks come from the phantom (:class:`RunConcepts`); real data has none, and
 :class:`NoConceptMasksError` says which parts of the analysis need them.
@@ -282,15 +283,19 @@ def _entries(entries: Mapping[str, np.ndarray], keep: np.ndarray | None):
     return u[order], s[order], p[order]
 
 
-def _intersections(u, s, p, counts: np.ndarray, n_units: int, pairing: np.ndarray | None = None) -> np.ndarray:
-    """[K, C] sum of count[pairing[s], p] over the entries (sorted by unit) of each unit."""
-    out = np.zeros((n_units, counts.shape[2]), np.int64)
-    if len(u) == 0:
-        return out
-    g = counts[s if pairing is None else pairing[s], p].astype(np.int64)
-    units, starts = np.unique(u, return_index=True)
-    out[units] = np.add.reduceat(g, starts, axis=0)
-    return out
+def _unit_cells(u, s, p, n_units: int, counts: np.ndarray):
+    """W [K, N * cells] sparse: how many mask entries unit k has at (sample, cell)."""
+    from scipy.sparse import csr_matrix
+
+    n, cells = counts.shape[:2]
+    return csr_matrix((np.ones(len(u)), (u, s * cells + p)), shape=(n_units, n * cells))
+
+
+def _intersections(W, counts: np.ndarray, pairing: np.ndarray | None = None) -> np.ndarray:
+    """[K, C] |M_k & C| summed over samples: W @ count (sample i's masks with the concepts of
+    ``pairing[i]``); exact integers (float64 holds them up to 2^53)."""
+    c = counts if pairing is None else counts[pairing]
+    return np.rint(W @ c.reshape(-1, c.shape[2]).astype(np.float64)).astype(np.int64)
 
 
 def same_class_pairings(labels, n_perm: int = N_PERM, seed: int = 0,
@@ -334,7 +339,8 @@ def block_alignment(entries: Mapping[str, np.ndarray], counts: ConceptCounts, n_
     if len(s) and (s.max() >= N or p.max() >= counts.counts.shape[1]):
         raise DataValueError("entries", f"mask entries beyond the counts' {N} samples x "
                              f"{counts.counts.shape[1]} cells: another grid or set?")
-    inter = _intersections(u, s, p, counts.counts, n_units)
+    W = _unit_cells(u, s, p, n_units, counts.counts)
+    inter = _intersections(W, counts.counts)
     size = np.bincount(u, minlength=n_units).astype(np.int64) * counts.cell_volume
     totals = counts.totals if keep is None else counts.totals[keep]
     rest = size[:, None] + totals.sum(axis=0)[None, :]
@@ -345,7 +351,7 @@ def block_alignment(entries: Mapping[str, np.ndarray], counts: ConceptCounts, n_
         exceed = np.zeros(inter.shape, np.int64)
         null = np.zeros(inter.shape)
         for row in P:
-            i_perm = _intersections(u, s, p, counts.counts, n_units, row)
+            i_perm = _intersections(W, counts.counts, row)
             exceed += i_perm >= inter
             union = rest - i_perm
             null += np.divide(i_perm, union, out=np.zeros(union.shape), where=union > 0)
