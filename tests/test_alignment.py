@@ -17,6 +17,8 @@ from vfcore.dissect import (UndefinedCorrelationError, M_k, NoConceptMasksError,
                             interpolated_alignment, layers_below, mask_entries, same_class_pairings,
                             student_dictionary, unit_table, zeroed)
 
+from tiny_run import tiny_run  # noqa: F401  (fixture: a small real run folder)
+
 torch.set_num_threads(1)
 
 
@@ -416,3 +418,30 @@ def test_M_k_is_the_mask_used():
     al = interpolated_alignment(a[None], T, [{"x": np.ones((4, 4, 4), bool)}], field)
     up = _trilinear(a[0], 4)
     assert al.inter[0, 0] == int(M_k(up[None], T).sum())
+
+
+# --------------------------------------------------------------------------------------------
+# A real (tiny) run: the dissection's tail and the phantom's concept patches
+# --------------------------------------------------------------------------------------------
+
+def test_block_alignment_of_a_run_matches_direct_numpy(tiny_run):  # noqa: F811  (the fixture)
+    from vfcore.dissect import load_artifacts
+    from vfcore.phantom.concepts import CONCEPTS
+
+    art = load_artifacts(tiny_run)
+    d, field = art.dissection, art.field
+    masks = RunConcepts.from_run(tiny_run, art.samples)
+    first = masks[0]
+    row = art.samples.iloc[0]
+    concept = np.load(tiny_run / "patches" / row["concept_path"])
+    vert = np.load(tiny_run / "patches" / row["mask_path"])
+    # a concept of the target vertebra is its own voxels of that label
+    np.testing.assert_array_equal(first["superior endplate"], (concept == 1) & (vert == int(row["label"])))
+    assert CONCEPTS[7] in masks.names and "physiological wedge" in masks.names
+    counts = concept_counts(masks, d.spatial_shape, field)
+    al = block_alignment(d.tail, counts, d.n_units)
+    units = np.argsort(-d.mask_size.sum(axis=0))[:4]
+    b = (field[0].stop - field[0].start) // d.spatial_shape[0]
+    dense = np.stack([_blocks(d.masks(i, units), b) for i in range(d.n_samples)])
+    ref = _direct_iou(dense, [masks[i] for i in range(d.n_samples)], counts.names, field)
+    np.testing.assert_allclose(al.iou[units], ref, atol=1e-12)
