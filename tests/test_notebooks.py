@@ -24,7 +24,7 @@ def test_series_runs_end_to_end(executed):
     run, notebooks = executed
     assert [p.stem for p in notebooks] == [
         "01_preprocessing", "02_training", "03_quantile_thresholding",
-        "04_correlation_ranking", "05_concept_explorer",
+        "04_correlation_ranking", "05_concept_explorer", "06_concept_alignment",
     ]
     for path in notebooks:
         nb = nbformat.read(path, as_version=4)
@@ -50,3 +50,38 @@ def test_small_preset_learns(executed):
     print(f"small preset, quick run: test AUC {auc:.3f} on {metrics['n_test']} vertebrae "
           f"({metrics['n_test_fractured']} fractured)")
     assert auc >= AUC_FLOOR, f"test AUC {auc:.3f} < {AUC_FLOOR}: the pipeline is broken"
+
+
+#: The earlier steps a badge-opened notebook builds, at test size (the quick settings take
+#: about 12 minutes on 2 cores; what is tested here is that the notebook builds them at all).
+TINY_PREPARE = {"01_preprocessing": {"N_SCANS": 5, "N_DISSECT_SCANS": 2, "WORKERS": 1},
+                "02_training": {"PRESET": "small", "EPOCHS": 2, "SEEDS": [0], "PATIENCE": 2,
+                                "AUGMENT": None},
+                "04_correlation_ranking": {"TOP_UNITS": 3, "TOP_FP_UNITS": 2}}
+
+
+def test_missing_steps_follow_the_artifacts(tmp_path):
+    from vfcore.prerequisites import missing_steps
+    assert missing_steps(tmp_path, "preprocessing") == []
+    assert missing_steps(tmp_path, "02_training") == ["preprocessing"]
+    assert missing_steps(tmp_path, "explorer") == ["preprocessing", "training", "ranking"]
+    (tmp_path / "patches").mkdir()
+    (tmp_path / "patches" / "manifest.csv").write_text("")
+    assert missing_steps(tmp_path, "thresholds") == ["training"]
+    with pytest.raises(ValueError, match="unknown notebook"):
+        missing_steps(tmp_path, "07_nothing")
+
+
+@pytest.mark.slow
+def test_a_notebook_opened_alone_builds_its_earlier_steps(tmp_path):
+    """A Colab/Binder badge opens notebook 05 in an empty run folder: it builds 01, 02 and
+    04's outputs itself (at test size here) and runs to the end."""
+    run = tmp_path / "fresh"
+    out = run_notebooks(run, only=["05_concept_explorer"],
+                        parameters={"05_concept_explorer": {"PREPARE": TINY_PREPARE}})
+    nb = nbformat.read(out[0], as_version=4)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.get("outputs", []) if o.get("output_type") == "stream")
+    assert f"run folder: {run.resolve()}" in text
+    assert "building it with the settings given" in text
+    assert (run / "dissection" / "exemplars.json").is_file()

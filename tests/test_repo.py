@@ -16,6 +16,7 @@ EXPECTED = [
     "03_quantile_thresholding",
     "04_correlation_ranking",
     "05_concept_explorer",
+    "06_concept_alignment",
 ]
 
 

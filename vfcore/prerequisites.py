@@ -109,9 +109,10 @@ def prepare(run_dir, stage: str, *, quick: dict | None = None) -> RunFolder:
     if not steps:
         return run
     eta = sum(CPU_SECONDS[s] for s in steps)
+    how = ("the quick settings (about " f"{eta / 60:.0f} min on a 2-core CPU, less on a GPU)"
+           if quick is None else "the settings given (PREPARE)")
     print(f"this notebook needs the output of {', '.join(NOTEBOOKS[s] for s in steps)}, which is not "
-          f"in the run folder yet: building it with the quick settings (about {eta / 60:.0f} min on a "
-          f"2-core CPU, less on a GPU)")
+          f"in the run folder yet: building it with {how}")
     run.root.mkdir(parents=True, exist_ok=True)
     for step in tqdm(steps, desc="earlier notebooks", unit="step"):
         start = time.perf_counter()

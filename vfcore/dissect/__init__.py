@@ -60,6 +60,13 @@ from .artifacts import (FORMAT, NOTEBOOK_03, NOTEBOOK_04, IDENTITY, dissection_d
                         load_artifacts, Network, load_network, write_artifacts, dissect_run,
                         concept_names, DISSECT_SPLIT, split_names, parse_split, split_name,
                         default_split, load_dissection_set)
+from .alignment import (IOU_THRESHOLD, ALPHA, N_PERM, FRACTURE_CONCEPTS, CONFOUNDERS, NoConceptMasksError,
+                        patch_concepts, RunConcepts, ConceptCounts, concept_counts, concept_counts_grids,
+                        mask_entries, Alignment, same_class_pairings, block_alignment, layer_batches,
+                        interpolated_alignment, unit_table, random_unit_draws, control_table,
+                        fp_concept_table, align_network, layers_below, layer_summary)
+from .ablation import KS, N_RANDOM, zeroed, predict, ablation_table, ablation_summary
+from .findings import EVIDENCE, concept_dictionary, student_dictionary, draft_findings
 
 __all__ = [
     'DEFAULT_LAYER', 'layer_names', 'find_layer', 'capture', 'evaluating', 'activations',
@@ -77,4 +84,11 @@ __all__ = [
     'MIN_RANKING_N', 'BOOTSTRAP_B', 'BOOTSTRAP_SEED', 'bootstrap_c', 'tie_counts', 'ranking_note',
     'ranking_summary', 'DISSECT_SPLIT', 'split_names', 'parse_split', 'split_name', 'default_split',
     'load_dissection_set',
+    'IOU_THRESHOLD', 'ALPHA', 'N_PERM', 'FRACTURE_CONCEPTS', 'CONFOUNDERS', 'NoConceptMasksError',
+    'patch_concepts', 'RunConcepts', 'ConceptCounts', 'concept_counts', 'concept_counts_grids',
+    'mask_entries', 'Alignment', 'same_class_pairings', 'block_alignment', 'layer_batches',
+    'interpolated_alignment', 'unit_table', 'random_unit_draws', 'control_table', 'fp_concept_table',
+    'align_network', 'layers_below', 'layer_summary',
+    'KS', 'N_RANDOM', 'zeroed', 'predict', 'ablation_table', 'ablation_summary',
+    'EVIDENCE', 'concept_dictionary', 'student_dictionary', 'draft_findings',
 ]
