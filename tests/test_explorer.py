@@ -506,3 +506,20 @@ def test_upload_refuses_what_a_header_claims_beyond_the_bytes(name, content, wor
     with pytest.raises(InputError) as err:
         read_upload(name, content, (32, 32, 32))
     assert name in str(err.value) and words in str(err.value)
+
+
+def test_draft_finding_names_measured_concepts_or_says_none(tmp_path):
+    """Issue 12 item 6: the explorer shows the draft finding of the sample beside its units."""
+    import re
+
+    from vfcore.explorer import text
+    data, _ = syn.make_run_data(tmp_path)
+    a = data.analyse_sample(0)
+    firing = [int(k) for k in np.argsort(-a.relevance, kind="stable")[:5] if a.relevance[k] > 0]
+    assert firing, "the synthetic sample should have firing units"
+    plain = text.findings_html(data, a)
+    assert "your concept labels" in plain and "no significant concept" in plain
+    data.measured_concepts = {firing[0]: "superior endplate"}
+    measured = text.findings_html(data, a)
+    assert "notebook 06" in measured
+    assert re.search(rf"Evidence: superior endplate \(unit {firing[0]}\)", measured), measured

@@ -75,6 +75,8 @@ ARTIFACTS: dict[str, Artifact] = {
     "units": Artifact("dissection/units.csv", "the exported units (collages, NIfTI)", "ranking"),
     "concepts": Artifact("concepts.json", "the concept dictionary", "explorer"),
     "alignment": Artifact("alignment", "the concept alignment", "alignment"),
+    "alignment_units": Artifact("alignment/units.csv", "the measured concept of every unit",
+                                "alignment"),
     "notebooks": Artifact("notebooks", "the executed notebooks", "preprocessing", "vfcore run-notebooks"),
 }
 

@@ -146,6 +146,7 @@ class RunData:
     exemplar_subsets: dict[int, str] = field(default_factory=dict)  # unit -> subset of its exemplars
     exemplar_source: str = "given"  # "exported" (notebook 04), "computed" (before it) or "given"
     threshold: float = 0.5  # decision threshold of the predictions
+    measured_concepts: dict[int, str | None] | None = None  # unit -> concept (notebook 06) or None
     _exemplar_cache: "OrderedDict[int, list]" = field(default_factory=OrderedDict, repr=False)
 
     #: columns of ``samples.table``: case, level, label, grade, fracture (0/1),
@@ -390,4 +391,17 @@ def load_run_data(run_dir: str | Path, split: str | None = None, device: str | N
         meta=meta, concept_names=dx.concept_names(run.root) or {}, c_rank=c_rank,
         exemplar_subsets=subsets, exemplar_source=source,
         threshold=float(art.meta.get("threshold", 0.5)),
+        measured_concepts=_measured_concepts(run),
     )
+
+
+def _measured_concepts(run: RunFolder) -> dict[int, str | None] | None:
+    """unit -> the concept it detects, as notebook 06 measured it on the phantom (None when that
+    notebook has not run, or its table cannot be read: the student's labels are used then)."""
+    from vfcore.dissect import concept_dictionary
+
+    path = run.path("alignment_units")
+    try:
+        return concept_dictionary(pd.read_csv(path)) if path.is_file() else None
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None

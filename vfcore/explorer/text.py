@@ -40,6 +40,21 @@ def prediction_html(a: Analysis) -> str:
     return f"{html.escape(a.name)}: {text}"
 
 
+def findings_html(data: RunData, a: Analysis) -> str:
+    """The draft finding of this inference (:func:`vfcore.dissect.draft_findings`): its most
+    relevant units named by the concept notebook 06 measured for them, else by the student's
+    labels; a unit without a significant concept is said to have none."""
+    from vfcore.dissect import draft_findings, student_dictionary
+
+    if data.measured_concepts is not None:
+        dictionary, source = data.measured_concepts, "concepts measured in notebook 06"
+    else:
+        dictionary, source = student_dictionary({"units": data.concepts.units}), "your concept labels"
+    level = str(a.truth["level"]) if a.truth is not None else a.name
+    text = draft_findings(level, a.probability, a.relevance, dictionary, threshold=data.threshold)
+    return f"<i>Draft finding ({source}):</i> {html.escape(text)}"
+
+
 def unit_label(data: RunData, a: Analysis, position: int, unit: int) -> str:
     """One entry of the unit list: position by r_k, r_k, c_k rank and the concept label."""
     label = data.concepts.get(unit)["label"]

@@ -470,7 +470,7 @@ class Explorer:
             self._hold = False
 
     def _show_prediction(self) -> None:
-        self.prediction.value = text.prediction_html(self.analysis)
+        self.prediction.value = text.prediction_html(self.analysis) + "<br>" + text.findings_html(self.data, self.analysis)
 
     def _unit_label(self, position: int, unit: int) -> str:
         return text.unit_label(self.data, self.analysis, position, unit)
