@@ -3,7 +3,8 @@
 Every function draws with matplotlib and returns the figure (or draws into ``ax``), so the
 notebook keeps a static picture. Images follow the radiological habit: sagittal views with
 the head up and anterior on the left, coronal views with the head up and the patient's left
-on the right (patch columns run towards L).
+on the right (patch columns run towards L); every slice carries its orientation letters
+(:func:`vfcore.viz.units.orientation_letters`) and a colourbar of the CT window in HU.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from scipy.ndimage import map_coordinates
 
 from vfcore.patches import Patch, Spine
 from vfcore.verse import Volume, craniocaudal, level_name
+
+from .slices import hu_colorbar
+from .units import orientation_letters
 
 #: CT window for bone in the figures (HU).
 WINDOW = (-400, 1200)
@@ -68,6 +72,7 @@ def show_spine(ct: Volume | None, mask: Volume | None, spine: Spine, ax=None, ti
     if ct is not None:
         img, (z0, y0) = _sagittal_reformat(ct, spine)
         ax.imshow(img, cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1], interpolation="none")
+        hu_colorbar(ax, WINDOW)
     if mask is not None:
         lab, (z0, y0) = _sagittal_reformat(mask, spine, order=0, fill=0)
         if ct is None:
@@ -82,10 +87,12 @@ def show_spine(ct: Volume | None, mask: Volume | None, spine: Spine, ax=None, ti
     ax.plot(col, row, "o", color="tab:red", ms=4, label="body centroids")
     for lb, cc, rr in zip(spine.labels, col, row):
         ax.text(cc - 8, rr, level_name(lb), color="white", fontsize=7, ha="right", va="center")
-    ax.set_title(title or "sagittal reformat (anterior left)")
-    ax.set_xlabel("anterior  <-  y (mm)  ->  posterior")
-    ax.set_ylabel("head  <-  z (mm)  ->  feet")
-    ax.legend(loc="lower right", fontsize=7)
+    orientation_letters(ax, "sagittal", fontsize=9)
+    ax.set_title(title or "sagittal reformat (anterior left)", fontsize=10)
+    ax.set_xlabel("anterior  <-  y (mm)  ->  posterior", fontsize=9)
+    ax.set_ylabel("head  <-  z (mm)  ->  feet", fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.legend(loc="lower right", bbox_to_anchor=(0.97, 0.03), fontsize=8)
     return ax.figure
 
 
@@ -93,7 +100,7 @@ def show_straightening(ct: Volume, mask: Volume | None, spine: Spine, patch: Pat
                        size: int = 96):
     """One vertebra before (scanner-aligned sagittal plane through c, patch outline) and after
     straightening (the patch's mid-sagittal and mid-coronal slices, target contour)."""
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.3))
+    fig, axes = plt.subplots(1, 3, figsize=(11, 4.3), layout="constrained")
     f = patch.frame
     half = size / 2 + 20
     # before: plane through c spanned by world -z (rows) and -y (columns): head up, anterior left
@@ -111,21 +118,23 @@ def show_straightening(ct: Volume, mask: Volume | None, spine: Spine, patch: Pat
     ax.plot(origin[1] - world[:, 1], origin[2] - world[:, 2], "-", color="tab:cyan", lw=1.2)
     axis = f.c + np.outer([-40, 40], f.e_S)
     ax.plot(origin[1] - axis[:, 1], origin[2] - axis[:, 2], "--", color="tab:cyan", lw=1)
-    ax.set_title(f"{patch.level} in the scanner frame\n(cyan: patch outline, spline tangent)")
+    ax.set_title(f"{patch.level} in the scanner frame\n(cyan: patch outline, spline tangent)",
+                 fontsize=10)
     mid = size // 2
-    views = ((axes[1], (slice(None), slice(None), mid), "sagittal (rows I, cols P)"),
-             (axes[2], (slice(None), mid, slice(None)), "coronal (rows I, cols L)"))
-    for ax, sl, name in views:
+    views = ((axes[1], (slice(None), slice(None), mid), "sagittal", "rows I, cols P"),
+             (axes[2], (slice(None), mid, slice(None)), "coronal", "rows I, cols L"))
+    for ax, sl, name, axes_ipl in views:
         ax.imshow(patch.ct[sl], cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1])
         if patch.mask is not None:
             ax.contour(patch.mask[sl] == patch.label, [0.5], colors=TARGET_COLOUR, linewidths=0.8)
         ax.axhline((size - 1) / 2, color="tab:cyan", lw=0.5)
         ax.axvline((size - 1) / 2, color="tab:cyan", lw=0.5)
-        ax.set_title(f"straightened patch, {name}")
-    for ax in axes:
+        ax.set_title(f"straightened patch, {name}\n({axes_ipl})", fontsize=10)
+    for ax, view in zip(axes, ("sagittal", "sagittal", "coronal")):
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
+        orientation_letters(ax, view, fontsize=9)
+    hu_colorbar(list(axes), WINDOW)
     return fig
 
 
@@ -147,7 +156,8 @@ def _caption(row) -> str:
 
 def patch_gallery(manifest: pd.DataFrame, patches_dir: str | os.PathLike, n: int = 4,
                   seed: int = 0, size: int = 96):
-    """Fractured and healthy patches side by side: sagittal + coronal, target contour, grade.
+    """Fractured patches above healthy ones: sagittal + coronal, target contour, grade,
+    orientation letters and the CT window's HU colourbar.
 
     Picks up to ``n`` fractured vertebrae (mostly inside the scan; grades 3, 2, 1 in turn,
     random within a grade) and as many healthy ones of the same levels.
@@ -176,28 +186,41 @@ def patch_gallery(manifest: pd.DataFrame, patches_dir: str | os.PathLike, n: int
     while len(picks) < min(n, len(ok)):
         pool = ok[~ok.index.isin([p.name for p in picks])]
         picks.append(pool.iloc[int(rng.integers(len(pool)))])
-    columns = [("fractured", r) for _, r in fx.iterrows()] + [("healthy", r) for r in picks]
-    if not columns:
+    groups = [(kind, rows) for kind, rows in (("fractured", [r for _, r in fx.iterrows()]),
+                                              ("healthy", picks)) if rows]
+    if not groups:
         raise ValueError("the manifest has no labelled vertebrae to show")
-    fig, axes = plt.subplots(2, len(columns), figsize=(2.3 * len(columns), 5), squeeze=False)
+    n_cols = max(len(rows) for _, rows in groups)
+    # two rows (sagittal, coronal) per group, the healthy vertebra of a level under the
+    # fractured one; 2.2 inches a tile keeps 8-pt captions readable when shown at full width
+    fig, axes = plt.subplots(2 * len(groups), n_cols, figsize=(2.2 * n_cols + 1.0, 2.25 * 2 * len(groups)),
+                             squeeze=False, layout="constrained")
     mid = size // 2
-    for c, (kind, row) in enumerate(columns):
-        arrays = load_patch(patches_dir, row)
+    cuts = (("sagittal", (slice(None), slice(None), mid)), ("coronal", (slice(None), mid, slice(None))))
+    for g, (kind, rows) in enumerate(groups):
         colour = FRACTURE_COLOUR if kind == "fractured" else HEALTHY_COLOUR
-        for r, sl in enumerate(((slice(None), slice(None), mid), (slice(None), mid, slice(None)))):
-            ax = axes[r, c]
-            if arrays["ct"] is not None:
-                ax.imshow(arrays["ct"][sl], cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1])
-            if arrays["mask"] is not None:
-                ax.contour(arrays["mask"][sl] == row["label"], [0.5], colors=colour,
-                           linewidths=0.7)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[0, c].set_title(_caption(row), fontsize=8, color=colour)
-    axes[0, 0].set_ylabel("sagittal (I x P)")
-    axes[1, 0].set_ylabel("coronal (I x L)")
-    fig.suptitle("red: fractured (Genant grade G1-G3), green: healthy (G0)", fontsize=9)
-    fig.tight_layout()
+        for c in range(n_cols):
+            for r, (view, sl) in enumerate(cuts):
+                ax = axes[2 * g + r, c]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c >= len(rows):
+                    ax.set_axis_off()
+                    continue
+                arrays = load_patch(patches_dir, rows[c])
+                if arrays["ct"] is not None:
+                    ax.imshow(arrays["ct"][sl], cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1])
+                if arrays["mask"] is not None:
+                    ax.contour(arrays["mask"][sl] == rows[c]["label"], [0.5], colors=colour,
+                               linewidths=0.7)
+                orientation_letters(ax, view, fontsize=8)
+            if c < len(rows):
+                axes[2 * g, c].set_title(_caption(rows[c]), fontsize=9, color=colour)
+        axes[2 * g, 0].set_ylabel(f"{kind}\nsagittal (I x P)", fontsize=9, color=colour)
+        axes[2 * g + 1, 0].set_ylabel(f"{kind}\ncoronal (I x L)", fontsize=9, color=colour)
+    hu_colorbar(axes, WINDOW)
+    fig.suptitle("red: fractured (Genant grade G1-G3), green: healthy (G0), same levels column by column",
+                 fontsize=10)
     return fig
 
 

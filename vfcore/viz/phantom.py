@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from .slices import WINDOWS, show_contours, show_slice, to_ras
+from .slices import WINDOWS, hu_colorbar, show_contours, show_slice, to_ras
 
 
 def _load(ct_path, mask_path=None, centroids_path=None):
@@ -54,8 +54,8 @@ def phantom_vs_real(phantom_ct: str | os.PathLike, real_ct: str | os.PathLike, *
         w = ras.shape[1] * spacing[1] if plane == "sagittal" else ras.shape[0] * spacing[0]
         h = ras.shape[2] * spacing[2]
         ratios.append(w / (min(h, si_mm) if si_mm else h))
-    fig, axes = plt.subplots(1, 4, figsize=(height * sum(ratios) + 1.2, height + 0.6),
-                             gridspec_kw={"width_ratios": ratios})
+    fig, axes = plt.subplots(1, 4, figsize=(height * sum(ratios) + 1.8, height + 0.6),
+                             gridspec_kw={"width_ratios": ratios}, layout="constrained")
     for ax, (name, plane, ct, mask, centre) in zip(axes, panels):
         zooms = "x".join(f"{z:.2g}" for z in ct.zooms)
         show_slice(ax, ct.data, ct.affine, plane, at=centre, window=window,
@@ -69,8 +69,8 @@ def phantom_vs_real(phantom_ct: str | os.PathLike, real_ct: str | os.PathLike, *
             mid = h - (centre[2] - origin[2] + 0.5 * spacing[2])
             top = float(np.clip(mid - si_mm / 2, 0, max(h - si_mm, 0)))
             ax.set_ylim(min(top + si_mm, h), top)
-        ax.set_xlabel("mm", fontsize=7)
+        ax.set_xlabel("mm", fontsize=8)
     lo, hi = WINDOWS[window] if isinstance(window, str) else window
+    hu_colorbar(list(axes), (lo, hi))
     fig.suptitle(f"Synthetic phantom vs real CT (window {lo:.0f} to {hi:.0f} HU)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
     return fig

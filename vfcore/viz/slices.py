@@ -21,6 +21,20 @@ WINDOWS = {
 PLANES = ("sagittal", "coronal", "axial")
 
 
+def hu_colorbar(ax, window: tuple[float, float], label: str = "CT (HU)", fontsize: float = 8):
+    """A grey colourbar of the CT window (HU) beside ``ax`` (one axis or a list of axes that
+    share it): black = ``window[0]``, white = ``window[1]``."""
+    import matplotlib as mpl
+
+    axes = list(ax) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
+    axes = [a for a in np.ravel(axes)]
+    sm = mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(*window), cmap="gray")
+    bar = axes[0].figure.colorbar(sm, ax=axes if len(axes) > 1 else axes[0], fraction=0.046, pad=0.03)
+    bar.set_label(label, fontsize=fontsize)
+    bar.ax.tick_params(labelsize=fontsize)
+    return bar
+
+
 def to_ras(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reorder/flip array axes to RAS; returns (array, spacing (3,), world of voxel (0, 0, 0)).
 
@@ -62,12 +76,17 @@ def cut(ras: np.ndarray, spacing, plane: str, index: int | None = None):
 
 
 def show_slice(ax, data: np.ndarray, affine: np.ndarray, plane: str = "sagittal",
-               at=None, window="spine", title: str | None = None, axes_mm: bool = True):
+               at=None, window="spine", title: str | None = None, axes_mm: bool = True,
+               letters: bool = True, colorbar: bool = False):
     """Show a CT plane of ``data`` (any orientation) in mm aspect with a CT window.
 
     ``at`` is a world point (mm) the plane passes through (default: the volume centre);
-    ``window`` a name of :data:`WINDOWS` or a (low, high) HU pair.  Returns the image artist.
+    ``window`` a name of :data:`WINDOWS` or a (low, high) HU pair; ``letters``: the patient
+    directions at the edges (:func:`vfcore.viz.units.orientation_letters`); ``colorbar``: the
+    window's HU scale beside the axis.  Returns the image artist.
     """
+    from .units import orientation_letters
+
     ras, spacing, origin = to_ras(data, affine)
     index = None
     if at is not None:
@@ -76,10 +95,14 @@ def show_slice(ax, data: np.ndarray, affine: np.ndarray, plane: str = "sagittal"
     lo, hi = WINDOWS[window] if isinstance(window, str) else window
     art = ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, extent=extent, interpolation="bilinear")
     ax.set_aspect("equal")
+    if letters:
+        orientation_letters(ax, plane, fontsize=8)
+    if colorbar:
+        hu_colorbar(ax, (lo, hi))
     if title:
         ax.set_title(title, fontsize=9)
     if axes_mm:
-        ax.tick_params(labelsize=7)
+        ax.tick_params(labelsize=8)
     else:
         ax.set_xticks([])
         ax.set_yticks([])
