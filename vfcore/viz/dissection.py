@@ -3,7 +3,10 @@ q, exact vs sampled thresholds, c_k over units, collages, the Table-2 gallery an
 view of one inference.
 
 Slices of a patch (axes I, P, L) are shown without transposing, as the explorer does: a
-sagittal slice has the head up and anterior on the left. Every function returns its figure.
+sagittal slice has the head up and anterior on the left (orientation letters on the slices; a
+grey HU colourbar beside a plain CT slice, the red-to-yellow A_k colourbar beside a unit's map).
+Figures stay at most about 11 inches wide with text of at least 8 pt, so they are readable at
+the size a notebook shows them. Every function returns its figure.
 """
 from __future__ import annotations
 
@@ -15,7 +18,13 @@ import pandas as pd
 
 from vfcore.dissect import VIEWS, M_k
 
-from .units import colour_range, draw_unit, take_slice
+from vfcore.constants import DISPLAY_WINDOW_HU
+
+from .slices import hu_colorbar
+from .units import colour_range, draw_unit, orientation_letters, take_slice, unit_colorbar
+
+#: The smallest font of the notebook-03 panels (pt).
+FONT = 8
 
 
 def take(volume: np.ndarray, view: str, index: int) -> np.ndarray:
@@ -26,16 +35,19 @@ def take(volume: np.ndarray, view: str, index: int) -> np.ndarray:
 def draw_overlay(ax, ct2d: np.ndarray, act2d: np.ndarray | None = None, T: float | None = None,
                  mode: str = "overlay", title: str | None = None, fontsize: int = 7,
                  mask2d: np.ndarray | None = None, view: str | None = None,
-                 colorbar: bool = False) -> None:
+                 colorbar: bool = False, low: float | None = None, high: float | None = None) -> None:
     """A CT slice with a unit's thresholded activation, drawn by the one unit renderer
     (:func:`vfcore.viz.units.draw_unit`): filled (``overlay``: red to yellow by A_k inside the
     mask), outlined (``contour``) or both. The mask is ``mask2d`` (the upsampled M_k,
     :func:`vfcore.dissect.patch_mask`) or else M_k of ``act2d`` at ``T``. ``view``: orientation
-    letters; ``colorbar``: the colour scale."""
+    letters; ``colorbar``: the colour scale; ``low`` / ``high``: its ends (default: the range
+    of ``act2d`` inside the mask, :func:`vfcore.viz.units.colour_range`)."""
     mask = None
     if act2d is not None and T is not None:
         mask = M_k(np.asarray(act2d)[None], [T])[0] if mask2d is None else np.asarray(mask2d, dtype=bool)
-    low, high = colour_range(act2d, mask)
+    lo, hi = colour_range(act2d, mask)
+    low = lo if low is None else low
+    high = hi if high is None else high
     draw_unit(ax, ct2d, mask, act2d, low, high, mode, view=view, title=title, fontsize=fontsize,
               colorbar=colorbar)
 
@@ -45,26 +57,36 @@ def draw_overlay(ax, ct2d: np.ndarray, act2d: np.ndarray | None = None, T: float
 # --------------------------------------------------------------------------------------------
 
 def threshold_overview(d, q_tail: float):
-    """Per unit: T_k and the largest activation over the split (sorted by T_k, log scale): the
-    scales differ by orders of magnitude, so one global threshold cannot serve every unit;
-    right: the realised tail P(a_k > T_k) per unit against q (ties and dead units fall short)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
+    """Left, per unit: T_k and the largest activation over the split (sorted by T_k, log
+    scale): the scales differ by orders of magnitude, so one global threshold cannot serve
+    every unit. Right: the realised tail P(a_k > T_k) of every unit, sorted, against the
+    target q (ties at T_k fall short of q, degenerate units reach 0)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), layout="constrained")
     order = np.argsort(-d.T.astype(np.float64), kind="stable")
     x = np.arange(1, d.n_units + 1)
     pos = lambda v: np.where(v > 0, v, np.nan)  # noqa: E731 (log axes: hide zeros)
     axes[0].plot(x, pos(d.unit_max[order]), ".", ms=3, color="0.5", label="max over the split")
     axes[0].plot(x, pos(d.T[order].astype(np.float64)), "-", color="tab:red", label="T_k")
     axes[0].set_yscale("log")
-    axes[0].set_xlabel("units, sorted by T_k")
-    axes[0].set_ylabel("activation")
-    axes[0].legend(fontsize=7)
-    dead = d.flags["degenerate"][order]
-    axes[1].bar(x, d.realised_tail[order], width=1.0, color=np.where(dead, "tab:gray", "tab:blue"))
-    axes[1].axhline(q_tail, color="tab:red", lw=1, label=f"q = {q_tail}")
-    axes[1].set_xlabel("units, sorted by T_k (grey: degenerate)")
-    axes[1].set_ylabel("P(a_k > T_k) realised")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
+    axes[0].set_xlabel("units, sorted by T_k", fontsize=9)
+    axes[0].set_ylabel("activation", fontsize=9)
+    axes[0].set_title(f"T_k and the maximum per unit (K = {d.n_units})", fontsize=9)
+    axes[0].legend(fontsize=FONT, loc="lower left")
+    tail = np.asarray(d.realised_tail, dtype=np.float64)
+    by_tail = np.argsort(-tail, kind="stable")
+    dead = np.asarray(d.flags["degenerate"], dtype=bool)[by_tail]
+    axes[1].plot(x, tail[by_tail], "-", color="tab:blue", lw=1.5, label="realised, one unit per x")
+    if dead.any():
+        axes[1].plot(x[dead], tail[by_tail][dead], "o", ms=3, color="tab:gray",
+                     label=f"degenerate units ({int(dead.sum())})")
+    axes[1].axhline(q_tail, color="tab:red", ls="--", lw=1, label=f"target q = {q_tail}")
+    axes[1].set_ylim(0, 1.25 * max(q_tail, float(np.nanmax(tail)) if tail.size else q_tail))
+    axes[1].set_xlabel("units, sorted by their realised tail", fontsize=9)
+    axes[1].set_ylabel("P(a_k > T_k) realised", fontsize=9)
+    axes[1].set_title("the fraction of positions above T_k", fontsize=9)
+    axes[1].legend(fontsize=FONT, loc="lower left")
+    for ax in axes:
+        ax.tick_params(labelsize=FONT)
     return fig
 
 
@@ -73,19 +95,24 @@ def unit_histograms(values: np.ndarray, units: Sequence[int], T: Sequence[float]
     """One histogram per unit of all its activations (``values`` [U, n], log counts) with T_k
     marked and the tail above it shaded; the title gives P(a_k > T_k) as realised."""
     U = len(units)
-    fig, axes = plt.subplots(1, U, figsize=(3.2 * U, 2.8), squeeze=False)
-    for ax, v, k, t in zip(axes[0], values, units, T):
+    cols = min(U, 4)
+    rows = int(np.ceil(U / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.75 * cols, 2.9 * rows), squeeze=False,
+                             layout="constrained")
+    for ax in axes.ravel()[U:]:
+        ax.set_axis_off()
+    for ax, v, k, t in zip(axes.ravel(), values, units, T):
         v = np.asarray(v, dtype=np.float64).ravel()
         hi = v.max() if v.max() > v.min() else v.min() + 1.0
         ax.hist(v, bins=np.linspace(v.min(), hi, bins), color="0.55", log=True)
         ax.axvspan(t, hi, color="tab:red", alpha=0.15, lw=0)
         ax.axvline(t, color="tab:red", lw=1.2)
         ax.set_title(f"unit {k}: T_k = {t:.3g}\nP(a > T_k) = {(v > t).mean():.4f} (q = {q_tail})",
-                     fontsize=8)
-        ax.set_xlabel("activation", fontsize=8)
-        ax.tick_params(labelsize=7)
-    axes[0, 0].set_ylabel("positions (log)", fontsize=8)
-    fig.tight_layout()
+                     fontsize=FONT)
+        ax.set_xlabel("activation", fontsize=FONT)
+        ax.tick_params(labelsize=FONT)
+    for row in axes:
+        row[0].set_ylabel("positions (log)", fontsize=FONT)
     return fig
 
 
@@ -93,45 +120,72 @@ def masks_for_q(ct: np.ndarray, feature_map: np.ndarray, thresholds: Mapping[flo
                 field: Sequence[slice], view: str = "sagittal", title: str = ""):
     """What q does to the mask: one slice of one sample; the unit's activation (feature grid
     ``feature_map`` [d, h, w]) thresholded at T_k(q) for several q (smaller q: higher T_k,
-    smaller mask), each mask upsampled onto the patch (:func:`vfcore.dissect.patch_mask`)."""
+    smaller mask), each mask upsampled onto the patch (:func:`vfcore.dissect.patch_mask`).
+    The CT alone (left, HU colourbar), then one panel per q on one shared A_k colour scale
+    (its colourbar right of the last panel); orientation letters on every panel."""
     from vfcore.dissect import best_slice, patch_mask, upsample_to_patch
 
     qs = sorted(thresholds, reverse=True)
     up = upsample_to_patch(feature_map, field, ct.shape)
     masks = {q: patch_mask(M_k(feature_map[None], [thresholds[q]])[0], field, ct.shape) for q in qs}
     index = best_slice(up, thresholds[min(qs)], view, masks[min(qs)])
-    fig, axes = plt.subplots(1, len(qs) + 1, figsize=(2.4 * (len(qs) + 1), 2.9))
-    draw_overlay(axes[0], take(ct, view, index), title=f"{title}\n{view} slice {index}", view=view)
+    ct2d, up2d = take(ct, view, index), take(up, view, index)
+    # one colour scale for every q: the range of A_k inside the largest mask (largest q)
+    low, high = colour_range(up2d, take(masks[max(qs)], view, index))
+    fig, axes = plt.subplots(1, len(qs) + 1, figsize=(2.15 * (len(qs) + 1) + 0.9, 3.0),
+                             layout="constrained")
+    draw_overlay(axes[0], ct2d, title=f"CT, {view} slice {index}", fontsize=9)
+    hu_colorbar(axes[0], DISPLAY_WINDOW_HU, fontsize=FONT)
     for ax, q in zip(axes[1:], qs):
         T = thresholds[q]
         n_feat = int(M_k(feature_map[None], [T]).sum())
-        draw_overlay(ax, take(ct, view, index), take(up, view, index), T, "both",
+        draw_overlay(ax, ct2d, up2d, T, "both", fontsize=9, mask2d=take(masks[q], view, index),
                      title=f"q = {q}: T_k = {T:.3g}\nM_k: {n_feat} of {feature_map.size} positions",
-                     mask2d=take(masks[q], view, index))
-    fig.tight_layout()
+                     low=low, high=high)
+    for ax in axes:
+        orientation_letters(ax, view, fontsize=FONT)
+    if high > low:
+        unit_colorbar(axes[-1], low, high, label="A_k (upsampled)", fontsize=FONT + 1)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return fig
 
 
 def exact_vs_sampled(q_tail: float, realised: Mapping[str, np.ndarray]):
-    """Relative error of the realised tail P(a_k > T_k) / q - 1 per unit, for exact thresholds
-    and for estimates (``realised``: method name -> [K] realised tails)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    """How close the realised tail P(a_k > T_k) comes to q for exact thresholds and for
+    estimates (``realised``: method name -> [K] realised tails). Left: each method's tails,
+    sorted, one line per method (a flat line at q is a perfect threshold); right: how many
+    units miss q by how much (relative error P / q - 1 in %, outlined histograms so the
+    methods do not hide each other). The legend sits below the panels."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     names = list(realised)
-    errors = {n: (np.asarray(realised[n]) / q_tail - 1.0) * 100 for n in names}
-    lim = max(1.0, max(float(np.nanmax(np.abs(e))) for e in errors.values()))
-    for n in names:
-        axes[0].hist(errors[n], bins=np.linspace(-lim, lim, 41), alpha=0.55, label=n)
-    axes[0].set_xlabel("realised tail vs q (%)")
-    axes[0].set_ylabel("units")
-    axes[0].legend(fontsize=7)
+    tails = {n: np.asarray(realised[n], dtype=np.float64) for n in names}
+    errors = {n: (t / q_tail - 1.0) * 100 for n, t in tails.items()}
+    lim = max(1.0, max(float(np.nanmax(np.abs(e))) if e.size else 0.0 for e in errors.values()))
+    bins = np.linspace(-lim, lim, 31)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ("-", "--", ":", "-.")   # methods that agree stay visible one on top of the other
     for i, n in enumerate(names):
-        e = np.abs(errors[n])
-        axes[1].boxplot(e[np.isfinite(e)], positions=[i], widths=0.6)
-    axes[1].set_xticks(range(len(names)))
-    axes[1].set_xticklabels(names, fontsize=7, rotation=10)
-    axes[1].set_ylabel("|relative error| (%)")
-    fig.suptitle(f"How close is P(a_k > T_k) to q = {q_tail}? (one value per unit)", fontsize=9)
-    fig.tight_layout()
+        t = np.sort(tails[n][np.isfinite(tails[n])])[::-1]
+        style = dict(color=colours[i % len(colours)], ls=styles[i % len(styles)], lw=2.2 - 0.4 * (i % 3))
+        axes[0].plot(np.linspace(0, 1, len(t)) if len(t) > 1 else [0.5] * len(t), t,
+                     label=f"{n} (n = {len(t)} units)", **style)
+        axes[1].hist(errors[n][np.isfinite(errors[n])], bins=bins, histtype="step", **style)
+    axes[0].axhline(q_tail, color="k", ls=(0, (1, 1)), lw=1, label=f"target q = {q_tail}")
+    axes[1].axvline(0.0, color="k", ls=(0, (1, 1)), lw=1)
+    low = min([q_tail] + [float(np.nanmin(t)) for t in tails.values() if t.size])
+    axes[0].set_ylim(bottom=min(0.0, low) if low <= 0.5 * q_tail else 0.9 * low)
+    axes[0].set_xlabel("units, sorted by their realised tail (fraction)", fontsize=9)
+    axes[0].set_ylabel("P(a_k > T_k) realised", fontsize=9)
+    axes[0].set_title("realised tail per unit", fontsize=9)
+    axes[1].set_xlabel("P(a_k > T_k) / q - 1 (%)", fontsize=9)
+    axes[1].set_ylabel("units", fontsize=9)
+    axes[1].set_title("relative error of the realised tail", fontsize=9)
+    for ax in axes:
+        ax.tick_params(labelsize=FONT)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center",
+               ncol=min(len(names) + 1, 2), fontsize=FONT)
+    fig.suptitle(f"How close is P(a_k > T_k) to q = {q_tail}? (one value per unit)", fontsize=10)
     return fig
 
 
@@ -142,7 +196,7 @@ def exact_vs_sampled(q_tail: float, realised: Mapping[str, np.ndarray]):
 def correlation_curve(ranking: pd.DataFrame, top: int = 10):
     """c_k over all units, sorted (the ranking's ``c_k``), with the ground-truth-positive
     variant (the published code's) in the same order; the top units highlighted."""
-    fig, ax = plt.subplots(figsize=(8, 3))
+    fig, ax = plt.subplots(figsize=(8, 3.6), layout="constrained")
     x = np.arange(1, len(ranking) + 1)
     ax.plot(x, ranking["c_k"], color="tab:blue", lw=1.5, label="c_k over true-positive predictions (paper)")
     if "c_positive" in ranking:
@@ -151,11 +205,11 @@ def correlation_curve(ranking: pd.DataFrame, top: int = 10):
     if "c_fp" in ranking and ranking["c_fp"].notna().any():
         ax.plot(x, ranking["c_fp"], ".", ms=2.5, color="tab:red", alpha=0.6, label="c_k over false positives")
     ax.axvspan(0.5, top + 0.5, color="tab:green", alpha=0.12, lw=0, label=f"top {top}")
-    ax.set_xlabel("unit rank")
-    ax.set_ylabel("c_k")
+    ax.set_xlabel("unit rank", fontsize=9)
+    ax.set_ylabel("c_k", fontsize=9)
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+    ax.tick_params(labelsize=FONT)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=FONT)
     return fig
 
 
