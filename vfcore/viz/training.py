@@ -32,7 +32,7 @@ def augmentation_gallery(hu: np.ndarray, preset: str, n: int = 10, seed: int = 0
 def training_curves(history: pd.DataFrame, ax=None):
     """Training loss (left axis) and validation F1 / AUC (right axis) per epoch; the epoch of
     the best checkpoint (highest validation F1, ties broken by AUC, then the earliest: as
-    training chooses ``best.pt``) as a dotted line. The legend sits right of the axes, off
+    training chooses the best checkpoint) as a dotted line. The legend sits right of the axes, off
     the curves. Returns the left axis (``ax.figure.axes[1]`` is the right one)."""
     from matplotlib.ticker import MaxNLocator
 
