@@ -225,6 +225,21 @@ def test_training_curves_labelled_legend_off_the_curves_best_epoch_named():
     assert [ln.get_xdata()[0] for ln in right.lines if ln.get_linestyle() == ":"] == [2]
 
 
+def test_augmentation_gallery_letters_and_hu_colorbar():
+    from vfcore.viz import training as vt
+
+    hu = np.random.default_rng(0).integers(-1000, 1000, (96, 96, 96)).astype(np.int16)
+    fig = vt.augmentation_gallery(hu, "small", n=3, seed=0)
+    tiles = image_axes(fig)
+    assert len(tiles) == 8
+    assert_letters(tiles[0], "sagittal")                     # row 0, column 0
+    assert_letters(tiles[4], "coronal")                      # row 1, column 0
+    bar = colorbar_of(fig, "gray")
+    # the grey scale shows 0.2 .. 0.9 of the network's [0, 1] = -1000 .. 1000 HU
+    assert (bar.vmin, bar.vmax) == pytest.approx((-600.0, 800.0)) and "HU" in bar.ax.get_ylabel()
+    assert_readable(fig)
+
+
 # --------------------------------------------------------------------------------------------
 # Notebook 03: thresholds, histograms, masks for q, exact vs sampled
 # --------------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ def phantom_vs_real(phantom_ct: str | os.PathLike, real_ct: str | os.PathLike, *
     window, so a reader can compare sizes and contrast directly.  ``contours=True`` outlines
     the vertebra masks; ``si_mm`` crops every panel to that many millimetres of height around
     the centre (``None``: the whole scan), so scans of different length share one scale.
+    ``height`` (inches) is lowered where the figure would be wider than 11.5 inches. Every
+    panel has its orientation letters; one HU colourbar serves all four.
     """
     panels = []
     for name, ct_path, mask_path, ctd in (("phantom", phantom_ct, phantom_mask, phantom_centroids),
@@ -54,6 +56,8 @@ def phantom_vs_real(phantom_ct: str | os.PathLike, real_ct: str | os.PathLike, *
         w = ras.shape[1] * spacing[1] if plane == "sagittal" else ras.shape[0] * spacing[0]
         h = ras.shape[2] * spacing[2]
         ratios.append(w / (min(h, si_mm) if si_mm else h))
+    # at most 11.5 inches wide, so the 8-pt labels stay readable where the notebook shows it
+    height = min(height, (11.5 - 1.8) / sum(ratios))
     fig, axes = plt.subplots(1, 4, figsize=(height * sum(ratios) + 1.8, height + 0.6),
                              gridspec_kw={"width_ratios": ratios}, layout="constrained")
     for ax, (name, plane, ct, mask, centre) in zip(axes, panels):

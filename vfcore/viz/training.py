@@ -12,20 +12,33 @@ from ..data import Augment, augment_batch, to_network_input
 def augmentation_gallery(hu: np.ndarray, preset: str, n: int = 10, seed: int = 0,
                          aug: Augment = Augment()):
     """One patch as the network sees it (first column) and under ``n`` augmentations:
-    mid-sagittal (top row, rows I / columns P) and mid-coronal (bottom row, columns L)."""
+    mid-sagittal (top row, rows I / columns P) and mid-coronal (bottom row, columns L);
+    orientation letters on the first column, the grey scale in HU beside the grid."""
+    from vfcore.constants import NETWORK_WINDOW_HU
+
+    from .slices import hu_colorbar
+    from .units import orientation_letters
+
     batch = torch.from_numpy(np.repeat(np.asarray(hu)[None], n, axis=0))
     views = [to_network_input(hu, preset)[0, 0]] + list(
         augment_batch(batch, preset, torch.Generator().manual_seed(seed), aug)[:, 0])
-    fig, axes = plt.subplots(2, n + 1, figsize=(1.5 * (n + 1), 3.2))
+    fig, axes = plt.subplots(2, n + 1, figsize=(min(1.5, 10.0 / (n + 1)) * (n + 1) + 1.0, 2.7),
+                             squeeze=False, layout="constrained")
+    shown = (0.2, 0.9)   # of the network's [0, 1] scale
     for j, v in enumerate(views):
+        v = v.detach().cpu().numpy()
         mid = v.shape[0] // 2
-        axes[0, j].imshow(v[:, :, mid], cmap="gray", vmin=0.2, vmax=0.9)
-        axes[1, j].imshow(v[:, mid, :], cmap="gray", vmin=0.2, vmax=0.9)
+        axes[0, j].imshow(v[:, :, mid], cmap="gray", vmin=shown[0], vmax=shown[1])
+        axes[1, j].imshow(v[:, mid, :], cmap="gray", vmin=shown[0], vmax=shown[1])
         axes[0, j].set_title("input" if j == 0 else f"aug {j}", fontsize=8)
     for ax in axes.ravel():
-        ax.set_axis_off()
+        ax.set_xticks([])
+        ax.set_yticks([])
+    orientation_letters(axes[0, 0], "sagittal", fontsize=8)
+    orientation_letters(axes[1, 0], "coronal", fontsize=8)
+    lo, hi = NETWORK_WINDOW_HU
+    hu_colorbar(axes, tuple(lo + (hi - lo) * t for t in shown))
     fig.suptitle("network input without and with augmentation (top: sagittal, bottom: coronal)", fontsize=9)
-    fig.tight_layout()
     return fig
 
 
