@@ -20,7 +20,9 @@ uses its running statistics, so a sample's output never depends on the rest of i
 (defect 3 of the review).
 
 Two presets (:data:`PRESETS`): ``paper`` (the network above, about 12.8 M parameters) and
-``small`` (a quarter of the widths on a 2 mm grid, for CPUs: CI, Binder, laptops).
+``small`` (a quarter of the widths on a 2 mm grid, for CPUs: CI, Binder, laptops; pools in
+down_tr64 and down_tr128 only, 32^3 -> 16^3 -> 8^3, so its down_tr512 grid is the paper's
+8^3 of 8 mm cells).
 """
 from __future__ import annotations
 
@@ -53,10 +55,24 @@ class Preset:
     mlp: tuple[int, ...] = (256, 128, 64)
     dropout: float = 0.3
     dissect_layer: str = "down_tr512"
+    #: which of down_tr64 ... down_tr512 end in a 2x2x2 max-pool (paper: all but down_tr512)
+    pools: tuple[bool, ...] = (True, True, True, False)
     # training defaults (vfcore.train); the paper states lr, patience and dropout only
+    #: Adam's learning rate (paper: 1e-3). Adam moves every weight by about lr per step, so
+    #: the relative change per step is lr / rms(W); see docs/training_dynamics.md
+    lr: float = 1e-3
     batch_size: int = 64
     patience: int = 50
     max_epochs: int = 500
+
+    def __post_init__(self):  # lists (from a checkpoint's JSON-like dict) -> tuples
+        for name in ("head", "mlp", "pools"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @property
+    def grid(self) -> int:
+        """Edge of the down_tr512 map (the dissected grid): input_size / 2^(number of pools)."""
+        return self.input_size // 2 ** sum(self.pools)
 
     @property
     def input_size(self) -> int:
@@ -76,18 +92,23 @@ class Preset:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["head"], d["mlp"] = list(self.head), list(self.mlp)
+        d["head"], d["mlp"], d["pools"] = list(self.head), list(self.mlp), list(self.pools)
         return d
 
 
 PRESETS: dict[str, Preset] = {
     # The published network: 64^3 input at 1 mm, 512 units at 8^3 in down_tr512.
     "paper": Preset("paper"),
-    # CPU preset: same 64 mm field of view at 2 mm (32^3 input), a quarter of the widths
-    # (128 units at 4^3 in down_tr512), MLP 512 -> 64 -> 32 -> 16 -> 1. Dropout 0.1: with
-    # layers this narrow, 0.3 kept it from fitting a CI-sized training set in minutes.
+    # CPU preset: same 64 mm field of view at 2 mm (32^3 input), a quarter of the widths.
+    # Pools only in down_tr64 and down_tr128 (32 -> 16 -> 8), so down_tr256 and down_tr512
+    # work on 8^3 and the dissected grid is the paper's: 128 units at 8^3, 8 mm cells
+    # (issue 11; with a third pool it was 4^3, 16 mm cells). MLP 4096 -> 64 -> 32 -> 16 -> 1.
+    # Dropout 0.1: with layers this narrow, 0.3 kept it from fitting a CI-sized training set.
+    # lr 3e-4: at the paper's 1e-3 the training loss sat at ln 2 for 120+ steps (150+ with
+    # augmentation); at 3e-4 it learns with augmentation (docs/training_dynamics.md).
     "small": Preset("small", zoom=2, base=8, head=(64, 32, 16, 8), mlp=(64, 32, 16),
-                    dropout=0.1, batch_size=16, patience=15, max_epochs=60),
+                    dropout=0.1, pools=(True, True, False, False), lr=3e-4, batch_size=16,
+                    patience=15, max_epochs=60),
 }
 
 #: The layer the dissection reads, per preset (the last encoder layer, as the paper).
@@ -131,13 +152,12 @@ class FractureNet(nn.Module):
         super().__init__()
         self.preset = get_preset(preset)
         p = self.preset
-        if p.input_size % 8:
-            raise ValueError(f"preset {p.name}: input size {p.input_size} must be divisible by 8")
+        if len(p.pools) != 4 or p.input_size % 2 ** sum(p.pools):
+            raise ValueError(f"preset {p.name}: input size {p.input_size} must be divisible by "
+                             f"2^{sum(p.pools)} (pools {p.pools})")
         widths = p.encoder_widths
-        self.down_tr64 = DownTransition(*widths[0], pool=True)
-        self.down_tr128 = DownTransition(*widths[1], pool=True)
-        self.down_tr256 = DownTransition(*widths[2], pool=True)
-        self.down_tr512 = DownTransition(*widths[3], pool=False)
+        for name, w, pool in zip(ENCODER_LAYERS, widths, p.pools):
+            setattr(self, name, DownTransition(*w, pool=pool))
 
         head, c = [], widths[3][2]
         for c_out in p.head:  # conv + InstanceNorm + dropout, no nonlinearity (as published)
@@ -146,7 +166,7 @@ class FractureNet(nn.Module):
             c = c_out
         self.head = nn.Sequential(*head)
 
-        mlp, n = [nn.Flatten()], c * (p.input_size // 8) ** 3
+        mlp, n = [nn.Flatten()], c * p.grid ** 3
         for n_out in p.mlp:
             mlp += [nn.Linear(n, n_out), nn.BatchNorm1d(n_out), nn.LeakyReLU(inplace=True),
                     nn.Dropout(p.dropout)]

@@ -97,7 +97,7 @@ def _set_rng_state(generator: torch.Generator, state: dict) -> None:
 
 def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 0, *,
                epochs: int | None = None, batch_size: int | None = None,
-               patience: int | None = None, lr: float = 1e-3, augment: Augment | str | None = "paper",
+               patience: int | None = None, lr: float | None = None, augment: Augment | str | None = "paper",
                device: str | None = None, compile: bool = False, preload: bool | None = None,
                progress: bool = True, on_epoch=None) -> Path:
     """Train one seed into ``RunFolder(run_dir).seed_dir(seed)``; resume from its last
@@ -115,6 +115,7 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
     epochs = p.max_epochs if epochs is None else epochs
     batch_size = p.batch_size if batch_size is None else batch_size
     patience = p.patience if patience is None else patience
+    lr = p.lr if lr is None else lr                            # small 3e-4, paper 1e-3
     augment = get_augment(augment)
     run = RunFolder(run_dir)
     folder = run.seed_dir(seed)
@@ -202,7 +203,7 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
 
 
 def fit(run_dir: str | Path, preset: str | Preset = "small", *, seeds=(0,), epochs: int | None = None,
-        batch_size: int | None = None, patience: int | None = None, lr: float = 1e-3,
+        batch_size: int | None = None, patience: int | None = None, lr: float | None = None,
         augment: Augment | str | None = "paper", device: str | None = None, compile: bool = False,
         preload: bool | None = None, progress: bool = True, on_epoch=None) -> dict:
     """Train every seed, test each best checkpoint, write ``<run>/model/metrics.json``.
