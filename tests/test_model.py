@@ -24,7 +24,7 @@ def test_paper_parameter_count_by_hand():
 
 @pytest.mark.parametrize("preset,shapes", [
     ("paper", [(64, 32, 32, 32), (128, 16, 16, 16), (256, 8, 8, 8), (512, 8, 8, 8)]),
-    ("small", [(16, 16, 16, 16), (32, 8, 8, 8), (64, 4, 4, 4), (128, 4, 4, 4)]),
+    ("small", [(16, 16, 16, 16), (32, 8, 8, 8), (64, 8, 8, 8), (128, 8, 8, 8)]),
 ])
 def test_shapes_per_level(preset, shapes):
     table = layer_table(build_model(preset)).set_index("layer")
