@@ -66,7 +66,7 @@ def main() -> None:
     layout = torch.channels_last_3d if dev.type == "cuda" else torch.contiguous_format
     model = build_model(preset).to(dev).to(memory_format=layout)
     step_model = torch.compile(model) if args.compile else model
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=preset.lr)
     y = (torch.rand(batch, device=dev) > 0.5).float()
     x0 = data.to_network_input(hu, preset).contiguous(memory_format=layout)
 
@@ -123,7 +123,7 @@ def published_style(run: Path, preset, dev: torch.device, workers: int = 16, ste
     loader = DataLoader(mt.Dataset(items * 20, chain), batch_size=16, num_workers=workers, shuffle=True,
                         drop_last=True, persistent_workers=True)
     model = build_model(preset).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=preset.lr)
     n, t0 = 0, None
     for i, batch in enumerate(loader):
         if i == 3:

@@ -303,3 +303,34 @@ def test_precision_policy_on_cpu():
 
     assert fw.precision(torch.device("cpu")) == (None, False)
     assert isinstance(fw.autocast(torch.device("cpu")), type(__import__("contextlib").nullcontext()))
+
+
+def test_one_hand_written_step_equals_the_package_step():
+    """Notebook 02 writes the training step out by hand; it must be the step train_seed runs."""
+    import torch.nn.functional as F
+
+    from vfcore.train import train_step
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 32, 32, 32)
+    y = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        nets.append(build_model("small"))
+    mine, theirs = nets
+    opt_a = torch.optim.Adam(mine.parameters(), lr=3e-4)
+    opt_b = torch.optim.Adam(theirs.parameters(), lr=3e-4)
+    mine.train(), theirs.train()
+    torch.manual_seed(2)                                 # dropout draws
+    logits = mine(x).float()
+    loss = F.binary_cross_entropy_with_logits(logits, y)
+    opt_a.zero_grad()
+    loss.backward()
+    opt_a.step()
+    torch.manual_seed(2)
+    loss_b = train_step(theirs, opt_b, x, y)
+    assert loss_b == pytest.approx(float(loss), rel=1e-6)
+    for (name, a), b in zip(mine.state_dict().items(), theirs.state_dict().values()):
+        assert torch.equal(a, b), name
+    before = build_model("small").state_dict()
+    assert any(not torch.equal(before[k], v) for k, v in theirs.state_dict().items())

@@ -4,7 +4,7 @@
     vfcore phantom data/phantom --scans 60          # write a synthetic VerSe-layout root
     vfcore download --release verse19 --target data/verse
     vfcore patches data/phantom runs/phantom        # straightened 96^3 patches + manifest
-    vfcore train runs/phantom --preset small        # the classifier (checkpoint, metrics)
+    vfcore train runs/phantom                       # the classifier (checkpoint, metrics)
     vfcore dissect runs/phantom                     # T_k, c_k, r_k and the exported units
     vfcore badges                                   # regenerate Colab/Binder badges
 
@@ -113,12 +113,14 @@ def _patches(args) -> int:
 
 def _train(args) -> int:
     from .data import AUGMENTATIONS
-    from .model import PRESETS
+    from .model import PRESETS, default_preset
 
-    if args.preset not in PRESETS:
+    if args.preset != "auto" and args.preset not in PRESETS:
         raise InputError("--preset", f"unknown preset {args.preset!r}; choose one of "
-                                     f"{', '.join(sorted(PRESETS))}")
-    augment = None if args.augment.lower() == "none" else args.augment
+                                     f"{', '.join(sorted(PRESETS))} or auto")
+    preset = PRESETS[default_preset() if args.preset == "auto" else args.preset]
+    augment = (preset.augment if args.augment == "preset"
+               else None if args.augment.lower() == "none" else args.augment)
     if augment is not None and augment not in AUGMENTATIONS:
         raise InputError("--augment", f"unknown augmentation {args.augment!r}; choose one of "
                                       f"{', '.join(sorted(AUGMENTATIONS))} or none")
@@ -128,7 +130,7 @@ def _train(args) -> int:
     read_manifest(run.require("manifest"))  # a typed error naming the file, before training
     from .train import fit
 
-    metrics = fit(run.root, args.preset, seeds=args.seeds, epochs=args.epochs,
+    metrics = fit(run.root, preset, seeds=args.seeds, epochs=args.epochs,
                   augment=augment, device=args.device, batch_size=args.batch_size,
                   patience=args.patience, progress=not args.quiet)
     test = ", ".join(f"{k} {v:.3f}" for k, v in metrics["test"].items() if v is not None)
@@ -212,10 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the fracture classifier on the run's patches")
     p.add_argument("run", help="the run folder (reads patches/, writes model/)")
-    p.add_argument("--preset", default="small", help="small (CPU) or paper (the published network)")
+    p.add_argument("--preset", default="auto",
+                   help="small (CPU), paper (the published network) or auto (paper with CUDA, else small)")
     p.add_argument("--epochs", type=_positive_int, help="upper limit (default: the preset's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one model per seed")
-    p.add_argument("--augment", default="paper", help="paper, light or none")
+    p.add_argument("--augment", default="preset",
+                   help="paper, light, none, or preset (the preset's: small light, paper paper)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--patience", type=_positive_int, help="early-stopping patience in epochs")

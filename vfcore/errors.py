@@ -75,3 +75,10 @@ class StateMismatchError(VfcoreError):
 
 class DistributedError(VfcoreError):
     """A multi-process job that cannot go on: a collective timed out or failed (a rank died)."""
+
+
+class PresetError(VfcoreError, KeyError):
+    """A network preset name that vfcore does not define (the message lists the known ones)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return Exception.__str__(self)

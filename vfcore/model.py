@@ -61,6 +61,8 @@ class Preset:
     #: Adam's learning rate (paper: 1e-3). Adam moves every weight by about lr per step, so
     #: the relative change per step is lr / rms(W); see docs/training_dynamics.md
     lr: float = 1e-3
+    #: the augmentation a notebook or command uses by default (a name of vfcore.data.AUGMENTATIONS)
+    augment: str | None = "paper"
     batch_size: int = 64
     patience: int = 50
     max_epochs: int = 500
@@ -107,7 +109,8 @@ PRESETS: dict[str, Preset] = {
     # lr 3e-4: at the paper's 1e-3 the training loss sat at ln 2 for 120+ steps (150+ with
     # augmentation); at 3e-4 it learns with augmentation (docs/training_dynamics.md).
     "small": Preset("small", zoom=2, base=8, head=(64, 32, 16, 8), mlp=(64, 32, 16),
-                    dropout=0.1, pools=(True, True, False, False), lr=3e-4, batch_size=16,
+                    dropout=0.1, pools=(True, True, False, False), lr=3e-4, augment="light",
+                    batch_size=16,
                     patience=15, max_epochs=60),
 }
 
@@ -115,14 +118,26 @@ PRESETS: dict[str, Preset] = {
 DISSECT_LAYER: dict[str, str] = {name: p.dissect_layer for name, p in PRESETS.items()}
 
 
+def default_preset() -> str:
+    """The preset a notebook or command uses when none is named: ``paper`` where CUDA is
+    available, else ``small`` (trains on a CPU in minutes)."""
+    return "paper" if torch.cuda.is_available() else "small"
+
+
 def get_preset(preset: str | Preset) -> Preset:
-    """A :class:`Preset` from its name (or the preset itself)."""
+    """A :class:`Preset` from its name, ``"auto"`` (:func:`default_preset`) or the preset itself;
+    an unknown name raises :class:`~vfcore.errors.PresetError` listing the known ones."""
+    from .errors import PresetError
+
     if isinstance(preset, Preset):
         return preset
+    if preset == "auto":
+        preset = default_preset()
     try:
         return PRESETS[preset]
-    except KeyError:
-        raise KeyError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}") from None
+    except (KeyError, TypeError):
+        raise PresetError(None, f"unknown preset {preset!r}; choose one of "
+                                f"{', '.join(sorted(PRESETS))} or 'auto'") from None
 
 
 def conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:

@@ -30,8 +30,8 @@ BRANCH = "main"
 #: Notebooks not named here run with their own defaults.
 QUICK: dict[str, dict] = {
     NOTEBOOKS["preprocessing"]: {"N_SCANS": 48, "N_DISSECT_SCANS": 12, "WORKERS": 2},
-    NOTEBOOKS["training"]: {"PRESET": "small", "EPOCHS": 30, "SEEDS": [0], "PATIENCE": 30,
-                            "AUGMENT": None},
+    NOTEBOOKS["training"]: {"PRESET": "small", "EPOCHS": 20, "SEEDS": [0], "PATIENCE": 20,
+                            "AUGMENT": "light"},
     NOTEBOOKS["thresholds"]: {},
     NOTEBOOKS["ranking"]: {},
     NOTEBOOKS["explorer"]: {},

@@ -43,7 +43,7 @@ from .runtime import pick_device
 #: Re-exported for callers of the earlier layout (``train.load_checkpoint`` etc.).
 __all__ = ["FORMAT", "METRICS", "auc_score", "average_precision", "classification_metrics",
            "outcome_names", "table1", "save_checkpoint", "read_checkpoint", "load_checkpoint",
-           "predict", "preload_split", "train_seed", "fit", "predict_split"]
+           "predict", "preload_split", "train_step", "train_seed", "fit", "predict_split"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,6 +93,29 @@ def _set_rng_state(generator: torch.Generator, state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor, *, dtype: torch.dtype | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> float:
+    """One optimiser step on one batch; returns its loss.
+
+    ``x`` [B, 1, S, S, S] network input, ``y`` [B] labels (0/1 float). The loss is the binary
+    cross-entropy of the logit f_Theta(x) against y (the paper's objective), computed under
+    the device's autocast ``dtype`` (None: fp32), then backward and the optimiser's update
+    (through ``scaler`` when fp16 needs one). Notebook 02 writes this step out by hand.
+    """
+    with torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+        loss = F.binary_cross_entropy_with_logits(model(x).float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return float(loss.item())
 
 
 def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 0, *,
@@ -176,13 +199,7 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
             x = augment_batch(hu, p, generator, augment) if augment else to_network_input(hu, p)
             if dev.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-            with torch.autocast(dev.type, dtype=dtype) if dtype else contextlib.nullcontext():
-                loss = F.binary_cross_entropy_with_logits(step(x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(loss.item())
+            losses.append(train_step(step, optimizer, x, y, dtype=dtype, scaler=scaler))
             bar.set_postfix(loss=f"{np.mean(losses):.3f}",
                             samples_s=f"{(b + 1) * batch_size / (time.perf_counter() - t0):.0f}")
         val = classification_metrics(val_y, predict(model, val_x, p, device=dev))
