@@ -73,7 +73,8 @@ def _run_notebooks(args) -> int:
 def _phantom(args) -> int:
     from .phantom import write_phantom_root
 
-    root = write_phantom_root(args.root, n_scans=args.scans, seed=args.seed, workers=args.workers)
+    root = write_phantom_root(args.root, n_scans=args.scans, seed=args.seed, workers=args.workers,
+                              dissect_scans=args.dissect_scans)
     print(f"phantom written to {root}")
     return 0
 
@@ -195,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scans", type=_positive_int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=_positive_int, default=1)
+    p.add_argument("--dissect-scans", type=int, default=0,
+                   help="more scans (half of their vertebrae fractured) held out for the dissection only")
     p.set_defaults(func=_phantom)
 
     p = sub.add_parser("download", help="download and extract a VerSe release (resumable, checked)")
