@@ -1,7 +1,9 @@
 """Notebook 05 in a real browser: JupyterLab on loopback + headless Chromium (Playwright).
 
-The test runs every cell of the notebook on a small but real run folder (phantom -> patches ->
-a small model -> dissection; ``tiny_run``), moves the slice slider with the keyboard and
+The test starts from the README command's run folder (``vfcore run-notebooks --run runs/phantom
+--quick``; the ``readme_run`` fixture), opens ``notebooks/05_concept_explorer.ipynb`` itself in
+JupyterLab (served from the project root, the notebook unchanged: its default ``RUN_DIR``
+must find that folder), runs every cell, moves the slice slider with the keyboard and
 picks another unit in the list, and checks that the picture on screen is the expected slice
 of the expected unit, at least 480 px wide in a 1500 px window, with an exemplar of the same
 unit beside it (the strongest of notebook 04's subset, ground-truth fractures by r_k, at its
@@ -34,7 +36,6 @@ import numpy as np
 import pytest
 
 from explorer_reference import check_image, parse_readout, parse_status, ref_best_slice, ref_unit
-from tiny_run import tiny_run  # noqa: F401  (fixture: a small real run folder)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -71,15 +72,18 @@ def _free_port() -> int:
 def lab(tmp_path_factory, playwright_api):
     """JupyterLab on a free loopback port, with its own config/runtime/settings folders."""
     home = tmp_path_factory.mktemp("jupyterlab")
-    config, root = home / "config", home / "notebooks"
+    config = home / "config"
     (config / "labconfig").mkdir(parents=True)
-    root.mkdir()
     (config / "labconfig" / "page_config.json").write_text(json.dumps(
         {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
     settings = home / "settings" / "@jupyterlab" / "notebook-extension"
     settings.mkdir(parents=True)
     # render every cell (JupyterLab 4 may skip cells outside the viewport)
     (settings / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
+    # the notebook is the repository's own file: never save outputs into it
+    docmanager = home / "settings" / "@jupyterlab" / "docmanager-extension"
+    docmanager.mkdir(parents=True)
+    (docmanager / "plugin.jupyterlab-settings").write_text(json.dumps({"autosave": False}))
     port = _free_port()
     env = dict(os.environ, JUPYTER_CONFIG_DIR=str(config), JUPYTER_RUNTIME_DIR=str(home / "runtime"),
                IPYTHONDIR=str(home / "ipython"))
@@ -88,7 +92,7 @@ def lab(tmp_path_factory, playwright_api):
            "--ServerApp.token=", "--ServerApp.password=", "--allow-root",
            "--ServerApp.disable_check_xsrf=True", "--LabApp.expose_app_in_browser=True",
            f"--LabApp.user_settings_dir={home / 'settings'}",
-           f"--LabApp.workspaces_dir={home / 'workspaces'}", f"--ServerApp.root_dir={root}"]
+           f"--LabApp.workspaces_dir={home / 'workspaces'}", f"--ServerApp.root_dir={PROJECT}"]
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -107,7 +111,7 @@ def lab(tmp_path_factory, playwright_api):
             if time.monotonic() > deadline:
                 pytest.fail(f"JupyterLab did not answer /api/status in 120 s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield {"url": url, "root": root, "log": log_path, "start_s": time.perf_counter() - start}
+        yield {"url": url, "log": log_path, "start_s": time.perf_counter() - start}
     finally:
         proc.terminate()
         try:
@@ -115,16 +119,6 @@ def lab(tmp_path_factory, playwright_api):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def _prepared_notebook(root: Path, run_dir: Path) -> str:
-    """Notebook 05 with its parameters set to the prepared run (as papermill would inject them)."""
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    cell.source = f'RUN_DIR = {str(run_dir)!r}\nSEED = 0\nSAMPLE = None'
-    name = NOTEBOOK.name
-    nbformat.write(nb, root / name)
-    return name
 
 
 KERNEL_IDLE = """() => {
@@ -242,9 +236,13 @@ def _wait_for(page, predicate, what: str, timeout_s: float = 30.0, poll_s: float
         page.wait_for_timeout(poll_s * 1000)
 
 
-def test_notebook_05_in_chromium(lab, playwright_api, tiny_run, tmp_path):
+def test_notebook_05_in_chromium(lab, playwright_api, readme_run, tmp_path):
+    run_dir, _ = readme_run
+    if run_dir.resolve() != (PROJECT / "runs" / "phantom").resolve():
+        pytest.skip("VFCORE_TEST_RUN points elsewhere: notebook 05's default RUN_DIR would not find it")
     timings = {"lab_start_s": round(lab["start_s"], 1)}
-    name = _prepared_notebook(lab["root"], tiny_run)
+    name = NOTEBOOK.relative_to(PROJECT).as_posix()
+    original = NOTEBOOK.read_bytes()
     t0 = time.perf_counter()
     with playwright_api() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
@@ -277,7 +275,7 @@ def test_notebook_05_in_chromium(lab, playwright_api, tiny_run, tmp_path):
             unit0, view0, s0 = parse_readout(first["readout"])
             assert parse_status(first["status"]) == (unit0, view0, s0), first
             sample_name = first["status"].split("Showing ", 1)[1].split(":", 1)[0]
-            ref = Reference(tiny_run, sample_name)
+            ref = Reference(run_dir, sample_name)
             top = ref.top()
             assert unit0 == top[0], f"the first unit shown must be the most relevant: {unit0} vs {top}"
             assert view0 == "sagittal"
@@ -335,11 +333,11 @@ def test_notebook_05_in_chromium(lab, playwright_api, tiny_run, tmp_path):
             assert box["width"] >= 480 and ex_box["width"] >= 480, timings["image_px"]
             assert ex_box["x"] >= box["x"] + box["width"] - 1, (box, ex_box)
             assert ex_box["y"] < box["y"] + box["height"] and box["y"] < ex_box["y"] + ex_box["height"], (box, ex_box)
-            exemplar = _strongest_fractured_exemplar(tiny_run, unit2)
+            exemplar = _strongest_fractured_exemplar(run_dir, unit2)
             if exemplar:  # the exemplar beside the sample: the strongest, at its best slice
                 _wait_for(page, lambda: f"unit {unit2}: {exemplar}," in page.inner_text(
                     ".vf-explorer .vf-exemplar-readout"), f"exemplar {exemplar} of unit {unit2}")
-                ex_ref = Reference(tiny_run, exemplar)
+                ex_ref = Reference(run_dir, exemplar)
                 ex_png = base64.b64decode(page.evaluate(IMAGE_BYTES, ".vf-explorer .vf-exemplar-image")["png"])
                 check_image(ex_png, ex_ref.patch, *ex_ref.map(unit2), T2, "sagittal",
                             ref_best_slice(*ex_ref.map(unit2), "sagittal"), min_on=0)
@@ -355,6 +353,7 @@ def test_notebook_05_in_chromium(lab, playwright_api, tiny_run, tmp_path):
             timings["total_s"] = round(time.perf_counter() - t0, 1)
         finally:
             browser.close()
+    assert NOTEBOOK.read_bytes() == original, "the browser run must not save outputs into the repository's notebook"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(shot, ARTIFACTS / "explorer.png")
     (tmp_path / "timings.json").write_text(json.dumps(timings, indent=2))

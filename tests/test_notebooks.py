@@ -1,6 +1,7 @@
 """Every notebook runs end to end on the embedded phantom, in order, through papermill.
 
-This is the README's main command (``vfcore run-notebooks --quick``) on a fresh run folder.
+This is the README's main command (``vfcore run-notebooks --run runs/phantom --quick``), run
+once per session by the ``readme_run`` fixture (fresh in CI's clean clone).
 The floors asserted here catch a broken pipeline, not a slightly weaker model.
 """
 from __future__ import annotations
@@ -14,9 +15,9 @@ from vfcore.notebooks import run_notebooks
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory):
-    run = tmp_path_factory.mktemp("series") / "run"
-    return run, run_notebooks(run, quick=True)
+def executed(readme_run):
+    """The README command's run (tests/conftest.py), shared with the browser test."""
+    return readme_run
 
 
 @pytest.mark.slow
