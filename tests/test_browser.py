@@ -31,7 +31,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import nbformat
 import numpy as np
 import pytest
 
