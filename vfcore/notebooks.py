@@ -29,8 +29,9 @@ BRANCH = "main"
 #: Small parameters: the whole series in a few minutes on a 2-core CPU (CI, Binder).
 #: Notebooks not named here run with their own defaults.
 QUICK: dict[str, dict] = {
-    NOTEBOOKS["preprocessing"]: {"N_SCANS": 48, "N_DISSECT_SCANS": 12, "WORKERS": 2},
-    NOTEBOOKS["training"]: {"PRESET": "small", "EPOCHS": 20, "SEEDS": [0], "PATIENCE": 20,
+    NOTEBOOKS["preprocessing"]: {"N_SCANS": 48, "PREVALENCE": 0.2, "N_DISSECT_SCANS": 12,
+                                 "WORKERS": 2},
+    NOTEBOOKS["training"]: {"PRESET": "small", "EPOCHS": 25, "SEEDS": [0], "PATIENCE": 25,
                             "AUGMENT": "light"},
     NOTEBOOKS["thresholds"]: {},
     NOTEBOOKS["ranking"]: {},
