@@ -57,7 +57,7 @@ def test_small_preset_learns(executed):
 #: about 12 minutes on 2 cores; what is tested here is that the notebook builds them at all).
 TINY_PREPARE = {"01_preprocessing": {"N_SCANS": 5, "N_DISSECT_SCANS": 2, "WORKERS": 1},
                 "02_training": {"PRESET": "small", "EPOCHS": 2, "SEEDS": [0], "PATIENCE": 2,
-                                "AUGMENT": None},
+                                "AUGMENT": "light"},
                 "04_correlation_ranking": {"TOP_UNITS": 3, "TOP_FP_UNITS": 2}}
 
 
@@ -74,15 +74,19 @@ def test_missing_steps_follow_the_artifacts(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_notebook_opened_alone_builds_its_earlier_steps(tmp_path):
-    """A Colab/Binder badge opens notebook 05 in an empty run folder: it builds 01, 02 and
-    04's outputs itself (at test size here) and runs to the end."""
+@pytest.mark.parametrize("stem", ["02_training", "03_quantile_thresholding", "04_correlation_ranking",
+                                  "05_concept_explorer", "06_concept_alignment"])
+def test_a_notebook_opened_alone_builds_its_earlier_steps(tmp_path, stem):
+    """A Colab/Binder badge opens one notebook in an empty run folder: it builds the earlier
+    notebooks' outputs itself (at test size here) and runs to the end."""
     run = tmp_path / "fresh"
-    out = run_notebooks(run, only=["05_concept_explorer"],
-                        parameters={"05_concept_explorer": {"PREPARE": TINY_PREPARE}})
+    out = run_notebooks(run, only=[stem], parameters={stem: {"PREPARE": TINY_PREPARE}})
     nb = nbformat.read(out[0], as_version=4)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert not errors, f"{stem}: {errors[0]['ename']}: {errors[0]['evalue']}"
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                    for o in c.get("outputs", []) if o.get("output_type") == "stream")
     assert f"run folder: {run.resolve()}" in text
     assert "building it with the settings given" in text
-    assert (run / "dissection" / "exemplars.json").is_file()
+    assert (run / "patches" / "manifest.csv").is_file()
