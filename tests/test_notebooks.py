@@ -80,7 +80,8 @@ def test_a_notebook_opened_alone_builds_its_earlier_steps(tmp_path, stem):
     """A Colab/Binder badge opens one notebook in an empty run folder: it builds the earlier
     notebooks' outputs itself (at test size here) and runs to the end."""
     run = tmp_path / "fresh"
-    out = run_notebooks(run, only=[stem], parameters={stem: {"PREPARE": TINY_PREPARE}})
+    own = {"PREPARE": TINY_PREPARE, **TINY_PREPARE.get(stem, {})}   # 02 trains: at test size too
+    out = run_notebooks(run, only=[stem], parameters={stem: own})
     nb = nbformat.read(out[0], as_version=4)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
