@@ -144,9 +144,15 @@ def _train(args) -> int:
 
 
 def _dissect(args) -> int:
+    from . import dissect
+
+    if args.split is not None:  # a bad split is bad input, before anything is read
+        try:
+            dissect.parse_split(args.split)
+        except VfcoreError as err:
+            raise InputError("--split", err.problem) from None
     run = RunFolder(args.run)
     run.require("checkpoint")
-    from . import dissect
 
     art = dissect.dissect_run(run.root, args.split, args.q, layer=args.layer, device=args.device,
                               batch_size=args.batch_size, force=args.force,
