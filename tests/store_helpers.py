@@ -1,6 +1,9 @@
 """A tiny synthetic patch store in the format of vfcore.patches (for data/train tests)."""
 from __future__ import annotations
 
+import contextlib
+import io
+
 from pathlib import Path
 
 import numpy as np
@@ -30,3 +33,16 @@ def write_store(run: Path, n: int = 30, seed: int = 0) -> Path:
     rows.append(dict(rows[-1], case="sub-xx", fracture="", grade="", reason="foreign material (x)"))
     pd.DataFrame(rows).to_csv(RunFolder(run).manifest, index=False)
     return run
+
+
+def run_cli(*argv) -> tuple[int, str, str]:
+    """``vfcore <argv>`` in this process: (exit status, stdout, stderr)."""
+    from vfcore.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code
+    return code, out.getvalue(), err.getvalue()

@@ -8,8 +8,6 @@ and ends byte-identical to a clean store.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -19,21 +17,11 @@ import pandas as pd
 import pytest
 
 from vfcore import notebooks, patches
-from vfcore.cli import main
+from store_helpers import run_cli
 from vfcore.errors import (CorruptFileError, DataValueError, EmptyRootError, FormatError,
                            GradeTableError, InputError, MissingArtifactError, VfcoreError)
 
 MANIFEST_HEADER = ",".join(patches.MANIFEST_COLUMNS)
-
-
-def run_cli(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as exit_:  # argparse's usage errors
-            code = exit_.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def files_under(folder: Path) -> dict[str, bytes]:

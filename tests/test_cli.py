@@ -8,8 +8,6 @@ References are independent of the commands: the files they must have written, re
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import subprocess
@@ -20,21 +18,10 @@ import nbformat
 import pandas as pd
 import pytest
 
-from vfcore.cli import main
+from store_helpers import run_cli
 
 PROJECT = Path(__file__).resolve().parents[1]
 N_SCANS = 6
-
-
-def run_cli(*argv) -> tuple[int, str, str]:
-    """``vfcore <argv>`` in this process: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as exit_:  # argparse's usage errors
-            code = exit_.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def small_root(folder: Path, n_scans: int = 2) -> Path:
