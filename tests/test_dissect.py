@@ -527,8 +527,13 @@ def test_dissect_run_and_exports(small_run):
     assert art.meta["field"] == [[16, 80]] * 3 and art.meta["n_samples"] == 12
     assert art.samples["fracture"].tolist() == labels.tolist()
 
+    # an untrained network may call no vertebra fractured: at the lower quartile of its
+    # probabilities, 9 of the 12 are called fractured, so there are true and false positives
+    threshold = float(np.quantile(d.probability, 0.25))
+    art = D.dissect_run(small_run, "test", q, batch_size=5, threshold=threshold, progress=False)
+    assert art.ranking_tp is not None and art.ranking_fp is not None
     art = export_units(small_run, top=2, top_fp=1, k=4, nifti_top=1, progress=False)
-    o = D.outcomes(labels, d.probability)
+    o = D.outcomes(labels, d.probability, threshold)
     for name, entry in art.exemplars["subsets"].items():
         for u, items in entry["units"].items():
             assert all(o[name][it["sample"]] for it in items) and len(items) <= 4
