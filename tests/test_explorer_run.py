@@ -152,7 +152,9 @@ def test_explorer_shows_the_exemplars_notebook_04_exported(tiny_run, tmp_path): 
     """The explorer's exemplars of a unit are exemplars.json's list (same subset, same order),
     and that list is, independently, the unit's fractured samples by r_k from stats.npz."""
     run = _partial_run(tiny_run, tmp_path / "run", ("patches", "model", "dissection"))
-    art = dx.export_units(run, top=3, top_fp=1, k=25, nifti_top=0, progress=False)
+    from vfcore.export import export_units
+
+    art = export_units(run, top=3, top_fp=1, k=25, nifti_top=0, progress=False)
     data = RunData.from_run(run)
     assert data.exemplar_source == "exported"
     samples = pd.read_csv(run / "dissection" / "samples.csv")
