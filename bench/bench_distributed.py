@@ -30,20 +30,8 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve()
-
-
-def peak_mb() -> str:
-    """Peak memory of this process: GPU max_memory_allocated, CPU peak RSS (VmHWM)."""
-    out = []
-    if torch.cuda.is_available():
-        out.append(f"GPU {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM"):
-                out.append(f"RSS {int(line.split()[1]) / 1024:.0f} MB")
-    except OSError:
-        pass
-    return ", ".join(out) or "n/a"
+sys.path.insert(0, str(HERE.parent))
+from bench_dissect import peak_mb  # noqa: E402  (one peak-memory reader for the benches)
 
 
 def rss_mb() -> float:

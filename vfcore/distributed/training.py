@@ -25,7 +25,6 @@ Without torchrun (one process) the same code runs with no DDP and plain batch no
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vfcore.data import augment_batch, balanced_epoch, get_augment, load_split, to_network_input
@@ -42,7 +40,7 @@ from vfcore.io import atomic_write, sha256_file
 from vfcore.model import FractureNet, Preset, get_preset
 from vfcore.run import RunFolder
 from vfcore.forward import precision
-from vfcore.train import (classification_metrics, predict, preload_split, read_checkpoint,
+from vfcore.train import (classification_metrics, predict, preload_split, read_checkpoint, train_step,
                           save_checkpoint)
 
 from .ddp import wrap_model
@@ -138,16 +136,10 @@ def train_ranks(run_dir: str | Path, preset: str | Preset = "small", seed: int =
             x = augment_batch(hu, p, aug, augment) if augment else to_network_input(hu, p)
             if dev.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last_3d)
+            # the one-process step (train.train_step); DDP averages the gradients in backward()
             with collective(f"the forward/backward pass of epoch {epoch + 1}, batch {b + 1}"):
-                with torch.autocast(dev.type, dtype=dtype) if dtype else contextlib.nullcontext():
-                    loss = F.binary_cross_entropy_with_logits(net(x).float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()                # DDP: gradients averaged here
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(loss.detach().double())
-        loss = all_reduce_sum(torch.stack(losses).to(dev) if losses else
-                              torch.zeros(0, dtype=torch.float64, device=dev),
+                losses.append(train_step(net, optimizer, x, y, dtype=dtype, scaler=scaler))
+        loss = all_reduce_sum(torch.tensor(losses, dtype=torch.float64, device=dev),
                               f"summing the losses of epoch {epoch + 1}") / w.size
         seconds = time.perf_counter() - t0
         # rank 0 validates and decides; the others receive its figures (same history, same stop)
