@@ -31,7 +31,7 @@ import torch
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
-from bench_dissect import peak_mb  # noqa: E402  (one peak-memory reader for the benches)
+from bench_dissect import peak_mb, reset_peak  # noqa: E402  (one memory reader for the benches)
 
 
 def rss_mb() -> float:
@@ -43,15 +43,6 @@ def rss_mb() -> float:
     except OSError:
         pass
     return 0.0
-
-
-def reset_peak() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def worker(args) -> None:
