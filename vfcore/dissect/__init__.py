@@ -36,6 +36,8 @@ The sub-package, one step a module (all names are importable from ``vfcore.disse
 * :mod:`~vfcore.dissect.ranking`: Eq. 1 and Eq. 2, outcomes, rankings, exemplars;
 * :mod:`~vfcore.dissect.geometry`: activations on the patch (upsampling, best slice, NIfTI,
   concept overlap);
+* :mod:`~vfcore.dissect.looking`: where a unit looks (input gradients of its masked
+  activation, receptive fields) and occlusion;
 * :mod:`~vfcore.dissect.artifacts`: the run folder (:func:`dissect_run`, :func:`load_artifacts`).
 
 The package is analysis only: it draws nothing and imports no ``train``, ``viz`` or
@@ -66,6 +68,9 @@ from .alignment import (IOU_THRESHOLD, ALPHA, N_PERM, FRACTURE_CONCEPTS, CONFOUN
                         interpolated_alignment, unit_table, random_unit_draws, control_table,
                         fp_concept_table, align_network, layers_below, layer_summary)
 from .ablation import KS, N_RANDOM, zeroed, predict, ablation_table, ablation_summary
+from .looking import (theoretical_rf, effective_rf, mask_gradients, gradient_on_patch, gradient_share,
+                      neutral_fill, equal_volume_cells, occlusion, FRACTURE_SIGNS, run_looking,
+                      looking_summary, run_occlusion, occlusion_summary)
 from .findings import EVIDENCE, concept_dictionary, student_dictionary, draft_findings
 
 __all__ = [
@@ -90,5 +95,8 @@ __all__ = [
     'interpolated_alignment', 'unit_table', 'random_unit_draws', 'control_table', 'fp_concept_table',
     'align_network', 'layers_below', 'layer_summary',
     'KS', 'N_RANDOM', 'zeroed', 'predict', 'ablation_table', 'ablation_summary',
+    'theoretical_rf', 'effective_rf', 'mask_gradients', 'gradient_on_patch', 'gradient_share',
+    'neutral_fill', 'equal_volume_cells', 'occlusion', 'FRACTURE_SIGNS', 'run_looking',
+    'looking_summary', 'run_occlusion', 'occlusion_summary',
     'EVIDENCE', 'concept_dictionary', 'student_dictionary', 'draft_findings',
 ]

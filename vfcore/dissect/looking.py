@@ -67,15 +67,15 @@ def theoretical_rf(model: nn.Module, layer: str, input_spacing: float = 1.0) -> 
     inside = {id(m) for m in target.modules()}
     r, j, seen = 1, 1, False
     for m in model.modules():
+        if id(m) in inside:
+            seen = True
+        elif seen:
+            break                                  # past the end of ``layer``
         if isinstance(m, (nn.Conv3d, nn.Conv2d, nn.Conv1d, nn.MaxPool3d, nn.AvgPool3d)):
             k, s = _pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size)
             if getattr(m, "dilation", 1) not in (1, (1, 1, 1), (1, 1), (1,)):
                 raise DataValueError(layer, "dilated convolutions are not handled")
             r, j = r + (k - 1) * j, j * s
-        if id(m) in inside:
-            seen = True
-        elif seen:
-            break
     return {"rf_voxels": float(r), "jump_voxels": float(j), "rf_mm": r * input_spacing, "cell_mm": j * input_spacing}
 
 
