@@ -15,6 +15,11 @@ goal) and the details behind each figure, with the machine (``vfcore.runtime.dev
   (``vfcore.dissect.patch_mask``: each feature voxel is the input block it summarises) against
   the patch's vertebra labels (``vfcore.dissect.vertebra_overlap``), averaged over those
   (unit, sample) pairs; notebook 04's figure over its exemplars (``units.csv``) beside it;
+* where the top units *look* (``vfcore.dissect.looking``): the share of |input gradient| of
+  each unit's activation summed over its mask cells on the target vertebra, beside its mask
+  share, with chance, an untrained network (same cells) and 10 random units as controls, the
+  share on the fracture signs against another TP sample's, and occlusion of the target
+  vertebra / fracture signs against equal-volume regions elsewhere (``--no-looking`` skips it);
 * patches more than 10 % outside the scan (manifest ``out_of_field``), their levels, and how
   many are cranio-caudal end vertebrae (``vfcore.shortcut.outside_patches``), and the mean
   out-of-field fraction per outcome (``vfcore.shortcut.run_out_of_field``);
@@ -105,6 +110,34 @@ def on_target(run, art, top: int = 10) -> dict:
             "chance_target": float(np.mean(chance)) if chance else None}
 
 
+def looking_figures(run, art, net, top: int = 10, max_samples: int | None = None, seed: int = 0) -> dict:
+    """Where the top units look (input gradients) and occlusion, with controls (``vfcore.dissect.looking``)."""
+    import torch
+
+    from vfcore.dissect import (looking_summary, occlusion_summary, random_unit_draws, run_looking,
+                                run_occlusion, theoretical_rf)
+    from vfcore.model import build_model
+
+    if art.ranking_tp is None:
+        return {"defined": False, "reason": art.reasons["tp"]}
+    units = art.ranking_tp["unit"].head(top).astype(int).tolist()
+    torch.manual_seed(seed)
+    untrained = build_model(net.preset)
+    pairs = run_looking(run.root, art, net, units, max_samples, control=untrained)
+    rest = np.setdiff1d(np.arange(art.dissection.n_units), units)
+    draws = rest[random_unit_draws(len(rest), len(units), 2, seed)]
+    rand = [run_looking(run.root, art, net, d, max_samples) for d in draws]
+    rand_pairs = sum(len(r) for r in rand)
+    occ = run_occlusion(run.root, art, net, units, None, seed)
+    return {"defined": True, "units": units, "rf": theoretical_rf(net.model, net.layer, net.preset.zoom),
+            "top": looking_summary(pairs), "random": {"n_pairs": rand_pairs, "draws": len(draws),
+            "grad_target": float(np.mean([v for r in rand for v in r["grad_target"]])) if rand_pairs else None,
+            "mask_target": float(np.mean([v for r in rand for v in r["mask_target"]])) if rand_pairs else None},
+            "occlusion": occlusion_summary(occ, art.meta["threshold"]).to_dict("records"),
+            "r_target": float(occ["r_target"].mean()) if "r_target" in occ else None,
+            "r_elsewhere": float(occ["r_elsewhere"].mean()) if "r_elsewhere" in occ else None}
+
+
 def outside_figures(run_dir) -> dict:
     """Patches more than 10 % outside the scan (all of the manifest) and the errors against it."""
     from vfcore import shortcut
@@ -120,6 +153,25 @@ def outside_figures(run_dir) -> dict:
             "bins": a.bins.to_dict("records")}
 
 
+def looking_rows(lk: dict | None, top: int) -> list[tuple[str, str, str]]:
+    """The table's rows for :func:`looking_figures` (none when skipped)."""
+    if lk is None:
+        return []
+    name = f"top-{top} c_k units: share of input gradient on the target vertebra"
+    if not lk["defined"]:
+        return [(name, f"undefined: {lk['reason']}", "(beside the mask share)")]
+    t, r = lk["top"], lk["random"]
+    occ = {o["region"]: o for o in lk["occlusion"]}
+    o, e = occ["target"], occ["elsewhere"]
+    return [(name, f"{_fmt(t['grad_target'], '.0%')} ({t['n_pairs']} pairs, {t['n_samples']} TP; mask "
+                   f"{_fmt(t['mask_target'], '.0%')}, chance {_fmt(t['chance_target'], '.0%')}, untrained net "
+                   f"{_fmt(t.get('control_target'), '.0%')}, random units {_fmt(r['grad_target'], '.0%')})",
+             "(beside the mask share)"),
+            ("occluding the target vertebra: drop in P(fracture)",
+             f"{o['drop']:.2f} ({o['flips']} of {o['n']} TP below threshold); equal volume elsewhere "
+             f"{e['drop']:.2f} ({e['flips']})", "(model-level check)")]
+
+
 def _fmt(v, spec=".3f") -> str:
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
 
@@ -129,6 +181,8 @@ def main(argv=None) -> int:
     ap.add_argument("run", help="a run folder with a dissection (notebooks 01-03)")
     ap.add_argument("--top", type=int, default=10, help="top units by c_k (default 10)")
     ap.add_argument("--json", help="also write the figures to this JSON file")
+    ap.add_argument("--no-looking", action="store_true", help="skip the input-gradient and occlusion figures")
+    ap.add_argument("--looking-samples", type=int, help="input gradients on the first N TP samples (default all)")
     args = ap.parse_args(argv)
 
     from vfcore.dissect import load_artifacts
@@ -145,6 +199,13 @@ def main(argv=None) -> int:
     meta = art.meta
     g, seeds = grid_figures(meta), seed_figures(run)
     target, outside = on_target(run, art, args.top), outside_figures(run.root)
+    looking = None
+    if not args.no_looking:
+        import torch
+
+        from vfcore.dissect import load_network
+        torch.set_num_threads(1)
+        looking = looking_figures(run, art, load_network(run.root), args.top, args.looking_samples)
     series_path = run.root / "bench_series.json"           # written by bench/bench_series.py
     series = json.loads(series_path.read_text()) if series_path.is_file() else None
     c = meta["counts"]
@@ -170,6 +231,7 @@ def main(argv=None) -> int:
          f"{_fmt(share, '.0%')} ({target.get('pairs', 0)} unit-sample pairs; chance "
          f"{_fmt(target.get('chance_target'), '.0%')})" if target.get("defined")
          else f"undefined: {target['reason']}", ">= 60 %"),
+        *looking_rows(looking, args.top),
         ("patches more than 10 % outside the scan",
          f"{outside['n_outside']} of {outside['n_patches']} ({outside['n_outside_end']} end vertebrae)",
          "only cranio-caudal end vertebrae"),
@@ -212,6 +274,21 @@ def main(argv=None) -> int:
             f"{u}: {_fmt(target['per_unit_target'][u], '.0%')} ({target['per_unit_pairs'][u]})" for u in target["units"]))
         if target["exported_mean"] is not None:
             print(f"  notebook 04's units.csv (TP units over their exemplars): target {target['exported_mean']:.0%}")
+    if looking is not None and looking["defined"]:
+        t, rf = looking["top"], looking["rf"]
+        print(f"  receptive field of one {meta['layer']} cell: {rf['rf_mm']:g} mm (theoretical; field "
+              f"{'x'.join(f'{v:g}' for v in g['field_mm'])} mm, cell {rf['cell_mm']:g} mm)")
+        print(f"  top-unit input gradients ({t['n_pairs']} pairs): target {_fmt(t['grad_target'], '.0%')}, adjacent "
+              f"{_fmt(t['grad_adjacent'], '.0%')}, outside bone {_fmt(t['grad_outside'], '.0%')}; fracture signs "
+              f"{_fmt(t.get('grad_fracture'), '.1%')} vs another TP sample's {_fmt(t.get('grad_fracture_other'), '.1%')} "
+              f"(chance {_fmt(t.get('chance_fracture'), '.1%')}); random units ({looking['random']['draws']} draws, "
+              f"{looking['random']['n_pairs']} pairs): gradient {_fmt(looking['random']['grad_target'], '.0%')}, "
+              f"mask {_fmt(looking['random']['mask_target'], '.0%')}")
+        for o in looking["occlusion"]:
+            print(f"  occlusion {o['region']}: n = {o['n']}, {o['voxels']:.0f} voxels, drop in P(fracture) "
+                  f"{o['drop']:.3f} (sd {_fmt(o['sd'])}), {o['flips']} below threshold")
+        print(f"  top units' sum(M_k A_k) occluded / not (mean over TP): target {_fmt(looking['r_target'], '.2f')}, "
+              f"equal volume elsewhere {_fmt(looking['r_elsewhere'], '.2f')}")
     print(f"  outside > 10 % by level: {outside['levels'] or 'none'}; not an end vertebra: "
           f"{outside['levels_not_end'] or 'none'}")
     print("  mean out-of-field fraction by outcome: " + ", ".join(
@@ -223,7 +300,7 @@ def main(argv=None) -> int:
     if args.json:
         figures = {"run": str(run.root), "machine": device_name(), "grid": g, "counts": c, "split": meta["split"],
                    "rankings": {"tp": tp_info, "fp": fp_info}, "seeds": seeds, "on_target": target,
-                   "outside": outside, "series": series}
+                   "outside": outside, "series": series, "looking": looking}
         Path(args.json).write_text(json.dumps(figures, indent=2, default=str))
         print(f"\nfigures written to {args.json}")
     return 0

@@ -130,3 +130,15 @@ def test_occlusion_of_an_ignored_region_changes_nothing():
     sig = lambda v: 1 / (1 + np.exp(-v))    # noqa: E731
     assert p["none"] == pytest.approx(sig(5.0)) and p["B"] == p["none"]
     assert p["A"] == pytest.approx(sig(-5.0))
+
+
+def test_cells_without_a_region():
+    from vfcore.dissect.looking import _cells_without
+
+    region = np.zeros((12, 12, 12), bool)
+    region[5, 5, 5] = True                    # field 4..12 -> local (1, 1, 1): cell (0, 0, 0) of a 2^3 grid
+    region[0, 0, 0] = True                    # outside the field: ignored
+    off = _cells_without(region, (slice(4, 12),) * 3, (2, 2, 2))
+    expect = np.ones((2, 2, 2), bool)
+    expect[0, 0, 0] = False
+    np.testing.assert_array_equal(off, expect)

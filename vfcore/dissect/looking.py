@@ -343,6 +343,19 @@ def looking_summary(pairs: "pd.DataFrame") -> dict[str, float]:
     return out
 
 
+def _cells_without(region: np.ndarray, field: Sequence[slice], grid: Sequence[int]) -> np.ndarray:
+    """bool [*grid]: the grid cells whose block of the field holds no voxel of ``region``."""
+    r = np.asarray(region, dtype=bool)[tuple(field)]
+    b = [n // g for n, g in zip(r.shape, grid)]
+    return ~r.reshape(grid[0], b[0], grid[1], b[1], grid[2], b[2]).any(axis=(1, 3, 5))
+
+
+def _mean_ratio(r: np.ndarray, r0: np.ndarray) -> float:
+    """Mean of r / r0 over the entries with r0 > 0 (NaN when there are none)."""
+    ok = r0 > 0
+    return float(np.mean(r[ok] / r0[ok])) if ok.any() else float("nan")
+
+
 def run_occlusion(run_dir, art, net, units: Sequence[int] = (), max_samples: int | None = None,
                   seed: int = 0) -> "pd.DataFrame":
     """Occlusion on the true positives: one row per TP sample with P(fracture) unchanged
@@ -352,7 +365,9 @@ def run_occlusion(run_dir, art, net, units: Sequence[int] = (), max_samples: int
     (``p_fracture``) against an equal volume of the target's other voxels in 4 mm cells
     (``p_body``). For ``units`` (e.g. the top-10) ``r_target`` / ``r_elsewhere``: the mean
     over the firing units of sum(M_k A_k) occluded / unoccluded (Eq. 2's r_k on the same
-    cells M_k of the unoccluded sample)."""
+    cells M_k of the unoccluded sample), and ``r_off_target`` / ``r_off_elsewhere``: the same
+    over the mask cells whose block holds no voxel of the target (does a cell off the vertebra
+    depend on the vertebra?)."""
     import pandas as pd
 
     from vfcore.forward import capture
@@ -390,10 +405,15 @@ def run_occlusion(run_dir, art, net, units: Sequence[int] = (), max_samples: int
             M = d.masks(int(i), units)
             fire = [k for k in range(len(units)) if M[k].any()]
             r0 = np.array([(A[0, k] * M[k]).sum() for k in fire])
+            off = _cells_without(target, field, M.shape[1:])       # cells with no target voxel
+            Mo = [M[k] & off for k in fire]
+            r0o = np.array([(A[0, k] * m).sum() for k, m in zip(fire, Mo)])
             for j, name in enumerate(regions, start=1):
                 if name in ("target", "elsewhere"):
                     r = np.array([(A[j, k] * M[k]).sum() for k in fire])
-                    row[f"r_{name}"] = float(np.mean(r / r0)) if len(fire) and np.all(r0 > 0) else float("nan")
+                    row[f"r_{name}"] = _mean_ratio(r, r0)
+                    ro = np.array([(A[j, k] * m).sum() for k, m in zip(fire, Mo)])
+                    row[f"r_off_{name}"] = _mean_ratio(ro, r0o)
         rows.append(row)
     return pd.DataFrame(rows)
 
