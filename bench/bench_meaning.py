@@ -135,7 +135,10 @@ def looking_figures(run, art, net, top: int = 10, max_samples: int | None = None
             "mask_target": float(np.mean([v for r in rand for v in r["mask_target"]])) if rand_pairs else None},
             "occlusion": occlusion_summary(occ, art.meta["threshold"]).to_dict("records"),
             "r_target": float(occ["r_target"].mean()) if "r_target" in occ else None,
-            "r_elsewhere": float(occ["r_elsewhere"].mean()) if "r_elsewhere" in occ else None}
+            "r_elsewhere": float(occ["r_elsewhere"].mean()) if "r_elsewhere" in occ else None,
+            "r_off_target": float(occ["r_off_target"].mean()) if "r_off_target" in occ else None,
+            "r_off_elsewhere": float(occ["r_off_elsewhere"].mean()) if "r_off_elsewhere" in occ else None,
+            "n_off": int(occ["r_off_target"].notna().sum()) if "r_off_target" in occ else 0}
 
 
 def outside_figures(run_dir) -> dict:
@@ -288,7 +291,8 @@ def main(argv=None) -> int:
             print(f"  occlusion {o['region']}: n = {o['n']}, {o['voxels']:.0f} voxels, drop in P(fracture) "
                   f"{o['drop']:.3f} (sd {_fmt(o['sd'])}), {o['flips']} below threshold")
         print(f"  top units' sum(M_k A_k) occluded / not (mean over TP): target {_fmt(looking['r_target'], '.2f')}, "
-              f"equal volume elsewhere {_fmt(looking['r_elsewhere'], '.2f')}")
+              f"equal volume elsewhere {_fmt(looking['r_elsewhere'], '.2f')}; on the mask cells holding no target voxel "
+              f"({looking['n_off']} TP): {_fmt(looking['r_off_target'], '.2f')} vs {_fmt(looking['r_off_elsewhere'], '.2f')}")
     print(f"  outside > 10 % by level: {outside['levels'] or 'none'}; not an end vertebra: "
           f"{outside['levels_not_end'] or 'none'}")
     print("  mean out-of-field fraction by outcome: " + ", ".join(
