@@ -168,7 +168,7 @@ def looking_rows(lk: dict | None, top: int) -> list[tuple[str, str, str]]:
     o, e = occ["target"], occ["elsewhere"]
     return [(name, f"{_fmt(t['grad_target'], '.0%')} ({t['n_pairs']} pairs, {t['n_samples']} TP; mask "
                    f"{_fmt(t['mask_target'], '.0%')}, chance {_fmt(t['chance_target'], '.0%')}, untrained net "
-                   f"{_fmt(t.get('control_target'), '.0%')}, random units {_fmt(r['grad_target'], '.0%')})",
+                   f"{_fmt(t.get('control_target'), '.0%')} ({t.get('n_control')} pairs), random units {_fmt(r['grad_target'], '.0%')})",
              "(beside the mask share)"),
             ("occluding the target vertebra: drop in P(fracture)",
              f"{o['drop']:.2f} ({o['flips']} of {o['n']} TP below threshold); equal volume elsewhere "

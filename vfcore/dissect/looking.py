@@ -335,8 +335,11 @@ def run_looking(run_dir, art, net, units: Sequence[int], max_samples: int | None
 
 def looking_summary(pairs: "pd.DataFrame") -> dict[str, float]:
     """Means over the pairs of :func:`run_looking` (``n_pairs``, ``n_samples`` and the mean of
-    every share column)."""
+    every share column, NaN entries left out: a unit dead on all its cells has no gradient;
+    ``n_control``: the pairs where the control has one)."""
     out = {"n_pairs": int(len(pairs)), "n_samples": int(pairs["sample"].nunique()) if len(pairs) else 0}
+    if "control_target" in pairs:
+        out["n_control"] = int(pairs["control_target"].notna().sum())
     for c in pairs.columns:
         if c not in ("unit", "sample"):
             out[c] = float(pairs[c].mean()) if len(pairs) else float("nan")
