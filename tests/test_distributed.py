@@ -192,7 +192,7 @@ def _assert_same_dissection(x: dict, y: dict) -> None:
 
 
 def test_one_process_pass_equals_dissect_and_resumes(tmp_path):
-    from vfcore.distributed import dissect_sharded
+    from vfcore.dissect import dissect_sharded
 
     net, x = _case()
     ref = D.dissect(net, x, "features", q_tail=Q, batch_size=BATCH, device="cpu", progress=False)
@@ -210,7 +210,7 @@ def test_one_process_pass_equals_dissect_and_resumes(tmp_path):
 
 
 def test_shards_are_whole_batches_in_rank_order():
-    from vfcore.distributed import shard_range
+    from vfcore.dissect import shard_range
 
     assert [shard_range(37, 4, r, 2) for r in range(2)] == [(0, 20), (20, 37)]
     assert [shard_range(37, 4, r, 3) for r in range(3)] == [(0, 12), (12, 24), (24, 37)]
@@ -238,7 +238,8 @@ def _torchrun(mode: str, out: Path, timeout: float, extra_env: dict | None = Non
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    """One 2-rank job: the sharded pass, a killed-and-resumed sharded pass, 2 epochs of DDP."""
+    """One 2-rank job: the sharded pass, a killed-and-resumed sharded pass, 2 epochs of
+    ``vfcore.train.train_seed`` (DDP)."""
     from store_helpers import write_store
 
     out = tmp_path_factory.mktemp("job")
@@ -261,7 +262,8 @@ def test_sharded_pass_is_bit_identical_to_one_process(job):
 def test_ddp_training_same_weights_on_both_ranks_history_close_to_one_process(job, tmp_path):
     from store_helpers import write_store
 
-    from vfcore.distributed import train_ranks
+    from vfcore.model import FractureNet
+    from vfcore.train import train_seed
 
     w0 = torch.load(job / "weights_rank0.pt", weights_only=True)
     w1 = torch.load(job / "weights_rank1.pt", weights_only=True)
@@ -271,8 +273,10 @@ def test_ddp_training_same_weights_on_both_ranks_history_close_to_one_process(jo
     for k in w0:
         assert torch.equal(last["model"][k], w0[k]), k            # rank 0 wrote what it holds
     one = write_store(tmp_path / "one", n=30)
-    folder, model = train_ranks(one, TINY, 0, epochs=2, batch_size=4, augment=None,
-                                lr=LR, device="cpu", progress=False)
+    folder = train_seed(one, TINY, 0, epochs=2, batch_size=4, augment=None, lr=LR, device="cpu",
+                        progress=False)
+    model = FractureNet(TINY)
+    model.load_state_dict(torch.load(folder / "last.pt", weights_only=True)["model"])
     h1 = last["history"]
     h0 = torch.load(folder / "last.pt", weights_only=True)["history"]
     assert [r["epoch"] for r in h1] == [r["epoch"] for r in h0] == [0, 1]
@@ -316,6 +320,8 @@ def test_a_rank_that_dies_or_hangs_ends_the_job_with_a_message_from_rank_0(tmp_p
 
 def _job(mode: str, out: Path) -> int:
     from vfcore import distributed as dd
+    from vfcore import train
+    from vfcore.dissect import dissect_sharded
     from vfcore.errors import VfcoreError
 
     w = dd.init()
@@ -326,15 +332,22 @@ def _job(mode: str, out: Path) -> int:
         if mode == "stuck" and w.rank == 1:
             time.sleep(3600)                                     # alive but never answers
         kw = dict(q_tail=Q, batch_size=BATCH, device="cpu", progress=False)
-        d = dd.dissect_sharded(net, x, "features", **kw)
+        d = dissect_sharded(net, x, "features", **kw)
         np.savez(out / f"dissect_rank{w.rank}.npz", **_arrays(d))
         state = out / "state"
-        assert dd.dissect_sharded(net, x, "features", state=state, stop_after=2, **kw) is None
-        d = dd.dissect_sharded(net, x, "features", state=state, **kw)
+        assert dissect_sharded(net, x, "features", state=state, stop_after=2, **kw) is None
+        d = dissect_sharded(net, x, "features", state=state, **kw)
         np.savez(out / f"resumed_rank{w.rank}.npz", **_arrays(d))
-        _, model = dd.train_ranks(out / "run", TINY, 0, epochs=2, batch_size=4, augment=None,
-                                  lr=LR, device="cpu", progress=False)
-        torch.save(model.state_dict(), out / f"weights_rank{w.rank}.pt")
+        held = {}
+
+        def keep(model, device):                                 # this rank's network itself
+            held["model"] = model
+            return dd.wrap_model(model, device)
+
+        train.wrap_model = keep
+        train.train_seed(out / "run", TINY, 0, epochs=2, batch_size=4, augment=None, lr=LR,
+                         device="cpu", progress=False)
+        torch.save(held["model"].state_dict(), out / f"weights_rank{w.rank}.pt")
     except VfcoreError as err:
         print(f"vfcore: error: {err}", file=sys.stderr, flush=True)
         os._exit(2)                                              # a dead peer: no clean shutdown
