@@ -94,6 +94,8 @@ def test_merge_of_shards_equals_one_pass_and_numpy(q):
         np.testing.assert_array_equal(merged.thresholds(), ref)
         assert _tail_set(merged) == _ref_tail(a, ref)
         _assert_same(merged, one)
+        for key, value in one.tail().items():                   # in the same order: files
+            np.testing.assert_array_equal(merged.tail()[key], value, err_msg=key)  # bit for bit
         assert merged.values.shape[1] <= D.tail_size(n * 24, q)   # still the split's m
 
 
