@@ -220,6 +220,27 @@ def test_shards_are_whole_batches_in_rank_order():
         shard_range(5, 4, 0, 3)
 
 
+def test_a_ranks_slice_of_a_batch_gets_one_process_augmentation():
+    """augment_batch(share=(first, total)) on the slices of a batch: together the whole
+    batch's augmentation (per sample the same transform, up to float rounding), and the
+    generator ends where one process's does (so the next epoch's order is the same too)."""
+    from vfcore.data import augment_batch, get_augment
+
+    hu = torch.from_numpy(np.random.default_rng(0).integers(-1000, 1500, (6, 96, 96, 96),
+                                                            dtype=np.int16))
+    aug = get_augment("paper")
+    one = torch.Generator().manual_seed(5)
+    whole = augment_batch(hu, TINY, one, aug)
+    parts, states = [], []
+    for lo, hi in ((0, 4), (4, 6)):                            # uneven slices too
+        g = torch.Generator().manual_seed(5)
+        parts.append(augment_batch(hu[lo:hi], TINY, g, aug, share=(lo, 6)))
+        states.append(g.get_state())
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=1e-5)
+    assert all(torch.equal(s, one.get_state()) for s in states)
+    assert not torch.allclose(whole[:2], augment_batch(hu[:2], TINY, torch.Generator().manual_seed(5), aug))
+
+
 # --------------------------------------------------------------------------------------------
 # Two gloo processes under torchrun
 # --------------------------------------------------------------------------------------------

@@ -120,13 +120,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     return float(loss.item())
 
 
-def _rank_stream(generator: torch.Generator, rank: int) -> torch.Generator:
-    """Several ranks: this epoch's augmentation generator of ``rank`` (dropout too: the global
-    torch seed), from one seed drawn from the shared ``generator``, so every rank draws the
-    same from it and its state (in the ``last`` checkpoint) is all a resumed job needs."""
-    stream = int(torch.randint(2 ** 62, (1,), generator=generator)) + rank
-    torch.manual_seed(stream)
-    return torch.Generator().manual_seed(stream)
+def _dropout_seed(seed: int, epoch: int, rank: int) -> int:
+    """Several ranks: the global torch seed of ``rank`` in ``epoch`` (its dropout masks),
+    fixed by (seed, epoch, rank), so a resumed job draws the same without saved state."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
 def _validate(model: torch.nn.Module, val_x, val_y, p: Preset, dev: torch.device, epoch: int) -> dict:
@@ -157,11 +154,12 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
     With N ranks: every rank draws the same seeded balanced epoch and trains on its slice
     (``batch_size / N`` samples) of each global batch of ``batch_size`` (which N must divide);
     DistributedDataParallel averages the gradients and batch norm takes the statistics of
-    the global batch (:func:`vfcore.distributed.wrap_model`); augmentation and dropout draw
-    from per-rank streams (:func:`_rank_stream`). Rank 0 validates and decides (broadcast),
-    and writes the checkpoints and ``history.csv``; a run resumes from its ``last`` checkpoint
-    on any number of ranks. With one process all of that is a no-op: augmentation draws from
-    the epoch order's generator, dropout from the global seed.
+    the global batch (:func:`vfcore.distributed.wrap_model`). Every rank draws each global
+    batch's augmentation from the shared generator and applies its slice's, so the epochs,
+    the batches and the augmentations are one process's; only dropout draws per rank
+    (:func:`_dropout_seed`). Rank 0 validates and decides (broadcast), and writes the
+    checkpoints and ``history.csv``; a run resumes from its ``last`` checkpoint on any number
+    of ranks. With one process all of that is a no-op.
 
     Returns the folder. ``on_epoch(history_row)`` is called after every epoch (live plots;
     on rank 0).
@@ -232,17 +230,21 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
         epoch = len(history)
         net.train()
         order = balanced_epoch(train_y, generator)
-        aug = generator if w.size == 1 else _rank_stream(generator, w.rank)
+        if w.size > 1:     # one process: dropout goes on from the seed set before the model
+            torch.manual_seed(_dropout_seed(seed, epoch, w.rank))
         n_batches = len(order) // batch_size                   # drop_last: fixed shapes
         losses, t0 = [], time.perf_counter()
         where = "" if w.size == 1 else f" ({w.size} ranks)"
         bar = tqdm(range(n_batches), desc=f"seed {seed} epoch {epoch + 1}/{epochs}{where}",
                    disable=not (progress and w.is_main), leave=False)
         for b in bar:
-            start = b * batch_size + w.rank * local
-            ids = np.sort(order[start:start + local])
+            # global batch b, sorted; this rank's slice of it (one process: all of it)
+            ids = np.sort(order[b * batch_size:(b + 1) * batch_size])[w.rank * local:][:local]
             hu, y = torch.as_tensor(train_x[ids], device=dev), labels[ids]
-            x = augment_batch(hu, p, aug, augment) if augment else to_network_input(hu, p)
+            # the augmentation drawn for the whole global batch from the shared generator
+            # and this slice's applied: every sample gets one process's augmentation
+            x = (augment_batch(hu, p, generator, augment, share=(w.rank * local, batch_size))
+                 if augment else to_network_input(hu, p))
             if dev.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             # several ranks: DDP all-reduces the gradients in backward(), the collective that
