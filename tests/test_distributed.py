@@ -313,7 +313,21 @@ def test_ddp_training_same_weights_on_both_ranks_history_close_to_one_process(jo
     steps = 2 * (18 // 4)                                       # 18 training draws, batches of 4
     for a, b in zip(h0, h1):
         assert b["loss"] == pytest.approx(a["loss"], rel=3e-3)
-        assert abs(b["val_auc"] - a["val_auc"]) <= 0.25          # 2 x 4 val pairs, untrained net
+    # The validation figures: the untrained net gives the 6 val vertebrae probabilities
+    # within 1e-5 of each other, so F1/AUC/AP are decided by rounding (AUC 0.625 vs 0.0 was
+    # seen) and cannot be compared; compare the probabilities themselves, and check that the
+    # job's history holds rank 0's validation of the weights it ended with.
+    from vfcore.data import load_split
+    from vfcore.metrics import classification_metrics
+    from vfcore.train import predict
+
+    val_x, val_y, _ = load_split(one, "val")
+    ranked = FractureNet(TINY)
+    ranked.load_state_dict(w0)
+    p2, p1 = predict(ranked, val_x, TINY, device="cpu"), predict(model, val_x, TINY, device="cpu")
+    assert np.abs(p2 - p1).max() <= 1e-4, (p2, p1)
+    val = classification_metrics(val_y, p2)
+    assert {k: h1[-1][f"val_{k}"] for k in val} == pytest.approx(val, nan_ok=True)
     diff = {k: float((w0[k].double() - v.detach().double()).abs().max())
             for k, v in model.named_parameters()}
     assert 0 < max(diff.values()) <= 2 * steps * LR, max(diff.items(), key=lambda kv: kv[1])

@@ -80,12 +80,22 @@ def test_torchrun_train_resumes_a_one_process_run_with_one_writer(runs):
 
 
 def test_torchrun_dissect_writes_the_one_process_files_bit_for_bit(runs, tmp_path):
+    from vfcore.dissect import load_dissection_set
+    from vfcore.run import RunFolder
+    from vfcore.train import load_checkpoint, predict
+
     run = runs["one"]
-    code, out, err = run_cli("dissect", run, *DISSECT)
+    # two epochs call nothing fractured at 0.5: dissect at the median probability of the set,
+    # so that both rankings (true and false positives) exist
+    model, _ = load_checkpoint(RunFolder(run).checkpoint)
+    patches, _, _ = load_dissection_set(run, "test+val")
+    threshold = float(np.median(predict(model, patches, model.preset, device="cpu")))
+    dissect = (*DISSECT, "--threshold", repr(threshold))
+    code, out, err = run_cli("dissect", run, *dissect)
     assert code == 0, err
     ref = tmp_path / "ref"
     shutil.copytree(run / "dissection", ref)
-    proc = torchrun("dissect", run, *DISSECT)
+    proc = torchrun("dissect", run, *dissect)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("dissected layer") == 1
     got = run / "dissection"
@@ -96,7 +106,7 @@ def test_torchrun_dissect_writes_the_one_process_files_bit_for_bit(runs, tmp_pat
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}:{key}")
     assert np.load(ref / "thresholds.npz")["T"].size == 128              # small: 128 units
     csvs = sorted(p.name for p in ref.glob("*.csv"))
-    assert "samples.csv" in csvs and "ranking_fp.csv" in csvs and sorted(p.name for p in got.glob("*.csv")) == csvs
+    assert "samples.csv" in csvs and "ranking_tp.csv" in csvs and "ranking_fp.csv" in csvs and sorted(p.name for p in got.glob("*.csv")) == csvs
     for name in csvs:                                                  # rankings, samples
         assert (ref / name).read_bytes() == (got / name).read_bytes(), name
     import json

@@ -52,7 +52,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _tail_fraction(text: str) -> float:
+def _tail_fraction(text: str) -> float:  # also a probability threshold: (0, 1)
     try:
         value = float(text)
     except ValueError:
@@ -178,7 +178,7 @@ def _dissect(args) -> int:
     run.require("checkpoint")
 
     art = dissect.dissect_run(run.root, args.split, args.q, layer=args.layer, device=args.device,
-                              batch_size=args.batch_size, force=args.force,
+                              batch_size=args.batch_size, threshold=args.threshold, force=args.force,
                               progress=not args.quiet)
     if not w.is_main:             # rank 0 reports and exports
         return 0
@@ -267,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "such as test+dissect (default: test+dissect when the store has "
                         "dissection-only scans, else test; never train)")
     p.add_argument("--q", type=_tail_fraction, default=0.005, help="P(a_k > T_k); the paper: 0.005")
+    p.add_argument("--threshold", type=_tail_fraction, default=0.5,
+                   help="P(fracture) at which a vertebra counts as predicted fractured (TP, FP)")
     p.add_argument("--layer", help="the layer to dissect (default: the preset's)")
     p.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
     p.add_argument("--batch-size", type=_positive_int)
