@@ -249,7 +249,8 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             # several ranks: DDP all-reduces the gradients in backward(), the collective that
             # notices a dead rank during training
-            with collective(f"the forward/backward pass of epoch {epoch + 1}, batch {b + 1}"):
+            pass_ = f"the forward/backward pass of epoch {epoch + 1}, batch {b + 1}"
+            with collective(pass_) if w.size > 1 else contextlib.nullcontext():
                 losses.append(train_step(step, optimizer, x, y, dtype=dtype, scaler=scaler))
             bar.set_postfix(loss=f"{np.mean(losses):.3f}",
                             samples_s=f"{(b + 1) * batch_size / (time.perf_counter() - t0):.0f}")
