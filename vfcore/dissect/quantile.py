@@ -255,7 +255,7 @@ class TopQuantile:
         return {"min": self.min.cpu().numpy(), "max": self.max.cpu().numpy(),
                 "zero_fraction": self.zeros.cpu().numpy() / self.n_values}
 
-    # -- a pass in pieces: checkpoint and resume, shards merged (vfcore.distributed) ----------
+    # -- a pass in pieces: checkpoint and resume, shards merged (vfcore.dissect.sharded) ---
 
     #: The ``format`` of :meth:`state_dict`.
     STATE_FORMAT = "vfcore-topquantile-1"
