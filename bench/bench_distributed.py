@@ -4,7 +4,7 @@ cost of merging the ranks' threshold buffers (vfcore.distributed, issue 15).
 Launches itself with ``torchrun`` (gloo on CPUs, NCCL on GPUs, MASTER_ADDR=127.0.0.1) once per
 process count and prints, from rank 0:
 
-* ``pass``: :func:`vfcore.distributed.dissect_sharded` over N random int16 patches (forward,
+* ``pass``: :func:`vfcore.dissect.dissect_sharded` over N random int16 patches (forward,
   hooks, the per-rank TopQuantile, the all-gather and merge, the [N, K] statistics): samples/s
   of the whole job (N / the slowest rank's wall time) and the peak memory of rank 0;
 * ``merge``: the all-gather and exact merge alone, at the scale of a real split: each rank holds
@@ -49,7 +49,7 @@ def worker(args) -> None:
     from vfcore import distributed as dd
     from vfcore.data import to_network_input
     from vfcore.dissect import TopQuantile, tail_size
-    from vfcore.distributed.thresholds import _gather
+    from vfcore.dissect.sharded import _gather, dissect_sharded
     from vfcore.model import FractureNet, get_preset
     from vfcore.runtime import device_name
 
@@ -63,11 +63,11 @@ def worker(args) -> None:
         -1000, 1500, (args.samples, 96, 96, 96), dtype=np.int16))
     kw = dict(q_tail=0.005, batch_size=args.batch, transform=lambda hu: to_network_input(hu, p),
               device=dev, progress=False)
-    dd.dissect_sharded(model, patches[:args.batch * w.size], p.dissect_layer, **kw)   # warm-up
+    dissect_sharded(model, patches[:args.batch * w.size], p.dissect_layer, **kw)   # warm-up
     dd.barrier("bench")
     reset_peak()
     t0 = time.perf_counter()
-    d = dd.dissect_sharded(model, patches, p.dissect_layer, **kw)
+    d = dissect_sharded(model, patches, p.dissect_layer, **kw)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     dd.barrier("bench")

@@ -94,6 +94,8 @@ def test_merge_of_shards_equals_one_pass_and_numpy(q):
         np.testing.assert_array_equal(merged.thresholds(), ref)
         assert _tail_set(merged) == _ref_tail(a, ref)
         _assert_same(merged, one)
+        for key, value in one.tail().items():                   # in the same order: files
+            np.testing.assert_array_equal(merged.tail()[key], value, err_msg=key)  # bit for bit
         assert merged.values.shape[1] <= D.tail_size(n * 24, q)   # still the split's m
 
 
@@ -192,7 +194,7 @@ def _assert_same_dissection(x: dict, y: dict) -> None:
 
 
 def test_one_process_pass_equals_dissect_and_resumes(tmp_path):
-    from vfcore.distributed import dissect_sharded
+    from vfcore.dissect import dissect_sharded
 
     net, x = _case()
     ref = D.dissect(net, x, "features", q_tail=Q, batch_size=BATCH, device="cpu", progress=False)
@@ -210,12 +212,33 @@ def test_one_process_pass_equals_dissect_and_resumes(tmp_path):
 
 
 def test_shards_are_whole_batches_in_rank_order():
-    from vfcore.distributed import shard_range
+    from vfcore.dissect import shard_range
 
     assert [shard_range(37, 4, r, 2) for r in range(2)] == [(0, 20), (20, 37)]
     assert [shard_range(37, 4, r, 3) for r in range(3)] == [(0, 12), (12, 24), (24, 37)]
     with pytest.raises(Exception, match="fewer than the 3 ranks"):
         shard_range(5, 4, 0, 3)
+
+
+def test_a_ranks_slice_of_a_batch_gets_one_process_augmentation():
+    """augment_batch(share=(first, total)) on the slices of a batch: together the whole
+    batch's augmentation (per sample the same transform, up to float rounding), and the
+    generator ends where one process's does (so the next epoch's order is the same too)."""
+    from vfcore.data import augment_batch, get_augment
+
+    hu = torch.from_numpy(np.random.default_rng(0).integers(-1000, 1500, (6, 96, 96, 96),
+                                                            dtype=np.int16))
+    aug = get_augment("paper")
+    one = torch.Generator().manual_seed(5)
+    whole = augment_batch(hu, TINY, one, aug)
+    parts, states = [], []
+    for lo, hi in ((0, 4), (4, 6)):                            # uneven slices too
+        g = torch.Generator().manual_seed(5)
+        parts.append(augment_batch(hu[lo:hi], TINY, g, aug, share=(lo, 6)))
+        states.append(g.get_state())
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=1e-5)
+    assert all(torch.equal(s, one.get_state()) for s in states)
+    assert not torch.allclose(whole[:2], augment_batch(hu[:2], TINY, torch.Generator().manual_seed(5), aug))
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +261,8 @@ def _torchrun(mode: str, out: Path, timeout: float, extra_env: dict | None = Non
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    """One 2-rank job: the sharded pass, a killed-and-resumed sharded pass, 2 epochs of DDP."""
+    """One 2-rank job: the sharded pass, a killed-and-resumed sharded pass, 2 epochs of
+    ``vfcore.train.train_seed`` (DDP)."""
     from store_helpers import write_store
 
     out = tmp_path_factory.mktemp("job")
@@ -261,7 +285,8 @@ def test_sharded_pass_is_bit_identical_to_one_process(job):
 def test_ddp_training_same_weights_on_both_ranks_history_close_to_one_process(job, tmp_path):
     from store_helpers import write_store
 
-    from vfcore.distributed import train_ranks
+    from vfcore.model import FractureNet
+    from vfcore.train import train_seed
 
     w0 = torch.load(job / "weights_rank0.pt", weights_only=True)
     w1 = torch.load(job / "weights_rank1.pt", weights_only=True)
@@ -271,8 +296,10 @@ def test_ddp_training_same_weights_on_both_ranks_history_close_to_one_process(jo
     for k in w0:
         assert torch.equal(last["model"][k], w0[k]), k            # rank 0 wrote what it holds
     one = write_store(tmp_path / "one", n=30)
-    folder, model = train_ranks(one, TINY, 0, epochs=2, batch_size=4, augment=None,
-                                lr=LR, device="cpu", progress=False)
+    folder = train_seed(one, TINY, 0, epochs=2, batch_size=4, augment=None, lr=LR, device="cpu",
+                        progress=False)
+    model = FractureNet(TINY)
+    model.load_state_dict(torch.load(folder / "last.pt", weights_only=True)["model"])
     h1 = last["history"]
     h0 = torch.load(folder / "last.pt", weights_only=True)["history"]
     assert [r["epoch"] for r in h1] == [r["epoch"] for r in h0] == [0, 1]
@@ -286,7 +313,21 @@ def test_ddp_training_same_weights_on_both_ranks_history_close_to_one_process(jo
     steps = 2 * (18 // 4)                                       # 18 training draws, batches of 4
     for a, b in zip(h0, h1):
         assert b["loss"] == pytest.approx(a["loss"], rel=3e-3)
-        assert abs(b["val_auc"] - a["val_auc"]) <= 0.25          # 2 x 4 val pairs, untrained net
+    # The validation figures: the untrained net gives the 6 val vertebrae probabilities
+    # within 1e-5 of each other, so F1/AUC/AP are decided by rounding (AUC 0.625 vs 0.0 was
+    # seen) and cannot be compared; compare the probabilities themselves, and check that the
+    # job's history holds rank 0's validation of the weights it ended with.
+    from vfcore.data import load_split
+    from vfcore.metrics import classification_metrics
+    from vfcore.train import predict
+
+    val_x, val_y, _ = load_split(one, "val")
+    ranked = FractureNet(TINY)
+    ranked.load_state_dict(w0)
+    p2, p1 = predict(ranked, val_x, TINY, device="cpu"), predict(model, val_x, TINY, device="cpu")
+    assert np.abs(p2 - p1).max() <= 1e-4, (p2, p1)
+    val = classification_metrics(val_y, p2)
+    assert {k: h1[-1][f"val_{k}"] for k in val} == pytest.approx(val, nan_ok=True)
     diff = {k: float((w0[k].double() - v.detach().double()).abs().max())
             for k, v in model.named_parameters()}
     assert 0 < max(diff.values()) <= 2 * steps * LR, max(diff.items(), key=lambda kv: kv[1])
@@ -316,6 +357,8 @@ def test_a_rank_that_dies_or_hangs_ends_the_job_with_a_message_from_rank_0(tmp_p
 
 def _job(mode: str, out: Path) -> int:
     from vfcore import distributed as dd
+    from vfcore import train
+    from vfcore.dissect import dissect_sharded
     from vfcore.errors import VfcoreError
 
     w = dd.init()
@@ -326,15 +369,22 @@ def _job(mode: str, out: Path) -> int:
         if mode == "stuck" and w.rank == 1:
             time.sleep(3600)                                     # alive but never answers
         kw = dict(q_tail=Q, batch_size=BATCH, device="cpu", progress=False)
-        d = dd.dissect_sharded(net, x, "features", **kw)
+        d = dissect_sharded(net, x, "features", **kw)
         np.savez(out / f"dissect_rank{w.rank}.npz", **_arrays(d))
         state = out / "state"
-        assert dd.dissect_sharded(net, x, "features", state=state, stop_after=2, **kw) is None
-        d = dd.dissect_sharded(net, x, "features", state=state, **kw)
+        assert dissect_sharded(net, x, "features", state=state, stop_after=2, **kw) is None
+        d = dissect_sharded(net, x, "features", state=state, **kw)
         np.savez(out / f"resumed_rank{w.rank}.npz", **_arrays(d))
-        _, model = dd.train_ranks(out / "run", TINY, 0, epochs=2, batch_size=4, augment=None,
-                                  lr=LR, device="cpu", progress=False)
-        torch.save(model.state_dict(), out / f"weights_rank{w.rank}.pt")
+        held = {}
+
+        def keep(model, device):                                 # this rank's network itself
+            held["model"] = model
+            return dd.wrap_model(model, device)
+
+        train.wrap_model = keep
+        train.train_seed(out / "run", TINY, 0, epochs=2, batch_size=4, augment=None, lr=LR,
+                         device="cpu", progress=False)
+        torch.save(held["model"].state_dict(), out / f"weights_rank{w.rank}.pt")
     except VfcoreError as err:
         print(f"vfcore: error: {err}", file=sys.stderr, flush=True)
         os._exit(2)                                              # a dead peer: no clean shutdown

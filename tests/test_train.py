@@ -116,6 +116,46 @@ def test_resume_continues_the_same_history(store, tmp_path):
     assert_same_training(straight, store)
 
 
+def test_one_process_train_seed_is_the_hand_written_loop(store):
+    """Without torchrun, train_seed is the plain loop (the paper's Sec. 3 written out here):
+    one generator seeded by the seed draws each balanced epoch and then, batch by batch, its
+    augmentation; dropout draws from the global seed set before the network is built; each
+    batch is the sorted next ``batch_size`` draws of the order. Same losses, same validation
+    figures and the same weights, bit for bit (the rank-share, broadcast and all-reduce steps
+    of a torchrun job are no-ops in a world of one)."""
+    from vfcore.data import augment_batch, balanced_epoch, get_augment, load_split
+    from vfcore.model import FractureNet, Preset
+
+    tiny = Preset("tiny", zoom=2, base=2, head=(4, 4, 2, 2), mlp=(8, 4), dropout=0.3,
+                  batch_size=4, patience=50, max_epochs=2)
+    folder = train.train_seed(store, tiny, 3, epochs=2, lr=1e-3, augment="light", device="cpu",
+                              progress=False)
+    history = torch.load(folder / "last.pt", weights_only=True)["history"]
+
+    train_x, train_y, _ = load_split(store, "train")
+    val_x, val_y, _ = load_split(store, "val")
+    aug = get_augment("light")
+    torch.manual_seed(3)
+    model = FractureNet(tiny)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(3)
+    for epoch in range(2):
+        model.train()
+        order = balanced_epoch(train_y, generator)
+        losses = []
+        for b in range(len(order) // 4):
+            ids = np.sort(order[b * 4:(b + 1) * 4])
+            x = augment_batch(torch.as_tensor(train_x[ids]), tiny, generator, aug)
+            y = torch.tensor(train_y[ids], dtype=torch.float32)
+            losses.append(train.train_step(model, optimizer, x, y))
+        val = metrics.classification_metrics(val_y, train.predict(model, val_x, tiny, device="cpu"))
+        assert history[epoch]["loss"] == np.mean(losses), epoch
+        assert {k: history[epoch][f"val_{k}"] for k in val} == pytest.approx(val, nan_ok=True, abs=0)
+    weights = torch.load(folder / "last.pt", weights_only=True)["model"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(weights[k], v), k
+
+
 def test_fit_writes_metrics_and_best_checkpoint(store):
     metrics = train.fit(store, "small", seeds=[0, 1], epochs=2, batch_size=4, progress=False)
     assert (store / "model" / "best.pt").is_file()

@@ -8,6 +8,15 @@
     vfcore dissect runs/phantom                     # T_k, c_k, r_k and the exported units
     vfcore badges                                   # regenerate Colab/Binder badges
 
+    torchrun --standalone --nproc_per_node 4 -m vfcore train runs/big     # 4 GPUs, one model
+    torchrun --standalone --nproc_per_node 4 -m vfcore dissect runs/big   # the exact pass, sharded
+
+``train`` and ``dissect`` join a torchrun job (``vfcore.distributed.init``; nothing happens
+without torchrun) and run the same code with one process or N: rank 0 alone writes and prints.
+An error names its rank (``vfcore: error: rank 1 of 4: ...``); a rank that dies or hangs ends
+the job with a message from rank 0 after the collective timeout (``VFCORE_DIST_TIMEOUT``).
+See ``docs/distributed.md``.
+
 Exit status: 0 everything done; 1 the command ran but part of the work failed (a scan, a
 notebook: one line per failure); 2 bad input or usage (one line, ``vfcore: error: <file>:
 <problem>``); 130 interrupted.
@@ -15,6 +24,7 @@ notebook: one line per failure); 2 bad input or usage (one line, ``vfcore: error
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -24,6 +34,8 @@ from .run import RunFolder
 #: The exit status of a command whose work partly failed (bad input and usage: 2, as argparse).
 FAILED = 1
 USAGE = 2
+#: The commands that join a torchrun job (one process without torchrun).
+DISTRIBUTED = ("train", "dissect")
 
 
 def _one_line(text: str) -> str:
@@ -40,7 +52,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _tail_fraction(text: str) -> float:
+def _tail_fraction(text: str) -> float:  # also a probability threshold: (0, 1)
     try:
         value = float(text)
     except ValueError:
@@ -112,10 +124,18 @@ def _patches(args) -> int:
     return 0
 
 
+def _join():
+    """This process's place in the torchrun job (a world of one without torchrun)."""
+    from .distributed import init
+
+    return init()
+
+
 def _train(args) -> int:
     from .data import AUGMENTATIONS
     from .model import PRESETS, default_preset
 
+    w = _join()
     if args.preset != "auto" and args.preset not in PRESETS:
         raise InputError("--preset", f"unknown preset {args.preset!r}; choose one of "
                                      f"{', '.join(sorted(PRESETS))} or auto")
@@ -134,6 +154,8 @@ def _train(args) -> int:
     metrics = fit(run.root, preset, seeds=args.seeds, epochs=args.epochs,
                   augment=augment, device=args.device, batch_size=args.batch_size,
                   patience=args.patience, progress=not args.quiet)
+    if not w.is_main:
+        return 0
     test = ", ".join(f"{k} {v:.3f}" for k, v in metrics["test"].items() if v is not None)
     print(f"best seed {metrics['best_seed']} of {metrics['seeds']}: test ({metrics['n_test']} "
           f"vertebrae, {metrics['n_test_fractured']} fractured): {test}")
@@ -146,6 +168,7 @@ def _train(args) -> int:
 def _dissect(args) -> int:
     from . import dissect
 
+    w = _join()
     if args.split is not None:  # a bad split is bad input, before anything is read
         try:
             dissect.parse_split(args.split)
@@ -155,8 +178,10 @@ def _dissect(args) -> int:
     run.require("checkpoint")
 
     art = dissect.dissect_run(run.root, args.split, args.q, layer=args.layer, device=args.device,
-                              batch_size=args.batch_size, force=args.force,
+                              batch_size=args.batch_size, threshold=args.threshold, force=args.force,
                               progress=not args.quiet)
+    if not w.is_main:             # rank 0 reports and exports
+        return 0
     meta, d = art.meta, art.dissection
     print(f"dissected layer {meta['layer']} on split {meta['split']!r}: {d.n_samples} vertebrae, "
           f"{d.n_units} units, q = {meta['q_tail']}")
@@ -242,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "such as test+dissect (default: test+dissect when the store has "
                         "dissection-only scans, else test; never train)")
     p.add_argument("--q", type=_tail_fraction, default=0.005, help="P(a_k > T_k); the paper: 0.005")
+    p.add_argument("--threshold", type=_tail_fraction, default=0.5,
+                   help="P(fracture) at which a vertebra counts as predicted fractured (TP, FP)")
     p.add_argument("--layer", help="the layer to dissect (default: the preset's)")
     p.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
     p.add_argument("--batch-size", type=_positive_int)
@@ -261,20 +288,50 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"vfcore: warning: {_one_line(message)}", file=sys.stderr)
 
 
+def _where(args) -> str:
+    """``"rank r of n: "`` inside a torchrun job of several processes, else ``""``."""
+    if args.command not in DISTRIBUTED:
+        return ""
+    from .distributed import world
+
+    w = world()
+    return "" if w.size == 1 else f"{w.where}: "
+
+
+def _error(args, text: str) -> int:
+    where = _where(args)
+    print(f"vfcore: error: {text if text.startswith(where) else where + text}", file=sys.stderr)
+    return USAGE
+
+
+def _leave(args, code: int) -> int:
+    """End a torchrun job's process: leave the group after success; after an error exit at
+    once (a peer may be gone, and a clean shutdown could wait for it for ever)."""
+    if not _where(args):
+        return code
+    if code == 0:
+        from .distributed import shutdown
+
+        shutdown()
+        return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
-            return args.func(args)
+            code = args.func(args)
         except VfcoreError as err:
-            print(f"vfcore: error: {_one_line(err)}", file=sys.stderr)
-            return USAGE
+            code = _error(args, _one_line(err))
         except OSError as err:  # a missing or unreadable file the stage did not wrap
             where = f"{err.filename}: " if err.filename else ""
-            print(f"vfcore: error: {where}{_one_line(err.strerror or err)}", file=sys.stderr)
-            return USAGE
+            code = _error(args, f"{where}{_one_line(err.strerror or err)}")
         except KeyboardInterrupt:
             print("vfcore: interrupted", file=sys.stderr)
             return 130
+    return _leave(args, code)

@@ -254,9 +254,10 @@ def _rotation(angles: torch.Tensor) -> torch.Tensor:
     return rz.view(-1, 3, 3) @ ry.view(-1, 3, 3) @ rx.view(-1, 3, 3)
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian smoothing of [B, 1, D, H, W] with one sigma (voxels) per sample."""
-    radius = int(math.ceil(3 * float(sigma.max())))
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int | None = None) -> torch.Tensor:
+    """Separable Gaussian smoothing of [B, 1, D, H, W] with one sigma (voxels) per sample,
+    over ``radius`` voxels each side (default: 3 sigma of the largest)."""
+    radius = int(math.ceil(3 * float(sigma.max()))) if radius is None else radius
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     kernels = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
     kernels = kernels / kernels.sum(1, keepdim=True)                 # [B, K]
@@ -272,17 +273,27 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def augment_batch(hu: torch.Tensor, preset: str | Preset, generator: torch.Generator,
-                  aug: Augment = Augment()) -> torch.Tensor:
+                  aug: Augment = Augment(), share: tuple[int, int] | None = None) -> torch.Tensor:
     """Augmented network inputs [B, 1, S, S, S] from int16 HU patches [B, 96, 96, 96].
 
     All random numbers come from ``generator`` (a CPU ``torch.Generator``), so a seed fixes
     the augmentation on CPU and GPU alike; the work runs on ``hu.device``.
+
+    ``share=(first, total)``: ``hu`` is samples ``first .. first + B`` of a batch of ``total``
+    (one rank's slice of a global batch under torchrun): the random numbers are drawn for
+    all ``total`` samples, exactly as for the whole batch, and those of ``hu``'s rows applied,
+    so each sample gets the augmentation one process would give it and ``generator`` ends in
+    the same state.
     """
     p = get_preset(preset)
     x = scale_hu(_as_batch(hu))                                       # [B, 1, 96, 96, 96]
     if p.zoom > 1:  # average zoom^3 blocks first: the same voxels as to_network_input's
         x = F.avg_pool3d(x, p.zoom)
-    b, device = x.shape[0], x.device
+    here, device = x.shape[0], x.device
+    first, b = (0, here) if share is None else share
+    if not 0 <= first <= b - here:
+        raise DataValueError("share", f"samples {first}..{first + here} of a batch of {b}")
+    rows = slice(first, first + here)
     out = p.input_size
 
     def uniform(*shape, low=-1.0, high=1.0):
@@ -295,13 +306,13 @@ def augment_batch(hu: torch.Tensor, preset: str | Preset, generator: torch.Gener
     mirror = torch.diag_embed(torch.stack([flip, torch.ones(b), torch.ones(b)], 1))  # x = L axis
     linear = rot @ mirror * (p.crop / PATCH_SIZE) / zoom[:, None, None]
     shift = uniform(b, 3) * aug.shift * 2 / PATCH_SIZE
-    theta = torch.cat([linear, shift[:, :, None]], 2).to(device)
-    grid = F.affine_grid(theta, [b, 1, out, out, out], align_corners=False)
+    theta = torch.cat([linear, shift[:, :, None]], 2)[rows].to(device)
+    grid = F.affine_grid(theta, [here, 1, out, out, out], align_corners=False)
 
     # Elastic part: a smooth random displacement field, upsampled from a coarse grid.
     if aug.elastic > 0:
         coarse = torch.randn(b, 3, *(aug.elastic_grid,) * 3, generator=generator) * aug.elastic * 2 / PATCH_SIZE
-        field = F.interpolate(coarse.to(device), size=(out,) * 3, mode="trilinear", align_corners=True)
+        field = F.interpolate(coarse[rows].to(device), size=(out,) * 3, mode="trilinear", align_corners=True)
         grid = grid + field.permute(0, 2, 3, 4, 1)
 
     # The one resampling: straight from the (block-averaged) patch to the network's grid.
@@ -309,16 +320,18 @@ def augment_batch(hu: torch.Tensor, preset: str | Preset, generator: torch.Gener
 
     # Intensity: contrast (gamma), smoothing, noise, each with its probability.
     def chosen(prob):
-        return (torch.rand(b, generator=generator) < prob).to(device)
+        return (torch.rand(b, generator=generator) < prob)[rows].to(device)
 
-    gamma = uniform(b, low=aug.contrast[0], high=aug.contrast[1]).to(device)
+    gamma = uniform(b, low=aug.contrast[0], high=aug.contrast[1])[rows].to(device)
     x = torch.where(chosen(aug.p_contrast)[:, None, None, None, None],
                     x.clamp_min(0) ** gamma[:, None, None, None, None], x)
-    sigma = uniform(b, low=aug.smooth[0], high=aug.smooth[1]).to(device)
-    x = torch.where(chosen(aug.p_smooth)[:, None, None, None, None], _gaussian_blur(x, sigma), x)
-    std = (torch.rand(b, generator=generator) * aug.noise).to(device)
+    sigma = uniform(b, low=aug.smooth[0], high=aug.smooth[1])
+    radius = int(math.ceil(3 * float(sigma.max())))                   # the whole batch's
+    sigma = sigma[rows].to(device)
+    x = torch.where(chosen(aug.p_smooth)[:, None, None, None, None], _gaussian_blur(x, sigma, radius), x)
+    std = (torch.rand(b, generator=generator) * aug.noise)[rows].to(device)
     seed = int(torch.randint(2**62, (1,), generator=generator))
     noise_gen = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn(x.shape, generator=noise_gen, device=device)
+    noise = torch.randn((b, *x.shape[1:]), generator=noise_gen, device=device)[rows]
     x = torch.where(chosen(aug.p_noise)[:, None, None, None, None], x + noise * std[:, None, None, None, None], x)
     return x

@@ -18,6 +18,7 @@ and std, and ``test`` of the run's checkpoint).
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import time
 from dataclasses import asdict
@@ -31,9 +32,10 @@ import torch.nn.functional as F
 from .checkpoint import FORMAT, load_checkpoint, read_checkpoint, save_checkpoint
 from .constants import PATCH_SIZE
 from .data import Augment, augment_batch, balanced_epoch, get_augment, load_split, to_network_input
-from .errors import CheckpointError
+from .distributed import all_reduce_sum, barrier, broadcast, collective, world, wrap_model
+from .errors import CheckpointError, DataValueError
 from .forward import forward, precision
-from .io import sha256_file, versions, write_json
+from .io import atomic_write, sha256_file, versions, write_json
 from .metrics import (METRICS, auc_score, average_precision, classification_metrics, outcome_names,
                       table1)
 from .model import FractureNet, Preset, get_preset
@@ -118,31 +120,66 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     return float(loss.item())
 
 
+def _dropout_seed(seed: int, epoch: int, rank: int) -> int:
+    """Several ranks: the global torch seed of ``rank`` in ``epoch`` (its dropout masks),
+    fixed by (seed, epoch, rank), so a resumed job draws the same without saved state."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def _validate(model: torch.nn.Module, val_x, val_y, p: Preset, dev: torch.device, epoch: int) -> dict:
+    """Rank 0's validation figures (F1, accuracy, AUC, AP) on every rank (broadcast), so every
+    rank appends the same history row and takes the same early-stopping decision."""
+    w = world()
+    row = torch.zeros(len(METRICS), dtype=torch.float64, device=dev)
+    if w.is_main:
+        val = classification_metrics(val_y, predict(model, val_x, p, device=dev))
+        row[:] = torch.tensor([val[k] for k in METRICS], dtype=torch.float64)
+    broadcast(row, f"broadcasting rank 0's validation of epoch {epoch + 1}")
+    return dict(zip(METRICS, row.tolist()))
+
+
 def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 0, *,
                epochs: int | None = None, batch_size: int | None = None,
                patience: int | None = None, lr: float | None = None, augment: Augment | str | None = "paper",
                device: str | None = None, compile: bool = False, preload: bool | None = None,
                progress: bool = True, on_epoch=None) -> Path:
     """Train one seed into ``RunFolder(run_dir).seed_dir(seed)``; resume from its last
-    checkpoint if present.
+    checkpoint if present. One process, or every rank of a ``torchrun`` job
+    (:func:`vfcore.distributed.init` called first; ``docs/distributed.md``).
 
     ``augment``: an :class:`~vfcore.data.Augment`, a name in ``vfcore.data.AUGMENTATIONS``
     (``"paper"``, ``"light"``) or ``None`` (no augmentation). ``preload``: keep the training
     and validation splits on the device (:func:`preload_split`; None: on CUDA when they fit).
 
-    Returns the folder. ``on_epoch(history_row)`` is called after every epoch (live plots).
+    With N ranks: every rank draws the same seeded balanced epoch and trains on its slice
+    (``batch_size / N`` samples) of each global batch of ``batch_size`` (which N must divide);
+    DistributedDataParallel averages the gradients and batch norm takes the statistics of
+    the global batch (:func:`vfcore.distributed.wrap_model`). Every rank draws each global
+    batch's augmentation from the shared generator and applies its slice's, so the epochs,
+    the batches and the augmentations are one process's; only dropout draws per rank
+    (:func:`_dropout_seed`). Rank 0 validates and decides (broadcast), and writes the
+    checkpoints and ``history.csv``; a run resumes from its ``last`` checkpoint on any number
+    of ranks. With one process all of that is a no-op.
+
+    Returns the folder. ``on_epoch(history_row)`` is called after every epoch (live plots;
+    on rank 0).
     """
     from tqdm.auto import tqdm
 
+    w = world()
     p = get_preset(preset)
     epochs = p.max_epochs if epochs is None else epochs
     batch_size = p.batch_size if batch_size is None else batch_size
     patience = p.patience if patience is None else patience
     lr = p.lr if lr is None else lr                            # small 3e-4, paper 1e-3
+    if batch_size % w.size:
+        raise DataValueError("batch_size", f"{batch_size} is not divisible by the {w.size} ranks: "
+                             "every rank must train on an equal slice of each batch")
+    local = batch_size // w.size                               # this rank's slice of a batch
     augment = get_augment(augment)
     run = RunFolder(run_dir)
     folder = run.seed_dir(seed)
-    dev = pick_device(device)
+    dev = w.device if device is None and w.size > 1 else pick_device(device)
     dtype, use_scaler = precision(dev)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -156,8 +193,10 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
               "patience": patience, "augment": asdict(augment) if augment else None,
               "manifest_sha256": manifest}
 
-    # on a GPU, the splits once in GPU memory: no host work and no copy per batch
-    train_x, val_x = preload_split(train_x, dev, preload), preload_split(val_x, dev, preload)
+    # on a GPU, the splits once in GPU memory: no host work and no copy per batch (the
+    # validation split on rank 0 only: it alone validates)
+    train_x = preload_split(train_x, dev, preload)
+    val_x = preload_split(val_x, dev, preload) if w.is_main else val_x
     labels = torch.tensor(train_y, dtype=torch.float32, device=dev)
 
     torch.manual_seed(seed)
@@ -166,12 +205,12 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
         model = model.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=0.0)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)            # the epoch order: same on every rank
     history: list[dict] = []
     best = {"f1": -1.0, "auc": -1.0, "epoch": -1}
 
     last = run.seed_checkpoint(seed, "last")
-    if last.is_file():
+    if last.is_file():                                         # every rank reads rank 0's file
         state = read_checkpoint(last)
         if state.get("config") != config:
             raise CheckpointError(last, f"was trained with {state.get('config')}, not {config}: "
@@ -180,42 +219,61 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(generator, state["rng"])
         history, best = state["history"], state["best"]
-    step = torch.compile(model) if compile else model
+    net = wrap_model(model, dev)           # several ranks: DDP + synchronised batch norm
+    model = getattr(net, "module", net)    # the network itself: validation and checkpoints
+    step = torch.compile(net) if compile else net
 
     def stopped() -> bool:
         return bool(history) and (history[-1]["epoch"] - best["epoch"] >= patience)
 
     while len(history) < epochs and not stopped():
         epoch = len(history)
-        model.train()
+        net.train()
         order = balanced_epoch(train_y, generator)
+        if w.size > 1:     # one process: dropout goes on from the seed set before the model
+            torch.manual_seed(_dropout_seed(seed, epoch, w.rank))
         n_batches = len(order) // batch_size                   # drop_last: fixed shapes
         losses, t0 = [], time.perf_counter()
-        bar = tqdm(range(n_batches), desc=f"seed {seed} epoch {epoch + 1}/{epochs}",
-                   disable=not progress, leave=False)
+        where = "" if w.size == 1 else f" ({w.size} ranks)"
+        bar = tqdm(range(n_batches), desc=f"seed {seed} epoch {epoch + 1}/{epochs}{where}",
+                   disable=not (progress and w.is_main), leave=False)
         for b in bar:
-            ids = np.sort(order[b * batch_size:(b + 1) * batch_size])
+            # global batch b, sorted; this rank's slice of it (one process: all of it)
+            ids = np.sort(order[b * batch_size:(b + 1) * batch_size])[w.rank * local:][:local]
             hu, y = torch.as_tensor(train_x[ids], device=dev), labels[ids]
-            x = augment_batch(hu, p, generator, augment) if augment else to_network_input(hu, p)
+            # the augmentation drawn for the whole global batch from the shared generator
+            # and this slice's applied: every sample gets one process's augmentation
+            x = (augment_batch(hu, p, generator, augment, share=(w.rank * local, batch_size))
+                 if augment else to_network_input(hu, p))
             if dev.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-            losses.append(train_step(step, optimizer, x, y, dtype=dtype, scaler=scaler))
+            # several ranks: DDP all-reduces the gradients in backward(), the collective that
+            # notices a dead rank during training
+            pass_ = f"the forward/backward pass of epoch {epoch + 1}, batch {b + 1}"
+            with collective(pass_) if w.size > 1 else contextlib.nullcontext():
+                losses.append(train_step(step, optimizer, x, y, dtype=dtype, scaler=scaler))
             bar.set_postfix(loss=f"{np.mean(losses):.3f}",
                             samples_s=f"{(b + 1) * batch_size / (time.perf_counter() - t0):.0f}")
-        val = classification_metrics(val_y, predict(model, val_x, p, device=dev))
-        row = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
-               **{f"val_{k}": float(v) for k, v in val.items()},
+        loss = torch.tensor([np.mean(losses) if losses else float("nan")], dtype=torch.float64,
+                            device=dev)
+        loss = float(all_reduce_sum(loss, f"summing the losses of epoch {epoch + 1}")) / w.size
+        val = _validate(model, val_x, val_y, p, dev, epoch)
+        row = {"epoch": epoch, "loss": loss, **{f"val_{k}": float(v) for k, v in val.items()},
                "samples_per_s": n_batches * batch_size / (time.perf_counter() - t0)}
         history.append(row)
         improved = (val["f1"], np.nan_to_num(val["auc"])) > (best["f1"], best["auc"])
         if improved:
             best = {"f1": val["f1"], "auc": float(np.nan_to_num(val["auc"])), "epoch": epoch}
-            save_checkpoint(run.seed_checkpoint(seed), model, config=config, epoch=epoch, val=val)
-        save_checkpoint(last, model, config=config, epoch=epoch, history=history, best=best,
-                        optimizer=optimizer.state_dict(), rng=_rng_state(generator))
-        pd.DataFrame(history).to_csv(run.history(seed), index=False)
-        if on_epoch is not None:
-            on_epoch(row)
+        if w.is_main:                                           # one writer
+            if improved:
+                save_checkpoint(run.seed_checkpoint(seed), model, config=config, epoch=epoch, val=val)
+            save_checkpoint(last, model, config=config, epoch=epoch, history=history, best=best,
+                            optimizer=optimizer.state_dict(), rng=_rng_state(generator))
+            with atomic_write(run.history(seed), "w") as f:
+                pd.DataFrame(history).to_csv(f, index=False)
+            if on_epoch is not None:
+                on_epoch(row)
+    barrier("waiting for rank 0's checkpoints at the end of training")
     return folder
 
 
@@ -228,18 +286,30 @@ def fit(run_dir: str | Path, preset: str | Preset = "small", *, seeds=(0,), epoc
     The run's checkpoint (``RunFolder.checkpoint``) becomes the best one of the seed with the
     best validation F1.
     Returns the metrics dictionary (``per_seed``, ``mean``, ``std``, ``test``, ``best_seed``).
+    Under torchrun every rank trains each seed (:func:`train_seed`); rank 0 tests and writes,
+    and every rank returns the metrics it wrote.
     """
     run = RunFolder(run_dir)
     p = get_preset(preset)
+    w = world()
     test_x, test_y, _ = load_split(run_dir, "test")
     per_seed, val_f1 = {}, {}
     for seed in seeds:
-        folder = train_seed(run_dir, p, seed, epochs=epochs, batch_size=batch_size,
-                            patience=patience, lr=lr, augment=augment, device=device,
-                            compile=compile, preload=preload, progress=progress, on_epoch=on_epoch)
-        model, meta = load_checkpoint(RunFolder(run_dir).seed_checkpoint(seed))
-        per_seed[str(seed)] = classification_metrics(test_y, predict(model, test_x, p, device=device))
-        val_f1[str(seed)] = meta["val"]["f1"]
+        train_seed(run_dir, p, seed, epochs=epochs, batch_size=batch_size,
+                   patience=patience, lr=lr, augment=augment, device=device,
+                   compile=compile, preload=preload, progress=progress, on_epoch=on_epoch)
+        if w.is_main:                                   # rank 0 tests; the others wait below
+            model, meta = load_checkpoint(RunFolder(run_dir).seed_checkpoint(seed))
+            per_seed[str(seed)] = classification_metrics(test_y, predict(model, test_x, p, device=device))
+            val_f1[str(seed)] = meta["val"]["f1"]
+    if w.is_main:
+        metrics = _write_metrics(run, p, seeds, test_y, per_seed, val_f1)
+    barrier("waiting for rank 0's test metrics")
+    return metrics if w.is_main else json.loads(run.metrics.read_text())
+
+
+def _write_metrics(run: RunFolder, p: Preset, seeds, test_y, per_seed: dict, val_f1: dict) -> dict:
+    """The run's checkpoint (the seed with the best validation F1) and ``metrics.json``."""
     chosen = max(val_f1, key=val_f1.get)
     best = run.checkpoint
     part = best.with_name(f".{best.name}.part")

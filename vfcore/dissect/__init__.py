@@ -33,6 +33,9 @@ The sub-package, one step a module (all names are importable from ``vfcore.disse
   (:class:`SampledQuantile`, for comparison), and :func:`M_k`, the one mask threshold;
 * :mod:`~vfcore.dissect.dissection`: the one pass, :func:`dissect` -> :class:`Dissection`
   (and :func:`example_units`);
+* :mod:`~vfcore.dissect.sharded`: the same pass over the ranks of a ``torchrun`` job,
+  :func:`dissect_sharded` (each rank a contiguous share, the buffers all-gathered and merged
+  exactly, checkpointed and resumable; one process without torchrun);
 * :mod:`~vfcore.dissect.ranking`: Eq. 1 and Eq. 2, outcomes, rankings, exemplars;
 * :mod:`~vfcore.dissect.geometry`: activations on the patch (upsampling, best slice, NIfTI,
   concept overlap);
@@ -50,6 +53,7 @@ from .quantile import (Q_TAIL_PAPER, Q_TAIL_PUBLISHED, SPARSE_TAIL_FRACTION, tai
                        sketch_comparison)
 from .dissection import (Dissection, dissect, example_units, LayerGridError, layer_output_shape,
                          check_layer_grid, check_layer)
+from .sharded import dissect_sharded, load_pass_state, save_pass_state, shard_range, state_file
 from .ranking import (UndefinedCorrelationError, M_k, enabled_sets, relevance, top_units, outcomes,
                       SUBSET_NAMES, correlation, rank_units, rank_false_positives,
                       MIN_RANKING_N, BOOTSTRAP_B, BOOTSTRAP_SEED, bootstrap_c, tie_counts,
@@ -77,7 +81,8 @@ __all__ = [
     'DEFAULT_LAYER', 'layer_names', 'find_layer', 'capture', 'evaluating', 'activations',
     'Q_TAIL_PAPER', 'Q_TAIL_PUBLISHED', 'SPARSE_TAIL_FRACTION', 'tail_size', 'TopQuantile',
     'SampledQuantile', 'example_units', 'q_table', 'tail_fraction', 'sketch_comparison',
-    'Dissection', 'dissect', 'UndefinedCorrelationError', 'M_k', 'enabled_sets', 'relevance',
+    'Dissection', 'dissect', 'dissect_sharded', 'load_pass_state', 'save_pass_state',
+    'shard_range', 'state_file', 'UndefinedCorrelationError', 'M_k', 'enabled_sets', 'relevance',
     'top_units', 'outcomes', 'SUBSET_NAMES', 'correlation', 'rank_units',
     'rank_false_positives', 'EXEMPLAR_SCORES', 'exemplars', 'VIEWS', 'AIR_HU',
     'upsample_to_patch', 'patch_mask', 'best_slice', 'canonical_patch_affine',

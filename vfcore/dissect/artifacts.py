@@ -31,8 +31,9 @@ from vfcore.errors import (CorruptFileError, DataValueError, MissingArtifactErro
 from vfcore.metrics import outcome_names
 from vfcore.run import ARTIFACTS, RunFolder, notebook_path
 
-from .dissection import Dissection, check_layer, dissect
+from .dissection import Dissection, check_layer
 from .quantile import Q_TAIL_PAPER, _check_q
+from .sharded import dissect_sharded
 from .ranking import (BOOTSTRAP_B, BOOTSTRAP_SEED, UndefinedCorrelationError, outcomes,
                       rank_false_positives, rank_units, ranking_summary)
 
@@ -433,9 +434,15 @@ def dissect_run(run_dir: str | Path, split: str | Sequence[str] | None = None,
     last (its presence means complete). An earlier dissection with the same identity
     (checkpoint sha256, split, q, layer, patch store) is reused unless ``force``; one with
     another identity is replaced, and notebook 04's exports of it are removed.
+
+    The same under ``torchrun`` (:func:`vfcore.distributed.init` called first): the pass is
+    :func:`~vfcore.dissect.sharded.dissect_sharded` (each rank a share; T_k and everything
+    after it bit for bit those of one process); rank 0 decides on reuse and alone writes the
+    artifacts while the others wait at a barrier; every rank returns them.
     """
     import shutil
 
+    from vfcore.distributed import barrier, broadcast, world
     from vfcore.io import sha256_file
 
     run_dir = Path(run_dir)
@@ -447,34 +454,45 @@ def dissect_run(run_dir: str | Path, split: str | Sequence[str] | None = None,
                 "manifest_sha256": sha256_file(manifest)}
     model, preset, transform = network(ckpt)
     identity["layer"] = layer or preset.dissect_layer
-    if not force:     # reused only when the rankings were made with this threshold and bootstrap
+    w = world()
+    reuse = torch.zeros(1, device=w.device if w.size > 1 else "cpu")
+    if not force and w.is_main:   # reused only when made with this threshold and bootstrap
         try:
-            return load_artifacts(run_dir, expect={**identity, "threshold": threshold,
-                                                   "bootstrap": _bootstrap(B, seed)})
+            load_artifacts(run_dir, expect={**identity, "threshold": threshold,
+                                            "bootstrap": _bootstrap(B, seed)})
+            reuse += 1
         except VfcoreError:
             pass
+    if broadcast(reuse, "broadcasting rank 0's decision to reuse the dissection").item():
+        return load_artifacts(run_dir, expect=identity)
     patches, labels, rows = load_dissection_set(run_dir, split)
     labels = np.asarray(labels, dtype=int)
     if len(labels) == 0:
         raise DataValueError(manifest, f"split {split!r} has no labelled vertebrae")
     check_layer(model, identity["layer"], patches[:1], transform, where=f"preset {preset.name!r}")
     folder = dissection_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    RunFolder(run_dir).path("dissection_meta").unlink(missing_ok=True)   # incomplete until it lands
-    for old in ("exemplars.json", "units.csv", "unit_concepts.csv", "ranking_tp.csv", "ranking_fp.csv"):
-        (folder / old).unlink(missing_ok=True)
-    for old in ("collages", "nifti"):
-        shutil.rmtree(folder / old, ignore_errors=True)
+    if w.is_main:                 # one writer: rank 0
+        folder.mkdir(parents=True, exist_ok=True)
+        RunFolder(run_dir).path("dissection_meta").unlink(missing_ok=True)   # incomplete until it lands
+        for old in ("exemplars.json", "units.csv", "unit_concepts.csv", "ranking_tp.csv", "ranking_fp.csv"):
+            (folder / old).unlink(missing_ok=True)
+        for old in ("collages", "nifti"):
+            shutil.rmtree(folder / old, ignore_errors=True)
 
     if batch_size is None:
         batch_size = 128 if torch.cuda.is_available() and device != "cpu" else 16
-    d = dissect(model, patches, identity["layer"], q_tail=q_tail, batch_size=batch_size,
-                transform=transform, device=device, progress=progress)
+    # the one pass: a world of one is dissect(); under torchrun each rank runs its share and
+    # every rank gets the merged, identical Dissection
+    d = dissect_sharded(model, patches, identity["layer"], q_tail=q_tail, batch_size=batch_size,
+                        transform=transform, device=device, progress=progress)
     from vfcore.runtime import pick_device
-    write_artifacts(run_dir, d, identity, rows, labels, threshold=threshold, extra={
-        "checkpoint": _relative_to(ckpt, run_dir), "preset": preset.name,
-        "field": [[s.start, s.stop] for s in network_field(preset)],
-        "device": str(pick_device(device)), "batch_size": batch_size}, B=B, seed=seed)
+    if w.is_main:
+        write_artifacts(run_dir, d, identity, rows, labels, threshold=threshold, extra={
+            "checkpoint": _relative_to(ckpt, run_dir), "preset": preset.name,
+            "field": [[s.start, s.stop] for s in network_field(preset)],
+            "device": str(pick_device(device)), "batch_size": batch_size, "processes": w.size},
+            B=B, seed=seed)
+    barrier("waiting for rank 0 to write the dissection's artifacts")
     return load_artifacts(run_dir, expect=identity)
 
 

@@ -5,7 +5,7 @@ thresholds from :class:`~vfcore.dissect.quantile.TopQuantile`, and, from the val
 above T_k, r_k(x) (Eq. 2), |M_k(x)| and E_x of every sample, without storing the activations.
 Its two halves, :class:`PassState` (what each batch adds) and :func:`dissection_from` (the
 finished pass -> :class:`Dissection`), are shared with the sharded pass of
-:mod:`vfcore.distributed`.
+:mod:`vfcore.dissect.sharded`.
 """
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ class PassState:
     """What the pass accumulates, batch by batch: ``stats`` (the T_k buffer, a
     :class:`TopQuantile` sized for the whole split) and, per sample seen, the max and mean of
     every unit's map ([B, K] a batch) and P(fracture) ([B]). A sharded pass
-    (:mod:`vfcore.distributed`) keeps one per rank, saves it and merges them."""
+    (:mod:`vfcore.dissect.sharded`) keeps one per rank, saves it and merges them."""
 
     def __init__(self, stats: TopQuantile):
         self.stats = stats

@@ -176,7 +176,8 @@ class TopQuantile:
         self.n_samples += b
 
     def _sorted(self, q_tail: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Kept values and indices, each unit sorted in descending order (numpy, CPU)."""
+        """Kept values and indices, each unit sorted in descending order, equal values by
+        index (numpy, CPU)."""
         if self.values is None or self.n_values == 0:
             raise DataValueError("TopQuantile", "no activations were added: call update() first")
         if self.n_samples_expected is not None and self.n_samples != self.n_samples_expected:
@@ -188,8 +189,12 @@ class TopQuantile:
                                  f"unit but the quantile of {self.n_values} values needs the top "
                                  f"{need}: pass n_samples= (or a larger capacity=; a smaller "
                                  f"q_tail than the one the buffer was sized for)")
-        values, order = torch.sort(self.values, dim=1, descending=True, stable=True)
-        index = torch.gather(self.index, 1, order)
+        # equal values by their flat index: the same order however the buffer was filled
+        # (one pass, or shards merged), so the tail's file is the same bit for bit
+        index, order = torch.sort(self.index, dim=1, stable=True)
+        values = torch.gather(self.values, 1, order)
+        values, order = torch.sort(values, dim=1, descending=True, stable=True)
+        index = torch.gather(index, 1, order)
         return values.cpu().numpy(), index.cpu().numpy()
 
     def thresholds(self, q_tail: float | None = None) -> np.ndarray:
@@ -222,7 +227,7 @@ class TopQuantile:
 
     def tail(self, q_tail: float | None = None) -> dict[str, np.ndarray]:
         """The masks M_k of every sample, sparse: every (unit, sample, position, value) with
-        value > T_k, ordered by unit, then value (descending)."""
+        value > T_k, ordered by unit, then value (descending), then sample and position."""
         values, index = self._sorted(q_tail)
         T = self.thresholds(q_tail)
         above = M_k(values, T)
@@ -250,7 +255,7 @@ class TopQuantile:
         return {"min": self.min.cpu().numpy(), "max": self.max.cpu().numpy(),
                 "zero_fraction": self.zeros.cpu().numpy() / self.n_values}
 
-    # -- a pass in pieces: checkpoint and resume, shards merged (vfcore.distributed) ----------
+    # -- a pass in pieces: checkpoint and resume, shards merged (vfcore.dissect.sharded) ---
 
     #: The ``format`` of :meth:`state_dict`.
     STATE_FORMAT = "vfcore-topquantile-1"

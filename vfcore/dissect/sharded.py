@@ -1,6 +1,7 @@
 """The dissection pass in pieces: sharded over ranks, checkpointed, resumed, merged exactly.
 
-:func:`dissect_sharded` is :func:`vfcore.dissect.dissect` for a torchrun job: rank r runs the
+:func:`dissect_sharded` is :func:`vfcore.dissect.dissect` for a torchrun job (who is who:
+:mod:`vfcore.distributed`): rank r runs the
 network over its share of the split (whole batches of the one-process pass, contiguous, in
 rank order: :func:`shard_range`), keeps its per-unit top-m buffer
 (:class:`~vfcore.dissect.TopQuantile` sized for the WHOLE split, so each rank keeps the split's
@@ -30,14 +31,13 @@ from typing import Callable
 
 import torch
 
-from vfcore.dissect import Dissection, TopQuantile
-from vfcore.dissect.dissection import PassState, dissection_from
-from vfcore.dissect.quantile import Q_TAIL_PAPER, _check_q
+from vfcore.distributed import World, all_gather_rows, world
 from vfcore.errors import CorruptFileError, DataValueError, StateMismatchError
 from vfcore.forward import forward_batches
 from vfcore.io import atomic_save
 
-from .world import World, all_gather_rows, world
+from .dissection import Dissection, PassState, dissection_from
+from .quantile import Q_TAIL_PAPER, TopQuantile, _check_q
 
 STATE_FORMAT = "vfcore-dissect-pass-1"
 
