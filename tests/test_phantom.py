@@ -559,3 +559,35 @@ def test_prevalence_out_of_range(tmp_path):
     for bad in (-0.1, 0.95):
         with pytest.raises(FormatError, match="prevalence"):
             write_phantom_root(tmp_path / "x", n_scans=1, prevalence=bad, progress=False)
+
+
+def test_confounder_rate_above_one_adds_strong_wedges_that_stay_grade_0():
+    """Sampled at confounders 4 vs 1 (the same 40 scans, prevalence 0.3): more non-fractured
+    thoracic vertebrae carry a physiological wedge of 16 % or more, none of them measures a
+    height loss of 20 % (Genant grade 1) or more, and the confounder rate 1 draws no strong
+    wedge at all (its physiological wedges stay under 13 %)."""
+    strong = {1.0: 0, 4.0: 0}
+    for rate in strong:
+        for i in range(40):
+            for v in sample_scan(3, i, prevalence=0.3, confounders=rate).vertebrae:
+                if v.fracture is None:
+                    assert v.height_loss < 0.20, (rate, i, v.label, v.height_loss)
+                    strong[rate] += v.wedge >= 0.16
+    assert strong[1.0] == 0 and strong[4.0] >= 60, strong
+
+
+def test_dissection_scans_record_their_confounder_rate(tmp_path):
+    """write_phantom_root(dissect_confounders=...) draws only the dissection-only scans with
+    it (their params record says so); the first scans are byte-identical with or without."""
+    a = write_phantom_root(tmp_path / "a", n_scans=1, seed=4, progress=False, dissect_scans=1,
+                           dissect_confounders=4.0)
+    b = write_phantom_root(tmp_path / "b", n_scans=1, seed=4, progress=False, dissect_scans=1)
+    ta, tb = (_truth(r, "sub-phantom001")["params"] for r in (a, b))
+    assert ta["confounders"] == 4.0 and tb["confounders"] == 1.0
+    assert _truth(a, "sub-phantom000")["params"]["confounders"] == 1.0
+    pa, pb = case_paths(a, "sub-phantom000"), case_paths(b, "sub-phantom000")
+    for key in ("ct", "vert", "concept", "centroids"):
+        assert pa[key].read_bytes() == pb[key].read_bytes(), key
+    with pytest.raises(FormatError, match="dissect_confounders"):
+        write_phantom_root(tmp_path / "c", n_scans=1, dissect_scans=1, dissect_confounders=-1.0,
+                           progress=False)
