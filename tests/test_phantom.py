@@ -440,6 +440,57 @@ def test_patches_leave_the_scan_only_cranio_caudally(root):
     assert cut >= 2          # the cranio-caudal ends do cut patches
 
 
+def _cube_outside(frame, lo, hi, n: int = 16) -> float:
+    """Fraction of the 96 mm cube around ``frame`` (its own axes) outside the box [lo, hi]."""
+    g = (np.arange(n) + 0.5) / n * 96.0 - 48.0
+    local = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+    w = frame.o + local @ np.stack([frame.e_l, frame.e_a, frame.e_s])
+    return float((~((w >= lo) & (w <= hi)).all(axis=1)).mean())
+
+
+def test_only_the_end_vertebrae_lose_more_than_a_tenth_of_their_patch():
+    """Over 150 sampled scans (seeds 0 and 5, prevalence 0.2 and 0.5): of the vertebrae whose
+    body centre lies in the field (those with a centroid), only the most cranial and the most
+    caudal one have more than 10 % of their 96 mm patch cube (true frame) outside the box;
+    the upper thorax (T2-T5, short tilted segments) is covered too, and the ends are cut."""
+    inner = Counter()
+    ends_cut = 0
+    for seed, prevalence, count in ((0, 0.2, 100), (5, 0.5, 50)):
+        for i in range(count):
+            spec = sample_scan(seed, i, prevalence=prevalence)
+            lo, hi = np.array(spec.acq.fov_lo), np.array(spec.acq.fov_hi)
+            field = [v for v in spec.vertebrae if lo[2] <= v.frame.o[2] <= hi[2]]
+            assert len(field) >= 5, (seed, i)
+            for v in field[1:-1]:
+                assert _cube_outside(v.frame, lo, hi) <= 0.10, (seed, i, v.label)
+                inner[v.label] += 1
+            ends_cut += sum(_cube_outside(v.frame, lo, hi) > 0.10 for v in (field[0], field[-1]))
+    assert all(inner[label] >= 20 for label in (9, 10, 11, 12)), inner      # T2-T5
+    assert ends_cut > 150
+
+
+def test_written_scans_cut_only_the_end_vertebrae_patches(root):
+    """In the written scans, each vertebra's straightened patch (the spline frame of
+    vfcore.patches) is at most 10 % outside the CT volume unless it is the most cranial or
+    most caudal centroid; outside measured with nibabel on the patch's voxel centres."""
+    from nibabel.affines import apply_affine
+
+    from vfcore.patches.geometry import fit_spine, patch_affine, spine_frame
+
+    g = np.arange(0, 96, 3) + 1.0
+    ijk = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+    for case in verse.find_cases(root):
+        data = verse.load_case(case)
+        centroids = data.centroids.world(data.ct.affine)
+        spine = fit_spine(centroids)
+        shape = np.array(data.ct.shape)
+        for label in spine.labels[1:-1]:
+            affine = patch_affine(spine_frame(spine, label))
+            vox = apply_affine(np.linalg.inv(data.ct.affine), apply_affine(affine, ijk))
+            outside = ((vox < -0.5) | (vox > shape - 0.5)).any(axis=1).mean()
+            assert outside <= 0.10, (case.case_id, label, outside)
+
+
 def test_field_of_view_covers_the_trunk_in_sampled_scans():
     """Over 100 sampled scans: every patch cube around a body in the field lies inside the
     box in x and y; spine-centred fields reach the skin of the back; some fields hold the
@@ -508,3 +559,35 @@ def test_prevalence_out_of_range(tmp_path):
     for bad in (-0.1, 0.95):
         with pytest.raises(FormatError, match="prevalence"):
             write_phantom_root(tmp_path / "x", n_scans=1, prevalence=bad, progress=False)
+
+
+def test_confounder_rate_above_one_adds_strong_wedges_that_stay_grade_0():
+    """Sampled at confounders 4 vs 1 (the same 40 scans, prevalence 0.3): more non-fractured
+    thoracic vertebrae carry a physiological wedge of 16 % or more, none of them measures a
+    height loss of 20 % (Genant grade 1) or more, and the confounder rate 1 draws no strong
+    wedge at all (its physiological wedges stay under 13 %)."""
+    strong = {1.0: 0, 4.0: 0}
+    for rate in strong:
+        for i in range(40):
+            for v in sample_scan(3, i, prevalence=0.3, confounders=rate).vertebrae:
+                if v.fracture is None:
+                    assert v.height_loss < 0.20, (rate, i, v.label, v.height_loss)
+                    strong[rate] += v.wedge >= 0.16
+    assert strong[1.0] == 0 and strong[4.0] >= 60, strong
+
+
+def test_dissection_scans_record_their_confounder_rate(tmp_path):
+    """write_phantom_root(dissect_confounders=...) draws only the dissection-only scans with
+    it (their params record says so); the first scans are byte-identical with or without."""
+    a = write_phantom_root(tmp_path / "a", n_scans=1, seed=4, progress=False, dissect_scans=1,
+                           dissect_confounders=4.0)
+    b = write_phantom_root(tmp_path / "b", n_scans=1, seed=4, progress=False, dissect_scans=1)
+    ta, tb = (_truth(r, "sub-phantom001")["params"] for r in (a, b))
+    assert ta["confounders"] == 4.0 and tb["confounders"] == 1.0
+    assert _truth(a, "sub-phantom000")["params"]["confounders"] == 1.0
+    pa, pb = case_paths(a, "sub-phantom000"), case_paths(b, "sub-phantom000")
+    for key in ("ct", "vert", "concept", "centroids"):
+        assert pa[key].read_bytes() == pb[key].read_bytes(), key
+    with pytest.raises(FormatError, match="dissect_confounders"):
+        write_phantom_root(tmp_path / "c", n_scans=1, dissect_scans=1, dissect_confounders=-1.0,
+                           progress=False)

@@ -86,7 +86,8 @@ def _phantom(args) -> int:
     from .phantom import write_phantom_root
 
     root = write_phantom_root(args.root, n_scans=args.scans, seed=args.seed, workers=args.workers,
-                              dissect_scans=args.dissect_scans)
+                              dissect_scans=args.dissect_scans,
+                              dissect_confounders=args.dissect_confounders)
     print(f"phantom written to {root}")
     return 0
 
@@ -229,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=1)
     p.add_argument("--dissect-scans", type=int, default=0,
                    help="more scans (half of their vertebrae fractured) held out for the dissection only")
+    p.add_argument("--dissect-confounders", type=float, default=None, metavar="RATE",
+                   help="confounder rate of the dissection-only scans (default: that of the others, "
+                        "1; above 1 enriches them in fracture mimics such as strong physiological "
+                        "wedges, so that the false-positive ranking has false positives to rank)")
     p.set_defaults(func=_phantom)
 
     p = sub.add_parser("download", help="download and extract a VerSe release (resumable, checked)")

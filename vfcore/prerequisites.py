@@ -77,7 +77,8 @@ def _run_step(step: str, run: RunFolder, quick: dict) -> None:
         root = write_phantom_root(run.data, n_scans=p.get("N_SCANS", 48), seed=0,
                                   workers=p.get("WORKERS", 1), prevalence=p.get("PREVALENCE", 0.2),
                                   dissect_scans=p.get("N_DISSECT_SCANS", 0),
-                                  dissect_prevalence=p.get("DISSECT_PREVALENCE", 0.5))
+                                  dissect_prevalence=p.get("DISSECT_PREVALENCE", 0.5),
+                                  dissect_confounders=p.get("DISSECT_CONFOUNDERS"))
         extract_patches(root, run.root, workers=p.get("WORKERS", 1), seed=0)
     elif step == "training":
         from .train import fit

@@ -58,8 +58,10 @@ __all__ = ["CONCEPTS", "DEFAULT_SCANS", "TARGET_CONCEPTS", "GRADE_LOSS", "SHAPES
 DEFAULT_SCANS = 40
 #: The highest fracture rate ``prevalence`` may ask for (a dissection set of many positives).
 MAX_PREVALENCE = 0.8
+#: The highest confounder rate (Schmorl nodes, degenerated discs, wedges: rates times this).
+MAX_CONFOUNDERS = 5.0
 #: Bumped whenever the drawing changes, so that old scans are redrawn, not reused.
-PHANTOM_VERSION = 3
+PHANTOM_VERSION = 4
 
 _CASE = re.compile(r"^sub-phantom(\d+)$")
 
@@ -187,7 +189,8 @@ def _write_split_table(root: Path, dissect_cases: list[str]) -> None:
 def write_phantom_root(root: str | os.PathLike, n_scans: int = DEFAULT_SCANS, seed: int = 0,
                        workers: int = 1, prevalence: float = 0.12, confounders: float = 1.0,
                        progress: bool = True, dissect_scans: int = 0,
-                       dissect_prevalence: float = 0.5) -> Path:
+                       dissect_prevalence: float = 0.5,
+                       dissect_confounders: float | None = None) -> Path:
     """Write ``n_scans`` synthetic scans as a VerSe-layout root; returns the root.
 
     Deterministic: the same (seed, n_scans, prevalence, confounders) give byte-identical
@@ -209,7 +212,10 @@ def write_phantom_root(root: str | os.PathLike, n_scans: int = DEFAULT_SCANS, se
     ``dissect_prevalence``, are pinned to the split ``dissect`` by the root's split table
     (``splits.tsv``, read by :func:`vfcore.patches.extract_patches`): held-out vertebrae for
     the dissection only, so c_k ranks tens of true positives without a larger training set.
-    The first ``n_scans`` scans are the same with or without them.
+    They are drawn with ``dissect_confounders`` (default: ``confounders``): a rate above 1
+    enriches them in fracture mimics (strong physiological wedges, Schmorl nodes,
+    degenerated discs, osteophytes), so that the false-positive ranking r_k has enough
+    false positives to rank.  The first ``n_scans`` scans are the same with or without them.
     """
     root = Path(root)
     if n_scans < 1:
@@ -223,8 +229,15 @@ def write_phantom_root(root: str | os.PathLike, n_scans: int = DEFAULT_SCANS, se
     if root.exists() and not root.is_dir():
         raise FormatError(root, "exists and is not a folder")
     root.mkdir(parents=True, exist_ok=True)
+    if dissect_confounders is None:
+        dissect_confounders = confounders
+    for name, value in (("confounders", confounders), ("dissect_confounders", dissect_confounders)):
+        if not 0.0 <= value <= MAX_CONFOUNDERS:
+            raise FormatError(root, f"{name} (the rate of fracture mimics) must be in "
+                                    f"[0, {MAX_CONFOUNDERS}], got {value}")
     total = n_scans + dissect_scans
-    jobs = [(root, seed, i, prevalence if i < n_scans else dissect_prevalence, confounders)
+    jobs = [(root, seed, i, *((prevalence, confounders) if i < n_scans
+                              else (dissect_prevalence, dissect_confounders)))
             for i in range(total)]
     from tqdm.auto import tqdm
 

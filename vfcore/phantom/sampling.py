@@ -31,6 +31,14 @@ def _fracture(rng: np.random.Generator) -> Fracture:
                     float(rng.uniform(0.3, 0.7)))
 
 
+#: Share of non-fractured thoracic and thoraco-lumbar vertebrae given a strong physiological
+#: wedge per unit of confounder rate above 1 (none at the default rate 1: those scans keep
+#: their random streams).
+WEDGE_MIMIC = 0.15
+#: The largest measured height loss of a vertebra without a fracture (Genant grade 0: < 20 %).
+MIMIC_MAX_LOSS = 0.19
+
+
 def _vertebra(rng, label: int, scale: float, density: float, prevalence_p: float,
               confounder_rate: float) -> VertebraSpec:
     q = level_q(label)
@@ -44,6 +52,11 @@ def _vertebra(rng, label: int, scale: float, density: float, prevalence_p: float
     else:
         wedge = float(rng.uniform(-0.04, 0.04) - 0.12 * max(0.0, q - 15.0))
     fracture = _fracture(rng) if rng.random() < prevalence_p else None
+    if fracture is None and confounder_rate > 1.0 and q < 13.0 \
+            and rng.random() < WEDGE_MIMIC * (confounder_rate - 1.0):
+        # the main fracture mimic, enriched above the rate 1: a strong physiological wedge
+        # (16-19 % lower in front; the measured height loss stays short of grade 1's 20 %)
+        wedge = max(wedge, float(rng.uniform(0.16, 0.19)))
     h_ant, h_mid, h_post = 1.0 - wedge, 1.0 - wedge / 2, 1.0
     dep_sup = dep_inf = 0.0
     dep_x0, dep_y0 = float(rng.uniform(-0.1, 0.1)), float(rng.uniform(-0.04, 0.04))
@@ -113,6 +126,12 @@ def _vertebra(rng, label: int, scale: float, density: float, prevalence_p: float
         if attempt == 29:
             v.fracture.irregular_mm = 0.0
             v.heights = v.measure_heights()
+    while v.fracture is None and v.wedge > 0.0 and v.height_loss > MIMIC_MAX_LOSS:
+        step = min(0.005, v.wedge)    # a wedge too strong to be called normal: flatten it
+        v.wedge -= step
+        v.h_ant += step
+        v.h_mid += step / 2
+        v.heights = v.measure_heights()
     return v
 
 
@@ -229,7 +248,8 @@ def sample_scan(seed: int, index: int, prevalence: float = 0.12, confounders: fl
 
     ``prevalence`` is the expected fraction of fractured vertebrae, at any rate
     (:func:`fracture_probability`); ``confounders`` scales the rate of Schmorl nodes,
-    osteophytes and degenerated discs; ``budget_s`` bounds the estimated drawing time
+    osteophytes and degenerated discs, and above 1 adds strong physiological wedges
+    (:data:`WEDGE_MIMIC`); ``budget_s`` bounds the estimated drawing time
     (:func:`~vfcore.phantom.acquisition.scan_cost`) by covering fewer vertebrae in a large
     or finely sampled field of view.
     """
