@@ -50,6 +50,11 @@ def test_parameters_cell(stem):
     assert all(n.isupper() for n in names), f"{stem}: parameter names must be UPPER_CASE: {names}"
     # the quick parameters CI passes must exist in the notebook (papermill would only warn)
     assert set(QUICK[stem]) <= set(names), f"{stem}: QUICK names unknown parameters"
+    # papermill's own parser must read every one of them (a comment it cannot parse, e.g. one
+    # holding "=" or "):", makes it warn "Unable to parse line" and lose that parameter's help)
+    import papermill.inspection
+    inferred = papermill.inspection.inspect_notebook(str(NOTEBOOKS_DIR / f"{stem}.ipynb"))
+    assert list(inferred) == names, f"{stem}: papermill reads {list(inferred)}, the cell has {names}"
 
 
 @pytest.mark.parametrize("stem", EXPECTED)
