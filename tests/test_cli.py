@@ -190,3 +190,23 @@ def test_python_m_vfcore_exit_status_and_one_line(tmp_path):
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert str(tmp_path / "missing") in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_phantom_command_passes_the_rates_to_each_scan(tmp_path):
+    """`vfcore phantom --prevalence/--dissect-prevalence/--dissect-confounders` reach the scans'
+    drawing parameters (their truth JSON), and the dissection-only scan is pinned to 'dissect'."""
+    import json
+
+    root = tmp_path / "data"
+    code, out, err = run_cli("phantom", root, "--scans", 1, "--prevalence", 0.3, "--dissect-scans", 1,
+                             "--dissect-prevalence", 0.6, "--dissect-confounders", 2.5)
+    assert code == 0, err
+    by_index = {i: json.loads((root / "derivatives" / f"sub-phantom{i:03d}" /
+                               f"sub-phantom{i:03d}_phantom-truth.json").read_text())["params"]
+                for i in (0, 1)}
+    assert by_index[0]["prevalence"] == 0.3 and by_index[0]["confounders"] == 1.0
+    assert by_index[1]["prevalence"] == 0.6 and by_index[1]["confounders"] == 2.5
+    table = (root / "splits.tsv").read_text().split()
+    assert "sub-phantom001" in table and "dissect" in table and "sub-phantom000" not in table
+    code, out, err = run_cli("phantom", tmp_path / "bad", "--scans", 1, "--prevalence", 7)
+    assert code == 2 and "prevalence" in err and "7" in err

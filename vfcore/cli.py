@@ -86,7 +86,8 @@ def _phantom(args) -> int:
     from .phantom import write_phantom_root
 
     root = write_phantom_root(args.root, n_scans=args.scans, seed=args.seed, workers=args.workers,
-                              dissect_scans=args.dissect_scans,
+                              prevalence=args.prevalence, dissect_scans=args.dissect_scans,
+                              dissect_prevalence=args.dissect_prevalence,
                               dissect_confounders=args.dissect_confounders)
     print(f"phantom written to {root}")
     return 0
@@ -228,8 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scans", type=_positive_int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=_positive_int, default=1)
+    p.add_argument("--prevalence", type=float, default=0.12,
+                   help="share of fractured vertebrae in the scans (notebook 01's quick run: 0.2)")
     p.add_argument("--dissect-scans", type=int, default=0,
-                   help="more scans (half of their vertebrae fractured) held out for the dissection only")
+                   help="more scans held out for the dissection only (split 'dissect')")
+    p.add_argument("--dissect-prevalence", type=float, default=0.5,
+                   help="share of fractured vertebrae in the dissection-only scans (quick run: 0.3)")
     p.add_argument("--dissect-confounders", type=float, default=None, metavar="RATE",
                    help="confounder rate of the dissection-only scans (default: that of the others, "
                         "1; above 1 enriches them in fracture mimics such as strong physiological "

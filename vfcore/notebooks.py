@@ -31,7 +31,7 @@ BRANCH = "main"
 QUICK: dict[str, dict] = {
     # the dissection-only scans: fewer fractures, more fracture mimics, so that the set holds
     # tens of true positives AND enough false positives for r_k (issue 11: >= 40 / >= 8)
-    NOTEBOOKS["preprocessing"]: {"N_SCANS": 48, "PREVALENCE": 0.2, "N_DISSECT_SCANS": 16,
+    NOTEBOOKS["preprocessing"]: {"N_SCANS": 48, "PREVALENCE": 0.2, "N_DISSECT_SCANS": 24,
                                  "DISSECT_PREVALENCE": 0.3, "DISSECT_CONFOUNDERS": 4.0,
                                  "WORKERS": 2},
     NOTEBOOKS["training"]: {"PRESET": "small", "EPOCHS": 25, "SEEDS": [0], "PATIENCE": 25,
