@@ -44,23 +44,30 @@ def upsample_to_patch(A: np.ndarray, field: Sequence[slice],
     return out
 
 
+def blocks_on_patch(A: np.ndarray, field: Sequence[slice], patch_shape: Sequence[int] = PATCH_SHAPE) -> np.ndarray:
+    """A map on a coarser grid [..., d, h, w] -> [..., *patch_shape] float32: each voxel becomes
+    the block of ``field`` it covers (nearest-neighbour upsampling), zero outside the field.
+    Used for masks M_k (:func:`patch_mask`) and for input-grid maps such as gradients."""
+    a = torch.as_tensor(np.asarray(A, dtype=np.float32))
+    lead = a.shape[:-3]
+    size = tuple(int(s.stop - s.start) for s in field)
+    up = F.interpolate(a.reshape(-1, 1, *a.shape[-3:]), size=size, mode="nearest")
+    out = np.zeros((*lead, *patch_shape), dtype=np.float32)
+    out[(Ellipsis, *field)] = up.reshape(*lead, *size).numpy()
+    return out
+
+
 def patch_mask(M: np.ndarray, field: Sequence[slice], patch_shape: Sequence[int] = PATCH_SHAPE) -> np.ndarray:
     """M_k on the patch: each feature voxel of the mask M_k(x) = A_k(x) > T_k [..., d, h, w]
-    becomes the block of the field it summarises (nearest-neighbour upsampling: 8^3 mm blocks
-    for the paper preset, 16^3 mm for the small one); False outside the field.
+    becomes the block of the field it summarises (:func:`blocks_on_patch`: 8^3 mm blocks for
+    down_tr512 of either preset); False outside the field.
 
     Why not NetDissect's "upsample A_k, then threshold at T_k": interpolation lowers a peak
     that lies only just above T_k (most of a unit's tail does), so masks vanish; on the small
     preset most exemplar masks were lost that way. The smooth upsampled activation is still
     what the figures colour inside the mask.
     """
-    m = torch.as_tensor(np.asarray(M, dtype=np.float32))
-    lead = m.shape[:-3]
-    size = tuple(int(s.stop - s.start) for s in field)
-    up = F.interpolate(m.reshape(-1, 1, *m.shape[-3:]), size=size, mode="nearest")
-    out = np.zeros((*lead, *patch_shape), dtype=bool)
-    out[(Ellipsis, *field)] = up.reshape(*lead, *size).numpy() > 0.5
-    return out
+    return blocks_on_patch(M, field, patch_shape) > 0.5
 
 
 def best_slice(up: np.ndarray, T: float, view: str = "sagittal", mask: np.ndarray | None = None) -> int:

@@ -29,10 +29,11 @@ from __future__ import annotations
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from vfcore.dissect.geometry import blocks_on_patch
 from vfcore.errors import DataValueError
 from vfcore.forward import evaluating, find_layer, probabilities
 
@@ -163,15 +164,9 @@ def mask_gradients(model: nn.Module, x: torch.Tensor, layer: str, units: Sequenc
 
 def gradient_on_patch(G: np.ndarray, field: Sequence[slice], patch_shape: Sequence[int] = (96, 96, 96)) -> np.ndarray:
     """A map on the network input [..., s, s, s] -> the patch [..., *patch_shape]: each input
-    voxel becomes the block of the field it averages (nearest; small preset: 2 mm -> 2^3
-    voxels of 1 mm), zero outside the field."""
-    g = torch.as_tensor(np.asarray(G, dtype=np.float32))
-    lead = g.shape[:-3]
-    size = tuple(int(s.stop - s.start) for s in field)
-    up = F.interpolate(g.reshape(-1, 1, *g.shape[-3:]), size=size, mode="nearest").reshape(*lead, *size)
-    out = np.zeros((*lead, *patch_shape), dtype=np.float32)
-    out[(Ellipsis, *field)] = up.numpy()
-    return out
+    voxel becomes the block of the field it averages (small preset: 2 mm -> 2^3 voxels of
+    1 mm), zero outside the field (:func:`vfcore.dissect.geometry.blocks_on_patch`)."""
+    return blocks_on_patch(G, field, patch_shape)
 
 
 def gradient_share(G: np.ndarray, regions: Mapping[str, np.ndarray], field: Sequence[slice] | None = None) -> dict[str, float]:
@@ -281,7 +276,7 @@ def _fracture_signs(run_dir, art, samples: np.ndarray) -> dict[int, np.ndarray] 
 
 
 def run_looking(run_dir, art, net, units: Sequence[int], max_samples: int | None = None,
-                control: nn.Module | None = None) -> "pd.DataFrame":
+                control: nn.Module | None = None) -> pd.DataFrame:
     """Per (unit, TP sample) pair where the unit fires: where its mask is and where it looks.
 
     ``art``: :func:`~vfcore.dissect.load_artifacts` of ``run_dir``; ``net``:
@@ -295,7 +290,6 @@ def run_looking(run_dir, art, net, units: Sequence[int], max_samples: int | None
     :data:`FRACTURE_SIGNS`), ``grad_fracture_other`` (the same map against the signs of the
     next TP sample, the pairing control) and ``chance_fracture``.
     """
-    import pandas as pd
 
     from .geometry import patch_mask
 
@@ -333,7 +327,7 @@ def run_looking(run_dir, art, net, units: Sequence[int], max_samples: int | None
     return pd.DataFrame(rows)
 
 
-def looking_summary(pairs: "pd.DataFrame") -> dict[str, float]:
+def looking_summary(pairs: pd.DataFrame) -> dict[str, float]:
     """Means over the pairs of :func:`run_looking` (``n_pairs``, ``n_samples`` and the mean of
     every share column, NaN entries left out: a unit dead on all its cells has no gradient;
     ``n_control``: the pairs where the control has one)."""
@@ -360,7 +354,7 @@ def _mean_ratio(r: np.ndarray, r0: np.ndarray) -> float:
 
 
 def run_occlusion(run_dir, art, net, units: Sequence[int] = (), max_samples: int | None = None,
-                  seed: int = 0) -> "pd.DataFrame":
+                  seed: int = 0) -> pd.DataFrame:
     """Occlusion on the true positives: one row per TP sample with P(fracture) unchanged
     (``p_none``), with the target vertebra (inside the field) set to :func:`neutral_fill`
     (``p_target``), and with an equal-volume region of 8 mm cells of soft tissue elsewhere
@@ -371,7 +365,6 @@ def run_occlusion(run_dir, art, net, units: Sequence[int] = (), max_samples: int
     cells M_k of the unoccluded sample), and ``r_off_target`` / ``r_off_elsewhere``: the same
     over the mask cells whose block holds no voxel of the target (does a cell off the vertebra
     depend on the vertebra?)."""
-    import pandas as pd
 
     from vfcore.forward import capture
 
@@ -421,11 +414,10 @@ def run_occlusion(run_dir, art, net, units: Sequence[int] = (), max_samples: int
     return pd.DataFrame(rows)
 
 
-def occlusion_summary(table: "pd.DataFrame", threshold: float = 0.5) -> "pd.DataFrame":
+def occlusion_summary(table: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
     """Per occluded region of :func:`run_occlusion`: ``n`` samples, mean ``voxels``, mean
     ``drop`` of P(fracture) (p_none - p_region), its ``sd``, and ``flips``: how many fall below
     ``threshold`` (the run's decision threshold)."""
-    import pandas as pd
 
     rows = []
     for c in [c for c in table.columns if c.startswith("p_") and c != "p_none"]:
