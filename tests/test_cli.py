@@ -210,3 +210,9 @@ def test_phantom_command_passes_the_rates_to_each_scan(tmp_path):
     assert "sub-phantom001" in table and "dissect" in table and "sub-phantom000" not in table
     code, out, err = run_cli("phantom", tmp_path / "bad", "--scans", 1, "--prevalence", 7)
     assert code == 2 and "prevalence" in err and "7" in err
+
+
+@pytest.mark.parametrize("option, value", [("--threshold", "1.5"), ("--threshold", "nan"), ("--q", "0")])
+def test_dissect_fractions_outside_0_1_are_usage_errors(tmp_path, option, value):
+    code, out, err = run_cli("dissect", tmp_path / "run", option, value)
+    assert code == 2 and option in err and "between 0 and 1" in err

@@ -52,13 +52,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _tail_fraction(text: str) -> float:  # also a probability threshold: (0, 1)
+def _fraction(text: str) -> float:
+    """A number strictly between 0 and 1 (``--q``, ``--threshold``)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0.0 < value < 1.0:  # also refuses nan and inf
-        raise argparse.ArgumentTypeError(f"{text!r}: q must lie in (0, 1) (the paper: 0.005)")
+        raise argparse.ArgumentTypeError(f"{text!r} must lie strictly between 0 and 1")
     return value
 
 
@@ -276,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the split(s) whose activations define T_k: test, val, dissect or a union "
                         "such as test+dissect (default: test+dissect when the store has "
                         "dissection-only scans, else test; never train)")
-    p.add_argument("--q", type=_tail_fraction, default=0.005, help="P(a_k > T_k); the paper: 0.005")
-    p.add_argument("--threshold", type=_tail_fraction, default=0.5,
+    p.add_argument("--q", type=_fraction, default=0.005, help="P(a_k > T_k); the paper: 0.005")
+    p.add_argument("--threshold", type=_fraction, default=0.5,
                    help="P(fracture) at which a vertebra counts as predicted fractured (TP, FP)")
     p.add_argument("--layer", help="the layer to dissect (default: the preset's)")
     p.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
