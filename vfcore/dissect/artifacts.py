@@ -456,15 +456,16 @@ def dissect_run(run_dir: str | Path, split: str | Sequence[str] | None = None,
     identity["layer"] = layer or preset.dissect_layer
     w = world()
     reuse = torch.zeros(1, device=w.device if w.size > 1 else "cpu")
+    earlier = None
     if not force and w.is_main:   # reused only when made with this threshold and bootstrap
         try:
-            load_artifacts(run_dir, expect={**identity, "threshold": threshold,
-                                            "bootstrap": _bootstrap(B, seed)})
+            earlier = load_artifacts(run_dir, expect={**identity, "threshold": threshold,
+                                                      "bootstrap": _bootstrap(B, seed)})
             reuse += 1
         except VfcoreError:
             pass
     if broadcast(reuse, "broadcasting rank 0's decision to reuse the dissection").item():
-        return load_artifacts(run_dir, expect=identity)
+        return earlier if earlier is not None else load_artifacts(run_dir, expect=identity)
     patches, labels, rows = load_dissection_set(run_dir, split)
     labels = np.asarray(labels, dtype=int)
     if len(labels) == 0:
