@@ -196,8 +196,16 @@ class FractureNet(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 1, S, S, S] in [0, 1] -> fracture logits [B]."""
-        return self.classifier(self.head(self.features(x))).squeeze(1)
+        """[B, 1, S, S, S] in [0, 1] -> fracture logits [B].
+
+        The classifier (a few small linear layers) runs in fp32 even under bf16/fp16 autocast:
+        a bf16 logit carries about 3 significant digits, and the validation AUC and the
+        early-stopping decision would see ties that the network does not make."""
+        h = self.head(self.features(x))
+        if h.device.type not in ("cpu", "cuda"):                 # e.g. the meta device
+            return self.classifier(h).squeeze(1)
+        with torch.autocast(h.device.type, enabled=False):
+            return self.classifier(h.float()).squeeze(1)
 
 
 def build_model(preset: str | Preset = "paper") -> FractureNet:

@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from .checkpoint import FORMAT, load_checkpoint, read_checkpoint, save_checkpoint
 from .constants import PATCH_SIZE
 from .data import Augment, augment_batch, balanced_epoch, get_augment, load_split, to_network_input
-from .distributed import all_reduce_sum, barrier, broadcast, collective, world, wrap_model
+from .distributed import (all_reduce_sum, barrier, broadcast, collective, sync_batchnorm, world,
+                          wrap_model)
 from .errors import CheckpointError, DataValueError
-from .forward import forward, precision
+from .forward import Precision, forward, precision
 from .io import atomic_write, sha256_file, versions, write_json
 from .metrics import (METRICS, auc_score, average_precision, classification_metrics, outcome_names,
                       table1)
@@ -63,24 +64,51 @@ def predict(model: torch.nn.Module, patches, preset: str | Preset, batch_size: i
     return probability
 
 
-def preload_split(patches, device: torch.device, preload: bool | None = None,
-                  budget: float = 0.5):
-    """The split as training reads it: one int16 tensor on ``device``, or ``patches`` itself
-    (batches read from disk).
+def step_bytes(preset: str | Preset, batch_size: int, dtype: torch.dtype | None = None) -> int:
+    """Estimated peak memory (bytes) of one training step at ``batch_size``: the outputs of
+    every leaf module (kept for backward; in ``dtype``'s size, fp32 when None) plus the
+    weights with their gradients and Adam's two moments (4 x fp32). Counted on the ``meta``
+    device, so nothing is allocated. Paper preset: 3.2 GB at batch 8 in fp32 (3.3 GB measured
+    on the CPU), 12.5 GB at batch 64 in fp16 (12-13 GB expected on a T4)."""
+    p = get_preset(preset)
+    with torch.device("meta"):
+        net = FractureNet(p)
+        x = torch.empty(batch_size, 1, *(p.input_size,) * 3)
+    elements = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: elements.append(out.numel()))
+             for m in net.modules() if not list(m.children())]
+    with torch.no_grad():
+        net.train()(x)
+    for h in hooks:
+        h.remove()
+    size = torch.empty(0, dtype=dtype or torch.float32).element_size()
+    return size * sum(elements) + 16 * sum(t.numel() for t in net.parameters())
 
-    ``preload=None`` decides: on CUDA, when the split takes at most ``budget`` of the free GPU
-    memory (10,000 patches of 96^3 int16 are 17.7 GB), so batches are indexed on the GPU and
-    the host does no work per batch; on a CPU, no (memory-mapped batches cost little there,
-    and Binder has 2 GB).
+
+def preload_split(patches, device: torch.device, preload: bool | None = None, *,
+                  reserve: int = 0, budget: float = 0.9):
+    """The split as training reads it: one int16 tensor on ``device``, or ``patches`` itself
+    (batches read from the host, memory-mapped, one at a time).
+
+    ``preload=None`` decides: on CUDA, when the split fits in ``budget`` of the free GPU
+    memory after ``reserve`` bytes are set aside (the training step's peak, :func:`step_bytes`,
+    and whatever else must stay on the GPU), so batches are indexed on the GPU; otherwise it
+    streams from the host. 10,000 patches of 96^3 int16 are 17.7 GB. On a CPU, no (memory-
+    mapped batches cost little there, and Binder has 2 GB).
     """
     if preload is None:
         if device.type != "cuda":
             return patches
         free, _ = torch.cuda.mem_get_info(device)
-        preload = len(patches) * PATCH_SIZE ** 3 * 2 <= budget * free
+        preload = fits_on_device(len(patches), free, reserve, budget)
     if not preload:
         return patches
     return torch.from_numpy(np.asarray(patches[:])).to(device)
+
+
+def fits_on_device(n_patches: int, free: int, reserve: int, budget: float = 0.9) -> bool:
+    """True when ``n_patches`` int16 patches of 96^3 fit in ``budget`` x (``free`` - ``reserve``)."""
+    return n_patches * PATCH_SIZE ** 3 * 2 <= budget * (free - reserve)
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -180,8 +208,8 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
     run = RunFolder(run_dir)
     folder = run.seed_dir(seed)
     dev = w.device if device is None and w.size > 1 else pick_device(device)
-    dtype, use_scaler = precision(dev)
-    if dev.type == "cuda":
+    policy = precision(dev)
+    if dev.type == "cuda":   # fastest kernels for the fixed shapes; not bit-reproducible on CUDA
         torch.backends.cudnn.benchmark = True
 
     train_x, train_y, _ = load_split(run_dir, "train")
@@ -193,18 +221,22 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
               "patience": patience, "augment": asdict(augment) if augment else None,
               "manifest_sha256": manifest}
 
-    # on a GPU, the splits once in GPU memory: no host work and no copy per batch (the
-    # validation split on rank 0 only: it alone validates)
-    train_x = preload_split(train_x, dev, preload)
-    val_x = preload_split(val_x, dev, preload) if w.is_main else val_x
+    # on a GPU, the splits once in GPU memory when they fit beside the training step (the
+    # validation split on rank 0 only: it alone validates); otherwise streamed from the host
+    reserve = step_bytes(p, local, policy.dtype)
+    if w.is_main:
+        val_x = preload_split(val_x, dev, preload, reserve=reserve + len(train_x) * PATCH_SIZE ** 3 * 2)
+    train_x = preload_split(train_x, dev, preload, reserve=reserve)
     labels = torch.tensor(train_y, dtype=torch.float32, device=dev)
 
     torch.manual_seed(seed)
     model = FractureNet(p).to(dev)
-    if dev.type == "cuda":  # on CPUs oneDNN spends tens of seconds compiling each new shape
+    if w.size > 1:  # batch norm over the global batch, BEFORE the optimiser takes the parameters
+        model = sync_batchnorm(model, dev)
+    if policy.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=0.0)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    scaler = torch.amp.GradScaler(dev.type, enabled=policy.scaler)
     generator = torch.Generator().manual_seed(seed)            # the epoch order: same on every rank
     history: list[dict] = []
     best = {"f1": -1.0, "auc": -1.0, "epoch": -1}
@@ -218,8 +250,10 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(generator, state["rng"])
+        if policy.scaler and "scaler" in state:    # fp16: the loss scale goes on, no skipped steps
+            scaler.load_state_dict(state["scaler"])
         history, best = state["history"], state["best"]
-    net = wrap_model(model, dev)           # several ranks: DDP + synchronised batch norm
+    net = wrap_model(model, dev)           # several ranks: DistributedDataParallel
     model = getattr(net, "module", net)    # the network itself: validation and checkpoints
     step = torch.compile(net) if compile else net
 
@@ -245,13 +279,14 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
             # and this slice's applied: every sample gets one process's augmentation
             x = (augment_batch(hu, p, generator, augment, share=(w.rank * local, batch_size))
                  if augment else to_network_input(hu, p))
-            if dev.type == "cuda":
+            if policy.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             # several ranks: DDP all-reduces the gradients in backward(), the collective that
             # notices a dead rank during training
             pass_ = f"the forward/backward pass of epoch {epoch + 1}, batch {b + 1}"
             with collective(pass_) if w.size > 1 else contextlib.nullcontext():
-                losses.append(train_step(step, optimizer, x, y, dtype=dtype, scaler=scaler))
+                losses.append(train_step(step, optimizer, x, y, dtype=policy.dtype,
+                                         scaler=scaler if policy.scaler else None))
             bar.set_postfix(loss=f"{np.mean(losses):.3f}",
                             samples_s=f"{(b + 1) * batch_size / (time.perf_counter() - t0):.0f}")
         loss = torch.tensor([np.mean(losses) if losses else float("nan")], dtype=torch.float64,
@@ -268,7 +303,8 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
             if improved:
                 save_checkpoint(run.seed_checkpoint(seed), model, config=config, epoch=epoch, val=val)
             save_checkpoint(last, model, config=config, epoch=epoch, history=history, best=best,
-                            optimizer=optimizer.state_dict(), rng=_rng_state(generator))
+                            optimizer=optimizer.state_dict(), rng=_rng_state(generator),
+                            **({"scaler": scaler.state_dict()} if policy.scaler else {}))
             with atomic_write(run.history(seed), "w") as f:
                 pd.DataFrame(history).to_csv(f, index=False)
             if on_epoch is not None:

@@ -67,7 +67,7 @@ def zeroed(model: torch.nn.Module, layer: str, units: Sequence[int] | None = Non
 def predict(model: torch.nn.Module, data, transform: Callable | None = None, batch_size: int = 16,
             device: str | None = None) -> np.ndarray:
     """P(fracture) [N] of ``data`` (eval mode, no gradients)."""
-    p, _ = forward(model, data, batch_size=batch_size, transform=transform, device=device)
+    p, _ = forward(model, data, batch_size=batch_size, transform=transform, device=device, amp=False)
     if not len(p):
         raise DataValueError("data", "no samples")
     return p
@@ -102,9 +102,11 @@ def _cached_runner(model, sub, layer, transform, batch_size, device) -> Callable
     if above is None:
         return None
     As = []
+    # fp32, as the intact baseline (predict) and the head below; the cache on the CPU, where
+    # the engine leaves the model
     for out in forward_batches(model, sub, [layer], batch_size=batch_size, transform=transform,
-                               device=device):
-        As.append(out.activations[layer].float())
+                               device=device, amp=False):
+        As.append(out.activations[layer].float().cpu())
         if sum(a.numel() for a in As) * 4 > CACHE_BYTES:
             return None
     A = torch.cat(As)

@@ -42,7 +42,9 @@ FORMAT = 1
 NOTEBOOK_03 = notebook_path("thresholds")
 NOTEBOOK_04 = notebook_path("ranking")
 #: What identifies a dissection: a different value makes every artifact stale.
-IDENTITY = ("checkpoint_sha256", "split", "q_tail", "layer", "manifest_sha256")
+#: ``precision``: of the activations the pass computed (always ``"fp32"``: an earlier dissection
+#: made under autocast is not reused).
+IDENTITY = ("checkpoint_sha256", "split", "q_tail", "layer", "manifest_sha256", "precision")
 
 
 def split_names() -> tuple[str, ...]:
@@ -451,7 +453,7 @@ def dissect_run(run_dir: str | Path, split: str | Sequence[str] | None = None,
     manifest = RunFolder(run_dir).require("manifest")
     split = split_name(default_split(run_dir) if split is None else split)
     identity = {"checkpoint_sha256": sha256_file(ckpt), "split": split, "q_tail": q_tail,
-                "manifest_sha256": sha256_file(manifest)}
+                "manifest_sha256": sha256_file(manifest), "precision": "fp32"}
     model, preset, transform = network(ckpt)
     identity["layer"] = layer or preset.dissect_layer
     w = world()

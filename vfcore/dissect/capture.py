@@ -25,9 +25,10 @@ DEFAULT_LAYER = "down_tr512"
 def activations(model: torch.nn.Module, data, layer: str = DEFAULT_LAYER, *,
                 units: Sequence[int] | None = None, batch_size: int = 32,
                 transform: Callable | None = None, device: str | torch.device | None = None,
-                amp: bool = True, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                amp: bool = False, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Layer activations A [N, K, ...] (float32; only ``units`` if given) and P(fracture) [N].
 
+    fp32 on every device, as the dissection (``amp=True``: the device's autocast).
     Everything is kept in memory: for exemplars, single inferences, or a few units over a
     split (histograms); T_k and the statistics of a whole split come from :func:`dissect`.
     ``transform`` maps a batch of ``data`` (on the device) to the network input, e.g.

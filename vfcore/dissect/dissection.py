@@ -152,11 +152,12 @@ def check_layer(model: torch.nn.Module, layer: str, sample, transform: Callable 
 def dissect(model: torch.nn.Module, data, layer: str = DEFAULT_LAYER, *,
             q_tail: float = Q_TAIL_PAPER, batch_size: int = 64,
             transform: Callable | None = None, device: str | torch.device | None = None,
-            amp: bool = True, progress: bool = True) -> Dissection:
+            amp: bool = False, progress: bool = True) -> Dissection:
     """One forward pass over ``data`` ([N, ...], batched here) -> :class:`Dissection`.
 
     ``transform`` maps a batch (already on the device) to the network input. The model runs
-    in eval mode under ``torch.inference_mode`` (bf16 autocast on CUDA when ``amp``); its
+    in eval mode under ``torch.inference_mode``, in fp32 on every device (``amp=True``: the
+    device's autocast, whose rounded activations give other T_k and masks); its
     training flags are restored afterwards. Everything is exact (see the package docstring):
     T_k from :class:`TopQuantile` sized for N, r_k and |M_k| from the kept tail, so the cost
     is one forward pass plus one ``torch.topk`` merge per batch.

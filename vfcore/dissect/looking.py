@@ -146,7 +146,8 @@ def mask_gradients(model: nn.Module, x: torch.Tensor, layer: str, units: Sequenc
     units = [int(u) for u in units]
     if (masks is None) == (cells is None):
         raise DataValueError("mask_gradients", "give exactly one of masks= or cells=")
-    xs = x.detach().float().repeat(len(units), 1, 1, 1, 1).requires_grad_(True)
+    device = next(model.parameters()).device                # wherever the caller keeps the model
+    xs = x.detach().float().to(device).repeat(len(units), 1, 1, 1, 1).requires_grad_(True)
     with evaluating(model), torch.enable_grad():
         A = layer_output(model, xs, layer)                    # [U, K, *grid]
         a = A[torch.arange(len(units)), torch.as_tensor(units)]   # [U, *grid]
@@ -225,10 +226,12 @@ def equal_volume_cells(candidates: np.ndarray, n_voxels: int, field: Sequence[sl
 
 
 def occlusion(model: nn.Module, transform: Callable, hu: np.ndarray, regions: Mapping[str, np.ndarray],
-              fill: float | Mapping[str, float], device: str | torch.device = "cpu") -> dict[str, float]:
+              fill: float | Mapping[str, float], device: str | torch.device | None = None) -> dict[str, float]:
     """P(fracture) of one HU patch [96^3] unchanged (``"none"``) and with each region (bool
     [96^3]) set to ``fill`` HU (one value or one per region); eval mode, one batch.
-    ``transform``: HU batch -> network input (e.g. ``Network.transform``)."""
+    ``transform``: HU batch -> network input (e.g. ``Network.transform``); ``device``: where
+    the model is (None: the device of its parameters)."""
+    device = next(model.parameters()).device if device is None else device
     hu = np.asarray(hu)
     batch = [hu]
     for name, r in regions.items():
@@ -391,13 +394,13 @@ def run_occlusion(run_dir, art, net, units: Sequence[int] = (), max_samples: int
             h = batch[0].copy()
             h[r] = fill
             batch.append(h)
-        x = net.transform(torch.as_tensor(np.stack(batch)))
+        x = net.transform(torch.as_tensor(np.stack(batch)).to(next(net.model.parameters()).device))
         with evaluating(net.model), torch.no_grad(), capture(net.model, net.layer) as out:
-            p = probabilities(net.model(x), len(batch)).numpy()
+            p = probabilities(net.model(x), len(batch)).cpu().numpy()
         row = {"sample": int(i), "fill_hu": fill, **{f"voxels_{k}": int(r.sum()) for k, r in regions.items()},
                "p_none": float(p[0]), **{f"p_{k}": float(v) for k, v in zip(regions, p[1:])}}
         if units:
-            A = out[-1][:, units].float().numpy()
+            A = out[-1][:, units].float().cpu().numpy()
             M = d.masks(int(i), units)
             fire = [k for k in range(len(units)) if M[k].any()]
             r0 = np.array([(A[0, k] * M[k]).sum() for k in fire])

@@ -120,7 +120,7 @@ def _gather(stats: TopQuantile, n: int) -> TopQuantile:
 
 def dissect_sharded(model: torch.nn.Module, data, layer: str, *, q_tail: float = Q_TAIL_PAPER,
                     batch_size: int = 64, transform: Callable | None = None,
-                    device: str | torch.device | None = None, amp: bool = True,
+                    device: str | torch.device | None = None, amp: bool = False,
                     state: str | Path | None = None, save_every: int = 50,
                     stop_after: int | None = None, context: dict | None = None,
                     progress: bool = True) -> Dissection | None:
