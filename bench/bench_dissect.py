@@ -1,12 +1,13 @@
 """Throughput and memory of the dissection pass: exact (vfcore.dissect) vs a sampled sketch.
 
 Targets (issue 5): a whole pass (forward + exact thresholds + per-sample statistics) costs about
-one forward pass; H100, paper preset: >= 1500 samples/s (forward alone measured 2031 in bf16);
-on CPU, the small preset's pass over the CI data set in under a minute.
+one forward pass. Goal on an H100 with the paper preset: >= 1500 samples/s (a target; no GPU
+has run this script yet, and the "2031 samples/s for the forward alone in bf16" quoted in issue
+5 was not measured by it). On CPU, the small preset's pass over the CI data set in under a minute.
 
 Four measurements on the same inputs (int16 HU patches 96^3 -> ``vfcore.data.to_network_input``):
 
-* ``forward``: the model alone (eval, inference_mode, autocast on CUDA), the floor;
+* ``forward``: the model alone (eval, inference_mode, fp32 as the dissection), the floor;
 * ``exact``: :func:`vfcore.dissect.dissect` (forward + hooks + TopQuantile merge + [N, K] stats);
 * ``sketch``: forward + :class:`vfcore.dissect.SampledQuantile` (what the published code did);
 * the sketch's error: realised tail P(a_k > T_k) of its thresholds vs q, per unit.
@@ -110,9 +111,9 @@ def main() -> None:
     D.activations(model, patches[:batch], layer, batch_size=batch, transform=transform, device=device)
 
     def passes(layers=(layer,)):
-        """The one forward engine (eval, inference mode, the device's precision)."""
+        """The one forward engine (eval, inference mode, fp32: what the dissection computes)."""
         return forward_batches(model, patches, layers, batch_size=batch, transform=transform,
-                               device=device)
+                               device=device, amp=False)
 
     def forward_only():
         for _ in passes(()):

@@ -19,6 +19,7 @@ import torch
 
 from store_helpers import write_store
 from vfcore import forward as fw
+from vfcore import runtime
 from vfcore import train
 from vfcore.dissect import dissect
 from vfcore.distributed import GlooSyncBatchNorm, sync_batchnorm
@@ -40,7 +41,7 @@ TINY = Preset("tiny", zoom=2, base=2, head=(4, 4, 2, 2), mlp=(8, 4), dropout=0.3
     ((9, 0), torch.bfloat16, False),   # H100
 ])
 def test_cuda_policy_follows_the_compute_capability(capability, dtype, scaler):
-    policy = fw.precision(torch.device("cuda"), capability=capability)
+    policy = runtime.precision(torch.device("cuda"), capability=capability)
     assert (policy.dtype, policy.scaler, policy.channels_last) == (dtype, scaler, True)
     assert f"{capability[0]}.{capability[1]}" in policy.reason
 
@@ -48,20 +49,20 @@ def test_cuda_policy_follows_the_compute_capability(capability, dtype, scaler):
 def test_cpu_policy_follows_native_bf16(monkeypatch):
     monkeypatch.delenv("VFCORE_CPU_BF16", raising=False)
     cpu = torch.device("cpu")
-    assert fw.precision(cpu, native_bf16=True).dtype == torch.bfloat16
-    plain = fw.precision(cpu, native_bf16=False)
+    assert runtime.precision(cpu, native_bf16=True).dtype == torch.bfloat16
+    plain = runtime.precision(cpu, native_bf16=False)
     assert (plain.dtype, plain.scaler, plain.channels_last) == (None, False, True)
     assert plain.name == "fp32 + channels_last_3d"
     assert isinstance(fw.autocast(cpu, policy=plain), type(__import__("contextlib").nullcontext()))
     # the flags Linux reports: AVX512-BF16 or AMX count, AVX-512 alone does not
-    assert fw.native_bf16_cpu(frozenset({"avx512f", "avx512_bf16"}))
-    assert fw.native_bf16_cpu(frozenset({"amx_bf16"}))
-    assert not fw.native_bf16_cpu(frozenset({"avx512f", "avx512bw", "avx2"}))
+    assert runtime.native_bf16_cpu(frozenset({"avx512f", "avx512_bf16"}))
+    assert runtime.native_bf16_cpu(frozenset({"amx_bf16"}))
+    assert not runtime.native_bf16_cpu(frozenset({"avx512f", "avx512bw", "avx2"}))
     monkeypatch.setenv("VFCORE_CPU_BF16", "0")
-    assert fw.precision(cpu).dtype is None
+    assert runtime.precision(cpu).dtype is None
     monkeypatch.setenv("VFCORE_CPU_BF16", "yes")
     with pytest.raises(InvalidParameterError, match="VFCORE_CPU_BF16 must be 0 or 1; got 'yes'"):
-        fw.precision(cpu)
+        runtime.precision(cpu)
 
 
 # 3. the engine does not move the caller's model ---------------------------------------------
@@ -109,7 +110,7 @@ def test_looking_feeds_the_model_on_its_own_device():
 def test_dissection_is_fp32_under_a_half_precision_policy(monkeypatch):
     """Policy forced to bf16 (as on a GPU or a bf16 CPU): T_k is still numpy.quantile of the
     fp32 activations of a plain model call."""
-    monkeypatch.setattr(fw, "precision", lambda device, **_: fw.Precision(
+    monkeypatch.setattr(fw, "precision", lambda device, **_: runtime.Precision(
         torch.bfloat16, False, True, "forced for the test"))
     torch.manual_seed(0)
     model = build_model("small").eval()
@@ -181,7 +182,7 @@ def test_step_memory_estimate_against_a_measured_cpu_step():
 def test_fp16_scaler_state_is_saved_and_resumed(monkeypatch, tmp_path):
     """The T4 path (fp16 + GradScaler) on the CPU: a run killed after one epoch and resumed has
     the history, weights and loss scale of an uninterrupted one."""
-    monkeypatch.setattr(train, "precision", lambda device, **_: fw.Precision(
+    monkeypatch.setattr(train, "precision", lambda device, **_: runtime.Precision(
         torch.float16, True, True, "forced: the T4 path"))
     torch.set_num_threads(1)
     kwargs = dict(seed=0, batch_size=4, lr=1e-3, augment=None, device="cpu", progress=False)

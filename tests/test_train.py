@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from store_helpers import write_store
-from vfcore import checkpoint, metrics, train
+from vfcore import checkpoint, metrics, runtime, train
 from vfcore.errors import CheckpointError
 from vfcore.model import build_model
 
@@ -124,7 +124,7 @@ def test_one_process_train_seed_is_the_hand_written_loop(store):
     figures and the same weights, bit for bit (the rank-share, broadcast and all-reduce steps
     of a torchrun job are no-ops in a world of one)."""
     from vfcore.data import augment_batch, balanced_epoch, get_augment, load_split
-    from vfcore.forward import precision
+    from vfcore.runtime import precision
     from vfcore.model import FractureNet, Preset
 
     tiny = Preset("tiny", zoom=2, base=2, head=(4, 4, 2, 2), mlp=(8, 4), dropout=0.3,
@@ -338,7 +338,7 @@ def test_forward_engine_equals_a_plain_model_call(batch_size):
     np.testing.assert_allclose(acts[layer], A_ref, rtol=1e-4, atol=1e-5)
     # train.predict is the same engine, under the device's precision policy (bf16 where the
     # CPU has it natively: its activations carry about 3 significant digits)
-    policy = fw.precision(torch.device("cpu"))
+    policy = runtime.precision(torch.device("cpu"))
     tol = dict(rtol=1e-5, atol=1e-6) if policy.dtype is None else dict(rtol=0, atol=5e-3)
     got = train.predict(model, hu, "small", batch_size=batch_size, device="cpu")
     np.testing.assert_allclose(got, p_ref, **tol)
@@ -350,7 +350,7 @@ def test_precision_policy_on_cpu(monkeypatch):
     from vfcore import forward as fw
 
     monkeypatch.setenv("VFCORE_CPU_BF16", "0")
-    policy = fw.precision(torch.device("cpu"))
+    policy = runtime.precision(torch.device("cpu"))
     assert (policy.dtype, policy.scaler) == (None, False)
     assert isinstance(fw.autocast(torch.device("cpu")), type(__import__("contextlib").nullcontext()))
 

@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import os
 from copy import deepcopy
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .errors import DataValueError, InvalidParameterError, LayerNotFoundError
-from .runtime import pick_device
+from .errors import DataValueError, LayerNotFoundError
+from .runtime import Precision, pick_device, precision
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,84 +89,6 @@ def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 # --------------------------------------------------------------------------------------------
 # Device and precision: one policy for training, predictions and the benches
 # --------------------------------------------------------------------------------------------
-
-#: /proc/cpuinfo flags of a CPU that computes bf16 natively (x86: AVX512-BF16 or AMX; ARM: BF16).
-NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
-
-
-@dataclass(frozen=True)
-class Precision:
-    """How the network runs on one device: the autocast ``dtype`` (None: fp32), whether fp16
-    training needs a ``GradScaler``, the ``channels_last_3d`` memory layout, and why."""
-
-    dtype: torch.dtype | None
-    scaler: bool
-    channels_last: bool
-    reason: str
-
-    @property
-    def name(self) -> str:
-        """e.g. ``"bf16 autocast + channels_last_3d"``, ``"fp32"``."""
-        kind = {None: "fp32", torch.bfloat16: "bf16 autocast",
-                torch.float16: "fp16 autocast + GradScaler"}[self.dtype]
-        return kind + (" + channels_last_3d" if self.channels_last else "")
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
-    return frozenset(line.split(":", 1)[-1].split())
-
-
-def native_bf16_cpu(flags: frozenset[str] | None = None) -> bool:
-    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX on x86, BF16 on ARM).
-
-    ``VFCORE_CPU_BF16=0`` (or ``1``) overrides the detection. Without native bf16, oneDNN
-    emulates it and a bf16 step is slower than fp32, so the policy keeps fp32 there.
-    """
-    forced = os.environ.get("VFCORE_CPU_BF16")
-    if forced is not None:
-        if forced not in ("0", "1"):
-            raise InvalidParameterError("VFCORE_CPU_BF16", "0 or 1", forced)
-        return forced == "1"
-    return bool(NATIVE_BF16_FLAGS & (cpu_flags() if flags is None else flags))
-
-
-def precision(device: torch.device, *, capability: tuple[int, int] | None = None,
-              native_bf16: bool | None = None) -> Precision:
-    """The precision and layout policy of training and of predictions (:class:`Precision`).
-
-    * CUDA, compute capability >= 8.0 (A100, H100, L4, RTX 30xx+): bf16 autocast, no scaler;
-    * CUDA below 8.0 (the T4 of free Colab, V100): fp16 autocast + GradScaler. (torch's
-      ``is_bf16_supported()`` says True on a T4 because bf16 can be emulated, but cuDNN runs
-      bf16 convolutions only from 8.0 on, so the policy asks for the capability itself);
-    * CPU with native bf16 (:func:`native_bf16_cpu`): bf16 autocast; other CPUs: fp32;
-    * ``channels_last_3d`` everywhere: oneDNN and cuDNN run 3D convolutions faster in it
-      (``bench/bench_train.py`` prints the four CPU paths side by side).
-
-    ``capability`` / ``native_bf16`` override what the hardware reports (tests, benches).
-    The dissection does not follow this policy: it computes its activations in fp32 on every
-    device (``amp=False`` in :func:`forward_batches`), so T_k is exact for fp32 activations.
-    """
-    if device.type == "cuda":
-        cap = torch.cuda.get_device_capability(device) if capability is None else capability
-        if tuple(cap) >= (8, 0):
-            return Precision(torch.bfloat16, False, True,
-                             f"CUDA compute capability {cap[0]}.{cap[1]} >= 8.0: native bf16")
-        return Precision(torch.float16, True, True,
-                         f"CUDA compute capability {cap[0]}.{cap[1]} < 8.0: no native bf16 "
-                         "convolutions, so fp16 with a GradScaler")
-    if device.type == "cpu":
-        native = native_bf16_cpu() if native_bf16 is None else native_bf16
-        if native:
-            return Precision(torch.bfloat16, False, True, "CPU with native bf16 (AVX512-BF16/AMX)")
-        return Precision(None, False, True, "CPU without native bf16: fp32 (emulated bf16 is slower)")
-    return Precision(None, False, False, f"{device.type}: fp32, default layout")
-
 
 def autocast(device: torch.device, amp: bool = True, policy: Precision | None = None):
     """The autocast context of :func:`precision` (nothing for fp32 or when ``amp`` is False)."""
@@ -271,15 +191,17 @@ def forward_batches(model: torch.nn.Module, data, layers: Sequence[str] = (), *,
     ``transform`` maps a batch (already on the device) to the network input, e.g.
     ``lambda hu: vfcore.data.to_network_input(hu, preset)``; ``layers``: the named layers whose
     outputs to capture (:class:`~vfcore.errors.LayerNotFoundError` lists the names).
-    ``amp``: the device's :func:`precision` (autocast); ``amp=False`` computes in fp32 (the
-    dissection's exact pass). The caller's model is not moved: a model on another device runs
+    ``amp``: the device's :func:`precision` (autocast, layout); ``amp=False`` computes in fp32
+    in the default layout, as a plain ``model(x)`` does (the dissection's exact pass). The caller's model is not moved: a model on another device runs
     as a copy there (:func:`on_device`).
     """
     from tqdm.auto import tqdm  # tqdm.auto picks the notebook bar: imported when a bar is made
 
     device = device if isinstance(device, torch.device) else pick_device(
         str(device) if device is not None else None)
-    policy = precision(device)
+    # amp=False: fp32 in the default layout, bit for bit what a plain model(x) call computes
+    # (notebook 03 checks its T_k that way); otherwise the device's precision and layout
+    policy = precision(device) if amp else Precision(None, False, False, "fp32 (amp=False)")
     for name in layers:
         find_layer(model, name)
     bar = tqdm(total=len(data), desc=desc, unit="sample", disable=not progress)

@@ -35,13 +35,13 @@ from .data import Augment, augment_batch, balanced_epoch, get_augment, load_spli
 from .distributed import (all_reduce_sum, barrier, broadcast, collective, sync_batchnorm, world,
                           wrap_model)
 from .errors import CheckpointError, DataValueError
-from .forward import Precision, forward, precision
+from .forward import forward
+from .runtime import pick_device, precision
 from .io import atomic_write, sha256_file, versions, write_json
 from .metrics import (METRICS, auc_score, average_precision, classification_metrics, outcome_names,
                       table1)
 from .model import FractureNet, Preset, get_preset
 from .run import RunFolder
-from .runtime import pick_device
 
 #: Re-exported for callers of the earlier layout (``train.load_checkpoint`` etc.).
 __all__ = ["FORMAT", "METRICS", "auc_score", "average_precision", "classification_metrics",

@@ -120,6 +120,7 @@ def network_field(preset) -> tuple[slice, slice, slice]:
 
 
 def _identity_id(identity: Mapping) -> str:
+    identity = {"precision": "fp32", **identity}
     text = json.dumps({k: identity[k] for k in IDENTITY}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -379,7 +380,7 @@ def write_artifacts(run_dir: str | Path, d: Dissection, identity: Mapping, rows:
         rankings[which] = {"defined": True, "reason": "", **ranking_summary(table, key, which),
                            "bootstrap": _bootstrap(B, seed)}
     meta = {
-        "format": FORMAT, **{k: identity[k] for k in IDENTITY}, "dissection_id": _identity_id(identity),
+        "format": FORMAT, **{k: {"precision": "fp32", **identity}[k] for k in IDENTITY}, "dissection_id": _identity_id(identity),
         "checkpoint": ARTIFACTS["checkpoint"].rel, "preset": None, "field": None,
         "patch_shape": [PATCH_SIZE] * 3,
         **(extra or {}),
