@@ -221,10 +221,11 @@ def test_shards_are_whole_batches_in_rank_order():
 
 
 def test_a_ranks_slice_of_a_batch_gets_one_process_augmentation():
-    """augment_batch(share=(first, total)) on the slices of a batch: together the whole
-    batch's augmentation (per sample the same transform, up to float rounding), and the
-    generator ends where one process's does (so the next epoch's order is the same too)."""
-    from vfcore.data import augment_batch, get_augment
+    """A rank draws the whole global batch's augmentation and applies its slice of the draw
+    (``AugmentDraw.take``): together the whole batch's augmentation (per sample the same
+    transform, up to float rounding), and the generator ends where one process's does (so
+    the next epoch's order is the same too)."""
+    from vfcore.data import apply_augment, augment_batch, draw_augment, get_augment
 
     hu = torch.from_numpy(np.random.default_rng(0).integers(-1000, 1500, (6, 96, 96, 96),
                                                             dtype=np.int16))
@@ -234,7 +235,7 @@ def test_a_ranks_slice_of_a_batch_gets_one_process_augmentation():
     parts, states = [], []
     for lo, hi in ((0, 4), (4, 6)):                            # uneven slices too
         g = torch.Generator().manual_seed(5)
-        parts.append(augment_batch(hu[lo:hi], TINY, g, aug, share=(lo, 6)))
+        parts.append(apply_augment(hu[lo:hi], TINY, draw_augment(6, TINY, g, aug).take(lo, hi)))
         states.append(g.get_state())
     torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=1e-5)
     assert all(torch.equal(s, one.get_state()) for s in states)

@@ -31,12 +31,13 @@ import torch.nn.functional as F
 
 from .checkpoint import FORMAT, load_checkpoint, read_checkpoint, save_checkpoint
 from .constants import PATCH_SIZE
-from .data import Augment, augment_batch, balanced_epoch, get_augment, load_split, to_network_input
+from .data import (Augment, apply_augment, balanced_epoch, draw_augment, get_augment, load_split,
+                   to_network_input)
 from .distributed import (all_reduce_sum, barrier, broadcast, collective, sync_batchnorm, world,
                           wrap_model)
 from .errors import CheckpointError, DataValueError
 from .forward import forward
-from .runtime import pick_device, precision
+from .runtime import Precision, pick_device, precision
 from .io import atomic_write, sha256_file, versions, write_json
 from .metrics import (METRICS, auc_score, average_precision, classification_metrics, outcome_names,
                       table1)
@@ -148,6 +149,50 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     return float(loss.item())
 
 
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, patches, labels,
+                preset: str | Preset, generator: torch.Generator, *, batch_size: int,
+                augment: Augment | None = None, policy: Precision | None = None,
+                scaler: torch.amp.GradScaler | None = None, part=None, step=train_step,
+                progress=None) -> list[float]:
+    """One balanced epoch (paper, Sec. 3): the order from :func:`~vfcore.data.balanced_epoch`,
+    then batch by batch the next ``batch_size`` draws (sorted), their augmentation, one
+    :func:`train_step`. Returns the batches' losses.
+
+    ``patches`` [N, 96, 96, 96] int16 (lazy or a tensor), ``labels`` [N] 0/1 (a tensor on the
+    device); ``generator`` draws the order and then each batch's augmentation; ``policy``: the
+    device's :func:`~vfcore.runtime.precision` (autocast dtype, layout). The torchrun shell
+    (:func:`train_seed`) passes ``part`` (a global batch's augmentation draw and samples ->
+    this rank's rows), ``step`` (the step wrapped in its collective) and ``progress`` (a bar).
+    """
+    p = get_preset(preset)
+    device = labels.device
+    policy = precision(device) if policy is None else policy
+    model.train()
+    order = balanced_epoch(labels.cpu().numpy(), generator)
+    losses = []
+    for b in progress or range(len(order) // batch_size):        # drop_last: fixed shapes
+        ids = np.sort(order[b * batch_size:(b + 1) * batch_size])
+        draw = draw_augment(len(ids), p, generator, augment) if augment else None
+        if part is not None:                                     # torchrun: this rank's rows
+            ids, draw = part(ids, draw)
+        hu = torch.as_tensor(patches[ids], device=device)
+        x = apply_augment(hu, p, draw) if augment else to_network_input(hu, p)
+        if policy.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        losses.append(step(model, optimizer, x, labels[ids].float(), dtype=policy.dtype,
+                           scaler=scaler if policy.scaler else None))
+        if progress is not None:
+            progress.set_postfix(loss=f"{np.mean(losses):.3f}")
+    return losses
+
+
+def evaluate(model: torch.nn.Module, patches, labels, preset: str | Preset,
+             device: str | torch.device | None = None) -> dict:
+    """Table 1's figures of ``model`` on a split: F1, accuracy (at P >= 0.5), ROC AUC and AP of
+    P(fracture) [N] against ``labels`` [N] (:func:`vfcore.metrics.classification_metrics`)."""
+    return classification_metrics(labels, predict(model, patches, preset, device=device))
+
+
 def _dropout_seed(seed: int, epoch: int, rank: int) -> int:
     """Several ranks: the global torch seed of ``rank`` in ``epoch`` (its dropout masks),
     fixed by (seed, epoch, rank), so a resumed job draws the same without saved state."""
@@ -160,7 +205,7 @@ def _validate(model: torch.nn.Module, val_x, val_y, p: Preset, dev: torch.device
     w = world()
     row = torch.zeros(len(METRICS), dtype=torch.float64, device=dev)
     if w.is_main:
-        val = classification_metrics(val_y, predict(model, val_x, p, device=dev))
+        val = evaluate(model, val_x, val_y, p, dev)
         row[:] = torch.tensor([val[k] for k in METRICS], dtype=torch.float64)
     broadcast(row, f"broadcasting rank 0's validation of epoch {epoch + 1}")
     return dict(zip(METRICS, row.tolist()))
@@ -227,7 +272,7 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
     if w.is_main:
         val_x = preload_split(val_x, dev, preload, reserve=reserve + len(train_x) * PATCH_SIZE ** 3 * 2)
     train_x = preload_split(train_x, dev, preload, reserve=reserve)
-    labels = torch.tensor(train_y, dtype=torch.float32, device=dev)
+    labels = torch.tensor(train_y, dtype=torch.int64, device=dev)
 
     torch.manual_seed(seed)
     model = FractureNet(p).to(dev)
@@ -260,35 +305,29 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
     def stopped() -> bool:
         return bool(history) and (history[-1]["epoch"] - best["epoch"] >= patience)
 
+    part = step_ = None
+    if w.size > 1:
+        def part(ids, draw):           # this rank's rows of a global batch and of its draw
+            rows = slice(w.rank * local, (w.rank + 1) * local)
+            return ids[rows], (draw.take(rows.start, rows.stop) if draw is not None else None)
+
+        def step_(*args, **kwargs):    # DDP's gradient all-reduce notices a dead rank here
+            with collective(f"the forward/backward pass of epoch {len(history) + 1}"):
+                return train_step(*args, **kwargs)
+
     while len(history) < epochs and not stopped():
         epoch = len(history)
         net.train()
-        order = balanced_epoch(train_y, generator)
         if w.size > 1:     # one process: dropout goes on from the seed set before the model
             torch.manual_seed(_dropout_seed(seed, epoch, w.rank))
-        n_batches = len(order) // batch_size                   # drop_last: fixed shapes
-        losses, t0 = [], time.perf_counter()
+        n_batches = len(train_y) // 2 * 2 // batch_size          # a balanced epoch's batches
+        t0 = time.perf_counter()
         where = "" if w.size == 1 else f" ({w.size} ranks)"
         bar = tqdm(range(n_batches), desc=f"seed {seed} epoch {epoch + 1}/{epochs}{where}",
                    disable=not (progress and w.is_main), leave=False)
-        for b in bar:
-            # global batch b, sorted; this rank's slice of it (one process: all of it)
-            ids = np.sort(order[b * batch_size:(b + 1) * batch_size])[w.rank * local:][:local]
-            hu, y = torch.as_tensor(train_x[ids], device=dev), labels[ids]
-            # the augmentation drawn for the whole global batch from the shared generator
-            # and this slice's applied: every sample gets one process's augmentation
-            x = (augment_batch(hu, p, generator, augment, share=(w.rank * local, batch_size))
-                 if augment else to_network_input(hu, p))
-            if policy.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last_3d)
-            # several ranks: DDP all-reduces the gradients in backward(), the collective that
-            # notices a dead rank during training
-            pass_ = f"the forward/backward pass of epoch {epoch + 1}, batch {b + 1}"
-            with collective(pass_) if w.size > 1 else contextlib.nullcontext():
-                losses.append(train_step(step, optimizer, x, y, dtype=policy.dtype,
-                                         scaler=scaler if policy.scaler else None))
-            bar.set_postfix(loss=f"{np.mean(losses):.3f}",
-                            samples_s=f"{(b + 1) * batch_size / (time.perf_counter() - t0):.0f}")
+        losses = train_epoch(step, optimizer, train_x, labels, p, generator, batch_size=batch_size,
+                             augment=augment, policy=policy, scaler=scaler, part=part,
+                             step=step_ or train_step, progress=bar)
         loss = torch.tensor([np.mean(losses) if losses else float("nan")], dtype=torch.float64,
                             device=dev)
         loss = float(all_reduce_sum(loss, f"summing the losses of epoch {epoch + 1}")) / w.size
