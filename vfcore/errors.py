@@ -82,3 +82,13 @@ class PresetError(VfcoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return Exception.__str__(self)
+
+
+class InvalidParameterError(VfcoreError, ValueError):
+    """A bad argument (a function's parameter, a command-line flag or an environment variable):
+    ``InvalidParameterError(name, allowed, given)`` prints ``"<name> must be <allowed>; got <given>"``
+    (scikit-learn style). ``path`` is None: it names no file."""
+
+    def __init__(self, name: str, allowed: str, given: object):
+        self.name, self.allowed, self.given = name, allowed, given
+        super().__init__(None, f"{name} must be {allowed}; got {given!r}")
