@@ -16,11 +16,12 @@ import numpy as np
 import pandas as pd
 
 from vfcore.data import PatchArray, read_patch
-from vfcore.dissect import (EXEMPLAR_SCORES, FORMAT, NOTEBOOK_03, SUBSET_NAMES, DissectionArtifacts,
-                            activations, best_slice, concept_names, concept_overlap, exemplars,
-                            load_artifacts, outcomes, patch_mask, patch_world_affine,
-                            upsample_to_patch, vertebra_overlap, write_nifti_exemplar)
-from vfcore.dissect.artifacts import checkpoint_path, network
+from vfcore.dissect import (SUBSET_NAMES, DissectionArtifacts, activations, best_slice, exemplars,
+                            load_artifacts, outcomes, patch_mask, upsample_to_patch)
+from vfcore.dissect.artifacts import FORMAT, NOTEBOOK_03, checkpoint_path, concept_names, network
+from vfcore.dissect.geometry import (concept_overlap, patch_world_affine, vertebra_overlap,
+                                     write_nifti_exemplar)
+from vfcore.dissect.ranking import EXEMPLAR_SCORES
 from vfcore.errors import StaleArtifactError
 from vfcore.io import atomic_save, atomic_write, sha256_file, write_json
 from vfcore.run import RunFolder

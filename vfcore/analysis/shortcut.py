@@ -25,8 +25,11 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
+from vfcore.data import read_store
+from vfcore.dissect.artifacts import load_artifacts
 from vfcore.errors import DataValueError
 from vfcore.metrics import outcome_names
+from vfcore.verse import craniocaudal
 
 __all__ = ["DEFAULT_BINS", "OUTSIDE_LIMIT", "OutOfFieldAnalysis", "out_of_field_analysis",
            "run_out_of_field", "outside_patches", "rank_correlation"]
@@ -121,9 +124,6 @@ def run_out_of_field(run_dir: str | Path, bins=DEFAULT_BINS) -> OutOfFieldAnalys
     """:func:`out_of_field_analysis` on a run's dissected set (notebook 03's samples, with the
     threshold recorded in its meta.json); ``out_of_field`` from the patch manifest when
     samples.csv predates that column."""
-    from vfcore.data import read_store
-    from vfcore.dissect import load_artifacts
-
     art = load_artifacts(run_dir)
     samples = art.samples
     if "out_of_field" not in samples:
@@ -136,8 +136,6 @@ def outside_patches(manifest: pd.DataFrame, limit: float = OUTSIDE_LIMIT) -> pd.
     """The manifest's patches more than ``limit`` outside the scan: ``case``, ``level``,
     ``split``, ``out_of_field``, ``end`` (True when it is the most cranial or most caudal
     vertebra of its scan in the manifest: where a real scan truncates). Labelled or not."""
-    from vfcore.verse import craniocaudal
-
     ends = set()
     for case, group in manifest.groupby("case"):
         order = craniocaudal(group["label"].astype(int).tolist())

@@ -33,9 +33,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from vfcore.dissect.geometry import blocks_on_patch
+from vfcore.analysis.alignment import NoConceptMasksError, RunConcepts
+from vfcore.data import read_patch
+from vfcore.dissect.geometry import blocks_on_patch, patch_mask
+from vfcore.dissect.ranking import outcomes
 from vfcore.errors import DataValueError
-from vfcore.forward import evaluating, find_layer, probabilities
+from vfcore.forward import capture, evaluating, find_layer, probabilities
+from vfcore.run import RunFolder
 
 __all__ = ["theoretical_rf", "effective_rf", "layer_output", "mask_gradients", "gradient_on_patch",
            "gradient_share", "neutral_fill", "equal_volume_cells", "occlusion", "FRACTURE_SIGNS",
@@ -246,24 +250,17 @@ def occlusion(model: nn.Module, transform: Callable, hu: np.ndarray, regions: Ma
 # --------------------------------------------------------------------------------------------
 
 def _tp_samples(art, max_samples: int | None) -> np.ndarray:
-    from .ranking import outcomes
-
     tp = np.flatnonzero(outcomes(art.labels, art.dissection.probability, art.meta["threshold"])["tp"])
     return tp if max_samples is None else tp[:int(max_samples)]
 
 
 def _patches(run_dir, row) -> tuple[np.ndarray, np.ndarray, int]:
-    from vfcore.data import read_patch
-    from vfcore.run import RunFolder
-
     run = RunFolder(run_dir)
     return read_patch(run.patch(row["ct_path"])), read_patch(run.patch(row["mask_path"])), int(row["label"])
 
 
 def _fracture_signs(run_dir, art, samples: np.ndarray) -> dict[int, np.ndarray] | None:
     """{sample: bool [patch] union of :data:`FRACTURE_SIGNS`}, None without concept masks."""
-    from .alignment import NoConceptMasksError, RunConcepts
-
     try:
         concepts = RunConcepts.from_run(run_dir, art.samples)
     except NoConceptMasksError:
@@ -290,9 +287,6 @@ def run_looking(run_dir, art, net, units: Sequence[int], max_samples: int | None
     :data:`FRACTURE_SIGNS`), ``grad_fracture_other`` (the same map against the signs of the
     next TP sample, the pairing control) and ``chance_fracture``.
     """
-
-    from .geometry import patch_mask
-
     d, field = art.dissection, art.field
     samples = _tp_samples(art, max_samples)
     signs = _fracture_signs(run_dir, art, samples)
@@ -365,9 +359,6 @@ def run_occlusion(run_dir, art, net, units: Sequence[int] = (), max_samples: int
     cells M_k of the unoccluded sample), and ``r_off_target`` / ``r_off_elsewhere``: the same
     over the mask cells whose block holds no voxel of the target (does a cell off the vertebra
     depend on the vertebra?)."""
-
-    from vfcore.forward import capture
-
     d, field = art.dissection, art.field
     samples = _tp_samples(art, max_samples)
     signs = _fracture_signs(run_dir, art, samples)

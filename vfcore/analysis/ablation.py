@@ -20,6 +20,7 @@ import torch
 from vfcore.errors import DataValueError
 
 from vfcore.forward import evaluating, find_layer, forward, forward_batches, probabilities
+from vfcore.model import ENCODER_LAYERS, FractureNet
 
 #: The k of the causal check.
 KS = (1, 5, 10, 20)
@@ -88,8 +89,6 @@ CACHE_BYTES = 512 * 2 ** 20
 def _above(model: torch.nn.Module, layer: str) -> Callable | None:
     """The network above ``layer`` as a function of its activations, where known: for
     ``vfcore.model.FractureNet`` and its last encoder layer, head + classifier."""
-    from vfcore.model import ENCODER_LAYERS, FractureNet
-
     if isinstance(model, FractureNet) and layer == ENCODER_LAYERS[-1]:
         return lambda A: model.classifier(model.head(A)).squeeze(1)
     return None
