@@ -552,6 +552,39 @@ def test_dissect_run_and_exports(small_run):
     assert np.all((concepts["fraction"] >= 0) & (concepts["fraction"] <= 1))
 
 
+def test_dissect_run_runs_the_core_pass_bit_for_bit_as_the_sharded_pass(small_run, tmp_path, monkeypatch):
+    """Issue 20: with one process ``dissect_run`` runs the core ``dissect()`` (before, always
+    ``dissect_sharded``) and no collective. On the same store, network and batches the two
+    passes give identical T_k, tail (the masks M_k), r_k, |M_k|, E_x, c_k and rankings."""
+    from vfcore.dissect import artifacts
+    from vfcore.dissect.sharded import dissect_sharded
+
+    def boom(*args, **kwargs):
+        raise AssertionError("distributed code on the one-process path")
+
+    run = _with_splits(small_run, tmp_path / "run", ["test"] * 12)
+    for name in ("dissect_sharded", "broadcast", "barrier"):
+        monkeypatch.setattr(artifacts, name, boom)
+    after = D.dissect_run(run, "test", 0.01, batch_size=5, progress=False)
+    monkeypatch.undo()
+    net = D.load_network(run)
+    patches, labels, _ = D.load_dissection_set(run, "test")
+    before = dissect_sharded(net.model, patches, net.layer, q_tail=0.01, batch_size=5,
+                             transform=net.transform, progress=False)
+    d = after.dissection
+    for key in ("T", "realised_tail", "unit_min", "unit_max", "zero_fraction", "max", "mean", "r",
+                "mask_size", "probability"):
+        assert np.array_equal(getattr(d, key), getattr(before, key)), key
+    for key in ("unit", "sample", "position", "value"):
+        assert np.array_equal(d.tail[key], before.tail[key]), key
+    assert all(np.array_equal(d.flags[k], before.flags[k]) for k in before.flags)
+    assert np.array_equal(d.enabled, before.enabled) and d.tail["value"].size
+    o = D.outcomes(labels, before.probability, after.meta["threshold"])
+    for subset in ("positive", "all"):
+        assert np.array_equal(D.correlation(d.enabled, o[subset]), D.correlation(before.enabled, o[subset]))
+        pd.testing.assert_frame_equal(D.rank_units(d, labels, subset), D.rank_units(before, labels, subset))
+
+
 def test_a_new_checkpoint_makes_the_dissection_stale(small_run, tmp_path):
     import shutil
 

@@ -18,7 +18,7 @@ import pandas as pd
 from vfcore.data import PatchArray, read_patch
 from vfcore.dissect import (SUBSET_NAMES, DissectionArtifacts, activations, best_slice, exemplars,
                             load_artifacts, outcomes, patch_mask, upsample_to_patch)
-from vfcore.dissect.artifacts import FORMAT, NOTEBOOK_03, checkpoint_path, concept_names, network
+from vfcore.dissect.artifacts import FORMAT, NOTEBOOK_03, checkpoint_path, concept_names, load_network
 from vfcore.dissect.geometry import (concept_overlap, patch_world_affine, vertebra_overlap,
                                      write_nifti_exemplar)
 from vfcore.dissect.ranking import EXEMPLAR_SCORES
@@ -97,9 +97,9 @@ def export_units(run_dir: str | Path, top: int = 10, top_fp: int = 5, k: int = 2
     units = sorted({unit for _, _, unit, _, _ in jobs})
     maps: dict[int, np.ndarray] = {}
     if union:
-        net_model, _, transform = network(ckpt)
-        A, _ = activations(net_model, PatchArray.of(run_dir, samples.loc[union, "ct_path"]), meta["layer"],
-                           units=units, batch_size=batch_size, transform=transform, device=device,
+        net = load_network(run_dir, ckpt, meta["layer"])
+        A, _ = activations(net.model, PatchArray.of(run_dir, samples.loc[union, "ct_path"]), net.layer,
+                           units=units, batch_size=batch_size, transform=net.transform, device=device,
                            progress=progress)
         maps = {i: A[j] for j, i in enumerate(union)}
     column = {u: j for j, u in enumerate(units)}
