@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 import torch
 
 from vfcore import dissect as D
@@ -639,7 +640,7 @@ def test_bootstrap_interval_equals_a_plain_numpy_loop(monkeypatch, block):
     subset = rng.random(N) < 0.6
     B, seed = 200, 5
     if block:                                    # resamples drawn a few at a time: same answer
-        monkeypatch.setattr(ranking, "_BOOTSTRAP_DRAWS", block * int(subset.sum()))
+        monkeypatch.setattr(ranking, "_BOOTSTRAP_CELLS", block * int(subset.sum()) * K)
     low, high = D.ranking.bootstrap_c(enabled, subset, B=B, seed=seed)
     # reference: B resamples one at a time, c_k of each, numpy.percentile
     members = enabled[subset]
@@ -650,8 +651,15 @@ def test_bootstrap_interval_equals_a_plain_numpy_loop(monkeypatch, block):
         idx = draw.integers(0, n, size=n)
         for k in range(K):
             c[b, k] = sum(members[i, k] for i in idx) / n
-    np.testing.assert_array_equal(low, np.percentile(c, 2.5, axis=0))
-    np.testing.assert_array_equal(high, np.percentile(c, 97.5, axis=0))
+    # the same resamples give the same c^b; numpy's and scipy's linear quantiles (scipy at
+    # alpha = (1 - level) / 2 in floating point) interpolate alike up to the last bit
+    alpha = (1 - 0.95) / 2
+    np.testing.assert_allclose(low, np.quantile(c, alpha, axis=0), rtol=1e-15, atol=0)
+    np.testing.assert_allclose(high, np.quantile(c, 1 - alpha, axis=0), rtol=1e-15, atol=0)
+    direct = scipy.stats.bootstrap((members,), np.mean, axis=0, n_resamples=B, method="percentile",
+                                   random_state=np.random.default_rng(seed)).confidence_interval
+    np.testing.assert_array_equal(low, direct.low)
+    np.testing.assert_array_equal(high, direct.high)
     point = members.mean(axis=0)
     assert np.all(low <= point) and np.all(point <= high)
     # a unit that fires everywhere (or nowhere) has a zero-width interval
@@ -660,6 +668,23 @@ def test_bootstrap_interval_equals_a_plain_numpy_loop(monkeypatch, block):
     assert (low[0], high[0], low[1], high[1]) == (1.0, 1.0, 0.0, 0.0)
     with pytest.raises(D.UndefinedCorrelationError):
         D.ranking.bootstrap_c(enabled, np.zeros(N, bool))
+
+
+def test_tie_counts_and_competition_ranks_equal_plain_loops():
+    """pandas value_counts / rank(method="min") against loops over the values (NaN never ties)."""
+    from vfcore.dissect.ranking import _competition_rank, tie_counts
+
+    rng = np.random.default_rng(4)
+    for trial in range(200):
+        v = rng.integers(0, 5, rng.integers(1, 25)) / 7 + (0.3 - 0.1 - 0.2)   # rounding noise
+        if trial % 3 == 0:
+            v[rng.random(len(v)) < 0.2] = np.nan
+        same = [[not np.isnan(a) and abs(a - b) < 1e-12 for b in v] for a in v]
+        assert tie_counts(v).tolist() == [max(1, sum(row)) for row in same]
+        s = np.r_[np.sort(v[~np.isnan(v)])[::-1], v[np.isnan(v)]]            # sorted, NaN last
+        ranks = [next(j for j in range(i + 1) if j == i or abs(s[j] - s[i]) < 1e-12) + 1
+                 for i in range(len(s))]
+        assert _competition_rank(s).tolist() == ranks
 
 
 def test_rankings_record_n_intervals_ties_and_the_small_n_flag():
