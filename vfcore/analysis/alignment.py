@@ -207,7 +207,7 @@ def concept_counts_grids(masks, grids: Sequence[Sequence[int]], field: Sequence[
     grids = [tuple(int(g) for g in grid) for grid in grids]
     for grid in grids:
         if len(grid) != 3 or any(s % g for s, g in zip(size, grid)):
-            raise DataValueError("grid", f"grid {grid} does not divide the field {size}")
+            raise DataValueError(None, f"grid {grid} does not divide the field {size}")
     n = len(masks)
     if n == 0:
         raise no_concept_masks("masks")
@@ -331,10 +331,10 @@ def block_alignment(entries: Mapping[str, np.ndarray], counts: ConceptCounts, n_
     N = counts.counts.shape[0]
     keep = None if samples is None else np.asarray(samples, bool)
     if keep is not None and keep.shape != (N,):
-        raise DataValueError("samples", f"expected {N} booleans, got shape {keep.shape}")
+        raise DataValueError(None, f"samples: expected {N} booleans, got shape {keep.shape}")
     u, s, p = _entries(entries, keep)
     if len(s) and (s.max() >= N or p.max() >= counts.counts.shape[1]):
-        raise DataValueError("entries", f"mask entries beyond the counts' {N} samples x "
+        raise DataValueError(None, f"entries: mask entries beyond the counts' {N} samples x "
                              f"{counts.counts.shape[1]} cells: another grid or set?")
     W = _unit_cells(u, s, p, n_units, counts.counts)
     inter = _intersections(W, counts.counts)
@@ -403,9 +403,9 @@ def interpolated_alignment(batches, T: np.ndarray, masks, field: Sequence[slice]
                 union_m[units] += Mup.sum(axis=1)
             i += 1
     if inter is None:
-        raise DataValueError("batches", "no samples")
+        raise DataValueError(None, "batches: no samples")
     if i != len(masks):
-        raise DataValueError("batches", f"{i} samples of activations for {len(masks)} concept masks")
+        raise DataValueError(None, f"batches: {i} samples of activations for {len(masks)} concept masks")
     union = union_m[:, None] + totals[None, :] - inter
     return Alignment(list(names), inter, union, "interpolated", n_samples=i, layer=layer)
 
@@ -427,7 +427,7 @@ def unit_table(al: Alignment, concepts: Sequence[str] | None = None, units: Sequ
     names = list(al.names)
     cols = [names.index(c) for c in (names if concepts is None else concepts) if c in names]
     if not cols:
-        raise DataValueError("concepts", f"none of {list(concepts or [])} in the alignment's concepts {names}")
+        raise DataValueError(None, f"concepts: none of {list(concepts or [])} in the alignment's concepts {names}")
     units = np.arange(al.n_units) if units is None else np.asarray(units, dtype=int)
     iou = al.iou[np.ix_(units, cols)]
     best = np.argmax(iou, axis=1)
@@ -489,11 +489,11 @@ def fp_concept_table(al: Alignment, ranking_fp: pd.DataFrame | None, top: int = 
     ``delta`` and ``c_fp``. Raises :class:`~vfcore.dissect.UndefinedCorrelationError` when there
     are no false positives (``ranking_fp`` None or empty)."""
     if ranking_fp is None or len(ranking_fp) == 0:
-        raise UndefinedCorrelationError("fp", "no false positives in the dissected set: the "
+        raise UndefinedCorrelationError(None, "no false positives in the dissected set: the "
                                         "false-positive ranking and its concepts are undefined")
     have = [c for c in concepts if c in al.names]
     if not have:
-        raise DataValueError("concepts", f"the alignment has none of the confounders {list(concepts)}")
+        raise DataValueError(None, f"concepts: the alignment has none of the confounders {list(concepts)}")
     head = ranking_fp.head(top)
     t = unit_table(al, have, head["unit"].to_numpy(), **kwargs)
     for col in ("rank", "delta", "c_fp", "c_tp"):

@@ -146,10 +146,10 @@ def mask_gradients(model: nn.Module, x: torch.Tensor, layer: str, units: Sequenc
     backward gives every unit's gradient); C summed when the input has several channels.
     """
     if x.ndim != 5 or x.shape[0] != 1:
-        raise DataValueError("x", f"expected one network input [1, C, S, S, S], got {tuple(x.shape)}")
+        raise DataValueError(None, f"x: expected one network input [1, C, S, S, S], got {tuple(x.shape)}")
     units = [int(u) for u in units]
     if (masks is None) == (cells is None):
-        raise DataValueError("mask_gradients", "give exactly one of masks= or cells=")
+        raise DataValueError(None, "give exactly one of masks= or cells=")
     xs = x.detach().float().repeat(len(units), 1, 1, 1, 1).requires_grad_(True)
     with evaluating(model), torch.enable_grad():
         A = layer_output(model, xs, layer)                    # [U, K, *grid]
@@ -157,7 +157,7 @@ def mask_gradients(model: nn.Module, x: torch.Tensor, layer: str, units: Sequenc
         if masks is not None:
             w = torch.as_tensor(np.asarray(masks, dtype=np.float32), device=a.device)
             if w.shape != a.shape:
-                raise DataValueError("masks", f"expected {tuple(a.shape)}, got {tuple(w.shape)}")
+                raise DataValueError(None, f"masks: expected {tuple(a.shape)}, got {tuple(w.shape)}")
         else:
             w = torch.zeros_like(a)
             for n, c in enumerate(cells):

@@ -77,7 +77,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: str) -> np.ndarray:
     """
     target = find_layer(model, layer)            # a clear error for a wrong name
     if x.ndim != 5 or x.shape[:2] != (1, 1):
-        raise DataValueError("x", f"expected one network input [1, 1, S, S, S], got {tuple(x.shape)}")
+        raise DataValueError(None, f"x: expected one network input [1, 1, S, S, S], got {tuple(x.shape)}")
     wrapped = _Logits2D(model)
     flags = _no_inplace(model)
     hooks = _hook_keys(target)

@@ -86,10 +86,10 @@ def out_of_field_analysis(samples: pd.DataFrame, threshold: float = 0.5,
     """
     for col in ("fracture", "probability", "out_of_field"):
         if col not in samples:
-            raise DataValueError("samples", f"needs a column {col!r} (has {list(samples.columns)})")
+            raise DataValueError(None, f"samples: needs a column {col!r} (has {list(samples.columns)})")
     edges = np.asarray(bins, dtype=np.float64)
     if len(edges) < 2 or np.any(np.diff(edges) <= 0) or edges[0] > 0 or edges[-1] < 1:
-        raise DataValueError("bins", f"needs increasing edges from 0 to 1, got {list(bins)}")
+        raise DataValueError(None, f"bins: needs increasing edges from 0 to 1, got {list(bins)}")
     s = samples.reset_index(drop=True).copy()
     y = s["fracture"].to_numpy(dtype=int)
     prob = s["probability"].to_numpy(dtype=np.float64)

@@ -65,7 +65,7 @@ def parse_split(split: str | Sequence[str]) -> tuple[str, ...]:
     known = split_names()
     unknown = [n for n in names if n not in known]
     if not names or unknown or "" in names:
-        raise DataValueError(f"split {split!r}", f"unknown split {unknown or names}; choose one of "
+        raise DataValueError(None, f"split {split!r}: unknown split {unknown or names}; choose one of "
                              f"{known} or several joined by '+', e.g. 'test+{DISSECT_SPLIT}'")
     return tuple(s for s in known if s in names)
 

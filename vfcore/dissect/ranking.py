@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from scipy.stats import bootstrap
 
-from vfcore.errors import DataValueError
+from vfcore.errors import DataValueError, InvalidParameterError
 
 from vfcore.metrics import outcome_masks as outcomes  # the one TP/FP/TN/FN labelling
 
@@ -67,7 +67,7 @@ def correlation(enabled: np.ndarray, subset: np.ndarray, name: str = "subset") -
     subset = np.asarray(subset, dtype=bool)
     n = int(subset.sum())
     if n == 0:
-        raise UndefinedCorrelationError(name, f"c_k is undefined: the dissection set has no "
+        raise UndefinedCorrelationError(None, f"c_k is undefined: the dissection set has no "
                                         f"{SUBSET_NAMES.get(name, name)} (0 of {len(subset)} samples)")
     return enabled[subset].sum(axis=0) / n
 
@@ -97,7 +97,7 @@ def bootstrap_c(enabled: np.ndarray, subset: np.ndarray, B: int = BOOTSTRAP_B, s
     E = np.asarray(enabled, dtype=bool)[np.asarray(subset, dtype=bool)]          # [n, K]
     n, K = E.shape
     if n == 0:
-        raise UndefinedCorrelationError("subset", "no bootstrap interval: the subset is empty")
+        raise UndefinedCorrelationError(None, "no bootstrap interval: the subset is empty")
     if n == 1:                                   # scipy resamples two or more samples
         c = E[0].astype(np.float64)
         return c, c.copy()
@@ -266,11 +266,11 @@ def exemplars(d: Dissection, subset: np.ndarray | None = None, k: int = 25, by: 
     outside the subset (the published code's defect).
     """
     if by not in EXEMPLAR_SCORES:
-        raise DataValueError("by", f"must be one of {EXEMPLAR_SCORES}, got {by!r}")
+        raise InvalidParameterError("by", f"one of {EXEMPLAR_SCORES}", by)
     score = {"r": d.r, "max": d.max, "mean": d.mean}[by]
     member = np.ones(d.n_samples, dtype=bool) if subset is None else np.asarray(subset, dtype=bool)
     if member.shape != (d.n_samples,):
-        raise DataValueError("subset", f"expected {d.n_samples} booleans, got shape {member.shape}")
+        raise InvalidParameterError("subset", f"{d.n_samples} booleans (one per sample)", member.shape)
     out = {}
     for u in (range(d.n_units) if units is None else units):
         u = int(u)

@@ -259,12 +259,12 @@ class RunData:
         t = self.samples.table
         if isinstance(key, (int, np.integer)):
             if int(key) not in t.index:
-                raise InputError("SAMPLE", f"no sample {key}; the list has 0..{len(t) - 1}")
+                raise InputError(None, f"SAMPLE: no sample {key}; the list has 0..{len(t) - 1}")
             return int(key)
         names = t["case"].astype(str) + " " + t["level"].astype(str)
         hit = np.flatnonzero(names.to_numpy() == str(key))
         if not len(hit):
-            raise InputError("SAMPLE", f"no sample named {key!r} (write '<case> <level>', e.g. {names.iloc[0]!r})")
+            raise InputError(None, f"SAMPLE: no sample named {key!r} (write '<case> <level>', e.g. {names.iloc[0]!r})")
         return int(t.index[hit[0]])
 
     @classmethod
