@@ -395,8 +395,10 @@ def load_run_data(run_dir: str | Path, split: str | None = None, device: str | N
 
 
 def _measured_concepts(run: RunFolder) -> dict[int, str | None] | None:
-    """unit -> the concept it detects, as notebook 06 measured it on the phantom (None when that
-    notebook has not run, or its table cannot be read: the student's labels are used then)."""
+    """unit -> the concept it detects, as notebook 06 measured it on the phantom. Optional:
+    notebook 05 never needs a later notebook's output; before notebook 06 has run (or when its
+    table cannot be read) this is None and the explorer names units by the student's labels,
+    saying that it shows the measured concepts once notebook 06 has run."""
     path = run.path("alignment_units")
     try:
         return concept_dictionary(pd.read_csv(path)) if path.is_file() else None

@@ -45,12 +45,14 @@ def prediction_html(a: Analysis) -> str:
 
 def findings_html(data: RunData, a: Analysis) -> str:
     """The draft finding of this inference (:func:`vfcore.analysis.findings.draft_findings`): its most
-    relevant units named by the concept notebook 06 measured for them, else by the student's
-    labels; a unit without a significant concept is said to have none."""
+    relevant units named by the student's labels; once notebook 06 (a later notebook, optional
+    here) has measured the units' concepts, by those. A unit without a significant concept is
+    said to have none."""
     if data.measured_concepts is not None:
         dictionary, source = data.measured_concepts, "concepts measured in notebook 06"
     else:
-        dictionary, source = student_dictionary({"units": data.concepts.units}), "your concept labels"
+        dictionary = student_dictionary({"units": data.concepts.units})
+        source = "your concept labels; after notebook 06, the concepts it measures"
     level = str(a.truth["level"]) if a.truth is not None else a.name
     text = draft_findings(level, a.probability, a.relevance, dictionary, threshold=data.threshold)
     return f"<i>Draft finding ({source}):</i> {html.escape(text)}"
