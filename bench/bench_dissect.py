@@ -9,7 +9,7 @@ Four measurements on the same inputs (int16 HU patches 96^3 -> ``vfcore.data.to_
 
 * ``forward``: the model alone (eval, inference_mode, fp32 as the dissection), the floor;
 * ``exact``: :func:`vfcore.dissect.dissect` (forward + hooks + TopQuantile merge + [N, K] stats);
-* ``sketch``: forward + :class:`vfcore.dissect.SampledQuantile` (what the published code did);
+* ``sketch``: forward + :class:`vfcore.dissect.quantile.SampledQuantile` (what the published code did);
 * the sketch's error: realised tail P(a_k > T_k) of its thresholds vs q, per unit.
 
 Peak memory: GPU ``max_memory_allocated``; CPU the process's peak RSS (VmHWM, reset before each
@@ -69,9 +69,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from vfcore import dissect as D
+    from vfcore.dissect.quantile import SampledQuantile, tail_fraction, tail_size
     from vfcore.data import to_network_input
     from vfcore.forward import forward_batches
-    from vfcore.model import DISSECT_LAYER, build_model
+    from vfcore.model import build_model, get_preset
     from vfcore.runtime import describe_runtime, pick_device
 
     torch.set_num_threads(args.threads)
@@ -98,7 +99,7 @@ def main() -> None:
         rng = np.random.default_rng(0)
         patches = rng.integers(-1000, 1500, size=(n, 96, 96, 96), dtype=np.int16)
         source = f"random int16 patches ({n})"
-    layer = DISSECT_LAYER[preset]
+    layer = get_preset(preset).dissect_layer
     n = len(patches)
 
     def transform(hu):
@@ -124,7 +125,7 @@ def main() -> None:
                          device=device, progress=False)
 
     def sketched():
-        sketch = D.SampledQuantile(args.q, resolution=1024, seed=0)
+        sketch = SampledQuantile(args.q, resolution=1024, seed=0)
         for out in passes():
             sketch.update(out.activations[layer])
         return sketch.thresholds()
@@ -146,15 +147,15 @@ def main() -> None:
     t_exact, mem_exact, d = timed(exact)
     t_sketch, mem_sketch, T_sketch = timed(sketched)
     P = int(np.prod(d.spatial_shape))
-    m = D.tail_size(n * P, args.q)
+    m = tail_size(n * P, args.q)
 
     # 4. how far the sketch is off: realised tails of both thresholds, counted on all values
     counts_exact = np.zeros(d.n_units)
     counts_sketch = np.zeros(d.n_units)
     for out in passes():
         A = out.activations[layer]
-        counts_exact += D.tail_fraction(A, d.T) * A.shape[0] * P
-        counts_sketch += D.tail_fraction(A, T_sketch) * A.shape[0] * P
+        counts_exact += tail_fraction(A, d.T) * A.shape[0] * P
+        counts_sketch += tail_fraction(A, T_sketch) * A.shape[0] * P
     real_exact = counts_exact / (n * P)
     real_sketch = counts_sketch / (n * P)
     live = ~d.flags["degenerate"]

@@ -96,7 +96,7 @@ def test_merge_of_shards_equals_one_pass_and_numpy(q):
         _assert_same(merged, one)
         for key, value in one.tail().items():                   # in the same order: files
             np.testing.assert_array_equal(merged.tail()[key], value, err_msg=key)  # bit for bit
-        assert merged.values.shape[1] <= D.tail_size(n * 24, q)   # still the split's m
+        assert merged.values.shape[1] <= D.quantile.tail_size(n * 24, q)   # still the split's m
 
 
 def test_merge_into_an_empty_pass_and_with_unsized_buffers():
@@ -194,7 +194,7 @@ def _assert_same_dissection(x: dict, y: dict) -> None:
 
 
 def test_one_process_pass_equals_dissect_and_resumes(tmp_path):
-    from vfcore.dissect import dissect_sharded
+    from vfcore.dissect.sharded import dissect_sharded
 
     net, x = _case()
     ref = D.dissect(net, x, "features", q_tail=Q, batch_size=BATCH, device="cpu", progress=False)
@@ -212,7 +212,7 @@ def test_one_process_pass_equals_dissect_and_resumes(tmp_path):
 
 
 def test_shards_are_whole_batches_in_rank_order():
-    from vfcore.dissect import shard_range
+    from vfcore.dissect.sharded import shard_range
 
     assert [shard_range(37, 4, r, 2) for r in range(2)] == [(0, 20), (20, 37)]
     assert [shard_range(37, 4, r, 3) for r in range(3)] == [(0, 12), (12, 24), (24, 37)]
@@ -366,7 +366,7 @@ def test_a_rank_that_dies_or_hangs_ends_the_job_with_a_message_from_rank_0(tmp_p
 def _job(mode: str, out: Path) -> int:
     from vfcore import distributed as dd
     from vfcore import train
-    from vfcore.dissect import dissect_sharded
+    from vfcore.dissect.sharded import dissect_sharded
     from vfcore.errors import VfcoreError
 
     w = dd.init()

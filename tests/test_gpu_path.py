@@ -87,7 +87,7 @@ def test_forward_engine_returns_the_model_to_its_device_and_layout():
 def test_looking_feeds_the_model_on_its_own_device():
     """mask_gradients and occlusion put their inputs where the model is (a GPU after a pass in
     notebook 06), not on the CPU: on the meta device the whole computation stays there."""
-    from vfcore.dissect import looking
+    from vfcore.analysis import looking
 
     model = build_model("small").to("meta")
     layer = model.preset.dissect_layer

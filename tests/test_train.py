@@ -46,15 +46,44 @@ def test_table1_one_seed_gives_a_bootstrap_interval_not_zero_std():
     per_seed = {"0": metrics.classification_metrics(y, p)}
     row = metrics.table1(per_seed, labels=y, probability=p).iloc[0]
     assert "±" not in row["F1 (%)"] and row["n (fractured)"] == "10 (3)"
-    # an independent bootstrap: numpy resampling, hand-written accuracy
+    # an independent bootstrap: numpy resampling stratified by class (the fractured, then the
+    # healthy vertebrae, drawn as scipy.stats.bootstrap draws them), hand-written accuracy
     rng = np.random.default_rng(0)
-    acc = []
-    for _ in range(1000):
-        i = rng.integers(0, 10, 10)
-        acc.append(np.mean((p[i] >= 0.5) == (y[i] == 1)))
+    pos, neg = p[y == 1], p[y == 0]
+    draws = rng.integers(0, len(pos), (1000, len(pos))), rng.integers(0, len(neg), (1000, len(neg)))
+    acc = [(np.sum(pos[a] >= 0.5) + np.sum(neg[b] < 0.5)) / len(p) for a, b in zip(*draws)]
     lo, hi = np.quantile(acc, [0.025, 0.975])
     assert row["Acc. (%)"] == f"80.0 ({100 * lo:.1f}-{100 * hi:.1f})"
     assert list(metrics.PAPER_TABLE1["AUC (%)"]) == ["84.5 ± 9.1", "96.2 ± 0.9", "94.7 ± 0.5"]
+
+
+def test_bootstrap_intervals_are_scipys_stratified_percentile_bootstrap():
+    """Issue 20: scipy.stats.bootstrap (percentile, seeded) over the two classes; the interval
+    holds the estimate, narrows with more vertebrae, and equals scipy called directly."""
+    from scipy.stats import bootstrap
+
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(12, int), np.zeros(28, int)]
+    p = np.clip(0.35 * y + rng.random(40) * 0.65, 0, 1)
+    ci = metrics.bootstrap_intervals(y, p, n_boot=400, seed=7)
+    point = metrics.classification_metrics(y, p)
+    for m in metrics.METRICS:
+        assert ci[m][0] <= point[m] <= ci[m][1], m
+
+    def accuracy(pos, neg, axis=-1):
+        return ((pos >= 0.5).sum(axis=axis) + (neg < 0.5).sum(axis=axis)) / (pos.shape[axis] + neg.shape[axis])
+
+    direct = bootstrap((p[y == 1], p[y == 0]), accuracy, n_resamples=400, method="percentile",
+                       random_state=np.random.default_rng(7)).confidence_interval
+    assert ci["accuracy"] == (direct.low, direct.high)
+    wide = metrics.bootstrap_intervals(y, p, n_boot=400, seed=7)
+    narrow = metrics.bootstrap_intervals(np.tile(y, 9), np.tile(p, 9), n_boot=400, seed=7)
+    for m in metrics.METRICS:
+        assert narrow[m][1] - narrow[m][0] < wide[m][1] - wide[m][0], m
+    # a class of one vertebra stays as it is; a missing class leaves AUC undefined
+    one = metrics.bootstrap_intervals([1, 0, 0, 0], [0.9, 0.2, 0.6, 0.1], n_boot=50)
+    assert one["auc"] == (1.0, 1.0)
+    assert np.isnan(metrics.bootstrap_intervals([0, 0, 0], [0.1, 0.7, 0.3], n_boot=50)["auc"]).all()
 
 
 def test_checkpoint_is_weights_only_and_checked(tmp_path):

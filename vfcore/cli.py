@@ -170,11 +170,12 @@ def _train(args) -> int:
 
 def _dissect(args) -> int:
     from . import dissect
+    from .dissect.artifacts import parse_split
 
     w = _join()
     if args.split is not None:  # a bad split is bad input, before anything is read
         try:
-            dissect.parse_split(args.split)
+            parse_split(args.split)
         except VfcoreError as err:
             raise InputError("--split", err.problem) from None
     run = RunFolder(args.run)

@@ -33,9 +33,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from vfcore.dissect.geometry import blocks_on_patch
+from vfcore.analysis.alignment import NoConceptMasksError, RunConcepts
+from vfcore.data import read_patch
+from vfcore.dissect.geometry import blocks_on_patch, patch_mask
+from vfcore.dissect.ranking import outcomes
 from vfcore.errors import DataValueError
-from vfcore.forward import evaluating, find_layer, probabilities
+from vfcore.forward import capture, evaluating, find_layer, probabilities
+from vfcore.run import RunFolder
 
 __all__ = ["theoretical_rf", "effective_rf", "layer_output", "mask_gradients", "gradient_on_patch",
            "gradient_share", "neutral_fill", "equal_volume_cells", "occlusion", "FRACTURE_SIGNS",
@@ -142,10 +146,10 @@ def mask_gradients(model: nn.Module, x: torch.Tensor, layer: str, units: Sequenc
     backward gives every unit's gradient); C summed when the input has several channels.
     """
     if x.ndim != 5 or x.shape[0] != 1:
-        raise DataValueError("x", f"expected one network input [1, C, S, S, S], got {tuple(x.shape)}")
+        raise DataValueError(None, f"x: expected one network input [1, C, S, S, S], got {tuple(x.shape)}")
     units = [int(u) for u in units]
     if (masks is None) == (cells is None):
-        raise DataValueError("mask_gradients", "give exactly one of masks= or cells=")
+        raise DataValueError(None, "give exactly one of masks= or cells=")
     device = next(model.parameters()).device                # wherever the caller keeps the model
     xs = x.detach().float().to(device).repeat(len(units), 1, 1, 1, 1).requires_grad_(True)
     with evaluating(model), torch.enable_grad():
@@ -154,7 +158,7 @@ def mask_gradients(model: nn.Module, x: torch.Tensor, layer: str, units: Sequenc
         if masks is not None:
             w = torch.as_tensor(np.asarray(masks, dtype=np.float32), device=a.device)
             if w.shape != a.shape:
-                raise DataValueError("masks", f"expected {tuple(a.shape)}, got {tuple(w.shape)}")
+                raise DataValueError(None, f"masks: expected {tuple(a.shape)}, got {tuple(w.shape)}")
         else:
             w = torch.zeros_like(a)
             for n, c in enumerate(cells):
@@ -249,24 +253,17 @@ def occlusion(model: nn.Module, transform: Callable, hu: np.ndarray, regions: Ma
 # --------------------------------------------------------------------------------------------
 
 def _tp_samples(art, max_samples: int | None) -> np.ndarray:
-    from .ranking import outcomes
-
     tp = np.flatnonzero(outcomes(art.labels, art.dissection.probability, art.meta["threshold"])["tp"])
     return tp if max_samples is None else tp[:int(max_samples)]
 
 
 def _patches(run_dir, row) -> tuple[np.ndarray, np.ndarray, int]:
-    from vfcore.data import read_patch
-    from vfcore.run import RunFolder
-
     run = RunFolder(run_dir)
     return read_patch(run.patch(row["ct_path"])), read_patch(run.patch(row["mask_path"])), int(row["label"])
 
 
 def _fracture_signs(run_dir, art, samples: np.ndarray) -> dict[int, np.ndarray] | None:
     """{sample: bool [patch] union of :data:`FRACTURE_SIGNS`}, None without concept masks."""
-    from .alignment import NoConceptMasksError, RunConcepts
-
     try:
         concepts = RunConcepts.from_run(run_dir, art.samples)
     except NoConceptMasksError:
@@ -293,9 +290,6 @@ def run_looking(run_dir, art, net, units: Sequence[int], max_samples: int | None
     :data:`FRACTURE_SIGNS`), ``grad_fracture_other`` (the same map against the signs of the
     next TP sample, the pairing control) and ``chance_fracture``.
     """
-
-    from .geometry import patch_mask
-
     d, field = art.dissection, art.field
     samples = _tp_samples(art, max_samples)
     signs = _fracture_signs(run_dir, art, samples)
@@ -368,9 +362,6 @@ def run_occlusion(run_dir, art, net, units: Sequence[int] = (), max_samples: int
     cells M_k of the unoccluded sample), and ``r_off_target`` / ``r_off_elsewhere``: the same
     over the mask cells whose block holds no voxel of the target (does a cell off the vertebra
     depend on the vertebra?)."""
-
-    from vfcore.forward import capture
-
     d, field = art.dissection, art.field
     samples = _tp_samples(art, max_samples)
     signs = _fracture_signs(run_dir, art, samples)
