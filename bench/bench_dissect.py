@@ -73,7 +73,7 @@ def main() -> None:
     from vfcore.data import to_network_input
     from vfcore.forward import forward_batches
     from vfcore.model import build_model, get_preset
-    from vfcore.runtime import describe_runtime, pick_device
+    from vfcore.runtime import describe_runtime, pick_device, precision_line
 
     torch.set_num_threads(args.threads)
     describe_runtime()
@@ -106,6 +106,7 @@ def main() -> None:
         return to_network_input(hu, preset)
 
     print(f"\npreset {preset}, layer {layer}, {source}, batch {batch}, q = {args.q}, device {device}")
+    print(precision_line(device))
     model = model.to(device).eval()
 
     # warm-up (cuDNN autotuning, allocator)

@@ -51,7 +51,7 @@ def worker(args) -> None:
     from vfcore.dissect.quantile import TopQuantile, tail_size
     from vfcore.dissect.sharded import _gather, dissect_sharded
     from vfcore.model import FractureNet, get_preset
-    from vfcore.runtime import device_name
+    from vfcore.runtime import device_name, precision_line
 
     torch.set_num_threads(args.threads)
     w = dd.init()
@@ -77,6 +77,7 @@ def worker(args) -> None:
               f"{p.dissect_layer}: K={d.n_units} x {int(np.prod(d.spatial_shape))} positions, batch "
               f"{args.batch}): {args.samples / seconds:.1f} samples/s ({seconds:.2f} s), peak {peak_mb()}",
               flush=True)
+        print(precision_line(dev), flush=True)
 
     # the merge at a real split's scale: every rank holds a full buffer, as after its share
     K, P, N = args.merge_units, args.merge_positions, args.merge_n

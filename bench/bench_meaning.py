@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     from vfcore.dissect import load_artifacts
     from vfcore.errors import VfcoreError
     from vfcore.run import RunFolder
-    from vfcore.runtime import device_name
+    from vfcore.runtime import device_name, precision_line
 
     run = RunFolder(args.run)
     try:
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     ]
     width = [max(len(r[i]) for r in rows + [("figure", "this run", "goal")]) for i in range(3)]
     line = lambda r: "| " + " | ".join(str(v).ljust(w) for v, w in zip(r, width)) + " |"  # noqa: E731
-    print(f"issue 11 measured goals for {run.root}\nmachine: {device_name()}\n")
+    print(f"issue 11 measured goals for {run.root}\nmachine: {device_name()}\n{precision_line()}\n")
     print(line(("figure", "this run", "goal")))
     print("|" + "|".join("-" * (w + 2) for w in width) + "|")
     for r in rows:

@@ -39,7 +39,7 @@ from store_helpers import write_store  # noqa: E402
 from vfcore import data, train  # noqa: E402
 from vfcore.runtime import Precision, cpu_flags, precision  # noqa: E402
 from vfcore.model import build_model, get_preset  # noqa: E402
-from vfcore.runtime import device_name  # noqa: E402
+from vfcore.runtime import device_name, precision_line  # noqa: E402
 
 
 def sync(dev: torch.device) -> None:
@@ -161,7 +161,7 @@ def main() -> None:
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "bf16"})
     print(f"device: {device_name(dev)}; torch {torch.__version__}; preset {preset.name}; batch {batch}")
     print(f"CPU flags: {' '.join(flags) or 'none of avx2/avx512/bf16/amx'}")
-    print(f"policy: {policy.name} ({policy.reason})")
+    print(precision_line(dev))
 
     peaks = {"fp32": matmul_peak(dev, torch.float32), "bf16": matmul_peak(dev, torch.bfloat16)}
     if dev.type == "cuda":

@@ -117,6 +117,14 @@ def precision(device: torch.device, *, capability: tuple[int, int] | None = None
     return Precision(None, False, False, f"{device.type}: fp32, default layout")
 
 
+def precision_line(device: torch.device | str | None = None) -> str:
+    """What runs where, for benches and logs: training's path and why, and the dissection's."""
+    device = pick_device(str(device) if device is not None else None)
+    policy = precision(device)
+    return (f"precision: training and predictions {policy.name} ({policy.reason}); "
+            "dissection fp32, default layout")
+
+
 def describe_runtime() -> dict[str, str]:
     """Print and return package versions, the compute device and the precision path training
     takes there (:func:`vfcore.forward.precision`: which and why).
