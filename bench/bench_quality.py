@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from vfcore import patches, phantom, train
+from vfcore.metrics import table1
 from vfcore.run import RunFolder
 from vfcore.runtime import device_name, pick_device, precision_line
 
@@ -77,7 +78,7 @@ def main() -> None:
               f"median {np.median(rates):.0f} samples/s")
         for seed, m in metrics["per_seed"].items():
             print(f"  seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
-        print(train.table1(metrics["per_seed"]).to_string(index=False))
+        print(table1(metrics["per_seed"]).to_string(index=False))
 
         found = train.predict_split(run)
         found = found.merge(phantom.read_truth(root)[["case", "label", "height_loss", "confounders"]],

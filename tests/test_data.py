@@ -7,7 +7,7 @@ import torch
 
 from store_helpers import write_store
 from vfcore import data
-from vfcore.errors import DataValueError, MissingArtifactError
+from vfcore.errors import DataValueError, InvalidParameterError, MissingArtifactError
 
 NO_AUG = data.Augment(rotate=0, scale=0, shift=0, flip=0, elastic=0, p_noise=0, p_smooth=0, p_contrast=0)
 
@@ -93,7 +93,7 @@ def test_named_augmentations():
     assert data.get_augment("paper") == data.Augment() and data.get_augment(None) is None
     light = data.get_augment("light")
     assert data.get_augment(light) is light
-    with pytest.raises(KeyError, match="choose one of"):
+    with pytest.raises(InvalidParameterError, match=r"augment must be one of \['light', 'paper'\] or None.*got 'heavy'"):
         data.get_augment("heavy")
     # a 24 mm high bright "body" in air: the light augmentation changes its height less
     hu = np.full((32, 96, 96, 96), -1000, np.int16)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .constants import NETWORK_WINDOW_HU, PATCH_SIZE
-from .errors import CorruptFileError, DataValueError
+from .errors import CorruptFileError, DataValueError, InvalidParameterError
 from .model import Preset, get_preset
 from .patches import SPLITS, read_manifest
 from .run import RunFolder
@@ -63,7 +63,7 @@ def _as_batch(hu) -> torch.Tensor:
     if t.ndim == 4:
         t = t[:, None]
     if t.ndim != 5 or t.shape[1] != 1:
-        raise DataValueError("patch", f"expected a 3D patch or a batch of them, got shape {tuple(t.shape)}")
+        raise DataValueError(None, f"patch: expected a 3D patch or a batch of them, got shape {tuple(t.shape)}")
     return t
 
 
@@ -77,7 +77,7 @@ def to_network_input(hu, preset: str | Preset) -> torch.Tensor:
     x = _as_batch(hu)
     size = x.shape[-1]
     if x.shape[-3:] != (size, size, size) or size < p.crop:
-        raise DataValueError("patch", f"needs a cube of at least {p.crop}^3 voxels, got {tuple(x.shape[-3:])}")
+        raise DataValueError(None, f"patch: needs a cube of at least {p.crop}^3 voxels, got {tuple(x.shape[-3:])}")
     start = (size - p.crop) // 2
     x = x[..., start:start + p.crop, start:start + p.crop, start:start + p.crop]
     x = scale_hu(x)
@@ -182,7 +182,7 @@ def balanced_epoch(labels: np.ndarray, generator: torch.Generator) -> np.ndarray
     labels = np.asarray(labels)
     pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     if len(pos) == 0 or len(neg) == 0:
-        raise DataValueError("training split", f"needs both classes, has {len(pos)} fractured and "
+        raise DataValueError(None, f"training split: needs both classes, has {len(pos)} fractured and "
                              f"{len(neg)} healthy vertebrae")
     m = len(labels) // 2
 
@@ -240,8 +240,8 @@ def get_augment(augment: str | Augment | None) -> Augment | None:
     try:
         return AUGMENTATIONS[augment]
     except KeyError:
-        raise KeyError(f"unknown augmentation {augment!r}; choose one of {sorted(AUGMENTATIONS)} "
-                       "or None (no augmentation)") from None
+        raise InvalidParameterError("augment", f"one of {sorted(AUGMENTATIONS)} or None (no "
+                                    "augmentation)", augment) from None
 
 
 def _rotation(angles: torch.Tensor) -> torch.Tensor:
@@ -297,7 +297,7 @@ class AugmentDraw:
         """Samples ``first .. stop - 1`` of the batch (a torchrun rank's slice of a global batch:
         each sample keeps the augmentation one process gives it)."""
         if not 0 <= first < stop <= self.total:
-            raise DataValueError("take", f"samples {first}..{stop} of a batch of {self.total}")
+            raise InvalidParameterError("first, stop", f"0 <= first < stop <= {self.total}", (first, stop))
         rows = slice(first, stop)
         cut = lambda t: None if t is None else t[rows]  # noqa: E731
         return AugmentDraw(cut(self.theta), cut(self.coarse), cut(self.gamma), cut(self.contrast),
@@ -348,7 +348,7 @@ def apply_augment(hu: torch.Tensor, preset: str | Preset, draw: AugmentDraw) -> 
         x = F.avg_pool3d(x, p.zoom)
     here, device, out = x.shape[0], x.device, p.input_size
     if draw.theta.shape[0] != here:
-        raise DataValueError("hu", f"{here} patches for the augmentation of {draw.theta.shape[0]}")
+        raise DataValueError(None, f"hu: {here} patches for the augmentation of {draw.theta.shape[0]}")
     grid = F.affine_grid(draw.theta.to(device), [here, 1, out, out, out], align_corners=False)
     if draw.coarse is not None:    # the elastic part: a smooth field upsampled from a coarse grid
         field = F.interpolate(draw.coarse.to(device), size=(out,) * 3, mode="trilinear", align_corners=True)

@@ -137,7 +137,7 @@ def probabilities(output, batch: int) -> torch.Tensor:
         return torch.sigmoid(logits[:, 0])
     if logits.shape[1] == 2:
         return torch.softmax(logits, dim=1)[:, 1]
-    raise DataValueError("model output", f"expected one logit (or two classes) per sample, got "
+    raise DataValueError(None, f"model output: expected one logit (or two classes) per sample, got "
                          f"shape {tuple(output.shape)}")
 
 

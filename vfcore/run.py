@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MissingArtifactError
+from .errors import InvalidParameterError, MissingArtifactError
 
 #: The project root of a source checkout (where ``pyproject.toml`` and ``notebooks/`` are).
 PROJECT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ class RunFolder:
         try:
             return self.root / ARTIFACTS[name].rel
         except KeyError:
-            raise KeyError(f"unknown run artifact {name!r}; known: {sorted(ARTIFACTS)}") from None
+            raise InvalidParameterError("name", f"one of {sorted(ARTIFACTS)}", name) from None
 
     def missing(self, name: str, path: Path | None = None) -> MissingArtifactError:
         """The error for a missing artifact: what it is and which notebook (or command) makes it."""
@@ -159,7 +159,7 @@ class RunFolder:
     def seed_checkpoint(self, seed: int, which: str = "best") -> Path:
         """``model/seed<k>/best.pt`` (best validation F1) or ``last.pt`` (where training resumes)."""
         if which not in ("best", "last"):
-            raise KeyError(f"unknown checkpoint {which!r}; known: 'best', 'last'")
+            raise InvalidParameterError("which", "'best' or 'last'", which)
         return self.seed_dir(seed) / f"{which}.pt"
 
     def history(self, seed: int) -> Path:

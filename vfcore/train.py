@@ -29,25 +29,19 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import FORMAT, load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .constants import PATCH_SIZE
 from .data import (Augment, apply_augment, balanced_epoch, draw_augment, get_augment, load_split,
                    to_network_input)
 from .distributed import (all_reduce_sum, barrier, broadcast, collective, sync_batchnorm, world,
                           wrap_model)
-from .errors import CheckpointError, DataValueError
+from .errors import CheckpointError, InvalidParameterError
 from .forward import forward
 from .runtime import Precision, pick_device, precision
 from .io import atomic_write, sha256_file, versions, write_json
-from .metrics import (METRICS, auc_score, average_precision, classification_metrics, outcome_names,
-                      table1)
+from .metrics import METRICS, classification_metrics, outcome_names
 from .model import FractureNet, Preset, get_preset
 from .run import RunFolder
-
-#: Re-exported for callers of the earlier layout (``train.load_checkpoint`` etc.).
-__all__ = ["FORMAT", "METRICS", "auc_score", "average_precision", "classification_metrics",
-           "outcome_names", "table1", "save_checkpoint", "read_checkpoint", "load_checkpoint",
-           "predict", "preload_split", "train_step", "train_seed", "fit", "predict_split"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,8 +240,8 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
     patience = p.patience if patience is None else patience
     lr = p.lr if lr is None else lr                            # small 3e-4, paper 1e-3
     if batch_size % w.size:
-        raise DataValueError("batch_size", f"{batch_size} is not divisible by the {w.size} ranks: "
-                             "every rank must train on an equal slice of each batch")
+        raise InvalidParameterError("batch_size", f"divisible by the {w.size} ranks (every rank "
+                                    "trains on an equal slice of each batch)", batch_size)
     local = batch_size // w.size                               # this rank's slice of a batch
     augment = get_augment(augment)
     run = RunFolder(run_dir)
@@ -305,15 +299,13 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
     def stopped() -> bool:
         return bool(history) and (history[-1]["epoch"] - best["epoch"] >= patience)
 
-    part = step_ = None
-    if w.size > 1:
-        def part(ids, draw):           # this rank's rows of a global batch and of its draw
-            rows = slice(w.rank * local, (w.rank + 1) * local)
-            return ids[rows], (draw.take(rows.start, rows.stop) if draw is not None else None)
+    def rank_rows(ids, draw):          # torchrun: this rank's rows of a global batch and its draw
+        rows = slice(w.rank * local, (w.rank + 1) * local)
+        return ids[rows], (draw.take(rows.start, rows.stop) if draw is not None else None)
 
-        def step_(*args, **kwargs):    # DDP's gradient all-reduce notices a dead rank here
-            with collective(f"the forward/backward pass of epoch {len(history) + 1}"):
-                return train_step(*args, **kwargs)
+    def collective_step(*args, **kwargs):   # DDP's gradient all-reduce notices a dead rank here
+        with collective(f"the forward/backward pass of epoch {len(history) + 1}"):
+            return train_step(*args, **kwargs)
 
     while len(history) < epochs and not stopped():
         epoch = len(history)
@@ -326,8 +318,9 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
         bar = tqdm(range(n_batches), desc=f"seed {seed} epoch {epoch + 1}/{epochs}{where}",
                    disable=not (progress and w.is_main), leave=False)
         losses = train_epoch(step, optimizer, train_x, labels, p, generator, batch_size=batch_size,
-                             augment=augment, policy=policy, scaler=scaler, part=part,
-                             step=step_ or train_step, progress=bar)
+                             augment=augment, policy=policy, scaler=scaler,
+                             part=rank_rows if w.size > 1 else None,
+                             step=collective_step if w.size > 1 else train_step, progress=bar)
         loss = torch.tensor([np.mean(losses) if losses else float("nan")], dtype=torch.float64,
                             device=dev)
         loss = float(all_reduce_sum(loss, f"summing the losses of epoch {epoch + 1}")) / w.size

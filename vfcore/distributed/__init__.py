@@ -8,8 +8,8 @@
 
 A low room (torch and :mod:`vfcore.errors` only): the stages import it and run the same code
 with one process or N. Training under torchrun is :func:`vfcore.train.train_seed` itself; the
-exact sharded dissection pass is :func:`vfcore.dissect.dissect_sharded` (what
-:func:`vfcore.dissect.dissect_run` and ``vfcore dissect`` run). How to run it on one or
+exact sharded dissection pass is :func:`vfcore.dissect.sharded.dissect_sharded`, which
+:func:`vfcore.dissect.dissect_run` and ``vfcore dissect`` run only under torchrun. How to run it on one or
 several machines: ``docs/distributed.md``.
 """
 from .world import (DEFAULT_TIMEOUT_S, World, all_gather_rows, all_reduce_sum, barrier, broadcast,
