@@ -77,8 +77,33 @@ class DistributedError(VfcoreError):
     """A multi-process job that cannot go on: a collective timed out or failed (a rank died)."""
 
 
+class RunLockedError(VfcoreError):
+    """Another process is writing the run folder (or data root): the message names the holder
+    (pid, command, since when) and the lock file."""
+
+
+class DiskFullError(VfcoreError, OSError):
+    """A write failed for lack of space (ENOSPC, EDQUOT): the message names the file, the errno
+    and the space left. An :class:`OSError` too, so handlers of disk errors still see it."""
+
+
+class UnsafePathError(VfcoreError):
+    """A path that must not be used: a FIFO, a device, a symlink leaving its root, an absolute
+    or ``../`` path where a path inside a folder is expected."""
+
+
 class PresetError(VfcoreError, KeyError):
     """A network preset name that vfcore does not define (the message lists the known ones)."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return Exception.__str__(self)
+
+
+class InvalidParameterError(VfcoreError, ValueError):
+    """A bad argument (a function's parameter, a command-line flag or an environment variable):
+    ``InvalidParameterError(name, allowed, given)`` prints ``"<name> must be <allowed>; got <given>"``
+    (scikit-learn style). ``path`` is None: it names no file."""
+
+    def __init__(self, name: str, allowed: str, given: object):
+        self.name, self.allowed, self.given = name, allowed, given
+        super().__init__(None, f"{name} must be {allowed}; got {given!r}")

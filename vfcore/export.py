@@ -23,6 +23,7 @@ from vfcore.dissect import (EXEMPLAR_SCORES, FORMAT, NOTEBOOK_03, SUBSET_NAMES, 
 from vfcore.dissect.artifacts import checkpoint_path, network
 from vfcore.errors import StaleArtifactError
 from vfcore.io import atomic_save, atomic_write, sha256_file, write_json
+from vfcore.lock import writes
 from vfcore.run import RunFolder
 from vfcore.viz.dissection import collage, take
 
@@ -41,6 +42,7 @@ def _load_patch(run_dir: Path, rel: str) -> np.ndarray | None:
     return read_patch(path)
 
 
+@writes("vfcore dissect (export_units)")
 def export_units(run_dir: str | Path, top: int = 10, top_fp: int = 5, k: int = 25,
                  nifti_top: int = 5, subset: str = "positive", by: str = "r",
                  view: str = "sagittal", device: str | None = None, batch_size: int = 16,

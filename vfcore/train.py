@@ -36,6 +36,7 @@ from .distributed import all_reduce_sum, barrier, broadcast, collective, world, 
 from .errors import CheckpointError, DataValueError
 from .forward import forward, precision
 from .io import atomic_write, sha256_file, versions, write_json
+from .lock import writes
 from .metrics import (METRICS, auc_score, average_precision, classification_metrics, outcome_names,
                       table1)
 from .model import FractureNet, Preset, get_preset
@@ -138,6 +139,7 @@ def _validate(model: torch.nn.Module, val_x, val_y, p: Preset, dev: torch.device
     return dict(zip(METRICS, row.tolist()))
 
 
+@writes("vfcore train (train_seed)")
 def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 0, *,
                epochs: int | None = None, batch_size: int | None = None,
                patience: int | None = None, lr: float | None = None, augment: Augment | str | None = "paper",
@@ -277,6 +279,7 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
     return folder
 
 
+@writes("vfcore train (fit)")
 def fit(run_dir: str | Path, preset: str | Preset = "small", *, seeds=(0,), epochs: int | None = None,
         batch_size: int | None = None, patience: int | None = None, lr: float | None = None,
         augment: Augment | str | None = "paper", device: str | None = None, compile: bool = False,

@@ -29,6 +29,8 @@ from vfcore.constants import PATCH_SIZE
 from vfcore.errors import (CorruptFileError, DataValueError, MissingArtifactError, StaleArtifactError,
                            VfcoreError)
 from vfcore.metrics import outcome_names
+from vfcore.lock import writes
+from vfcore.provenance import check_dissection
 from vfcore.run import ARTIFACTS, RunFolder, notebook_path
 
 from .dissection import Dissection, check_layer
@@ -252,6 +254,7 @@ def load_artifacts(run_dir: str | Path, expect: Mapping | None = None,
         if not same:
             raise StaleArtifactError(meta_path, f"stale: made with {key} = {have!r}, expected "
                                      f"{want!r}: run {NOTEBOOK_03} again (parameters of this run)")
+    check_dissection(run, meta, meta_path)   # the checkpoint and manifest there now (provenance)
     for name in ("thresholds.npz", "stats.npz", "tail.npz", "samples.csv"):
         if not (folder / name).is_file():
             raise _missing(folder / name, NOTEBOOK_03, name)
@@ -414,6 +417,7 @@ def _split_counts(samples: pd.DataFrame) -> dict[str, dict[str, int]]:
     return out
 
 
+@writes("vfcore dissect (dissect_run)")
 def dissect_run(run_dir: str | Path, split: str | Sequence[str] | None = None,
                 q_tail: float = Q_TAIL_PAPER, *, batch_size: int | None = None,
                 checkpoint: str | Path | None = None, layer: str | None = None,

@@ -38,6 +38,7 @@ from scipy.ndimage import spline_filter
 from vfcore.constants import PATCH_SIZE, PATCH_SPACING
 from vfcore.errors import GeometryError, VfcoreError
 from vfcore.io import save_npy, sha256_file, write_json
+from vfcore.lock import writes
 from vfcore.run import RunFolder
 from vfcore.verse import Case, Volume, craniocaudal, find_cases, level_name, load_case
 
@@ -323,6 +324,7 @@ def _run_jobs(jobs: list, workers: int, bar) -> tuple[dict[str, dict], list[str]
 # --------------------------------------------------------------------------------------------
 
 
+@writes("vfcore patches (extract_patches)")
 def extract_patches(root: str | os.PathLike, run_dir: str | os.PathLike, *, workers: int = 1,
                     seed: int = 0, grades=None, size: int = PATCH_SIZE,
                     spacing: float = PATCH_SPACING, ct_order: int = 1,
