@@ -82,9 +82,14 @@ class RunLockedError(VfcoreError):
     (pid, command, since when) and the lock file."""
 
 
-class DiskFullError(VfcoreError, OSError):
+class WriteError(VfcoreError, OSError):
+    """A file or folder that cannot be written (permission, read-only file system): the message
+    names it, the errno and what to do. An :class:`OSError` too."""
+
+
+class DiskFullError(WriteError):
     """A write failed for lack of space (ENOSPC, EDQUOT): the message names the file, the errno
-    and the space left. An :class:`OSError` too, so handlers of disk errors still see it."""
+    and the space left."""
 
 
 class UnsafePathError(VfcoreError):

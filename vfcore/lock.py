@@ -197,6 +197,8 @@ def writes(command: str, arg: str = "run_dir", run: bool = True) -> Callable:
                 from .run import RunFolder
 
                 folder = RunFolder(folder).root
+            if Path(folder).exists() and not Path(folder).is_dir():
+                return fn(*args, **kwargs)   # not a folder: the function's own error says so
             with writer_lock(folder, command):
                 return fn(*args, **kwargs)
         return wrapper

@@ -36,6 +36,7 @@ from .distributed import all_reduce_sum, barrier, broadcast, collective, world, 
 from .errors import CheckpointError, DataValueError
 from .forward import forward, precision
 from .io import atomic_write, sha256_file, versions, write_json
+from .checks import finite_loss
 from .lock import writes
 from .metrics import (METRICS, auc_score, average_precision, classification_metrics, outcome_names,
                       table1)
@@ -186,7 +187,7 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    train_x, train_y, _ = load_split(run_dir, "train")
+    train_x, train_y, train_rows = load_split(run_dir, "train")
     val_x, val_y, _ = load_split(run_dir, "val")
     # the manifest's checksum: a run folder whose patch store was rebuilt (other scans, other
     # split) must not silently resume or reuse a model trained on the old one
@@ -254,6 +255,8 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
             pass_ = f"the forward/backward pass of epoch {epoch + 1}, batch {b + 1}"
             with collective(pass_) if w.size > 1 else contextlib.nullcontext():
                 losses.append(train_step(step, optimizer, x, y, dtype=dtype, scaler=scaler))
+            finite_loss(losses[-1], epoch=epoch, batch=b, step=epoch * n_batches + b + 1,
+                        files=train_rows["ct_path"].to_numpy()[ids], where=run.manifest)
             bar.set_postfix(loss=f"{np.mean(losses):.3f}",
                             samples_s=f"{(b + 1) * batch_size / (time.perf_counter() - t0):.0f}")
         loss = torch.tensor([np.mean(losses) if losses else float("nan")], dtype=torch.float64,

@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from vfcore.checks import patient_overlap, store_path
 from vfcore.constants import DISSECT_SPLIT, SPLIT_TABLE
 from vfcore.errors import CorruptFileError, DataValueError, FormatError, GradeTableError
 from vfcore.verse import read_grades
@@ -204,4 +205,9 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
         raise DataValueError(path, f"a label or out_of_field value is not a number ({err})") from None
     for col in ("fracture", "grade", "shape"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
+    store = Path(path).parent
+    for col in ("ct_path", "mask_path", "concept_path"):   # rows stay inside the store
+        for rel in df[col]:
+            store_path(rel, store, path, col)
+    patient_overlap(df["patient"], df["split"], path)       # no patient in two splits
     return df
