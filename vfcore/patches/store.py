@@ -289,7 +289,11 @@ def _extract_worker(case: Case, root: str, out_dir: str, params: dict,
     if in_child:
         _test_kill_hook(case.case_id)
     try:
-        record, redone = _extract_case(case, Path(root), Path(out_dir), params)
+        try:
+            record, redone = _extract_case(case, Path(root), Path(out_dir), params)
+        except BaseException:   # a half-written staging folder is never left behind
+            _remove_tree(_stage(Path(out_dir), case.case_id, "new"))
+            raise
         return {"record": record, "redone": redone}
     except (VfcoreError, OSError, ValueError, MemoryError) as err:
         return {"case": case.case_id, "failed": f"{type(err).__name__}: {err}"}
