@@ -86,6 +86,9 @@ class WriteError(VfcoreError, OSError):
     """A file or folder that cannot be written (permission, read-only file system): the message
     names it, the errno and what to do. An :class:`OSError` too."""
 
+    def __str__(self) -> str:  # OSError would print "[Errno N] ..." once errno is set
+        return BaseException.__str__(self)
+
 
 class DiskFullError(WriteError):
     """A write failed for lack of space (ENOSPC, EDQUOT): the message names the file, the errno

@@ -110,6 +110,10 @@ def _decode_nifti(name: str | Path, stream: BinaryIO, present: int | None, gzipp
         raise CorruptFileError(name, f"holds {got} bytes, less than the {n_head}-byte NIfTI header")
     try:
         raw_header = header_class.from_fileobj(io.BytesIO(bytes(head[:n_head])), check=False)
+        for field in ("scl_slope", "scl_inter"):   # NaN means "unset" (nibabel writes it); inf not
+            if math.isinf(float(raw_header[field])):
+                raise DataValueError(name, f"{field} is {float(raw_header[field])}: the scaled "
+                                           "values would not be finite")
         header = header_class.from_fileobj(io.BytesIO(bytes(head[:n_head])), check=True)
         shape = tuple(int(d) for d in header.get_data_shape())
         dtype = header.get_data_dtype()
@@ -165,7 +169,7 @@ def _decode_nifti(name: str | Path, stream: BinaryIO, present: int | None, gzipp
 def _check_header(name, header, shape, dtype: np.dtype) -> None:
     """Refuse, from the header alone, what no reader should turn into a volume: a voxel type
     that is not one real number (RGB, complex), an empty volume, a zero, negative or
-    non-finite voxel size, a non-finite or zero scaling."""
+    non-finite voxel size (the scaling is checked as the header is read)."""
     if dtype.names is not None or dtype.kind not in "biuf":
         kind = "RGB/structured" if dtype.names is not None else {
             "c": "complex"}.get(dtype.kind, dtype.kind)
@@ -177,10 +181,6 @@ def _check_header(name, header, shape, dtype: np.dtype) -> None:
     if not all(math.isfinite(z) and z != 0 for z in zooms):
         raise GeometryError(name, f"voxel size (pixdim) {zooms} mm: every voxel size must be a "
                             f"finite number other than 0")
-    for what in ("scl_slope", "scl_inter"):   # NaN means "unset" (nibabel writes it); inf not
-        value = float(header[what])
-        if math.isinf(value):
-            raise DataValueError(name, f"{what} is {value}: the scaled values would not be finite")
 
 
 def _check_affine(name, affine: np.ndarray) -> None:
