@@ -256,7 +256,7 @@ def test_a_patch_of_the_wrong_shape_or_type_is_named(tmp_path, array):
 
 @pytest.mark.parametrize("field, value, words", [
     ("base", 4096, "base 4096 is outside"),
-    ("base", 200, "does not match its weights"),
+    ("base", 200, "weights do not fit"),
     ("head", [1 << 20, 8], "head width"),
     ("mlp", [64] * 40, "number of mlp layers"),
     ("crop", 0, "crop 0 is outside"),

@@ -110,8 +110,8 @@ def check_preset_fits(path: Path, preset: Preset, weights) -> None:
     wrong = [k for k in shapes if stored.get(k) != shapes[k]]
     if wrong:
         k = wrong[0]
-        raise CheckpointError(path, f"the stored preset ({preset.name!r}, base {preset.base}) "
-                              f"does not match its weights: {k} is {stored.get(k)} in the file, "
+        raise CheckpointError(path, f"weights do not fit the {preset.name!r} architecture its "
+                              f"preset describes (base {preset.base}): {k} is {stored.get(k)} in the file, "
                               f"{shapes[k]} in that network ({len(wrong)} tensors differ): refused "
                               f"before building it")
 
