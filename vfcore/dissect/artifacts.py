@@ -231,7 +231,9 @@ def load_artifacts(run_dir: str | Path, expect: Mapping | None = None,
     Raises :class:`MissingArtifactError` naming the notebook that makes a missing file, and
     :class:`StaleArtifactError` when the artifacts come from other inputs (another checkpoint,
     split, q, layer or patch store), or when notebook 04's exports belong to an earlier
-    dissection. ``require_exports``: exemplars.json must exist too.
+    dissection; without ``expect`` too, when the checkpoint or manifest in the run folder now
+    differs from the recorded one (retrained or rebuilt since: ``vfcore.provenance``).
+    ``require_exports``: exemplars.json must exist too.
     """
     run = RunFolder(run_dir)
     folder = run.dissection
