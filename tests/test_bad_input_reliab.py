@@ -461,6 +461,8 @@ CLI = {
     "dissect --split train": (["dissect", "{run}", "--split", "train"], {}, "never train"),
     "dissect --split test+train": (["dissect", "{run}", "--split", "test+train"], {}, "never train"),
     "dissect --top-fp -1": (["dissect", "{run}", "--top-fp", "-1"], {}, "--top-fp"),
+    "patches --workers 100000": (["patches", "{root}", "{run}", "--workers", "100000"], {},
+                                 "--workers"),
     "WORLD_SIZE=2 alone": (["train", "{run}"], {"WORLD_SIZE": "2"}, "MASTER_ADDR"),
     "WORLD_SIZE=two": (["dissect", "{run}"], {"WORLD_SIZE": "two"}, "WORLD_SIZE"),
     "RANK=5 of 2": (["train", "{run}"], {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
@@ -495,3 +497,21 @@ def test_device_cuda_without_cuda_is_refused(tmp_path):
         pytest.skip("this machine has CUDA")
     code, out, err = run_cli("train", tmp_path / "run", "--device", "cuda")
     assert code == 2 and "--device must be cpu (this PyTorch sees no CUDA GPU); got 'cuda'" in err
+
+
+def test_a_full_disk_while_extracting_keeps_the_archive_and_leaves_nothing(tmp_path, monkeypatch):
+    archive = _zip(tmp_path / "a.zip", {"d/x.txt": b"x" * 1000, "d/y.txt": b"y"})
+    target = tmp_path / "target"
+    real = zipfile.ZipFile._extract_member
+
+    def full(self, member, path, pwd):
+        name = member if isinstance(member, str) else member.filename
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(path) / name))
+
+    monkeypatch.setattr(zipfile.ZipFile, "_extract_member", full)
+    with pytest.raises(DiskFullError) as err:
+        verse.extract_zip(archive, target)
+    assert "x.txt" in str(err.value) and "errno 28" in str(err.value)
+    assert archive.is_file() and list(target.iterdir()) == []
+    monkeypatch.setattr(zipfile.ZipFile, "_extract_member", real)
+    assert [p.name for p in verse.extract_zip(archive, target)] == ["d"]   # then it works

@@ -307,3 +307,26 @@ def test_exports_of_an_earlier_dissection_are_stale_for_prepare(small_run, tmp_p
     shutil.copytree(small_run, run)
     (RunFolder(run).path("exemplars")).write_text(json.dumps({"dissection_id": "0" * 16}))
     assert "earlier dissection" in stale_steps(run)["ranking"]
+
+
+def test_a_model_trained_on_another_store_is_stale_for_prepare(tmp_path):
+    import torch
+
+    from vfcore.checkpoint import save_checkpoint
+    from vfcore.model import build_model
+    from vfcore.prerequisites import missing_steps
+    from vfcore.provenance import stale_steps
+
+    from store_helpers import write_store
+
+    run = write_store(tmp_path / "run", n=6)
+    torch.manual_seed(0)
+    save_checkpoint(RunFolder(run).checkpoint, build_model("small"),
+                    config={"manifest_sha256": "0" * 64})
+    assert "another patch store" in stale_steps(run)["training"]
+    assert missing_steps(run, "thresholds") == ["training"]
+    from vfcore.io import sha256_file
+
+    save_checkpoint(RunFolder(run).checkpoint, build_model("small"),
+                    config={"manifest_sha256": sha256_file(RunFolder(run).manifest)})
+    assert stale_steps(run) == {} and missing_steps(run, "thresholds") == []

@@ -69,6 +69,18 @@ MAX_SEED = 2 ** 32 - 1
 MAX_SEEDS = 100
 
 
+#: Most worker processes a command starts (``--workers``).
+MAX_WORKERS = 256
+
+
+def _workers(text: str) -> int:
+    """``--workers``: 1 .. :data:`MAX_WORKERS` processes."""
+    value = _positive_int(text)
+    if value > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at most {MAX_WORKERS}")
+    return value
+
+
 def _seed(text: str) -> int:
     """A seed: a whole number 0 .. 2^32 - 1 (``--seed``, ``--seeds``)."""
     try:
@@ -354,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root")
     p.add_argument("--scans", type=_positive_int, default=60)
     p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--workers", type=_positive_int, default=1)
+    p.add_argument("--workers", type=_workers, default=1)
     p.add_argument("--prevalence", type=_share, default=0.12,
                    help="share of fractured vertebrae in the scans (notebook 01's quick run: 0.2)")
     p.add_argument("--dissect-scans", type=_count, default=0,
@@ -377,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="the run folder (writes its patches/)")
     p.add_argument("--grades", metavar="TABLE",
                    help="the fracture grade table (default: one found in the root)")
-    p.add_argument("--workers", type=_positive_int, default=1)
+    p.add_argument("--workers", type=_workers, default=1)
     p.add_argument("--seed", type=_seed, default=0, help="seeds the patient-level split")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_patches)

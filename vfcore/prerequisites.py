@@ -86,7 +86,18 @@ def _run_step(step: str, run: RunFolder, quick: dict) -> None:
                                   dissect_confounders=p.get("DISSECT_CONFOUNDERS"))
         extract_patches(root, run.root, workers=p.get("WORKERS", 1), seed=0)
     elif step == "training":
+        from .provenance import model_staleness
         from .train import fit
+
+        why = model_staleness(run)
+        if why:   # trained on another patch store: it cannot resume; kept aside, not deleted
+            aside = run.model.with_name(run.model.name + ".replaced")
+            if aside.exists():
+                import shutil
+
+                shutil.rmtree(aside)
+            run.model.rename(aside)
+            print(f"{why}: the old models are moved to {aside}")
 
         p = quick.get("02_training", {})
         fit(run.root, p.get("PRESET", "small"), seeds=p.get("SEEDS", [0]), epochs=p.get("EPOCHS"),

@@ -235,6 +235,12 @@ def extract_zip(archive: str | os.PathLike, target: str | os.PathLike, *,
                 zf.extractall(tmp)
         except (zipfile.BadZipFile, zlib.error, EOFError) as err:
             raise DownloadError(archive, f"corrupt zip archive: {err}") from err
+        except OSError as err:   # the partial extraction is removed below; the archive is kept
+            from vfcore.io import disk_full_error, is_disk_full
+
+            if is_disk_full(err):
+                raise disk_full_error(Path(err.filename or tmp), err) from None
+            raise
         top = [p for p in tmp.iterdir()]
         if len(top) == 1 and top[0].is_dir():
             source, dest = top[0], target / top[0].name
