@@ -330,3 +330,14 @@ def test_a_model_trained_on_another_store_is_stale_for_prepare(tmp_path):
     save_checkpoint(RunFolder(run).checkpoint, build_model("small"),
                     config={"manifest_sha256": sha256_file(RunFolder(run).manifest)})
     assert stale_steps(run) == {} and missing_steps(run, "thresholds") == []
+
+
+def test_writing_a_run_folders_phantom_root_waits_for_no_one(small_run, tmp_path):
+    """The phantom root of a run (``<run>/data``) is locked with its run folder: while another
+    process writes the run, the phantom is not rewritten under it."""
+    from vfcore.phantom import write_phantom_root
+
+    with held_elsewhere(small_run, "run") as proc:
+        with pytest.raises(RunLockedError, match=str(proc.pid)):
+            write_phantom_root(RunFolder(small_run).data, n_scans=1, progress=False)
+    assert not RunFolder(small_run).data.exists()

@@ -181,10 +181,12 @@ def writer_lock(folder: str | os.PathLike, command: str, *, wait: float | None =
                 _release(folder, entry)
 
 
-def writes(command: str, arg: str = "run_dir", run: bool = True) -> Callable:
+def writes(command: str, arg: str = "run_dir", run: bool = True, data_root: bool = False) -> Callable:
     """Decorator: the function holds :func:`writer_lock` on the folder given as its argument
     ``arg`` (a run folder, resolved as ``vfcore.run.RunFolder`` does, when ``run``) while it
-    runs. Ranks other than 0 of a torchrun job take no lock."""
+    runs. ``data_root``: the folder is a data root, and when it is a run folder's ``data/``
+    (``RunFolder.data``) that run folder is locked too (first), so that no stage of the run
+    reads the root while it is written. Ranks other than 0 of a torchrun job take no lock."""
     def decorate(fn: Callable) -> Callable:
         signature = inspect.signature(fn)
 
@@ -199,7 +201,14 @@ def writes(command: str, arg: str = "run_dir", run: bool = True) -> Callable:
                 folder = RunFolder(folder).root
             if Path(folder).exists() and not Path(folder).is_dir():
                 return fn(*args, **kwargs)   # not a folder: the function's own error says so
-            with writer_lock(folder, command):
+            with contextlib.ExitStack() as held:
+                if data_root:
+                    from .run import ARTIFACTS
+
+                    here = Path(os.path.abspath(folder))
+                    if here.name == ARTIFACTS["data"].rel and here.parent.is_dir():
+                        held.enter_context(writer_lock(here.parent, command))
+                held.enter_context(writer_lock(folder, command))
                 return fn(*args, **kwargs)
         return wrapper
     return decorate
