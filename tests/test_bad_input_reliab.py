@@ -200,6 +200,20 @@ def test_a_grade_table_with_a_repeated_column_is_refused(tmp_path, sep, suffix):
     assert str(path) in str(err.value) and "'grade'" in str(err.value)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_grade_table_that_is_not_a_regular_file_is_refused_unread(tmp_path, kind):
+    root = make_root(tmp_path / "root")
+    table = tmp_path / "grades.tsv"
+    if kind == "fifo":
+        os.mkfifo(table)
+    else:
+        table.symlink_to("/dev/zero")
+    with pytest.raises(UnsafePathError) as err:
+        patches.extract_patches(root, tmp_path / "run", grades=table, progress=False)
+    assert str(table) in str(err.value) and "not a regular grade table" in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("column, value, words", [
     ("ct_path", "/etc/passwd", "not a path inside"),
     ("ct_path", "../../outside/p_ct.npy", "not a path inside"),
