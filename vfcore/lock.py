@@ -1,7 +1,7 @@
 """One writer per run folder: an OS file lock that every writing stage takes.
 
 Two processes writing one run folder at once mix their results silently (a manifest from one
-extraction and patches from the other; ``best.pt`` from one training and ``last.pt`` from the
+extraction and patches from the other; the best checkpoint from one training and the last from the
 other). So every stage that writes a run folder (``extract_patches``, ``fit``, ``train_seed``,
 ``dissect_run``, ``export_units``, ``prepare``; ``write_phantom_root`` locks its data root)
 first takes :func:`writer_lock` on it:

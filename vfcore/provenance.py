@@ -4,8 +4,9 @@ Every artifact records what it was made from: the dissection's ``meta.json`` the
 and the manifest's sha256 (``checkpoint_sha256``, ``manifest_sha256``), notebook 04's
 ``exemplars.json`` the dissection it exports (``dissection_id``), a checkpoint the manifest
 it was trained on (``config.manifest_sha256``). Retraining (notebook 02 or ``vfcore train``)
-changes ``best.pt``, so a dissection made before it describes another network; rebuilding the
-patch store changes the manifest under the model and the dissection. The readers ask here:
+changes the run's checkpoint, so a dissection made before it describes another network;
+rebuilding the patch store changes the manifest under the model and the dissection. The
+readers ask here:
 
 * :func:`dissection_staleness` / :func:`check_dissection` (``vfcore.dissect.load_artifacts``,
   hence the explorer, notebooks 04-06 and the CLI): another checkpoint or manifest ->
@@ -76,8 +77,8 @@ def check_dissection(run_dir, meta: dict, meta_path: str | os.PathLike) -> None:
 
 
 def model_staleness(run_dir) -> str | None:
-    """Why ``model/best.pt`` no longer fits the patch store (trained on another manifest), or
-    None (also when either file is missing or the checkpoint records no manifest)."""
+    """Why the run's checkpoint (``RunFolder.checkpoint``) no longer fits the patch store
+    (trained on another manifest), or    None (also when either file is missing or the checkpoint records no manifest)."""
     run = RunFolder(run_dir)
     if not (run.checkpoint.is_file() and run.manifest.is_file()):
         return None
