@@ -78,7 +78,8 @@ def check_dissection(run_dir, meta: dict, meta_path: str | os.PathLike) -> None:
 
 def model_staleness(run_dir) -> str | None:
     """Why the run's checkpoint (``RunFolder.checkpoint``) no longer fits the patch store
-    (trained on another manifest), or    None (also when either file is missing or the checkpoint records no manifest)."""
+    (trained on another manifest), or None (also when either file is missing or the
+    checkpoint records no manifest)."""
     run = RunFolder(run_dir)
     if not (run.checkpoint.is_file() and run.manifest.is_file()):
         return None
