@@ -529,3 +529,10 @@ def test_a_full_disk_while_extracting_keeps_the_archive_and_leaves_nothing(tmp_p
     assert archive.is_file() and list(target.iterdir()) == []
     monkeypatch.setattr(zipfile.ZipFile, "_extract_member", real)
     assert [p.name for p in verse.extract_zip(archive, target)] == ["d"]   # then it works
+
+
+def test_a_batch_larger_than_an_epoch_is_refused_before_training(tmp_path):
+    run = write_store(tmp_path / "run", n=30)          # 18 labelled training vertebrae
+    code, out, err = run_cli("train", run, "--preset", "small", "--batch-size", "1000", "--quiet")
+    assert code == 2 and "--batch-size must be at most 18" in err and str(RunFolder(run).manifest) in err
+    assert not RunFolder(run).model.exists()

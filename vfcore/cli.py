@@ -283,7 +283,13 @@ def _train(args) -> int:
     run = RunFolder(args.run)
     from .patches import read_manifest
 
-    read_manifest(run.require("manifest"))  # a typed error naming the file, before training
+    manifest = read_manifest(run.require("manifest"))  # a typed error naming the file, first
+    labelled = manifest["fracture"].isin([0, 1]).fillna(False)
+    draws = int((labelled & (manifest["split"] == "train")).sum()) // 2 * 2   # data.balanced_epoch
+    batch = args.batch_size or preset.batch_size
+    if batch > draws:       # no batch in an epoch: nothing would be learnt
+        raise InvalidParameterError("--batch-size", f"at most {draws} (the draws per epoch of the "
+                                    f"training split of {run.manifest})", batch)
     from .train import fit
 
     metrics = fit(run.root, preset, seeds=args.seeds, epochs=args.epochs,
