@@ -341,3 +341,24 @@ def test_writing_a_run_folders_phantom_root_waits_for_no_one(small_run, tmp_path
         with pytest.raises(RunLockedError, match=str(proc.pid)):
             write_phantom_root(RunFolder(small_run).data, n_scans=1, progress=False)
     assert not RunFolder(small_run).data.exists()
+
+
+def test_a_forced_dissection_that_fails_keeps_the_old_one(small_run, tmp_path, monkeypatch):
+    """--force (or a new identity) removes the old set only once the new pass is done."""
+    import shutil
+
+    import vfcore.dissect.artifacts as artifacts
+    from vfcore.dissect import dissect_run, load_artifacts
+
+    run = tmp_path / "forced"
+    shutil.copytree(small_run, run)
+    before = files_under(run)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifacts, "dissect_sharded", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dissect_run(run, "test", q_tail=0.01, force=True, progress=False)
+    assert files_under(run) == before
+    assert load_artifacts(run).meta["q_tail"] == 0.005

@@ -477,15 +477,6 @@ def dissect_run(run_dir: str | Path, split: str | Sequence[str] | None = None,
     if len(labels) == 0:
         raise DataValueError(manifest, f"split {split!r} has no labelled vertebrae")
     check_layer(model, identity["layer"], patches[:1], transform, where=f"preset {preset.name!r}")
-    folder = dissection_dir(run_dir)
-    if w.is_main:                 # one writer: rank 0
-        folder.mkdir(parents=True, exist_ok=True)
-        RunFolder(run_dir).path("dissection_meta").unlink(missing_ok=True)   # incomplete until it lands
-        for old in ("exemplars.json", "units.csv", "unit_concepts.csv", "ranking_tp.csv", "ranking_fp.csv"):
-            (folder / old).unlink(missing_ok=True)
-        for old in ("collages", "nifti"):
-            shutil.rmtree(folder / old, ignore_errors=True)
-
     if batch_size is None:
         batch_size = 128 if torch.cuda.is_available() and device != "cpu" else 16
     # the one pass: a world of one is dissect(); under torchrun each rank runs its share and
@@ -493,7 +484,14 @@ def dissect_run(run_dir: str | Path, split: str | Sequence[str] | None = None,
     d = dissect_sharded(model, patches, identity["layer"], q_tail=q_tail, batch_size=batch_size,
                         transform=transform, device=device, progress=progress)
     from vfcore.runtime import pick_device
-    if w.is_main:
+    folder = dissection_dir(run_dir)
+    if w.is_main:                 # one writer: rank 0; the old set is kept until the pass is done
+        folder.mkdir(parents=True, exist_ok=True)
+        RunFolder(run_dir).path("dissection_meta").unlink(missing_ok=True)   # incomplete until it lands
+        for old in ("exemplars.json", "units.csv", "unit_concepts.csv", "ranking_tp.csv", "ranking_fp.csv"):
+            (folder / old).unlink(missing_ok=True)
+        for old in ("collages", "nifti"):
+            shutil.rmtree(folder / old, ignore_errors=True)
         write_artifacts(run_dir, d, identity, rows, labels, threshold=threshold, extra={
             "checkpoint": _relative_to(ckpt, run_dir), "preset": preset.name,
             "field": [[s.start, s.stop] for s in network_field(preset)],
