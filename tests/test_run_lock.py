@@ -362,3 +362,35 @@ def test_a_forced_dissection_that_fails_keeps_the_old_one(small_run, tmp_path, m
         dissect_run(run, "test", q_tail=0.01, force=True, progress=False)
     assert files_under(run) == before
     assert load_artifacts(run).meta["q_tail"] == 0.005
+
+
+@pytest.mark.slow
+def test_exports_that_fail_halfway_keep_the_old_ones(small_run, tmp_path, monkeypatch):
+    import shutil
+
+    import vfcore.export as export
+    from vfcore.dissect import load_artifacts
+
+    from vfcore.dissect import dissect_run
+
+    run = tmp_path / "exported"
+    shutil.copytree(small_run, run)
+    probability = load_artifacts(run).samples["probability"]   # both outcomes at the median
+    dissect_run(run, "test", threshold=float(probability.median()), B=20, progress=False)
+    export.export_units(run, top=1, top_fp=1, nifti_top=1, progress=False)
+    before = files_under(run)
+    assert any(k.startswith("dissection/collages/") for k in before)
+    real, calls = export._export_unit, []
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export, "_export_unit", fail_second)
+    with pytest.raises(OSError):
+        export.export_units(run, top=1, top_fp=1, nifti_top=1, progress=False)
+    assert files_under(run) == before
+    assert not (RunFolder(run).dissection / ".exports-new").exists()
+    assert load_artifacts(run, require_exports=True).units is not None
