@@ -123,6 +123,19 @@ def test_a_source_that_is_not_a_regular_file_in_the_root_is_refused_unread(tmp_p
     assert no_partials(run)
 
 
+def test_a_root_that_is_a_link_is_still_read(tmp_path):
+    """Only a file symlinked out of the root is refused: the root itself may be a link (a
+    download kept on another disk), and links inside it that stay inside it are followed."""
+    make_root(tmp_path / "disk2")
+    root = tmp_path / "root"
+    root.symlink_to(tmp_path / "disk2")
+    ct = root / "rawdata/sub-a/sub-a_ct.nii.gz"
+    shutil.move(ct, root / "rawdata/ct-copy.nii.gz")
+    ct.symlink_to(root / "rawdata/ct-copy.nii.gz")          # inside the root: fine
+    manifest = patches.extract_patches(root, tmp_path / "run", progress=False)
+    assert _failed(tmp_path / "run") == [] and len(manifest) == 2
+
+
 def test_centroids_inside_another_vertebra_are_refused(tmp_path):
     root = make_root(tmp_path / "root")
     ctd = root / "derivatives/sub-a/sub-a_seg-subreg_ctd.json"

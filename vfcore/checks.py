@@ -23,10 +23,11 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character de
 
 def regular_file(path: str | os.PathLike, root: str | os.PathLike | None = None,
                  max_bytes: int | None = None, what: str = "file") -> Path:
-    """``path`` if it is a regular file (after symlinks), inside ``root`` (after resolving
-    symlinks on both) and at most ``max_bytes`` long; else :class:`UnsafePathError` (FIFO,
-    device, socket, folder, a symlink leading out of ``root``) or :class:`FormatError` (too
-    large). Only ``os.stat`` is called: nothing is opened."""
+    """``path`` if it is a regular file (after symlinks), not a symlink leading out of ``root``
+    (its target resolved against the resolved root; folders of the root may be links) and at
+    most ``max_bytes`` long; else :class:`UnsafePathError` (FIFO, device, socket, folder, a
+    file symlinked out of ``root``) or :class:`FormatError` (too large). Only ``os.stat`` is
+    called: nothing is opened."""
     path = Path(path)
     try:
         st = os.stat(path)
@@ -37,7 +38,8 @@ def regular_file(path: str | os.PathLike, root: str | os.PathLike | None = None,
             raise UnsafePathError(path, f"is {kind}, not a regular {what}: refused before reading it")
     if not stat.S_ISREG(st.st_mode):
         raise UnsafePathError(path, f"is not a regular {what}")
-    if root is not None:
+    # a folder of the root may be a link (a download on another disk); a file may not lead out
+    if root is not None and path.is_symlink():
         real, top = path.resolve(), Path(root).resolve()
         if not real.is_relative_to(top):
             raise UnsafePathError(path, f"leads to {real}, outside the data root {top} (a symlink "
