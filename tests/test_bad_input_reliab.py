@@ -261,6 +261,32 @@ def test_a_patient_in_two_splits_is_refused(tmp_path):
     assert str(manifest) in str(err.value) and "more than one split" in str(err.value)
 
 
+def test_the_same_vertebra_twice_is_refused(tmp_path):
+    from vfcore.data import load_split
+
+    run = write_store(tmp_path / "run", n=15)
+    manifest = RunFolder(run).manifest
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    table.loc[len(table)] = table.loc[0]
+    table.to_csv(manifest, index=False)
+    with pytest.raises(DataValueError) as err:
+        load_split(run, "train")
+    assert str(manifest) in str(err.value) and "sub-x000 label 20" in str(err.value)
+
+
+@pytest.mark.parametrize("reader", ["read_ct", "read_mask", "read_centroids"])
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_readers_refuse_a_fifo_or_device_without_reading(tmp_path, reader, kind):
+    path = tmp_path / ("x.json" if reader == "read_centroids" else "x.nii.gz")
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(kind)
+    with pytest.raises(UnsafePathError) as err:
+        getattr(verse, reader)(path)
+    assert str(path) in str(err.value) and "not a regular" in str(err.value)
+
+
 @pytest.mark.parametrize("array", [np.zeros((64, 64, 64), np.int16), np.full((96, 96, 96), np.nan, np.float32),
                                    np.zeros((96, 96, 96, 1), np.int16)],
                          ids=["64^3", "float NaN", "4D"])

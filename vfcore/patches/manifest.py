@@ -215,4 +215,10 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
         for rel in df[col]:
             store_path(rel, store, path, col)
     patient_overlap(df["patient"], df["split"], path)       # no patient in two splits
+    twice = df.duplicated(["case", "label"], keep=False)
+    if twice.any():
+        some = ", ".join(sorted({f"{c} label {lb}" for c, lb in zip(df.loc[twice, "case"],
+                                                                     df.loc[twice, "label"])})[:4])
+        raise DataValueError(path, f"the same vertebra in more than one row ({some}): rebuild "
+                                   f"the store with `vfcore patches`")
     return df

@@ -222,6 +222,10 @@ def _require_file(path: Path, what: str) -> None:
     """:class:`CorruptFileError` for a missing file or a folder where a file is expected."""
     if path.is_dir():
         raise CorruptFileError(path, f"is a folder, not a {what} file")
+    if path.exists() and not path.is_file():   # a FIFO or a device would block or never end
+        from vfcore.checks import regular_file
+
+        regular_file(path, None, None, f"{what} file")
     if not path.is_file():
         raise CorruptFileError(path, f"no such {what} file")
 
