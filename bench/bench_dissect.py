@@ -1,14 +1,15 @@
 """Throughput and memory of the dissection pass: exact (vfcore.dissect) vs a sampled sketch.
 
 Targets (issue 5): a whole pass (forward + exact thresholds + per-sample statistics) costs about
-one forward pass; H100, paper preset: >= 1500 samples/s (forward alone measured 2031 in bf16);
-on CPU, the small preset's pass over the CI data set in under a minute.
+one forward pass. Goal on an H100 with the paper preset: >= 1500 samples/s (a target; no GPU
+has run this script yet, and the "2031 samples/s for the forward alone in bf16" quoted in issue
+5 was not measured by it). On CPU, the small preset's pass over the CI data set in under a minute.
 
 Four measurements on the same inputs (int16 HU patches 96^3 -> ``vfcore.data.to_network_input``):
 
-* ``forward``: the model alone (eval, inference_mode, autocast on CUDA), the floor;
+* ``forward``: the model alone (eval, inference_mode, fp32 as the dissection), the floor;
 * ``exact``: :func:`vfcore.dissect.dissect` (forward + hooks + TopQuantile merge + [N, K] stats);
-* ``sketch``: forward + :class:`vfcore.dissect.SampledQuantile` (what the published code did);
+* ``sketch``: forward + :class:`vfcore.dissect.quantile.SampledQuantile` (what the published code did);
 * the sketch's error: realised tail P(a_k > T_k) of its thresholds vs q, per unit.
 
 Peak memory: GPU ``max_memory_allocated``; CPU the process's peak RSS (VmHWM, reset before each
@@ -68,10 +69,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from vfcore import dissect as D
+    from vfcore.dissect.quantile import SampledQuantile, tail_fraction, tail_size
     from vfcore.data import to_network_input
     from vfcore.forward import forward_batches
-    from vfcore.model import DISSECT_LAYER, build_model
-    from vfcore.runtime import describe_runtime, pick_device
+    from vfcore.model import build_model, get_preset
+    from vfcore.runtime import describe_runtime, pick_device, precision_line
 
     torch.set_num_threads(args.threads)
     describe_runtime()
@@ -97,22 +99,23 @@ def main() -> None:
         rng = np.random.default_rng(0)
         patches = rng.integers(-1000, 1500, size=(n, 96, 96, 96), dtype=np.int16)
         source = f"random int16 patches ({n})"
-    layer = DISSECT_LAYER[preset]
+    layer = get_preset(preset).dissect_layer
     n = len(patches)
 
     def transform(hu):
         return to_network_input(hu, preset)
 
     print(f"\npreset {preset}, layer {layer}, {source}, batch {batch}, q = {args.q}, device {device}")
+    print(precision_line(device))
     model = model.to(device).eval()
 
     # warm-up (cuDNN autotuning, allocator)
     D.activations(model, patches[:batch], layer, batch_size=batch, transform=transform, device=device)
 
     def passes(layers=(layer,)):
-        """The one forward engine (eval, inference mode, the device's precision)."""
+        """The one forward engine (eval, inference mode, fp32: what the dissection computes)."""
         return forward_batches(model, patches, layers, batch_size=batch, transform=transform,
-                               device=device)
+                               device=device, amp=False)
 
     def forward_only():
         for _ in passes(()):
@@ -123,7 +126,7 @@ def main() -> None:
                          device=device, progress=False)
 
     def sketched():
-        sketch = D.SampledQuantile(args.q, resolution=1024, seed=0)
+        sketch = SampledQuantile(args.q, resolution=1024, seed=0)
         for out in passes():
             sketch.update(out.activations[layer])
         return sketch.thresholds()
@@ -145,15 +148,15 @@ def main() -> None:
     t_exact, mem_exact, d = timed(exact)
     t_sketch, mem_sketch, T_sketch = timed(sketched)
     P = int(np.prod(d.spatial_shape))
-    m = D.tail_size(n * P, args.q)
+    m = tail_size(n * P, args.q)
 
     # 4. how far the sketch is off: realised tails of both thresholds, counted on all values
     counts_exact = np.zeros(d.n_units)
     counts_sketch = np.zeros(d.n_units)
     for out in passes():
         A = out.activations[layer]
-        counts_exact += D.tail_fraction(A, d.T) * A.shape[0] * P
-        counts_sketch += D.tail_fraction(A, T_sketch) * A.shape[0] * P
+        counts_exact += tail_fraction(A, d.T) * A.shape[0] * P
+        counts_sketch += tail_fraction(A, T_sketch) * A.shape[0] * P
     real_exact = counts_exact / (n * P)
     real_sketch = counts_sketch / (n * P)
     live = ~d.flags["degenerate"]

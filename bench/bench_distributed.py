@@ -4,7 +4,7 @@ cost of merging the ranks' threshold buffers (vfcore.distributed, issue 15).
 Launches itself with ``torchrun`` (gloo on CPUs, NCCL on GPUs, MASTER_ADDR=127.0.0.1) once per
 process count and prints, from rank 0:
 
-* ``pass``: :func:`vfcore.dissect.dissect_sharded` over N random int16 patches (forward,
+* ``pass``: :func:`vfcore.dissect.sharded.dissect_sharded` over N random int16 patches (forward,
   hooks, the per-rank TopQuantile, the all-gather and merge, the [N, K] statistics): samples/s
   of the whole job (N / the slowest rank's wall time) and the peak memory of rank 0;
 * ``merge``: the all-gather and exact merge alone, at the scale of a real split: each rank holds
@@ -48,10 +48,10 @@ def rss_mb() -> float:
 def worker(args) -> None:
     from vfcore import distributed as dd
     from vfcore.data import to_network_input
-    from vfcore.dissect import TopQuantile, tail_size
+    from vfcore.dissect.quantile import TopQuantile, tail_size
     from vfcore.dissect.sharded import _gather, dissect_sharded
     from vfcore.model import FractureNet, get_preset
-    from vfcore.runtime import device_name
+    from vfcore.runtime import device_name, precision_line
 
     torch.set_num_threads(args.threads)
     w = dd.init()
@@ -77,6 +77,7 @@ def worker(args) -> None:
               f"{p.dissect_layer}: K={d.n_units} x {int(np.prod(d.spatial_shape))} positions, batch "
               f"{args.batch}): {args.samples / seconds:.1f} samples/s ({seconds:.2f} s), peak {peak_mb()}",
               flush=True)
+        print(precision_line(dev), flush=True)
 
     # the merge at a real split's scale: every rank holds a full buffer, as after its share
     K, P, N = args.merge_units, args.merge_positions, args.merge_n

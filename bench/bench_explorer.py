@@ -40,6 +40,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from vfcore import explorer as ex
+    from vfcore.dissect import VIEWS
+    from vfcore.viz.units import png_bytes
 
     tmp = tempfile.TemporaryDirectory()
     if args.run:
@@ -61,11 +63,11 @@ def main() -> None:
         sys.exit(f"could not open a sample: {app.status_text}")
 
     steps, render, encode = [], [], []
-    for view in ex.VIEWS:
+    for view in VIEWS:
         app.view_select.value = view
         for mode in ex.MODES:
             app.mode_select.value = mode
-            n = app.analysis.patch.shape[ex.VIEWS[view]]
+            n = app.analysis.patch.shape[VIEWS[view]]
             for s in list(range(n)) + list(range(n - 2, -1, -1)):
                 if s == app.index:
                     continue
@@ -78,7 +80,7 @@ def main() -> None:
                 t = time.perf_counter()
                 rgb = app.expected_rgb(index=s)
                 t2 = time.perf_counter()
-                ex.png_bytes(rgb)
+                png_bytes(rgb)
                 render.append(1000 * (t2 - t))
                 encode.append(1000 * (time.perf_counter() - t2))
 

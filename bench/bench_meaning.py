@@ -13,16 +13,16 @@ goal) and the details behind each figure, with the machine (``vfcore.runtime.dev
 * the top-``top`` c_k units' share of mask on the target vertebra: for every top unit and every
   true-positive sample where it fires, the block mask M_k at patch resolution
   (``vfcore.dissect.patch_mask``: each feature voxel is the input block it summarises) against
-  the patch's vertebra labels (``vfcore.dissect.vertebra_overlap``), averaged over those
+  the patch's vertebra labels (``vfcore.dissect.geometry.vertebra_overlap``), averaged over those
   (unit, sample) pairs; notebook 04's figure over its exemplars (``units.csv``) beside it;
-* where the top units *look* (``vfcore.dissect.looking``): the share of |input gradient| of
+* where the top units *look* (``vfcore.analysis.looking``): the share of |input gradient| of
   each unit's activation summed over its mask cells on the target vertebra, beside its mask
   share, with chance, an untrained network (same cells) and 10 random units as controls, the
   share on the fracture signs against another TP sample's, and occlusion of the target
   vertebra / fracture signs against equal-volume regions elsewhere (``--no-looking`` skips it);
 * patches more than 10 % outside the scan (manifest ``out_of_field``), their levels, and how
-  many are cranio-caudal end vertebrae (``vfcore.shortcut.outside_patches``), and the mean
-  out-of-field fraction per outcome (``vfcore.shortcut.run_out_of_field``);
+  many are cranio-caudal end vertebrae (``vfcore.analysis.shortcut.outside_patches``), and the mean
+  out-of-field fraction per outcome (``vfcore.analysis.shortcut.run_out_of_field``);
 * the whole series' wall time and peak memory where ``bench/bench_series.py`` measured this run.
 
 Not a test: it prints figures (and writes them as JSON with ``--json``).
@@ -71,7 +71,8 @@ def seed_figures(run) -> dict:
 def on_target(run, art, top: int = 10) -> dict:
     """Share of the top units' block masks on the target vertebra, over TP samples where they fire."""
     from vfcore.data import read_patch
-    from vfcore.dissect import outcomes, patch_mask, vertebra_overlap
+    from vfcore.dissect import outcomes, patch_mask
+    from vfcore.dissect.geometry import vertebra_overlap
 
     d, samples = art.dissection, art.samples
     if art.ranking_tp is None:
@@ -111,11 +112,12 @@ def on_target(run, art, top: int = 10) -> dict:
 
 
 def looking_figures(run, art, net, top: int = 10, max_samples: int | None = None, seed: int = 0) -> dict:
-    """Where the top units look (input gradients) and occlusion, with controls (``vfcore.dissect.looking``)."""
+    """Where the top units look (input gradients) and occlusion, with controls (``vfcore.analysis.looking``)."""
     import torch
 
-    from vfcore.dissect import (looking_summary, occlusion_summary, random_unit_draws, run_looking,
-                                run_occlusion, theoretical_rf)
+    from vfcore.analysis.alignment import random_unit_draws
+    from vfcore.analysis.looking import (looking_summary, occlusion_summary, run_looking, run_occlusion,
+                                         theoretical_rf)
     from vfcore.model import build_model
 
     if art.ranking_tp is None:
@@ -143,7 +145,7 @@ def looking_figures(run, art, net, top: int = 10, max_samples: int | None = None
 
 def outside_figures(run_dir) -> dict:
     """Patches more than 10 % outside the scan (all of the manifest) and the errors against it."""
-    from vfcore import shortcut
+    from vfcore.analysis import shortcut
     from vfcore.data import read_store
 
     manifest = read_store(run_dir)
@@ -191,7 +193,7 @@ def main(argv=None) -> int:
     from vfcore.dissect import load_artifacts
     from vfcore.errors import VfcoreError
     from vfcore.run import RunFolder
-    from vfcore.runtime import device_name
+    from vfcore.runtime import device_name, precision_line
 
     run = RunFolder(args.run)
     try:
@@ -242,7 +244,7 @@ def main(argv=None) -> int:
     ]
     width = [max(len(r[i]) for r in rows + [("figure", "this run", "goal")]) for i in range(3)]
     line = lambda r: "| " + " | ".join(str(v).ljust(w) for v, w in zip(r, width)) + " |"  # noqa: E731
-    print(f"issue 11 measured goals for {run.root}\nmachine: {device_name()}\n")
+    print(f"issue 11 measured goals for {run.root}\nmachine: {device_name()}\n{precision_line()}\n")
     print(line(("figure", "this run", "goal")))
     print("|" + "|".join("-" * (w + 2) for w in width) + "|")
     for r in rows:

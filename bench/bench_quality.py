@@ -28,7 +28,7 @@ import torch
 
 from vfcore import patches, phantom, train
 from vfcore.run import RunFolder
-from vfcore.runtime import device_name, pick_device
+from vfcore.runtime import device_name, pick_device, precision_line
 
 
 def main() -> None:
@@ -50,6 +50,7 @@ def main() -> None:
     augment = None if args.augment == "none" else args.augment
     print(f"device: {device_name(dev)}; torch {torch.__version__}; preset {args.preset}; "
           f"augment {augment}; {args.scans} scans; seeds {args.seeds}; up to {args.epochs} epochs")
+    print(precision_line(dev))
     try:
         t0 = time.perf_counter()
         root = phantom.write_phantom_root(RunFolder(run).data, n_scans=args.scans, seed=0,

@@ -11,7 +11,9 @@ import re
 import numpy as np
 import scipy.ndimage as ndi
 
-from vfcore.explorer import DISPLAY_WINDOW_HU, SCALE, decode_png
+from vfcore.constants import DISPLAY_WINDOW_HU
+from vfcore.explorer import SCALE
+from vfcore.viz.units import decode_png
 
 LO, HI = DISPLAY_WINDOW_HU
 

@@ -11,11 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from vfcore.dissect import (UndefinedCorrelationError, M_k, NoConceptMasksError, RunConcepts, ablation_summary,
-                            ablation_table, block_alignment, concept_counts, concept_counts_grids,
-                            concept_dictionary, control_table, draft_findings, fp_concept_table,
-                            interpolated_alignment, layers_below, mask_entries, same_class_pairings,
-                            student_dictionary, unit_table, zeroed)
+from vfcore.analysis.ablation import ablation_summary, ablation_table, zeroed
+from vfcore.analysis.alignment import (NoConceptMasksError, RunConcepts, block_alignment, concept_counts,
+                                       concept_counts_grids, control_table, fp_concept_table,
+                                       interpolated_alignment, layers_below, mask_entries,
+                                       same_class_pairings, unit_table)
+from vfcore.analysis.findings import concept_dictionary, draft_findings, student_dictionary
+from vfcore.dissect import M_k, UndefinedCorrelationError
 
 from tiny_run import tiny_run  # noqa: F401  (fixture: a small real run folder)
 
@@ -326,9 +328,9 @@ def test_ablation_fast_path_equals_the_hooks():
 @pytest.mark.parametrize("preset", ["small", "paper"])
 def test_grad_cam_shapes_and_target_layer(preset):
     from vfcore.data import to_network_input
-    from vfcore.dissect import network_field
+    from vfcore.dissect.artifacts import network_field
     from vfcore.model import build_model, get_preset
-    from vfcore.saliency import grad_cam, patch_grad_cam
+    from vfcore.analysis.saliency import grad_cam, patch_grad_cam
 
     torch.manual_seed(1)            # (seed 0's untrained paper network has an all-zero map)
     p = get_preset(preset)
@@ -372,7 +374,7 @@ def test_grad_cam_shapes_and_target_layer(preset):
 
 
 def test_saliency_iou_against_numpy():
-    from vfcore.saliency import saliency_iou
+    from vfcore.analysis.saliency import saliency_iou
 
     rng = np.random.default_rng(0)
     s = rng.random((8, 8, 8))

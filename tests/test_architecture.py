@@ -3,8 +3,11 @@
 * no import circle between vfcore's modules, nor between its rooms (a top-level module or a
   sub-package counts as one room), counting every import: inside functions and under
   ``if TYPE_CHECKING:`` too;
-* ``vfcore.dissect`` is analysis: it imports no ``train``, ``viz``, ``explorer``, ``export``
-  and no matplotlib;
+* ``vfcore.dissect`` is analysis: it imports no ``train``, ``viz``, ``explorer``, ``export``,
+  no matplotlib and not ``vfcore.analysis`` (the measurements beyond the paper import it, never
+  the reverse);
+* ``vfcore.dissect`` exports at most 30 names; its teaching core (capture, quantile, dissection,
+  ranking, geometry) reaches nothing of ``vfcore.distributed``, directly or through other modules;
 * no module over 600 lines;
 * the run folder has one owner: only ``vfcore/run.py`` spells a run-folder path or a notebook.
 """
@@ -18,7 +21,13 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "vfcore"
 MAX_LINES = 600
 OWNED_BY_RUN = ("best.pt", "manifest.csv", "notebooks/0")
-NOT_FROM_DISSECT = ("vfcore.train", "vfcore.viz", "vfcore.explorer", "vfcore.export", "matplotlib")
+NOT_FROM_DISSECT = ("vfcore.train", "vfcore.viz", "vfcore.explorer", "vfcore.export", "vfcore.analysis",
+                    "matplotlib")
+#: The paper's Sec. 2.2-2.3 as notebooks 03 and 04 run it with one process (the teaching core);
+#: ``vfcore.dissect.sharded`` and ``vfcore.dissect.artifacts`` are the shell around it.
+CORE = ("vfcore.dissect.capture", "vfcore.dissect.quantile", "vfcore.dissect.dissection",
+        "vfcore.dissect.ranking", "vfcore.dissect.geometry")
+MAX_DISSECT_NAMES = 30
 
 
 def _modules() -> dict[str, Path]:
@@ -133,6 +142,40 @@ def test_dissect_draws_nothing_and_imports_no_upper_layer():
                 if any(t == f or t.startswith(f + ".") for f in NOT_FROM_DISSECT):
                     bad.append((name, t))
     assert bad == []
+
+
+def test_dissect_exports_at_most_30_names():
+    """``__all__`` is the whole public namespace (sub-modules aside) and has at most 30 names."""
+    import types
+
+    import vfcore.dissect as D
+
+    public = {n for n, v in vars(D).items() if not n.startswith("_") and not isinstance(v, types.ModuleType)}
+    assert len(D.__all__) <= MAX_DISSECT_NAMES
+    assert public == set(D.__all__)
+
+
+def test_the_core_reaches_nothing_of_distributed():
+    """From each core module, following every vfcore import (also through forward, metrics, ...)."""
+    graph = _graph()
+    assert set(CORE) <= set(graph)
+    for start in CORE:
+        seen, todo = set(), [start]
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo.extend(graph.get(m, ()))
+        reached = sorted(m for m in seen if m == "vfcore.distributed" or m.startswith("vfcore.distributed."))
+        assert reached == [], f"{start} reaches {reached}"
+
+
+def test_dissect_does_not_import_analysis_but_analysis_imports_dissect():
+    graph = _graph()
+    into_analysis = [(m, t) for m, ts in graph.items() if _room(m) == "vfcore.dissect"
+                     for t in ts if _room(t) == "vfcore.analysis"]
+    assert into_analysis == []
+    assert any(_room(t) == "vfcore.dissect" for m, ts in graph.items() if _room(m) == "vfcore.analysis" for t in ts)
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

@@ -8,9 +8,11 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 import torch
 
 from vfcore import dissect as D
+from vfcore.constants import AIR_HU
 from vfcore.export import export_units
 from vfcore.errors import (DataValueError, LayerNotFoundError, MissingArtifactError,
                            StaleArtifactError)
@@ -48,7 +50,7 @@ def _awkward(rng, N=23, K=6, shape=(3, 4, 2)) -> np.ndarray:
     return a
 
 
-@pytest.mark.parametrize("q", [D.Q_TAIL_PAPER, D.Q_TAIL_PUBLISHED, 0.1, 0.37])
+@pytest.mark.parametrize("q", [D.Q_TAIL_PAPER, D.quantile.Q_TAIL_PUBLISHED, 0.1, 0.37])
 def test_thresholds_equal_numpy_quantile_for_every_batch_size_and_order(q):
     rng = np.random.default_rng(1)
     a = _awkward(rng)
@@ -92,7 +94,7 @@ def test_smaller_q_from_the_same_buffer_and_buffer_size():
     a = rng.standard_normal((50, 3, 8)).astype(np.float32)
     tq = _stream(a, 0.05, 6, n_samples=50)
     n = 50 * 8
-    assert tq.values.shape[1] == int(np.ceil(0.05 * (n - 1))) + 1 == D.tail_size(n, 0.05)
+    assert tq.values.shape[1] == int(np.ceil(0.05 * (n - 1))) + 1 == D.quantile.tail_size(n, 0.05)
     for q in (0.05, 0.01, 0.005, 0.001):
         np.testing.assert_array_equal(tq.thresholds(q), _ref_T(a, q))
     with pytest.raises(DataValueError, match="needs the top"):
@@ -119,7 +121,7 @@ def test_unknown_n_keeps_everything_or_checks_the_capacity():
 def test_sampled_sketch_is_only_approximate():
     rng = np.random.default_rng(6)
     a = rng.standard_normal((200, 4, 64)).astype(np.float32)
-    sketch = D.SampledQuantile(0.005, resolution=128, seed=0)
+    sketch = D.quantile.SampledQuantile(0.005, resolution=128, seed=0)
     for s in range(0, 200, 16):
         sketch.update(a[s:s + 16])
     est = sketch.thresholds()
@@ -333,8 +335,8 @@ def test_upsampling_puts_a_feature_voxel_on_its_input_block():
 def test_nifti_exports_overlay_and_have_no_nan(tmp_path):
     ct = np.random.default_rng(0).integers(-1000, 1500, (96, 96, 96)).astype(np.int16)
     act = np.zeros((96, 96, 96), np.float32)               # an all-zero unit
-    affine = D.canonical_patch_affine()
-    paths = D.write_nifti_exemplar(tmp_path, "rank1_case_L1", ct, act, 0.0, affine)
+    affine = D.geometry.canonical_patch_affine()
+    paths = D.geometry.write_nifti_exemplar(tmp_path, "rank1_case_L1", ct, act, 0.0, affine)
     imgs = {k: nib.load(p) for k, p in paths.items()}
     for img in imgs.values():
         np.testing.assert_allclose(img.affine, affine)
@@ -342,7 +344,7 @@ def test_nifti_exports_overlay_and_have_no_nan(tmp_path):
         assert img.header.get_zooms() == (1.0, 1.0, 1.0)
         assert not np.isnan(img.get_fdata()).any()
     np.testing.assert_array_equal(imgs["ct"].get_fdata(), ct)
-    assert (imgs["masked_ct"].get_fdata() == D.AIR_HU).all()
+    assert (imgs["masked_ct"].get_fdata() == AIR_HU).all()
     # the patch centre sits at world 0 (canonical frame)
     np.testing.assert_allclose(affine @ [47.5, 47.5, 47.5, 1], [0, 0, 0, 1])
     assert not list(tmp_path.glob(".*part*"))
@@ -354,21 +356,21 @@ def test_concept_overlap_by_hand():
     concepts = np.zeros((4, 4, 4), np.int16)
     concepts[0, 0, :] = 1                                  # 4 voxels, 2 in the mask
     concepts[0, 1, 0] = 105                                # a disc voxel in the mask
-    t = D.concept_overlap(mask, concepts, {1: "superior endplate"}).set_index("concept")
+    t = D.geometry.concept_overlap(mask, concepts, {1: "superior endplate"}).set_index("concept")
     assert t.loc["superior endplate", "fraction"] == 0.5
     assert t.loc["superior endplate", "iou"] == 2 / 6
     assert t.loc["superior endplate", "share"] == 4 / 64
     assert t.loc["superior endplate", "lift"] == 0.5 / (4 / 64)
-    f = D.concept_overlap(mask, concepts, {1: "superior endplate"}, (slice(0, 1),) * 3).set_index("concept")
+    f = D.geometry.concept_overlap(mask, concepts, {1: "superior endplate"}, (slice(0, 1),) * 3).set_index("concept")
     assert f.loc["superior endplate", "share"] == 1.0    # only voxel (0, 0, 0) is visible
     assert list(f.index) == ["superior endplate"] and f.loc["superior endplate", "fraction"] == 1.0
     assert t.loc["intervertebral disc", "fraction"] == 0.25
     assert t.loc["background", "fraction"] == 0.25
-    assert D.concept_overlap(np.zeros_like(mask), concepts, {}).empty
+    assert D.geometry.concept_overlap(np.zeros_like(mask), concepts, {}).empty
     v = np.zeros((4, 4, 4), np.int16)
     v[0, 0] = 20
     v[0, 1] = 21
-    assert D.vertebra_overlap(mask, v, 20) == {"target": 0.5, "adjacent": 0.5, "outside": 0.0}
+    assert D.geometry.vertebra_overlap(mask, v, 20) == {"target": 0.5, "adjacent": 0.5, "outside": 0.0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,7 +385,7 @@ def test_artifacts_round_trip_and_staleness(tmp_path, tiny):
     rows = pd.DataFrame({"case": [f"sub-{i:03d}" for i in range(37)], "label": 20, "level": "L1"})
     with pytest.raises(MissingArtifactError, match="03_quantile_thresholding"):
         D.load_artifacts(tmp_path)
-    D.write_artifacts(tmp_path, d, identity, rows, labels)
+    D.artifacts.write_artifacts(tmp_path, d, identity, rows, labels)
     art = D.load_artifacts(tmp_path, expect=identity)
     back = art.dissection
     for name in ("T", "realised_tail", "max", "mean", "r", "mask_size", "probability"):
@@ -418,7 +420,7 @@ def test_a_damaged_dissection_array_names_the_file(tmp_path, tiny, name):
     d = D.dissect(net, x, "features", q_tail=0.02, batch_size=8, device="cpu", progress=False)
     identity = {"checkpoint_sha256": "a" * 64, "split": "test", "q_tail": 0.02, "layer": "features",
                 "manifest_sha256": "b" * 64}
-    D.write_artifacts(tmp_path, d, identity, pd.DataFrame({"case": ["c"] * len(labels)}), labels)
+    D.artifacts.write_artifacts(tmp_path, d, identity, pd.DataFrame({"case": ["c"] * len(labels)}), labels)
     path = tmp_path / "dissection" / name
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CorruptFileError, match=name):
@@ -431,7 +433,7 @@ def test_undefined_rankings_are_recorded_not_written(tmp_path, tiny):
     identity = {"checkpoint_sha256": "a" * 64, "split": "test", "q_tail": 0.02, "layer": "features",
                 "manifest_sha256": "b" * 64}
     rows = pd.DataFrame({"case": ["c"] * 37, "label": 20, "level": "L1"})
-    D.write_artifacts(tmp_path, d, identity, rows, np.zeros(37, int), threshold=1.1)  # no positives
+    D.artifacts.write_artifacts(tmp_path, d, identity, rows, np.zeros(37, int), threshold=1.1)  # no positives
     art = D.load_artifacts(tmp_path)
     assert art.ranking_tp is None and art.ranking_fp is None
     assert "no true-positive predictions" in art.meta["rankings"]["tp"]["reason"]
@@ -551,6 +553,39 @@ def test_dissect_run_and_exports(small_run):
     assert np.all((concepts["fraction"] >= 0) & (concepts["fraction"] <= 1))
 
 
+def test_dissect_run_runs_the_core_pass_bit_for_bit_as_the_sharded_pass(small_run, tmp_path, monkeypatch):
+    """Issue 20: with one process ``dissect_run`` runs the core ``dissect()`` (before, always
+    ``dissect_sharded``) and no collective. On the same store, network and batches the two
+    passes give identical T_k, tail (the masks M_k), r_k, |M_k|, E_x, c_k and rankings."""
+    from vfcore.dissect import artifacts
+    from vfcore.dissect.sharded import dissect_sharded
+
+    def boom(*args, **kwargs):
+        raise AssertionError("distributed code on the one-process path")
+
+    run = _with_splits(small_run, tmp_path / "run", ["test"] * 12)
+    for name in ("dissect_sharded", "broadcast", "barrier"):
+        monkeypatch.setattr(artifacts, name, boom)
+    after = D.dissect_run(run, "test", 0.01, batch_size=5, progress=False)
+    monkeypatch.undo()
+    net = D.load_network(run)
+    patches, labels, _ = D.load_dissection_set(run, "test")
+    before = dissect_sharded(net.model, patches, net.layer, q_tail=0.01, batch_size=5,
+                             transform=net.transform, progress=False)
+    d = after.dissection
+    for key in ("T", "realised_tail", "unit_min", "unit_max", "zero_fraction", "max", "mean", "r",
+                "mask_size", "probability"):
+        assert np.array_equal(getattr(d, key), getattr(before, key)), key
+    for key in ("unit", "sample", "position", "value"):
+        assert np.array_equal(d.tail[key], before.tail[key]), key
+    assert all(np.array_equal(d.flags[k], before.flags[k]) for k in before.flags)
+    assert np.array_equal(d.enabled, before.enabled) and d.tail["value"].size
+    o = D.outcomes(labels, before.probability, after.meta["threshold"])
+    for subset in ("positive", "all"):
+        assert np.array_equal(D.correlation(d.enabled, o[subset]), D.correlation(before.enabled, o[subset]))
+        pd.testing.assert_frame_equal(D.rank_units(d, labels, subset), D.rank_units(before, labels, subset))
+
+
 def test_a_new_checkpoint_makes_the_dissection_stale(small_run, tmp_path):
     import shutil
 
@@ -605,8 +640,8 @@ def test_bootstrap_interval_equals_a_plain_numpy_loop(monkeypatch, block):
     subset = rng.random(N) < 0.6
     B, seed = 200, 5
     if block:                                    # resamples drawn a few at a time: same answer
-        monkeypatch.setattr(ranking, "_BOOTSTRAP_DRAWS", block * int(subset.sum()))
-    low, high = D.bootstrap_c(enabled, subset, B=B, seed=seed)
+        monkeypatch.setattr(ranking, "_BOOTSTRAP_CELLS", block * int(subset.sum()) * K)
+    low, high = D.ranking.bootstrap_c(enabled, subset, B=B, seed=seed)
     # reference: B resamples one at a time, c_k of each, numpy.percentile
     members = enabled[subset]
     n = len(members)
@@ -616,16 +651,40 @@ def test_bootstrap_interval_equals_a_plain_numpy_loop(monkeypatch, block):
         idx = draw.integers(0, n, size=n)
         for k in range(K):
             c[b, k] = sum(members[i, k] for i in idx) / n
-    np.testing.assert_array_equal(low, np.percentile(c, 2.5, axis=0))
-    np.testing.assert_array_equal(high, np.percentile(c, 97.5, axis=0))
+    # the same resamples give the same c^b; numpy's and scipy's linear quantiles (scipy at
+    # alpha = (1 - level) / 2 in floating point) interpolate alike up to the last bit
+    alpha = (1 - 0.95) / 2
+    np.testing.assert_allclose(low, np.quantile(c, alpha, axis=0), rtol=1e-15, atol=0)
+    np.testing.assert_allclose(high, np.quantile(c, 1 - alpha, axis=0), rtol=1e-15, atol=0)
+    direct = scipy.stats.bootstrap((members,), np.mean, axis=0, n_resamples=B, method="percentile",
+                                   random_state=np.random.default_rng(seed)).confidence_interval
+    np.testing.assert_array_equal(low, direct.low)
+    np.testing.assert_array_equal(high, direct.high)
     point = members.mean(axis=0)
     assert np.all(low <= point) and np.all(point <= high)
     # a unit that fires everywhere (or nowhere) has a zero-width interval
     enabled[:, 0], enabled[:, 1] = True, False
-    low, high = D.bootstrap_c(enabled, subset, B=50)
+    low, high = D.ranking.bootstrap_c(enabled, subset, B=50)
     assert (low[0], high[0], low[1], high[1]) == (1.0, 1.0, 0.0, 0.0)
     with pytest.raises(D.UndefinedCorrelationError):
-        D.bootstrap_c(enabled, np.zeros(N, bool))
+        D.ranking.bootstrap_c(enabled, np.zeros(N, bool))
+
+
+def test_tie_counts_and_competition_ranks_equal_plain_loops():
+    """pandas value_counts / rank(method="min") against loops over the values (NaN never ties)."""
+    from vfcore.dissect.ranking import _competition_rank, tie_counts
+
+    rng = np.random.default_rng(4)
+    for trial in range(200):
+        v = rng.integers(0, 5, rng.integers(1, 25)) / 7 + (0.3 - 0.1 - 0.2)   # rounding noise
+        if trial % 3 == 0:
+            v[rng.random(len(v)) < 0.2] = np.nan
+        same = [[not np.isnan(a) and abs(a - b) < 1e-12 for b in v] for a in v]
+        assert tie_counts(v).tolist() == [max(1, sum(row)) for row in same]
+        s = np.r_[np.sort(v[~np.isnan(v)])[::-1], v[np.isnan(v)]]            # sorted, NaN last
+        ranks = [next(j for j in range(i + 1) if j == i or abs(s[j] - s[i]) < 1e-12) + 1
+                 for i in range(len(s))]
+        assert _competition_rank(s).tolist() == ranks
 
 
 def test_rankings_record_n_intervals_ties_and_the_small_n_flag():
@@ -646,7 +705,7 @@ def test_rankings_record_n_intervals_ties_and_the_small_n_flag():
     assert t.loc[[0, 1, 2, 3], "ties"].tolist() == [1, 2, 2, 1]
     assert t.loc[[0, 1, 2, 3], "tied_rank"].tolist() == [1, 2, 2, 4]
     assert (t["c_low"] <= t["c_k"]).all() and (t["c_k"] <= t["c_high"]).all()
-    s = D.ranking_summary(D.rank_units(d, labels, "tp", B=10), "c_k", "tp", top=2)
+    s = D.ranking.ranking_summary(D.rank_units(d, labels, "tp", B=10), "c_k", "tp", top=2)
     assert s["n"] == 3 and s["small_n"] and "only 3 true-positive predictions" in s["note"]
     assert s["ties"]["distinct_values"] == 2 and s["ties"]["units_sharing_top_values"] == 3
     assert s["ties"]["tied_across_cut"] == 1             # unit 2 ties with rank 2 below the cut
@@ -656,7 +715,7 @@ def test_rankings_record_n_intervals_ties_and_the_small_n_flag():
     big = np.tile(enabled, (2, 1)), np.tile(prob, 2), np.tile(labels, 2)
     t = D.rank_units(_made(big[0], big[1]), big[2], "tp", B=10)
     assert t["n"].tolist() == [6] * 4 and not t["small_n"].any()
-    assert D.ranking_note(6, "tp") == "" and "1/4" in D.ranking_note(4, "fp")
+    assert D.ranking.ranking_note(6, "tp") == "" and "1/4" in D.ranking.ranking_note(4, "fp")
 
 
 def test_ranking_meta_records_n_bootstrap_ties_and_notes(tmp_path, tiny):
@@ -665,7 +724,7 @@ def test_ranking_meta_records_n_bootstrap_ties_and_notes(tmp_path, tiny):
     identity = {"checkpoint_sha256": "a" * 64, "split": "test", "q_tail": 0.02, "layer": "features",
                 "manifest_sha256": "b" * 64}
     rows = pd.DataFrame({"case": ["c"] * 37, "label": 20, "level": "L1"})
-    D.write_artifacts(tmp_path, d, identity, rows, labels, threshold=0.0, B=50, seed=3)  # all predicted 1
+    D.artifacts.write_artifacts(tmp_path, d, identity, rows, labels, threshold=0.0, B=50, seed=3)  # all predicted 1
     art = D.load_artifacts(tmp_path)
     tp, fp = art.meta["rankings"]["tp"], art.meta["rankings"]["fp"]
     assert tp["n"] == int(labels.sum()) == art.ranking_tp["n"].iloc[0]
@@ -697,10 +756,10 @@ def test_dissect_run_on_the_held_out_union_with_a_dissect_split(small_run, tmp_p
     splits = ["train", "test", "dissect", "val", "dissect", "test",
               "dissect", "train", "dissect", "test", "dissect", "dissect"]
     run = _with_splits(small_run, tmp_path / "run", splits)
-    assert D.default_split(run) == "test+dissect"
-    assert D.parse_split("dissect+test") == D.parse_split(("test", "dissect")) == ("test", "dissect")
+    assert D.artifacts.default_split(run) == "test+dissect"
+    assert D.artifacts.parse_split("dissect+test") == D.artifacts.parse_split(("test", "dissect")) == ("test", "dissect")
     with pytest.raises(DataValueError, match="unknown split"):
-        D.parse_split("test+validation")
+        D.artifacts.parse_split("test+validation")
     art = D.dissect_run(run, q_tail=0.01, batch_size=4, progress=False, B=100)
     order = [i for s in ("test", "dissect") for i, x in enumerate(splits) if x == s]   # by split
     assert art.meta["split"] == "test+dissect" and art.meta["splits"] == ["test", "dissect"]
@@ -742,7 +801,7 @@ def test_dissect_run_on_the_held_out_union_with_a_dissect_split(small_run, tmp_p
 
 
 def test_a_store_without_a_dissect_split_defaults_to_test(small_run):
-    assert D.default_split(small_run) == "test"
+    assert D.artifacts.default_split(small_run) == "test"
 
 
 def test_a_set_without_true_or_false_positives_still_runs(small_run, tmp_path):
@@ -772,7 +831,7 @@ def test_a_layer_without_a_grid_names_the_layer_and_its_shape(small_run, tmp_pat
 
     run = _with_splits(small_run, tmp_path / "run", ["test"] * 12)
     D.dissect_run(run, "test", 0.01, progress=False, B=10)
-    with pytest.raises(D.LayerGridError, match=r"layer 'classifier.0'.*no spatial grid") as err:
+    with pytest.raises(D.dissection.LayerGridError, match=r"layer 'classifier.0'.*no spatial grid") as err:
         D.dissect_run(run, "test", 0.01, layer="classifier.0", progress=False)   # nn.Flatten
     import re
     assert "preset 'small'" in str(err.value) and re.search(r"shape \[1, \d+\]", str(err.value))
@@ -780,19 +839,19 @@ def test_a_layer_without_a_grid_names_the_layer_and_its_shape(small_run, tmp_pat
     one = Preset("one_cube", crop=16, zoom=2, base=2, head=(4,), mlp=(4,), dropout=0.0)
     torch.manual_seed(0)
     save_checkpoint(run / "model" / "best.pt", build_model(one))
-    with pytest.raises(D.LayerGridError, match=r"preset 'one_cube', layer 'down_tr512'.*1x1x1 grid") as err:
+    with pytest.raises(D.dissection.LayerGridError, match=r"preset 'one_cube', layer 'down_tr512'.*1x1x1 grid") as err:
         D.dissect_run(run, "test", 0.01, progress=False)
     assert "32x1x1x1" in str(err.value)
     from vfcore.errors import GeometryError
     assert isinstance(err.value, GeometryError)
     # the check itself, on shapes
-    assert D.check_layer_grid("x", (2, 5, 4, 4, 4)) == (4, 4, 4)
-    with pytest.raises(D.LayerGridError, match="4x1x4"):
-        D.check_layer_grid("x", (2, 5, 4, 1, 4))
+    assert D.dissection.check_layer_grid("x", (2, 5, 4, 4, 4)) == (4, 4, 4)
+    with pytest.raises(D.dissection.LayerGridError, match="4x1x4"):
+        D.dissection.check_layer_grid("x", (2, 5, 4, 1, 4))
 
 
 def test_out_of_field_analysis_of_a_dissected_run(small_run, tmp_path):
-    from vfcore import shortcut as S
+    from vfcore.analysis import shortcut as S
 
     run = _with_splits(small_run, tmp_path / "run", ["test"] * 6 + ["dissect"] * 6)
     manifest = pd.read_csv(run / "patches" / "manifest.csv", dtype=str, keep_default_na=False)

@@ -20,8 +20,10 @@ import explorer_synthetic as syn
 from explorer_reference import (check_image, parse_readout, parse_status, ref_best_slice, ref_slice,
                                 ref_unit)
 from vfcore import explorer as ex
+from vfcore.constants import DISPLAY_WINDOW_HU
 from vfcore.errors import InputError
 from vfcore.explorer import Explorer
+from vfcore.viz import units as vu
 
 
 def ref_maps(patch: np.ndarray, T: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -41,9 +43,9 @@ def setup(tmp_path):
 
 def test_views_follow_the_patch_axes():
     vol = np.arange(96 ** 3).reshape(96, 96, 96)
-    assert np.array_equal(ex.take_slice(vol, "sagittal", 7), vol[:, :, 7])   # rows I, columns P
-    assert np.array_equal(ex.take_slice(vol, "coronal", 7), vol[:, 7, :])    # rows I, columns L
-    assert np.array_equal(ex.take_slice(vol, "axial", 7), vol[7])            # rows P, columns L
+    assert np.array_equal(vu.take_slice(vol, "sagittal", 7), vol[:, :, 7])   # rows I, columns P
+    assert np.array_equal(vu.take_slice(vol, "coronal", 7), vol[:, 7, :])    # rows I, columns L
+    assert np.array_equal(vu.take_slice(vol, "axial", 7), vol[7])            # rows P, columns L
 
 
 def test_mask_outline_hand_case():
@@ -51,9 +53,9 @@ def test_mask_outline_hand_case():
     m[1:4, 1:4] = True
     expected = m.copy()
     expected[2, 2] = False
-    assert np.array_equal(ex.mask_outline(m), expected)
+    assert np.array_equal(vu.mask_outline(m), expected)
     m2 = np.ones((3, 3), bool)  # the image border counts as outside
-    assert ex.mask_outline(m2).sum() == 8
+    assert vu.mask_outline(m2).sum() == 8
 
 
 # ---- the sample and its units -----------------------------------------------------------
@@ -370,7 +372,7 @@ def test_state_select_sample_and_unit_say_what_to_draw(state):
     assert st.analysis.top == sorted(range(syn.K), key=lambda k: (-r[k], k))[:10]
     k = st.unit
     assert k == st.analysis.top[0] and st.index == ref_best_slice(*maps[k], "sagittal")
-    check_image(ex.png_bytes(st.image()), patches[9], *maps[k], float(data.thresholds[k]), "sagittal", st.index)
+    check_image(vu.png_bytes(st.image()), patches[9], *maps[k], float(data.thresholds[k]), "sagittal", st.index)
     other = st.analysis.top[3]
     redraw = st.select_unit(other)
     assert (redraw.sample, redraw.unit, redraw.exemplars) == (False, True, True)
@@ -389,7 +391,7 @@ def test_state_views_slices_and_bad_input(state):
     assert st.index == ref_best_slice(*maps[k], "axial")
     assert not st.set_view(index=3).exemplars and st.index == 3
     st.set_view(mode="contour")
-    check_image(ex.png_bytes(st.image()), patches[6], *maps[k], float(data.thresholds[k]), "axial", 3,
+    check_image(vu.png_bytes(st.image()), patches[6], *maps[k], float(data.thresholds[k]), "axial", 3,
                 "contour", min_on=0)
     before = (st.view, st.index, st.mode)
     for bad in ({"index": 96}, {"view": "oblique"}, {"mode": "glow"}, {"view": "coronal", "index": -1}):
@@ -411,7 +413,7 @@ def test_state_exemplar_beside_the_sample(state):
         i = data.exemplars[k][pos]
         act, mask = ref_maps(patches[i], data.thresholds)[k]
         s = ref_best_slice(act, mask, "sagittal")
-        check_image(ex.png_bytes(st.exemplar_image()), patches[i], act, mask, float(data.thresholds[k]),
+        check_image(vu.png_bytes(st.exemplar_image()), patches[i], act, mask, float(data.thresholds[k]),
                     "sagittal", s)
         assert st.exemplar_caption(pos).splitlines()[0] == f"sub-syn{i:03d} {data.samples.table.level[i]}"
     with pytest.raises(InputError, match="outside"):
@@ -439,7 +441,7 @@ def test_widget_shows_the_exemplar_beside_the_sample(setup):
     bundle = app._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     import base64
-    assert ex.decode_png(base64.b64decode(bundle["image/png"])).shape[1] >= 480
+    assert vu.decode_png(base64.b64decode(bundle["image/png"])).shape[1] >= 480
 
 
 # ---- the unit renderer ------------------------------------------------------------------------
@@ -450,8 +452,8 @@ def test_unit_rgb_both_is_overlay_plus_outline():
     act = rng.random((12, 12))
     mask = np.zeros((12, 12), bool)
     mask[3:8, 2:9] = True
-    both = ex.unit_rgb(ct, mask, act, 0.2, 0.9, "both").astype(float)
-    grey = np.clip((ct - ex.DISPLAY_WINDOW_HU[0]) / (ex.DISPLAY_WINDOW_HU[1] - ex.DISPLAY_WINDOW_HU[0]), 0, 1) * 255
+    both = vu.unit_rgb(ct, mask, act, 0.2, 0.9, "both").astype(float)
+    grey = np.clip((ct - DISPLAY_WINDOW_HU[0]) / (DISPLAY_WINDOW_HU[1] - DISPLAY_WINDOW_HU[0]), 0, 1) * 255
     edge = np.zeros_like(mask)
     edge[3, 2:9] = edge[7, 2:9] = edge[3:8, 2] = edge[3:8, 8] = True
     assert np.all(both[edge] == [0, 255, 255])

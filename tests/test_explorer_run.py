@@ -71,8 +71,8 @@ def test_upload_of_an_exported_nifti_gives_the_same_analysis(tiny_run, data, tmp
     samples = data.samples.table
     i = int(samples.index[-1])
     patch = data.samples.load(i)
-    affine = dx.patch_world_affine(tiny_run, samples.loc[i, "case"], int(samples.loc[i, "label"]))
-    paths = dx.write_nifti_exemplar(tmp_path, "x", patch, np.zeros(patch.shape, np.float32), 1.0, affine)
+    affine = dx.geometry.patch_world_affine(tiny_run, samples.loc[i, "case"], int(samples.loc[i, "label"]))
+    paths = dx.geometry.write_nifti_exemplar(tmp_path, "x", patch, np.zeros(patch.shape, np.float32), 1.0, affine)
     app = Explorer(data)
     app.select_sample(i)
     expected_top = list(app.analysis.top)

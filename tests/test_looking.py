@@ -1,4 +1,4 @@
-"""vfcore.dissect.looking against constructed cases with a known answer."""
+"""vfcore.analysis.looking against constructed cases with a known answer."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from vfcore.dissect.looking import (effective_rf, equal_volume_cells, gradient_on_patch, gradient_share,
+from vfcore.analysis.looking import (effective_rf, equal_volume_cells, gradient_on_patch, gradient_share,
                                     mask_gradients, neutral_fill, occlusion, theoretical_rf)
 from vfcore.errors import DataValueError
 
@@ -133,7 +133,7 @@ def test_occlusion_of_an_ignored_region_changes_nothing():
 
 
 def test_cells_without_a_region():
-    from vfcore.dissect.looking import _cells_without
+    from vfcore.analysis.looking import _cells_without
 
     region = np.zeros((12, 12, 12), bool)
     region[5, 5, 5] = True                    # field 4..12 -> local (1, 1, 1): cell (0, 0, 0) of a 2^3 grid

@@ -69,7 +69,7 @@ def test_missing_steps_follow_the_artifacts(tmp_path):
     (tmp_path / "patches").mkdir()
     (tmp_path / "patches" / "manifest.csv").write_text("")
     assert missing_steps(tmp_path, "thresholds") == ["training"]
-    with pytest.raises(ValueError, match="unknown notebook"):
+    with pytest.raises(ValueError, match="notebook or stage must be one of"):
         missing_steps(tmp_path, "07_nothing")
 
 

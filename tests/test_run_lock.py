@@ -358,6 +358,7 @@ def test_a_forced_dissection_that_fails_keeps_the_old_one(small_run, tmp_path, m
         raise KeyboardInterrupt
 
     monkeypatch.setattr(artifacts, "dissect_sharded", interrupted)
+    monkeypatch.setattr(artifacts, "dissect", interrupted)
     with pytest.raises(KeyboardInterrupt):
         dissect_run(run, "test", q_tail=0.01, force=True, progress=False)
     assert files_under(run) == before

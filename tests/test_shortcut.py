@@ -1,4 +1,4 @@
-"""vfcore.shortcut against hand-computed cases and an independent Spearman (ranks + numpy)."""
+"""vfcore.analysis.shortcut against hand-computed cases and an independent Spearman (ranks + numpy)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from scipy.stats import rankdata
 
-from vfcore import shortcut as S
+from vfcore.analysis import shortcut as S
 from vfcore.errors import DataValueError
 
 

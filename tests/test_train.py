@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from store_helpers import write_store
-from vfcore import checkpoint, metrics, train
+from vfcore import checkpoint, metrics, runtime, train
 from vfcore.errors import CheckpointError
 from vfcore.model import build_model
 
@@ -46,15 +46,44 @@ def test_table1_one_seed_gives_a_bootstrap_interval_not_zero_std():
     per_seed = {"0": metrics.classification_metrics(y, p)}
     row = metrics.table1(per_seed, labels=y, probability=p).iloc[0]
     assert "±" not in row["F1 (%)"] and row["n (fractured)"] == "10 (3)"
-    # an independent bootstrap: numpy resampling, hand-written accuracy
+    # an independent bootstrap: numpy resampling stratified by class (the fractured, then the
+    # healthy vertebrae, drawn as scipy.stats.bootstrap draws them), hand-written accuracy
     rng = np.random.default_rng(0)
-    acc = []
-    for _ in range(1000):
-        i = rng.integers(0, 10, 10)
-        acc.append(np.mean((p[i] >= 0.5) == (y[i] == 1)))
+    pos, neg = p[y == 1], p[y == 0]
+    draws = rng.integers(0, len(pos), (1000, len(pos))), rng.integers(0, len(neg), (1000, len(neg)))
+    acc = [(np.sum(pos[a] >= 0.5) + np.sum(neg[b] < 0.5)) / len(p) for a, b in zip(*draws)]
     lo, hi = np.quantile(acc, [0.025, 0.975])
     assert row["Acc. (%)"] == f"80.0 ({100 * lo:.1f}-{100 * hi:.1f})"
     assert list(metrics.PAPER_TABLE1["AUC (%)"]) == ["84.5 ± 9.1", "96.2 ± 0.9", "94.7 ± 0.5"]
+
+
+def test_bootstrap_intervals_are_scipys_stratified_percentile_bootstrap():
+    """Issue 20: scipy.stats.bootstrap (percentile, seeded) over the two classes; the interval
+    holds the estimate, narrows with more vertebrae, and equals scipy called directly."""
+    from scipy.stats import bootstrap
+
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(12, int), np.zeros(28, int)]
+    p = np.clip(0.35 * y + rng.random(40) * 0.65, 0, 1)
+    ci = metrics.bootstrap_intervals(y, p, n_boot=400, seed=7)
+    point = metrics.classification_metrics(y, p)
+    for m in metrics.METRICS:
+        assert ci[m][0] <= point[m] <= ci[m][1], m
+
+    def accuracy(pos, neg, axis=-1):
+        return ((pos >= 0.5).sum(axis=axis) + (neg < 0.5).sum(axis=axis)) / (pos.shape[axis] + neg.shape[axis])
+
+    direct = bootstrap((p[y == 1], p[y == 0]), accuracy, n_resamples=400, method="percentile",
+                       random_state=np.random.default_rng(7)).confidence_interval
+    assert ci["accuracy"] == (direct.low, direct.high)
+    wide = metrics.bootstrap_intervals(y, p, n_boot=400, seed=7)
+    narrow = metrics.bootstrap_intervals(np.tile(y, 9), np.tile(p, 9), n_boot=400, seed=7)
+    for m in metrics.METRICS:
+        assert narrow[m][1] - narrow[m][0] < wide[m][1] - wide[m][0], m
+    # a class of one vertebra stays as it is; a missing class leaves AUC undefined
+    one = metrics.bootstrap_intervals([1, 0, 0, 0], [0.9, 0.2, 0.6, 0.1], n_boot=50)
+    assert one["auc"] == (1.0, 1.0)
+    assert np.isnan(metrics.bootstrap_intervals([0, 0, 0], [0.1, 0.7, 0.3], n_boot=50)["auc"]).all()
 
 
 def test_checkpoint_is_weights_only_and_checked(tmp_path):
@@ -124,6 +153,7 @@ def test_one_process_train_seed_is_the_hand_written_loop(store):
     figures and the same weights, bit for bit (the rank-share, broadcast and all-reduce steps
     of a torchrun job are no-ops in a world of one)."""
     from vfcore.data import augment_batch, balanced_epoch, get_augment, load_split
+    from vfcore.runtime import precision
     from vfcore.model import FractureNet, Preset
 
     tiny = Preset("tiny", zoom=2, base=2, head=(4, 4, 2, 2), mlp=(8, 4), dropout=0.3,
@@ -135,8 +165,9 @@ def test_one_process_train_seed_is_the_hand_written_loop(store):
     train_x, train_y, _ = load_split(store, "train")
     val_x, val_y, _ = load_split(store, "val")
     aug = get_augment("light")
+    policy = precision(torch.device("cpu"))          # this CPU's: bf16 where native, channels-last
     torch.manual_seed(3)
-    model = FractureNet(tiny)
+    model = FractureNet(tiny).to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(3)
     for epoch in range(2):
@@ -146,8 +177,9 @@ def test_one_process_train_seed_is_the_hand_written_loop(store):
         for b in range(len(order) // 4):
             ids = np.sort(order[b * 4:(b + 1) * 4])
             x = augment_batch(torch.as_tensor(train_x[ids]), tiny, generator, aug)
+            x = x.contiguous(memory_format=torch.channels_last_3d)
             y = torch.tensor(train_y[ids], dtype=torch.float32)
-            losses.append(train.train_step(model, optimizer, x, y))
+            losses.append(train.train_step(model, optimizer, x, y, dtype=policy.dtype))
         val = metrics.classification_metrics(val_y, train.predict(model, val_x, tiny, device="cpu"))
         assert history[epoch]["loss"] == np.mean(losses), epoch
         assert {k: history[epoch][f"val_{k}"] for k in val} == pytest.approx(val, nan_ok=True, abs=0)
@@ -329,19 +361,26 @@ def test_forward_engine_equals_a_plain_model_call(batch_size):
     p_ref, A_ref = _plain(model, to_network_input(hu, "small"), layer)
     model.train()
     p, acts = fw.forward(model, hu.numpy(), [layer], batch_size=batch_size, device="cpu",
-                         transform=lambda x: to_network_input(x, "small"))
+                         transform=lambda x: to_network_input(x, "small"), amp=False)
     assert model.training                               # previous mode restored
     np.testing.assert_allclose(p, p_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(acts[layer], A_ref, rtol=1e-4, atol=1e-5)
-    # train.predict is the same engine
-    np.testing.assert_allclose(train.predict(model, hu, "small", batch_size=batch_size, device="cpu"),
-                               p_ref, rtol=1e-5, atol=1e-6)
+    # train.predict is the same engine, under the device's precision policy (bf16 where the
+    # CPU has it natively: its activations carry about 3 significant digits)
+    policy = runtime.precision(torch.device("cpu"))
+    tol = dict(rtol=1e-5, atol=1e-6) if policy.dtype is None else dict(rtol=0, atol=5e-3)
+    got = train.predict(model, hu, "small", batch_size=batch_size, device="cpu")
+    np.testing.assert_allclose(got, p_ref, **tol)
+    assert len(np.unique(got)) == len(np.unique(p_ref))  # the logit in fp32: no ties made by rounding
 
 
-def test_precision_policy_on_cpu():
+def test_precision_policy_on_cpu(monkeypatch):
+    """fp32 on a CPU without native bf16; the whole policy: tests/test_gpu_path.py."""
     from vfcore import forward as fw
 
-    assert fw.precision(torch.device("cpu")) == (None, False)
+    monkeypatch.setenv("VFCORE_CPU_BF16", "0")
+    policy = runtime.precision(torch.device("cpu"))
+    assert (policy.dtype, policy.scaler) == (None, False)
     assert isinstance(fw.autocast(torch.device("cpu")), type(__import__("contextlib").nullcontext()))
 
 

@@ -105,14 +105,34 @@ def patch_array(path, array, shape: Sequence[int], kinds: str = "iu") -> None:
                           f"labels): extract the patches again")
 
 
-def finite_loss(loss: float, *, epoch: int, batch: int, step: int,
-                files: Iterable[str], where) -> None:
-    """Stop training on a NaN or infinite loss: :class:`DataValueError` naming the epoch, the
-    batch, the optimiser step and the patch files of the batch."""
+def finite_loss(loss: float, *, batch: int, ids, patches=None, epoch: int | None = None,
+                n_batches: int | None = None, names=None, where=None) -> None:
+    """Stop training on a NaN or infinite loss: :class:`DataValueError` naming the batch, the
+    optimiser step (with ``epoch`` and ``n_batches``), and the batch's patch files (``names``
+    [N] per sample, else ``patches.paths`` of a lazy ``PatchArray``, else the sample indices).
+    The error keeps ``loss``, ``batch`` and ``ids`` so a caller can name the epoch and files
+    (:func:`nonfinite_in_epoch`)."""
     if math.isfinite(loss):
         return
-    names = sorted({str(f) for f in files})
-    shown = ", ".join(names[:8]) + (f", ... ({len(names)} files)" if len(names) > 8 else "")
-    raise DataValueError(where, f"training loss is {loss} at epoch {epoch + 1}, batch {batch + 1} "
-                         f"(step {step}): the weights would become NaN; stopped. The batch's "
-                         f"patches: {shown}. Check them (NaN or extreme values) and extract again")
+    ids = [int(i) for i in ids]
+    if names is None and hasattr(patches, "paths"):
+        names = patches.paths
+    files = [str(names[i]) for i in ids] if names is not None else [f"training sample {i}" for i in ids]
+    shown = ", ".join(sorted(set(files))[:8]) + (f", ... ({len(set(files))} files)" if len(set(files)) > 8 else "")
+    at = f"batch {batch + 1}" if epoch is None else (
+        f"epoch {epoch + 1}, batch {batch + 1} (step {epoch * (n_batches or 0) + batch + 1})")
+    err = DataValueError(where, f"training loss is {loss} at {at}: the weights would become NaN; "
+                         f"stopped. The batch's patches: {shown}. Check them (NaN or extreme "
+                         f"values) and extract again")
+    err.loss, err.batch, err.ids = loss, batch, ids
+    raise err
+
+
+def nonfinite_in_epoch(err: DataValueError, epoch: int, n_batches: int, names, where) -> DataValueError:
+    """The error of :func:`finite_loss` again, with the epoch, the step and the files named."""
+    try:
+        finite_loss(err.loss, batch=err.batch, ids=err.ids, epoch=epoch, n_batches=n_batches,
+                    names=names, where=where)
+    except DataValueError as out:
+        return out
+    return err

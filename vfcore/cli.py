@@ -308,12 +308,13 @@ def _train(args) -> int:
 
 def _dissect(args) -> int:
     from . import dissect
+    from .dissect.artifacts import parse_split
 
     check_environment()
     check_device(args.device)
     if args.split is not None:  # a bad split is bad input, before anything is read
         try:
-            splits = dissect.parse_split(args.split)
+            splits = parse_split(args.split)
         except VfcoreError as err:
             raise InputError("--split", err.problem) from None
         if "train" in splits:   # the network has seen these vertebrae: T_k would describe them

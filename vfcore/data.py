@@ -38,7 +38,7 @@ from .run import RunFolder
 
 __all__ = ["SPLITS", "HU_MIN", "HU_MAX", "scale_hu", "to_network_input", "read_patch", "PatchArray",
            "read_store", "load_split", "balanced_epoch", "Augment", "AUGMENTATIONS", "get_augment",
-           "augment_batch"]
+           "AugmentDraw", "draw_augment", "apply_augment", "augment_batch"]
 
 #: The HU window of the paper (``vfcore.constants.NETWORK_WINDOW_HU``): values are clipped to
 #: it, then scaled to [0, 1].
@@ -278,29 +278,44 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int | None = No
     return out.transpose(0, 1)
 
 
-def augment_batch(hu: torch.Tensor, preset: str | Preset, generator: torch.Generator,
-                  aug: Augment = Augment(), share: tuple[int, int] | None = None) -> torch.Tensor:
-    """Augmented network inputs [B, 1, S, S, S] from int16 HU patches [B, 96, 96, 96].
+@dataclass(frozen=True)
+class AugmentDraw:
+    """The random numbers of one batch's augmentation (:func:`draw_augment`), per sample:
+    ``theta`` [B, 3, 4] the similarity transform, ``coarse`` [B, 3, g, g, g] the elastic
+    field (None without one), ``gamma``, ``sigma``, ``std`` [B] and the masks ``contrast``,
+    ``smooth``, ``noisy`` [B] bool, ``radius`` (the blur's, the whole batch's), ``noise_seed``
+    and ``rows``: which samples of the ``total`` drawn these are (:meth:`take`)."""
 
-    All random numbers come from ``generator`` (a CPU ``torch.Generator``), so a seed fixes
-    the augmentation on CPU and GPU alike; the work runs on ``hu.device``.
+    theta: torch.Tensor
+    coarse: torch.Tensor | None
+    gamma: torch.Tensor
+    contrast: torch.Tensor
+    sigma: torch.Tensor
+    smooth: torch.Tensor
+    radius: int
+    std: torch.Tensor
+    noisy: torch.Tensor
+    noise_seed: int
+    total: int
+    rows: slice
 
-    ``share=(first, total)``: ``hu`` is samples ``first .. first + B`` of a batch of ``total``
-    (one rank's slice of a global batch under torchrun): the random numbers are drawn for
-    all ``total`` samples, exactly as for the whole batch, and those of ``hu``'s rows applied,
-    so each sample gets the augmentation one process would give it and ``generator`` ends in
-    the same state.
-    """
+    def take(self, first: int, stop: int) -> "AugmentDraw":
+        """Samples ``first .. stop - 1`` of the batch (a torchrun rank's slice of a global batch:
+        each sample keeps the augmentation one process gives it)."""
+        if not 0 <= first < stop <= self.total:
+            raise DataValueError("take", f"samples {first}..{stop} of a batch of {self.total}")
+        rows = slice(first, stop)
+        cut = lambda t: None if t is None else t[rows]  # noqa: E731
+        return AugmentDraw(cut(self.theta), cut(self.coarse), cut(self.gamma), cut(self.contrast),
+                           cut(self.sigma), cut(self.smooth), self.radius, cut(self.std),
+                           cut(self.noisy), self.noise_seed, self.total, rows)
+
+
+def draw_augment(b: int, preset: str | Preset, generator: torch.Generator,
+                 aug: Augment = Augment()) -> AugmentDraw:
+    """Every random number of a batch of ``b`` samples' augmentation, from ``generator`` (a CPU
+    ``torch.Generator``: a seed fixes the augmentation on CPU and GPU alike)."""
     p = get_preset(preset)
-    x = scale_hu(_as_batch(hu))                                       # [B, 1, 96, 96, 96]
-    if p.zoom > 1:  # average zoom^3 blocks first: the same voxels as to_network_input's
-        x = F.avg_pool3d(x, p.zoom)
-    here, device = x.shape[0], x.device
-    first, b = (0, here) if share is None else share
-    if not 0 <= first <= b - here:
-        raise DataValueError("share", f"samples {first}..{first + here} of a batch of {b}")
-    rows = slice(first, first + here)
-    out = p.input_size
 
     def uniform(*shape, low=-1.0, high=1.0):
         return (torch.rand(*shape, generator=generator) * (high - low) + low)
@@ -312,32 +327,53 @@ def augment_batch(hu: torch.Tensor, preset: str | Preset, generator: torch.Gener
     mirror = torch.diag_embed(torch.stack([flip, torch.ones(b), torch.ones(b)], 1))  # x = L axis
     linear = rot @ mirror * (p.crop / PATCH_SIZE) / zoom[:, None, None]
     shift = uniform(b, 3) * aug.shift * 2 / PATCH_SIZE
-    theta = torch.cat([linear, shift[:, :, None]], 2)[rows].to(device)
-    grid = F.affine_grid(theta, [here, 1, out, out, out], align_corners=False)
+    theta = torch.cat([linear, shift[:, :, None]], 2)
+    coarse = (torch.randn(b, 3, *(aug.elastic_grid,) * 3, generator=generator) * aug.elastic * 2 / PATCH_SIZE
+              if aug.elastic > 0 else None)
+    # the order of the draws is the order in which earlier versions drew them (same seed, same
+    # augmentation): gamma before its mask, and so on
+    gamma = uniform(b, low=aug.contrast[0], high=aug.contrast[1])
+    contrast = torch.rand(b, generator=generator) < aug.p_contrast
+    sigma = uniform(b, low=aug.smooth[0], high=aug.smooth[1])
+    radius = int(math.ceil(3 * float(sigma.max())))
+    smooth = torch.rand(b, generator=generator) < aug.p_smooth
+    std = torch.rand(b, generator=generator) * aug.noise
+    noise_seed = int(torch.randint(2**62, (1,), generator=generator))
+    noisy = torch.rand(b, generator=generator) < aug.p_noise
+    return AugmentDraw(theta, coarse, gamma, contrast, sigma, smooth, radius, std, noisy,
+                       noise_seed, b, slice(0, b))
 
-    # Elastic part: a smooth random displacement field, upsampled from a coarse grid.
-    if aug.elastic > 0:
-        coarse = torch.randn(b, 3, *(aug.elastic_grid,) * 3, generator=generator) * aug.elastic * 2 / PATCH_SIZE
-        field = F.interpolate(coarse[rows].to(device), size=(out,) * 3, mode="trilinear", align_corners=True)
+
+def apply_augment(hu: torch.Tensor, preset: str | Preset, draw: AugmentDraw) -> torch.Tensor:
+    """Augmented network inputs [B, 1, S, S, S] from int16 HU patches [B, 96, 96, 96] and their
+    drawn random numbers; the work runs on ``hu.device``. The patch is resampled once
+    (``grid_sample``) straight to the network's grid, then contrast, smoothing and noise."""
+    p = get_preset(preset)
+    x = scale_hu(_as_batch(hu))                                       # [B, 1, 96, 96, 96]
+    if p.zoom > 1:  # average zoom^3 blocks first: the same voxels as to_network_input's
+        x = F.avg_pool3d(x, p.zoom)
+    here, device, out = x.shape[0], x.device, p.input_size
+    if draw.theta.shape[0] != here:
+        raise DataValueError("hu", f"{here} patches for the augmentation of {draw.theta.shape[0]}")
+    grid = F.affine_grid(draw.theta.to(device), [here, 1, out, out, out], align_corners=False)
+    if draw.coarse is not None:    # the elastic part: a smooth field upsampled from a coarse grid
+        field = F.interpolate(draw.coarse.to(device), size=(out,) * 3, mode="trilinear", align_corners=True)
         grid = grid + field.permute(0, 2, 3, 4, 1)
-
-    # The one resampling: straight from the (block-averaged) patch to the network's grid.
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
-    # Intensity: contrast (gamma), smoothing, noise, each with its probability.
-    def chosen(prob):
-        return (torch.rand(b, generator=generator) < prob)[rows].to(device)
+    def per_sample(t):
+        return t.to(device)[:, None, None, None, None]
 
-    gamma = uniform(b, low=aug.contrast[0], high=aug.contrast[1])[rows].to(device)
-    x = torch.where(chosen(aug.p_contrast)[:, None, None, None, None],
-                    x.clamp_min(0) ** gamma[:, None, None, None, None], x)
-    sigma = uniform(b, low=aug.smooth[0], high=aug.smooth[1])
-    radius = int(math.ceil(3 * float(sigma.max())))                   # the whole batch's
-    sigma = sigma[rows].to(device)
-    x = torch.where(chosen(aug.p_smooth)[:, None, None, None, None], _gaussian_blur(x, sigma, radius), x)
-    std = (torch.rand(b, generator=generator) * aug.noise)[rows].to(device)
-    seed = int(torch.randint(2**62, (1,), generator=generator))
-    noise_gen = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn((b, *x.shape[1:]), generator=noise_gen, device=device)[rows]
-    x = torch.where(chosen(aug.p_noise)[:, None, None, None, None], x + noise * std[:, None, None, None, None], x)
-    return x
+    x = torch.where(per_sample(draw.contrast), x.clamp_min(0) ** per_sample(draw.gamma), x)
+    x = torch.where(per_sample(draw.smooth), _gaussian_blur(x, draw.sigma.to(device), draw.radius), x)
+    noise_gen = torch.Generator(device=device).manual_seed(draw.noise_seed)
+    noise = torch.randn((draw.total, *x.shape[1:]), generator=noise_gen, device=device)[draw.rows]
+    return torch.where(per_sample(draw.noisy), x + noise * per_sample(draw.std), x)
+
+
+def augment_batch(hu: torch.Tensor, preset: str | Preset, generator: torch.Generator,
+                  aug: Augment = Augment()) -> torch.Tensor:
+    """Augmented network inputs [B, 1, S, S, S] from int16 HU patches [B, 96, 96, 96]: the
+    random numbers drawn from ``generator`` (:func:`draw_augment`), then applied
+    (:func:`apply_augment`)."""
+    return apply_augment(hu, preset, draw_augment(len(hu), preset, generator, aug))

@@ -15,18 +15,21 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from vfcore.data import PatchArray, read_patch
-from vfcore.dissect import (EXEMPLAR_SCORES, FORMAT, NOTEBOOK_03, SUBSET_NAMES, DissectionArtifacts,
-                            activations, best_slice, concept_names, concept_overlap, exemplars,
-                            load_artifacts, outcomes, patch_mask, patch_world_affine,
-                            upsample_to_patch, vertebra_overlap, write_nifti_exemplar)
-from vfcore.dissect.artifacts import checkpoint_path, network
+from vfcore.dissect import (SUBSET_NAMES, DissectionArtifacts, activations, best_slice, exemplars,
+                            load_artifacts, outcomes, patch_mask, upsample_to_patch)
+from vfcore.dissect.artifacts import FORMAT, NOTEBOOK_03, checkpoint_path, concept_names, load_network
+from vfcore.dissect.geometry import (concept_overlap, patch_world_affine, vertebra_overlap,
+                                     write_nifti_exemplar)
+from vfcore.dissect.ranking import EXEMPLAR_SCORES
 from vfcore.errors import StaleArtifactError
 from vfcore.io import atomic_save, atomic_write, sha256_file, write_json
 from vfcore.lock import writes
 from vfcore.run import RunFolder
-from vfcore.viz.dissection import collage, take
+from vfcore.viz.dissection import collage
+from vfcore.viz.units import take_slice
 
 __all__ = ["export_units", "UNITS_COLUMNS"]
 
@@ -64,8 +67,6 @@ def export_units(run_dir: str | Path, top: int = 10, top_fp: int = 5, k: int = 2
     union of the exported exemplars, keeping only the exported units; their masks are the
     pass's own M_k (from the kept tail), upsampled with :func:`patch_mask`.
     """
-    from tqdm.auto import tqdm
-
     run_dir = Path(run_dir)
     art = load_artifacts(run_dir)
     meta, d, samples = art.meta, art.dissection, art.samples
@@ -99,9 +100,9 @@ def export_units(run_dir: str | Path, top: int = 10, top_fp: int = 5, k: int = 2
     units = sorted({unit for _, _, unit, _, _ in jobs})
     maps: dict[int, np.ndarray] = {}
     if union:
-        net_model, _, transform = network(ckpt)
-        A, _ = activations(net_model, PatchArray.of(run_dir, samples.loc[union, "ct_path"]), meta["layer"],
-                           units=units, batch_size=batch_size, transform=transform, device=device,
+        net = load_network(run_dir, ckpt, meta["layer"])
+        A, _ = activations(net.model, PatchArray.of(run_dir, samples.loc[union, "ct_path"]), net.layer,
+                           units=units, batch_size=batch_size, transform=net.transform, device=device,
                            progress=progress)
         maps = {i: A[j] for j, i in enumerate(union)}
     column = {u: j for j, u in enumerate(units)}
@@ -164,8 +165,8 @@ def _export_unit(run_dir: Path, folder: Path, art: DissectionArtifacts, role: st
         mask = patch_mask(M, art.field, ct.shape)           # M_k of the pass, on the patch
         s = best_slice(up, T, view, mask)
         entry["slices"].append(s)
-        tiles.append((take(ct, view, s), take(up, view, s),
-                      f"{row['case']} {row['level']}\nr_k = {d.r[i, unit]:.3g}", take(mask, view, s)))
+        tiles.append((take_slice(ct, view, s), take_slice(up, view, s),
+                      f"{row['case']} {row['level']}\nr_k = {d.r[i, unit]:.3g}", take_slice(mask, view, s)))
         if j < nifti_top:
             affine = patch_world_affine(run_dir, row["case"], int(row["label"]))
             paths = write_nifti_exemplar(folder / "nifti" / f"unit_{unit:03d}",

@@ -8,8 +8,10 @@ and the benchmarks all run the network through :func:`forward_batches` (streamed
 * the model in eval mode (batch norm uses its running statistics, dropout is off: a sample's
   result does not depend on its batch) under ``torch.inference_mode``; the previous training
   flags are restored afterwards;
-* precision (:func:`precision`): bf16 autocast on CUDA, fp16 on GPUs without bf16 (e.g. the
-  T4 of free Colab), fp32 on CPU; ``channels_last_3d`` memory layout on CUDA;
+* precision and layout (:func:`precision`): bf16 autocast on GPUs of compute capability 8.0+
+  and on CPUs with native bf16, fp16 on older GPUs (e.g. the T4 of free Colab), fp32 on
+  other CPUs; ``channels_last_3d`` memory layout; ``amp=False``: fp32 (the dissection);
+* the caller's model is not moved: on another device, a copy runs the pass;
 * batches read from the data ([N, ...]: a numpy array, a lazy :class:`vfcore.data.PatchArray`
   or a tensor) one at a time, the next one read in a background thread on CUDA;
 * activations of named layers through forward hooks (:func:`capture`), as float32.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 
 from .errors import DataValueError, LayerNotFoundError
-from .runtime import pick_device
+from .runtime import Precision, pick_device, precision
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,25 +87,45 @@ def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 # --------------------------------------------------------------------------------------------
-# Device and precision
+# Device and precision: one policy for training, predictions and the benches
 # --------------------------------------------------------------------------------------------
 
-def precision(device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype, use a GradScaler when training): bf16 on CUDA where supported, fp16 +
-    scaler on older GPUs (e.g. the T4 of free Colab), ``(None, False)`` = fp32 on CPU."""
-    if device.type != "cuda":
-        return None, False
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, False
-    return torch.float16, True
-
-
-def autocast(device: torch.device, amp: bool = True):
-    """The autocast context of :func:`precision` (nothing on CPU or when ``amp`` is False)."""
-    dtype, _ = precision(device)
-    if dtype is None or not amp:
+def autocast(device: torch.device, amp: bool = True, policy: Precision | None = None):
+    """The autocast context of :func:`precision` (nothing for fp32 or when ``amp`` is False)."""
+    policy = precision(device) if policy is None else policy
+    if policy.dtype is None or not amp:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=policy.dtype)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+@contextlib.contextmanager
+def on_device(model: torch.nn.Module, device: torch.device,
+              channels_last: bool = False) -> Iterator[torch.nn.Module]:
+    """``model`` on ``device`` inside the block, without moving the caller's model.
+
+    A model on another device is copied there for the block (its forward hooks come along;
+    12.8 M parameters are 51 MB); a model already there is used as it is, in
+    ``channels_last_3d`` inside the block if asked and back in its own layout afterwards. So
+    after a GPU pass in a notebook, the notebook's model is still where the notebook put it.
+    """
+    first = next(iter(model.parameters()), None)
+    if first is not None and not _same_device(first.device, device):
+        copy = deepcopy(model).to(device)
+        yield copy.to(memory_format=torch.channels_last_3d) if channels_last else copy
+        return
+    was_last = any(p.dim() == 5 and not p.is_contiguous() and
+                   p.is_contiguous(memory_format=torch.channels_last_3d) for p in model.parameters())
+    if channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    try:
+        yield model
+    finally:
+        if channels_last and not was_last:
+            model.to(memory_format=torch.contiguous_format)
 
 
 def probabilities(output, batch: int) -> torch.Tensor:
@@ -168,30 +191,35 @@ def forward_batches(model: torch.nn.Module, data, layers: Sequence[str] = (), *,
     ``transform`` maps a batch (already on the device) to the network input, e.g.
     ``lambda hu: vfcore.data.to_network_input(hu, preset)``; ``layers``: the named layers whose
     outputs to capture (:class:`~vfcore.errors.LayerNotFoundError` lists the names).
+    ``amp``: the device's :func:`precision` (autocast, layout); ``amp=False`` computes in fp32
+    in the default layout, as a plain ``model(x)`` does (the dissection's exact pass). The caller's model is not moved: a model on another device runs
+    as a copy there (:func:`on_device`).
     """
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # tqdm.auto picks the notebook bar: imported when a bar is made
 
     device = device if isinstance(device, torch.device) else pick_device(
         str(device) if device is not None else None)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last_3d)
+    # amp=False: fp32 in the default layout, bit for bit what a plain model(x) call computes
+    # (notebook 03 checks its T_k that way); otherwise the device's precision and layout
+    policy = precision(device) if amp else Precision(None, False, False, "fp32 (amp=False)")
     for name in layers:
         find_layer(model, name)
     bar = tqdm(total=len(data), desc=desc, unit="sample", disable=not progress)
     with contextlib.ExitStack() as stack:
+        model = stack.enter_context(on_device(model, device, policy.channels_last))
         stack.enter_context(evaluating(model))
         outs = {name: stack.enter_context(capture(model, name)) for name in layers}
         stack.enter_context(torch.inference_mode())
         start = 0
         for x in batches(data, batch_size, device):
             x = transform(x) if transform is not None else x
-            if device.type == "cuda" and x.ndim == 5:
+            if policy.channels_last and x.ndim == 5:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-            with autocast(device, amp):
+            with autocast(device, amp, policy):
                 y = model(x)
             b = x.shape[0]
-            yield Batch(start, probabilities(y, b), {n: out.pop().float() for n, out in outs.items()})
+            yield Batch(start, probabilities(y, b),
+                        {n: out.pop().float().contiguous() for n, out in outs.items()})
             start += b
             bar.update(b)
     bar.close()

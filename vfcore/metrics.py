@@ -5,15 +5,19 @@
   disagree;
 * :func:`auc_score` and :func:`average_precision`: MONAI's ``compute_roc_auc`` and
   ``compute_average_precision`` (ties handled as scikit-learn does), NaN where undefined;
-* :func:`classification_metrics` (F1, accuracy, AUC, AP), :func:`bootstrap_intervals` and
+* :func:`classification_metrics` (F1, accuracy, AUC, AP), :func:`bootstrap_intervals`
+  (``scipy.stats.bootstrap``, percentile, stratified by class) and
   :func:`table1` (mean +- std over seeds, or one seed with its bootstrap interval, in the
   layout of the paper's Table 1, whose rows are :data:`PAPER_TABLE1`).
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import torch
+from scipy.stats import DegenerateDataWarning, bootstrap
 
 METRICS = ("f1", "accuracy", "auc", "ap")
 OUTCOMES = ("TP", "FP", "TN", "FN")
@@ -47,7 +51,7 @@ def _both_classes(labels, scores) -> tuple[torch.Tensor, torch.Tensor] | None:
 def auc_score(labels, scores) -> float:
     """Area under the ROC curve: P(score of a positive > score of a negative), ties count 1/2
     (``monai.metrics.compute_roc_auc``); NaN when one class is missing."""
-    from monai.metrics import compute_roc_auc
+    from monai.metrics import compute_roc_auc   # monai is heavy to import: on first use only
 
     pair = _both_classes(labels, scores)
     return float("nan") if pair is None else float(compute_roc_auc(*pair))
@@ -56,7 +60,7 @@ def auc_score(labels, scores) -> float:
 def average_precision(labels, scores) -> float:
     """AP = sum_n (R_n - R_{n-1}) P_n over the distinct score thresholds (as scikit-learn;
     ``monai.metrics.compute_average_precision``); NaN without positives."""
-    from monai.metrics import compute_average_precision
+    from monai.metrics import compute_average_precision   # heavy: on first use only
 
     y = np.asarray(labels).astype(bool)
     if not y.any():
@@ -92,22 +96,39 @@ _COLUMNS = dict(zip(METRICS, ("F1 (%)", "Acc. (%)", "AUC (%)", "AP (%)")))
 
 def bootstrap_intervals(labels, probability, threshold: float = 0.5, n_boot: int = 1000,
                         level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap intervals of F1, accuracy, AUC and AP over the vertebrae [N].
+    """Percentile bootstrap intervals of F1, accuracy, AUC and AP over the vertebrae [N]
+    (``scipy.stats.bootstrap``, ``method="percentile"``, ``n_boot`` resamples, seeded).
 
-    Resamples the N (label, probability) pairs with replacement ``n_boot`` times (seeded) and
-    returns, per metric, the (lower, upper) ``level`` interval: how much the finite test set
-    moves the result (a standard deviation over seeds says how much training moves it).
+    Stratified by class: the fractured and the healthy vertebrae are two samples that scipy
+    resamples separately, with replacement, so every resample keeps the split's class counts
+    and AUC and AP stay defined (NaN only where a class is missing altogether); a class of one
+    vertebra is the same in every resample. Returns, per metric, the (lower, upper) ``level``
+    interval: how much the finite test set moves the result (a standard deviation over seeds
+    says how much training moves it).
     """
-    y = np.asarray(labels).astype(int)
+    y = np.asarray(labels).astype(int) == 1
     p = np.asarray(probability, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    draws = {m: [] for m in METRICS}
-    for _ in range(n_boot):
-        i = rng.integers(0, len(y), len(y))
-        for m, v in classification_metrics(y[i], p[i], threshold).items():
-            draws[m].append(v)
-    alpha = (1 - level) / 2
-    return {m: tuple(float(x) for x in np.nanquantile(v, [alpha, 1 - alpha])) for m, v in draws.items()}
+    classes = [p[y], p[~y]]                                  # fractured, healthy
+    drawn = [i for i, c in enumerate(classes) if len(c) >= 2]    # scipy resamples 2 or more
+
+    def statistic(*resampled) -> np.ndarray:
+        parts = list(classes)
+        for i, r in zip(drawn, resampled):
+            parts[i] = r
+        truth = np.r_[np.ones(len(parts[0]), int), np.zeros(len(parts[1]), int)]
+        values = classification_metrics(truth, np.concatenate(parts), threshold)
+        return np.array([values[m] for m in METRICS])
+
+    if not drawn:                                            # nothing varies: the value itself
+        low = high = statistic()
+    else:
+        with warnings.catch_warnings():  # a missing class: AUC is NaN in every resample, as it is
+            warnings.simplefilter("ignore", DegenerateDataWarning)
+            res = bootstrap([classes[i] for i in drawn], statistic, n_resamples=n_boot,
+                            vectorized=False, confidence_level=level, method="percentile",
+                            random_state=np.random.default_rng(seed))
+        low, high = res.confidence_interval
+    return {m: (float(lo), float(hi)) for m, lo, hi in zip(METRICS, low, high)}
 
 
 def table1(per_seed: dict, training: str = "phantom", testing: str = "phantom",

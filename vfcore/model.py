@@ -28,11 +28,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import pandas as pd
 import torch
 from torch import nn
 
-#: Edge length (voxels, 1 mm) of the stored patches the presets read from (vfcore.patches).
-PATCH_SIZE = 96
+from .constants import PATCH_SIZE  # the stored patches the presets read from (vfcore.patches)
+from .errors import InvalidParameterError, PresetError
 #: Names of the encoder layers, shallow to deep (the paper's / Models Genesis' names).
 ENCODER_LAYERS = ("down_tr64", "down_tr128", "down_tr256", "down_tr512")
 
@@ -54,7 +55,9 @@ class Preset:
     head: tuple[int, ...] = (256, 128, 64, 8)
     mlp: tuple[int, ...] = (256, 128, 64)
     dropout: float = 0.3
-    dissect_layer: str = "down_tr512"
+    #: the layer the dissection reads (the paper: the last encoder layer, ``down_tr512``); the
+    #: one place a dissected layer is named
+    dissect_layer: str = ENCODER_LAYERS[-1]
     #: which of down_tr64 ... down_tr512 end in a 2x2x2 max-pool (paper: all but down_tr512)
     pools: tuple[bool, ...] = (True, True, True, False)
     # training defaults (vfcore.train); the paper states lr, patience and dropout only
@@ -114,10 +117,6 @@ PRESETS: dict[str, Preset] = {
                     patience=15, max_epochs=60),
 }
 
-#: The layer the dissection reads, per preset (the last encoder layer, as the paper).
-DISSECT_LAYER: dict[str, str] = {name: p.dissect_layer for name, p in PRESETS.items()}
-
-
 def default_preset() -> str:
     """The preset a notebook or command uses when none is named: ``paper`` where CUDA is
     available, else ``small`` (trains on a CPU in minutes)."""
@@ -127,8 +126,6 @@ def default_preset() -> str:
 def get_preset(preset: str | Preset) -> Preset:
     """A :class:`Preset` from its name, ``"auto"`` (:func:`default_preset`) or the preset itself;
     an unknown name raises :class:`~vfcore.errors.PresetError` listing the known ones."""
-    from .errors import PresetError
-
     if isinstance(preset, Preset):
         return preset
     if preset == "auto":
@@ -168,8 +165,8 @@ class FractureNet(nn.Module):
         self.preset = get_preset(preset)
         p = self.preset
         if len(p.pools) != 4 or p.input_size % 2 ** sum(p.pools):
-            raise ValueError(f"preset {p.name}: input size {p.input_size} must be divisible by "
-                             f"2^{sum(p.pools)} (pools {p.pools})")
+            raise InvalidParameterError(f"preset {p.name!r}: pools", f"4 flags whose 2^(number of pools) "
+                                        f"divides the input size {p.input_size}", p.pools)
         widths = p.encoder_widths
         for name, w, pool in zip(ENCODER_LAYERS, widths, p.pools):
             setattr(self, name, DownTransition(*w, pool=pool))
@@ -196,8 +193,16 @@ class FractureNet(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 1, S, S, S] in [0, 1] -> fracture logits [B]."""
-        return self.classifier(self.head(self.features(x))).squeeze(1)
+        """[B, 1, S, S, S] in [0, 1] -> fracture logits [B].
+
+        The classifier (a few small linear layers) runs in fp32 even under bf16/fp16 autocast:
+        a bf16 logit carries about 3 significant digits, and the validation AUC and the
+        early-stopping decision would see ties that the network does not make."""
+        h = self.head(self.features(x))
+        if h.device.type not in ("cpu", "cuda"):                 # e.g. the meta device
+            return self.classifier(h).squeeze(1)
+        with torch.autocast(h.device.type, enabled=False):
+            return self.classifier(h.float()).squeeze(1)
 
 
 def build_model(preset: str | Preset = "paper") -> FractureNet:
@@ -210,14 +215,12 @@ def n_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def layer_table(model: FractureNet, batch: int = 1) -> "pandas.DataFrame":  # noqa: F821
+def layer_table(model: FractureNet, batch: int = 1) -> pd.DataFrame:
     """One row per stage: name, output shape [C, D, H, W] (or [N]), trainable parameters.
 
     A head row counts its convolution and InstanceNorm, an MLP row its Linear and BatchNorm1d.
     Runs one forward pass on zeros in eval mode with forward hooks (the notebook's layer table).
     """
-    import pandas as pd
-
     stages: list[tuple[str, nn.Module, list[nn.Module]]] = [
         (name, getattr(model, name), [getattr(model, name)]) for name in ENCODER_LAYERS]
     for seq, prefix in ((model.head, "head"), (model.classifier, "classifier")):

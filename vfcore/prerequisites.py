@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .errors import InvalidParameterError
 from .lock import writer_lock
 from .provenance import stale_steps
 from .run import ARTIFACTS, NOTEBOOKS, RunFolder
@@ -45,7 +46,7 @@ def _stage_key(stage: str) -> str:
     for key, stem in NOTEBOOKS.items():
         if stage in (stem, f"{stem}.ipynb"):
             return key
-    raise ValueError(f"unknown notebook or stage {stage!r}; choose one of {sorted(NEEDS)}")
+    raise InvalidParameterError("notebook or stage", f"one of {sorted(NEEDS)} or a notebook stem", stage)
 
 
 def _producer(artifact: str) -> str:

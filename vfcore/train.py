@@ -31,18 +31,20 @@ import torch.nn.functional as F
 
 from .checkpoint import FORMAT, load_checkpoint, read_checkpoint, save_checkpoint
 from .constants import PATCH_SIZE
-from .data import Augment, augment_batch, balanced_epoch, get_augment, load_split, to_network_input
-from .distributed import all_reduce_sum, barrier, broadcast, collective, world, wrap_model
+from .data import (Augment, apply_augment, balanced_epoch, draw_augment, get_augment, load_split,
+                   to_network_input)
+from .distributed import (all_reduce_sum, barrier, broadcast, collective, sync_batchnorm, world,
+                          wrap_model)
 from .errors import CheckpointError, DataValueError
-from .forward import forward, precision
+from .forward import forward
+from .runtime import Precision, pick_device, precision
 from .io import atomic_write, sha256_file, versions, write_json
-from .checks import finite_loss
+from .checks import finite_loss, nonfinite_in_epoch
 from .lock import writes
 from .metrics import (METRICS, auc_score, average_precision, classification_metrics, outcome_names,
                       table1)
 from .model import FractureNet, Preset, get_preset
 from .run import RunFolder
-from .runtime import pick_device
 
 #: Re-exported for callers of the earlier layout (``train.load_checkpoint`` etc.).
 __all__ = ["FORMAT", "METRICS", "auc_score", "average_precision", "classification_metrics",
@@ -65,24 +67,51 @@ def predict(model: torch.nn.Module, patches, preset: str | Preset, batch_size: i
     return probability
 
 
-def preload_split(patches, device: torch.device, preload: bool | None = None,
-                  budget: float = 0.5):
-    """The split as training reads it: one int16 tensor on ``device``, or ``patches`` itself
-    (batches read from disk).
+def step_bytes(preset: str | Preset, batch_size: int, dtype: torch.dtype | None = None) -> int:
+    """Estimated peak memory (bytes) of one training step at ``batch_size``: the outputs of
+    every leaf module (kept for backward; in ``dtype``'s size, fp32 when None) plus the
+    weights with their gradients and Adam's two moments (4 x fp32). Counted on the ``meta``
+    device, so nothing is allocated. Paper preset: 3.2 GB at batch 8 in fp32 (3.3 GB measured
+    on the CPU), 12.5 GB at batch 64 in fp16 (12-13 GB expected on a T4)."""
+    p = get_preset(preset)
+    with torch.device("meta"):
+        net = FractureNet(p)
+        x = torch.empty(batch_size, 1, *(p.input_size,) * 3)
+    elements = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: elements.append(out.numel()))
+             for m in net.modules() if not list(m.children())]
+    with torch.no_grad():
+        net.train()(x)
+    for h in hooks:
+        h.remove()
+    size = torch.empty(0, dtype=dtype or torch.float32).element_size()
+    return size * sum(elements) + 16 * sum(t.numel() for t in net.parameters())
 
-    ``preload=None`` decides: on CUDA, when the split takes at most ``budget`` of the free GPU
-    memory (10,000 patches of 96^3 int16 are 17.7 GB), so batches are indexed on the GPU and
-    the host does no work per batch; on a CPU, no (memory-mapped batches cost little there,
-    and Binder has 2 GB).
+
+def preload_split(patches, device: torch.device, preload: bool | None = None, *,
+                  reserve: int = 0, budget: float = 0.9):
+    """The split as training reads it: one int16 tensor on ``device``, or ``patches`` itself
+    (batches read from the host, memory-mapped, one at a time).
+
+    ``preload=None`` decides: on CUDA, when the split fits in ``budget`` of the free GPU
+    memory after ``reserve`` bytes are set aside (the training step's peak, :func:`step_bytes`,
+    and whatever else must stay on the GPU), so batches are indexed on the GPU; otherwise it
+    streams from the host. 10,000 patches of 96^3 int16 are 17.7 GB. On a CPU, no (memory-
+    mapped batches cost little there, and Binder has 2 GB).
     """
     if preload is None:
         if device.type != "cuda":
             return patches
         free, _ = torch.cuda.mem_get_info(device)
-        preload = len(patches) * PATCH_SIZE ** 3 * 2 <= budget * free
+        preload = fits_on_device(len(patches), free, reserve, budget)
     if not preload:
         return patches
     return torch.from_numpy(np.asarray(patches[:])).to(device)
+
+
+def fits_on_device(n_patches: int, free: int, reserve: int, budget: float = 0.9) -> bool:
+    """True when ``n_patches`` int16 patches of 96^3 fit in ``budget`` x (``free`` - ``reserve``)."""
+    return n_patches * PATCH_SIZE ** 3 * 2 <= budget * (free - reserve)
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -122,6 +151,51 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     return float(loss.item())
 
 
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, patches, labels,
+                preset: str | Preset, generator: torch.Generator, *, batch_size: int,
+                augment: Augment | None = None, policy: Precision | None = None,
+                scaler: torch.amp.GradScaler | None = None, part=None, step=train_step,
+                progress=None) -> list[float]:
+    """One balanced epoch (paper, Sec. 3): the order from :func:`~vfcore.data.balanced_epoch`,
+    then batch by batch the next ``batch_size`` draws (sorted), their augmentation, one
+    :func:`train_step`. Returns the batches' losses.
+
+    ``patches`` [N, 96, 96, 96] int16 (lazy or a tensor), ``labels`` [N] 0/1 (a tensor on the
+    device); ``generator`` draws the order and then each batch's augmentation; ``policy``: the
+    device's :func:`~vfcore.runtime.precision` (autocast dtype, layout). The torchrun shell
+    (:func:`train_seed`) passes ``part`` (a global batch's augmentation draw and samples ->
+    this rank's rows), ``step`` (the step wrapped in its collective) and ``progress`` (a bar).
+    """
+    p = get_preset(preset)
+    device = labels.device
+    policy = precision(device) if policy is None else policy
+    model.train()
+    order = balanced_epoch(labels.cpu().numpy(), generator)
+    losses = []
+    for b in progress or range(len(order) // batch_size):        # drop_last: fixed shapes
+        ids = np.sort(order[b * batch_size:(b + 1) * batch_size])
+        draw = draw_augment(len(ids), p, generator, augment) if augment else None
+        if part is not None:                                     # torchrun: this rank's rows
+            ids, draw = part(ids, draw)
+        hu = torch.as_tensor(patches[ids], device=device)
+        x = apply_augment(hu, p, draw) if augment else to_network_input(hu, p)
+        if policy.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        losses.append(step(model, optimizer, x, labels[ids].float(), dtype=policy.dtype,
+                           scaler=scaler if policy.scaler else None))
+        finite_loss(losses[-1], batch=b, ids=ids, patches=patches)   # NaN/inf: stop, name the batch
+        if progress is not None:
+            progress.set_postfix(loss=f"{np.mean(losses):.3f}")
+    return losses
+
+
+def evaluate(model: torch.nn.Module, patches, labels, preset: str | Preset,
+             device: str | torch.device | None = None) -> dict:
+    """Table 1's figures of ``model`` on a split: F1, accuracy (at P >= 0.5), ROC AUC and AP of
+    P(fracture) [N] against ``labels`` [N] (:func:`vfcore.metrics.classification_metrics`)."""
+    return classification_metrics(labels, predict(model, patches, preset, device=device))
+
+
 def _dropout_seed(seed: int, epoch: int, rank: int) -> int:
     """Several ranks: the global torch seed of ``rank`` in ``epoch`` (its dropout masks),
     fixed by (seed, epoch, rank), so a resumed job draws the same without saved state."""
@@ -134,7 +208,7 @@ def _validate(model: torch.nn.Module, val_x, val_y, p: Preset, dev: torch.device
     w = world()
     row = torch.zeros(len(METRICS), dtype=torch.float64, device=dev)
     if w.is_main:
-        val = classification_metrics(val_y, predict(model, val_x, p, device=dev))
+        val = evaluate(model, val_x, val_y, p, dev)
         row[:] = torch.tensor([val[k] for k in METRICS], dtype=torch.float64)
     broadcast(row, f"broadcasting rank 0's validation of epoch {epoch + 1}")
     return dict(zip(METRICS, row.tolist()))
@@ -183,8 +257,8 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
     run = RunFolder(run_dir)
     folder = run.seed_dir(seed)
     dev = w.device if device is None and w.size > 1 else pick_device(device)
-    dtype, use_scaler = precision(dev)
-    if dev.type == "cuda":
+    policy = precision(dev)
+    if dev.type == "cuda":   # fastest kernels for the fixed shapes; not bit-reproducible on CUDA
         torch.backends.cudnn.benchmark = True
 
     train_x, train_y, train_rows = load_split(run_dir, "train")
@@ -196,18 +270,22 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
               "patience": patience, "augment": asdict(augment) if augment else None,
               "manifest_sha256": manifest}
 
-    # on a GPU, the splits once in GPU memory: no host work and no copy per batch (the
-    # validation split on rank 0 only: it alone validates)
-    train_x = preload_split(train_x, dev, preload)
-    val_x = preload_split(val_x, dev, preload) if w.is_main else val_x
-    labels = torch.tensor(train_y, dtype=torch.float32, device=dev)
+    # on a GPU, the splits once in GPU memory when they fit beside the training step (the
+    # validation split on rank 0 only: it alone validates); otherwise streamed from the host
+    reserve = step_bytes(p, local, policy.dtype)
+    if w.is_main:
+        val_x = preload_split(val_x, dev, preload, reserve=reserve + len(train_x) * PATCH_SIZE ** 3 * 2)
+    train_x = preload_split(train_x, dev, preload, reserve=reserve)
+    labels = torch.tensor(train_y, dtype=torch.int64, device=dev)
 
     torch.manual_seed(seed)
     model = FractureNet(p).to(dev)
-    if dev.type == "cuda":  # on CPUs oneDNN spends tens of seconds compiling each new shape
+    if w.size > 1:  # batch norm over the global batch, BEFORE the optimiser takes the parameters
+        model = sync_batchnorm(model, dev)
+    if policy.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=0.0)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    scaler = torch.amp.GradScaler(dev.type, enabled=policy.scaler)
     generator = torch.Generator().manual_seed(seed)            # the epoch order: same on every rank
     history: list[dict] = []
     best = {"f1": -1.0, "auc": -1.0, "epoch": -1}
@@ -221,44 +299,45 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(generator, state["rng"])
+        if policy.scaler and "scaler" in state:    # fp16: the loss scale goes on, no skipped steps
+            scaler.load_state_dict(state["scaler"])
         history, best = state["history"], state["best"]
-    net = wrap_model(model, dev)           # several ranks: DDP + synchronised batch norm
+    net = wrap_model(model, dev)           # several ranks: DistributedDataParallel
     model = getattr(net, "module", net)    # the network itself: validation and checkpoints
     step = torch.compile(net) if compile else net
 
     def stopped() -> bool:
         return bool(history) and (history[-1]["epoch"] - best["epoch"] >= patience)
 
+    part = step_ = None
+    if w.size > 1:
+        def part(ids, draw):           # this rank's rows of a global batch and of its draw
+            rows = slice(w.rank * local, (w.rank + 1) * local)
+            return ids[rows], (draw.take(rows.start, rows.stop) if draw is not None else None)
+
+        def step_(*args, **kwargs):    # DDP's gradient all-reduce notices a dead rank here
+            with collective(f"the forward/backward pass of epoch {len(history) + 1}"):
+                return train_step(*args, **kwargs)
+
     while len(history) < epochs and not stopped():
         epoch = len(history)
         net.train()
-        order = balanced_epoch(train_y, generator)
         if w.size > 1:     # one process: dropout goes on from the seed set before the model
             torch.manual_seed(_dropout_seed(seed, epoch, w.rank))
-        n_batches = len(order) // batch_size                   # drop_last: fixed shapes
-        losses, t0 = [], time.perf_counter()
+        n_batches = len(train_y) // 2 * 2 // batch_size          # a balanced epoch's batches
+        t0 = time.perf_counter()
         where = "" if w.size == 1 else f" ({w.size} ranks)"
         bar = tqdm(range(n_batches), desc=f"seed {seed} epoch {epoch + 1}/{epochs}{where}",
                    disable=not (progress and w.is_main), leave=False)
-        for b in bar:
-            # global batch b, sorted; this rank's slice of it (one process: all of it)
-            ids = np.sort(order[b * batch_size:(b + 1) * batch_size])[w.rank * local:][:local]
-            hu, y = torch.as_tensor(train_x[ids], device=dev), labels[ids]
-            # the augmentation drawn for the whole global batch from the shared generator
-            # and this slice's applied: every sample gets one process's augmentation
-            x = (augment_batch(hu, p, generator, augment, share=(w.rank * local, batch_size))
-                 if augment else to_network_input(hu, p))
-            if dev.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last_3d)
-            # several ranks: DDP all-reduces the gradients in backward(), the collective that
-            # notices a dead rank during training
-            pass_ = f"the forward/backward pass of epoch {epoch + 1}, batch {b + 1}"
-            with collective(pass_) if w.size > 1 else contextlib.nullcontext():
-                losses.append(train_step(step, optimizer, x, y, dtype=dtype, scaler=scaler))
-            finite_loss(losses[-1], epoch=epoch, batch=b, step=epoch * n_batches + b + 1,
-                        files=train_rows["ct_path"].to_numpy()[ids], where=run.manifest)
-            bar.set_postfix(loss=f"{np.mean(losses):.3f}",
-                            samples_s=f"{(b + 1) * batch_size / (time.perf_counter() - t0):.0f}")
+        try:
+            losses = train_epoch(step, optimizer, train_x, labels, p, generator, batch_size=batch_size,
+                                 augment=augment, policy=policy, scaler=scaler, part=part,
+                                 step=step_ or train_step, progress=bar)
+        except DataValueError as err:    # a non-finite loss: name the epoch, step and files
+            if not hasattr(err, "ids"):
+                raise
+            raise nonfinite_in_epoch(err, epoch, n_batches, train_rows["ct_path"].to_numpy(),
+                                     run.manifest) from None
         loss = torch.tensor([np.mean(losses) if losses else float("nan")], dtype=torch.float64,
                             device=dev)
         loss = float(all_reduce_sum(loss, f"summing the losses of epoch {epoch + 1}")) / w.size
@@ -273,7 +352,8 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
             if improved:
                 save_checkpoint(run.seed_checkpoint(seed), model, config=config, epoch=epoch, val=val)
             save_checkpoint(last, model, config=config, epoch=epoch, history=history, best=best,
-                            optimizer=optimizer.state_dict(), rng=_rng_state(generator))
+                            optimizer=optimizer.state_dict(), rng=_rng_state(generator),
+                            **({"scaler": scaler.state_dict()} if policy.scaler else {}))
             with atomic_write(run.history(seed), "w") as f:
                 pd.DataFrame(history).to_csv(f, index=False)
             if on_epoch is not None:

@@ -25,83 +25,50 @@ exactly, with no second forward pass and without storing the layer's activations
 for 10,000 vertebrae x 512 units x 8^3 would be 10 GB in float32; the buffer is 0.5 % of it).
 The per-sample maximum and mean of every unit are accumulated on the way ([N, K] arrays).
 
-The sub-package, one step a module (all names are importable from ``vfcore.dissect``):
+The sub-package, one step a module. The teaching core (what notebooks 03 and 04 run with one
+process; no distributed code on its path):
 
-* :mod:`~vfcore.dissect.capture`: a layer's activations in memory (through the forward
-  engine :mod:`vfcore.forward`, which also holds the hooks: ``capture``, ``find_layer``);
+* :mod:`~vfcore.dissect.capture`: a layer's activations in memory (:func:`activations`,
+  through the forward engine :mod:`vfcore.forward`, which also holds the hooks);
 * :mod:`~vfcore.dissect.quantile`: T_k, exact (:class:`TopQuantile`) and sketched
-  (:class:`SampledQuantile`, for comparison), and :func:`M_k`, the one mask threshold;
-* :mod:`~vfcore.dissect.dissection`: the one pass, :func:`dissect` -> :class:`Dissection`
-  (and :func:`example_units`);
-* :mod:`~vfcore.dissect.sharded`: the same pass over the ranks of a ``torchrun`` job,
-  :func:`dissect_sharded` (each rank a contiguous share, the buffers all-gathered and merged
-  exactly, checkpointed and resumable; one process without torchrun);
+  (``SampledQuantile``, for comparison), and :func:`M_k`, the one mask threshold;
+* :mod:`~vfcore.dissect.dissection`: the one pass, :func:`dissect` -> :class:`Dissection`;
 * :mod:`~vfcore.dissect.ranking`: Eq. 1 and Eq. 2, outcomes, rankings, exemplars;
 * :mod:`~vfcore.dissect.geometry`: activations on the patch (upsampling, best slice, NIfTI,
-  concept overlap);
-* :mod:`~vfcore.dissect.looking`: where a unit looks (input gradients of its masked
-  activation, receptive fields) and occlusion;
-* :mod:`~vfcore.dissect.artifacts`: the run folder (:func:`dissect_run`, :func:`load_artifacts`).
+  concept overlap).
 
-The package is analysis only: it draws nothing and imports no ``train``, ``viz`` or
-``explorer``. Notebook 04's collages and NIfTI exports are :func:`vfcore.export.export_units`;
+The shell around it (run folder and torchrun):
+
+* :mod:`~vfcore.dissect.artifacts`: the run folder (:func:`dissect_run`, :func:`load_artifacts`);
+  in one process :func:`dissect_run` runs :func:`dissect`;
+* :mod:`~vfcore.dissect.sharded`: the same pass over the ranks of a ``torchrun`` job
+  (:func:`~vfcore.dissect.sharded.dissect_sharded`: the core pass on each rank's share, then an
+  exact merge; checkpointed and resumable).
+
+This namespace holds what the notebooks use (``__all__``, at most 30 names); the rest is
+imported from its module, e.g. ``from vfcore.dissect.ranking import bootstrap_c``. The
+measurements beyond the paper (alignment, ablation, where units look, saliency, findings) are
+:mod:`vfcore.analysis`, which imports this package, never the reverse.
+
+The package draws nothing and imports no ``train``, ``viz``, ``explorer``, ``export`` or
+``analysis``. Notebook 04's collages and NIfTI exports are :func:`vfcore.export.export_units`;
 the forward pass is :mod:`vfcore.forward`, checkpoints :mod:`vfcore.checkpoint`.
 """
-from .capture import DEFAULT_LAYER, layer_names, find_layer, capture, evaluating, activations
-from .quantile import (Q_TAIL_PAPER, Q_TAIL_PUBLISHED, SPARSE_TAIL_FRACTION, tail_size,
-                       TopQuantile, SampledQuantile, q_table, tail_fraction,
-                       sketch_comparison)
-from .dissection import (Dissection, dissect, example_units, LayerGridError, layer_output_shape,
-                         check_layer_grid, check_layer)
-from .sharded import dissect_sharded, load_pass_state, save_pass_state, shard_range, state_file
-from .ranking import (UndefinedCorrelationError, M_k, enabled_sets, relevance, top_units, outcomes,
-                      SUBSET_NAMES, correlation, rank_units, rank_false_positives,
-                      MIN_RANKING_N, BOOTSTRAP_B, BOOTSTRAP_SEED, bootstrap_c, tie_counts,
-                      ranking_note, ranking_summary, EXEMPLAR_SCORES, exemplars)
-from .geometry import (VIEWS, AIR_HU, upsample_to_patch, patch_mask, best_slice,
-                       canonical_patch_affine, patch_world_affine, write_nifti_exemplar,
-                       concept_group, concept_overlap, vertebra_overlap)
-from .artifacts import (FORMAT, NOTEBOOK_03, NOTEBOOK_04, IDENTITY, dissection_dir,
-                        network_field, save_dissection, load_dissection, DissectionArtifacts,
-                        load_artifacts, Network, load_network, write_artifacts, dissect_run,
-                        concept_names, DISSECT_SPLIT, split_names, parse_split, split_name,
-                        default_split, load_dissection_set)
-from .alignment import (IOU_THRESHOLD, ALPHA, N_PERM, FRACTURE_CONCEPTS, CONFOUNDERS, NoConceptMasksError,
-                        patch_concepts, RunConcepts, ConceptCounts, concept_counts, concept_counts_grids,
-                        mask_entries, Alignment, same_class_pairings, block_alignment, layer_batches,
-                        interpolated_alignment, unit_table, random_unit_draws, control_table,
-                        fp_concept_table, align_network, layers_below, layer_summary)
-from .ablation import KS, N_RANDOM, zeroed, predict, ablation_table, ablation_summary
-from .looking import (theoretical_rf, effective_rf, mask_gradients, gradient_on_patch, gradient_share,
-                      neutral_fill, equal_volume_cells, occlusion, FRACTURE_SIGNS, run_looking,
-                      looking_summary, run_occlusion, occlusion_summary)
-from .findings import EVIDENCE, concept_dictionary, student_dictionary, draft_findings
+from .capture import activations
+from .quantile import Q_TAIL_PAPER, TopQuantile, M_k, q_table, sketch_comparison
+from .dissection import Dissection, dissect, example_units
+from .ranking import (UndefinedCorrelationError, SUBSET_NAMES, enabled_sets, relevance, correlation,
+                      top_units, outcomes, rank_units, rank_false_positives, exemplars)
+from .geometry import VIEWS, upsample_to_patch, patch_mask, best_slice
+from .artifacts import (DissectionArtifacts, Network, load_network, load_artifacts, dissect_run,
+                        load_dissection_set)
 
 __all__ = [
-    'DEFAULT_LAYER', 'layer_names', 'find_layer', 'capture', 'evaluating', 'activations',
-    'Q_TAIL_PAPER', 'Q_TAIL_PUBLISHED', 'SPARSE_TAIL_FRACTION', 'tail_size', 'TopQuantile',
-    'SampledQuantile', 'example_units', 'q_table', 'tail_fraction', 'sketch_comparison',
-    'Dissection', 'dissect', 'dissect_sharded', 'load_pass_state', 'save_pass_state',
-    'shard_range', 'state_file', 'UndefinedCorrelationError', 'M_k', 'enabled_sets', 'relevance',
-    'top_units', 'outcomes', 'SUBSET_NAMES', 'correlation', 'rank_units',
-    'rank_false_positives', 'EXEMPLAR_SCORES', 'exemplars', 'VIEWS', 'AIR_HU',
-    'upsample_to_patch', 'patch_mask', 'best_slice', 'canonical_patch_affine',
-    'patch_world_affine', 'write_nifti_exemplar', 'concept_group', 'concept_overlap',
-    'vertebra_overlap', 'FORMAT', 'NOTEBOOK_03', 'NOTEBOOK_04', 'IDENTITY', 'dissection_dir',
-    'network_field', 'save_dissection', 'load_dissection', 'DissectionArtifacts',
-    'load_artifacts', 'Network', 'load_network', 'write_artifacts', 'dissect_run',
-    'concept_names', 'LayerGridError', 'layer_output_shape', 'check_layer_grid', 'check_layer',
-    'MIN_RANKING_N', 'BOOTSTRAP_B', 'BOOTSTRAP_SEED', 'bootstrap_c', 'tie_counts', 'ranking_note',
-    'ranking_summary', 'DISSECT_SPLIT', 'split_names', 'parse_split', 'split_name', 'default_split',
-    'load_dissection_set',
-    'IOU_THRESHOLD', 'ALPHA', 'N_PERM', 'FRACTURE_CONCEPTS', 'CONFOUNDERS', 'NoConceptMasksError',
-    'patch_concepts', 'RunConcepts', 'ConceptCounts', 'concept_counts', 'concept_counts_grids',
-    'mask_entries', 'Alignment', 'same_class_pairings', 'block_alignment', 'layer_batches',
-    'interpolated_alignment', 'unit_table', 'random_unit_draws', 'control_table', 'fp_concept_table',
-    'align_network', 'layers_below', 'layer_summary',
-    'KS', 'N_RANDOM', 'zeroed', 'predict', 'ablation_table', 'ablation_summary',
-    'theoretical_rf', 'effective_rf', 'mask_gradients', 'gradient_on_patch', 'gradient_share',
-    'neutral_fill', 'equal_volume_cells', 'occlusion', 'FRACTURE_SIGNS', 'run_looking',
-    'looking_summary', 'run_occlusion', 'occlusion_summary',
-    'EVIDENCE', 'concept_dictionary', 'student_dictionary', 'draft_findings',
+    "activations", "Q_TAIL_PAPER", "TopQuantile", "M_k", "q_table", "sketch_comparison",
+    "Dissection", "dissect", "example_units",
+    "UndefinedCorrelationError", "SUBSET_NAMES", "enabled_sets", "relevance", "correlation",
+    "top_units", "outcomes", "rank_units", "rank_false_positives", "exemplars",
+    "VIEWS", "upsample_to_patch", "patch_mask", "best_slice",
+    "DissectionArtifacts", "Network", "load_network", "load_artifacts", "dissect_run",
+    "load_dissection_set",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
 import zipfile
 from dataclasses import dataclass
@@ -23,17 +24,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from vfcore.constants import DISSECT_SPLIT  # scans written only for dissection
 from vfcore.checkpoint import load_checkpoint
-from vfcore.constants import PATCH_SIZE
+from vfcore.constants import DISSECT_SPLIT, PATCH_SIZE  # DISSECT_SPLIT: scans written only for dissection
+from vfcore.data import SPLITS, PatchArray, read_store, to_network_input
+from vfcore.distributed import barrier, broadcast, world
 from vfcore.errors import (CorruptFileError, DataValueError, MissingArtifactError, StaleArtifactError,
                            VfcoreError)
+from vfcore.io import atomic_save, atomic_write, sha256_file, versions, write_json
 from vfcore.metrics import outcome_names
 from vfcore.lock import writes
+from vfcore.model import get_preset
 from vfcore.provenance import check_dissection
 from vfcore.run import ARTIFACTS, RunFolder, notebook_path
+from vfcore.runtime import pick_device
 
-from .dissection import Dissection, check_layer
+from .dissection import Dissection, check_layer, dissect
 from .quantile import Q_TAIL_PAPER, _check_q
 from .sharded import dissect_sharded
 from .ranking import (BOOTSTRAP_B, BOOTSTRAP_SEED, UndefinedCorrelationError, outcomes,
@@ -44,14 +49,14 @@ FORMAT = 1
 NOTEBOOK_03 = notebook_path("thresholds")
 NOTEBOOK_04 = notebook_path("ranking")
 #: What identifies a dissection: a different value makes every artifact stale.
-IDENTITY = ("checkpoint_sha256", "split", "q_tail", "layer", "manifest_sha256")
+#: ``precision``: of the activations the pass computed (always ``"fp32"``: an earlier dissection
+#: made under autocast is not reused).
+IDENTITY = ("checkpoint_sha256", "split", "q_tail", "layer", "manifest_sha256", "precision")
 
 
 def split_names() -> tuple[str, ...]:
     """The split names a dissection set may combine, in their canonical order: the patch
     store's splits (``vfcore.data.SPLITS``) and :data:`DISSECT_SPLIT`."""
-    from vfcore.data import SPLITS
-
     return tuple(SPLITS) + tuple(s for s in (DISSECT_SPLIT,) if s not in SPLITS)
 
 
@@ -64,7 +69,7 @@ def parse_split(split: str | Sequence[str]) -> tuple[str, ...]:
     known = split_names()
     unknown = [n for n in names if n not in known]
     if not names or unknown or "" in names:
-        raise DataValueError(f"split {split!r}", f"unknown split {unknown or names}; choose one of "
+        raise DataValueError(None, f"split {split!r}: unknown split {unknown or names}; choose one of "
                              f"{known} or several joined by '+', e.g. 'test+{DISSECT_SPLIT}'")
     return tuple(s for s in known if s in names)
 
@@ -82,8 +87,6 @@ def default_split(run_dir: str | Path) -> str:
     """The held-out dissection set of a run: ``"test+dissect"`` when the patch store has
     labelled vertebrae in the ``dissect`` split (scans written only for dissection), else
     ``"test"``. Never the training split."""
-    from vfcore.data import read_store
-
     manifest = read_store(run_dir)
     has = (manifest["split"] == DISSECT_SPLIT) & _labelled(manifest)
     return split_name(("test", DISSECT_SPLIT)) if has.any() else "test"
@@ -94,8 +97,6 @@ def load_dissection_set(run_dir: str | Path, split: str | Sequence[str]):
     ``vfcore.data.PatchArray``; labels [N] 0/1; manifest rows with a fresh index 0..N-1).
     Rows come split by split in canonical order (:func:`parse_split`), each in manifest order;
     rows without a label (``x``, ungraded) are left out, as in ``vfcore.data.load_split``."""
-    from vfcore.data import PatchArray, read_store
-
     manifest = read_store(run_dir)
     keep = _labelled(manifest)
     rows = pd.concat([manifest[(manifest["split"] == s) & keep] for s in parse_split(split)],
@@ -112,14 +113,13 @@ def dissection_dir(run_dir: str | Path) -> Path:
 def network_field(preset) -> tuple[slice, slice, slice]:
     """The part of the 96^3 patch (voxel slices) that the network input of ``preset`` covers:
     the centre ``crop``^3 mm (``vfcore.model.Preset``; paper: ``slice(16, 80)`` per axis)."""
-    from vfcore.model import get_preset
-
     p = get_preset(preset)
     start = (PATCH_SIZE - p.crop) // 2
     return (slice(start, start + p.crop),) * 3
 
 
 def _identity_id(identity: Mapping) -> str:
+    identity = {"precision": "fp32", **identity}
     text = json.dumps({k: identity[k] for k in IDENTITY}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -127,8 +127,6 @@ def _identity_id(identity: Mapping) -> str:
 def save_dissection(d: Dissection, folder: str | Path, labels=None) -> None:
     """``thresholds.npz`` (per unit), ``stats.npz`` (per sample and unit), ``tail.npz`` (the
     masks, sparse), each written atomically."""
-    from vfcore.io import atomic_save
-
     folder = Path(folder)
 
     def npz(name: str, **arrays):
@@ -299,16 +297,6 @@ def checkpoint_path(run_dir: str | Path, checkpoint: str | Path | None = None) -
     return path
 
 
-def network(checkpoint: Path):
-    """(model, its ``vfcore.model.Preset``, transform HU batch -> network input) from a
-    checkpoint (``vfcore.checkpoint.load_checkpoint``: weights-only, preset stored in it)."""
-    from vfcore.data import to_network_input
-
-    model, _ = load_checkpoint(checkpoint)
-    preset = model.preset
-    return model, preset, (lambda hu: to_network_input(hu, preset))
-
-
 @dataclass
 class Network:
     """A run's trained network as the notebooks use it: ``model``, ``preset``
@@ -323,9 +311,12 @@ class Network:
 
 def load_network(run_dir: str | Path, checkpoint: str | Path | None = None,
                  layer: str | None = None) -> Network:
-    """The run's checkpoint (``RunFolder.checkpoint``) with its preset's input transform."""
-    model, preset, transform = network(checkpoint_path(run_dir, checkpoint))
-    return Network(model, preset, layer or preset.dissect_layer, transform)
+    """The run's checkpoint (``RunFolder.checkpoint``, or ``checkpoint``; read weights-only by
+    ``vfcore.checkpoint.load_checkpoint``, the preset stored in it) with its preset's input
+    transform; ``layer`` None: the preset's ``dissect_layer``."""
+    model, _ = load_checkpoint(checkpoint_path(run_dir, checkpoint))
+    preset = model.preset
+    return Network(model, preset, layer or preset.dissect_layer, lambda hu: to_network_input(hu, preset))
 
 
 def _samples_table(rows: pd.DataFrame, labels: np.ndarray, d: Dissection, threshold: float) -> pd.DataFrame:
@@ -355,8 +346,6 @@ def write_artifacts(run_dir: str | Path, d: Dissection, identity: Mapping, rows:
     rankings where defined (c_k intervals from ``B`` bootstrap resamples, ``seed``), and
     ``meta.json`` last (``identity`` + ``extra`` + counts + per ranking ``defined``, ``n``,
     ``reason``, ``small_n``, ``note``, ``ties``, ``bootstrap``)."""
-    from vfcore.io import atomic_write, versions, write_json
-
     folder = dissection_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(labels, dtype=int)
@@ -382,7 +371,7 @@ def write_artifacts(run_dir: str | Path, d: Dissection, identity: Mapping, rows:
         rankings[which] = {"defined": True, "reason": "", **ranking_summary(table, key, which),
                            "bootstrap": _bootstrap(B, seed)}
     meta = {
-        "format": FORMAT, **{k: identity[k] for k in IDENTITY}, "dissection_id": _identity_id(identity),
+        "format": FORMAT, **{k: {"precision": "fp32", **identity}[k] for k in IDENTITY}, "dissection_id": _identity_id(identity),
         "checkpoint": ARTIFACTS["checkpoint"].rel, "preset": None, "field": None,
         "patch_shape": [PATCH_SIZE] * 3,
         **(extra or {}),
@@ -441,36 +430,36 @@ def dissect_run(run_dir: str | Path, split: str | Sequence[str] | None = None,
     (checkpoint sha256, split, q, layer, patch store) is reused unless ``force``; one with
     another identity is replaced, and notebook 04's exports of it are removed.
 
-    The same under ``torchrun`` (:func:`vfcore.distributed.init` called first): the pass is
-    :func:`~vfcore.dissect.sharded.dissect_sharded` (each rank a share; T_k and everything
-    after it bit for bit those of one process); rank 0 decides on reuse and alone writes the
-    artifacts while the others wait at a barrier; every rank returns them.
+    With one process the pass is the core's :func:`~vfcore.dissect.dissection.dissect` and no
+    collective runs. Under ``torchrun`` (:func:`vfcore.distributed.init` called first, world
+    size > 1) the pass is :func:`~vfcore.dissect.sharded.dissect_sharded` (each rank a share;
+    T_k and everything after it bit for bit those of one process); rank 0 decides on reuse and
+    alone writes the artifacts while the others wait at a barrier; every rank returns them.
     """
-    import shutil
-
-    from vfcore.distributed import barrier, broadcast, world
-    from vfcore.io import sha256_file
-
     run_dir = Path(run_dir)
     q_tail = _check_q(q_tail)
     ckpt = checkpoint_path(run_dir, checkpoint)
     manifest = RunFolder(run_dir).require("manifest")
     split = split_name(default_split(run_dir) if split is None else split)
     identity = {"checkpoint_sha256": sha256_file(ckpt), "split": split, "q_tail": q_tail,
-                "manifest_sha256": sha256_file(manifest)}
-    model, preset, transform = network(ckpt)
-    identity["layer"] = layer or preset.dissect_layer
-    w = world()
-    reuse = torch.zeros(1, device=w.device if w.size > 1 else "cpu")
+                "manifest_sha256": sha256_file(manifest), "precision": "fp32"}
+    net = load_network(run_dir, ckpt, layer)
+    model, preset, transform = net.model, net.preset, net.transform
+    identity["layer"] = net.layer
+    w = world()                   # rank and size: a world of one without torchrun
+    ranks = w.size > 1
     earlier = None
     if not force and w.is_main:   # reused only when made with this threshold and bootstrap
         try:
             earlier = load_artifacts(run_dir, expect={**identity, "threshold": threshold,
                                                       "bootstrap": _bootstrap(B, seed)})
-            reuse += 1
         except VfcoreError:
             pass
-    if broadcast(reuse, "broadcasting rank 0's decision to reuse the dissection").item():
+    reuse = earlier is not None
+    if ranks:                     # every rank follows rank 0's decision
+        flag = torch.tensor([float(reuse)], device=w.device)
+        reuse = bool(broadcast(flag, "broadcasting rank 0's decision to reuse the dissection").item())
+    if reuse:
         return earlier if earlier is not None else load_artifacts(run_dir, expect=identity)
     patches, labels, rows = load_dissection_set(run_dir, split)
     labels = np.asarray(labels, dtype=int)
@@ -479,11 +468,11 @@ def dissect_run(run_dir: str | Path, split: str | Sequence[str] | None = None,
     check_layer(model, identity["layer"], patches[:1], transform, where=f"preset {preset.name!r}")
     if batch_size is None:
         batch_size = 128 if torch.cuda.is_available() and device != "cpu" else 16
-    # the one pass: a world of one is dissect(); under torchrun each rank runs its share and
-    # every rank gets the merged, identical Dissection
-    d = dissect_sharded(model, patches, identity["layer"], q_tail=q_tail, batch_size=batch_size,
-                        transform=transform, device=device, progress=progress)
-    from vfcore.runtime import pick_device
+    # the one pass: with one process the core's dissect(); under torchrun each rank runs its
+    # share and every rank gets the merged Dissection, identical to dissect()'s
+    run_pass = dissect_sharded if ranks else dissect
+    d = run_pass(model, patches, identity["layer"], q_tail=q_tail, batch_size=batch_size,
+                 transform=transform, device=device, progress=progress)
     folder = dissection_dir(run_dir)
     if w.is_main:                 # one writer: rank 0; the old set is kept until the pass is done
         folder.mkdir(parents=True, exist_ok=True)
@@ -497,7 +486,8 @@ def dissect_run(run_dir: str | Path, split: str | Sequence[str] | None = None,
             "field": [[s.start, s.stop] for s in network_field(preset)],
             "device": str(pick_device(device)), "batch_size": batch_size, "processes": w.size},
             B=B, seed=seed)
-    barrier("waiting for rank 0 to write the dissection's artifacts")
+    if ranks:
+        barrier("waiting for rank 0 to write the dissection's artifacts")
     return load_artifacts(run_dir, expect=identity)
 
 

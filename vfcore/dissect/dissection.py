@@ -20,7 +20,6 @@ from vfcore.errors import DataValueError, GeometryError
 
 from vfcore.forward import evaluating, find_layer, forward_batches
 
-from .capture import DEFAULT_LAYER
 from .quantile import Q_TAIL_PAPER, TopQuantile, _check_q
 
 
@@ -116,7 +115,7 @@ def layer_output_shape(model: torch.nn.Module, layer: str, x: torch.Tensor) -> t
         return stop.shape
     finally:
         handle.remove()
-    raise LayerGridError(f"layer {layer!r}", "the layer never ran in the forward pass")
+    raise LayerGridError(None, f"layer {layer!r}: the layer never ran in the forward pass")
 
 
 def check_layer_grid(layer: str, shape: Sequence[int], where: str = "") -> tuple[int, ...]:
@@ -127,12 +126,12 @@ def check_layer_grid(layer: str, shape: Sequence[int], where: str = "") -> tuple
     shape = tuple(int(s) for s in shape)
     per_sample = "x".join(str(s) for s in shape[1:]) or "a scalar"
     if len(shape) < 3:
-        raise LayerGridError(name, f"output {per_sample} per sample (shape {list(shape)}) has no spatial "
+        raise LayerGridError(None, f"{name}: output {per_sample} per sample (shape {list(shape)}) has no spatial "
                              f"grid: dissect a convolutional layer, output [B, K, d, h, w]")
     spatial = shape[2:]
     if min(spatial) < 2:
         grid = "x".join(str(s) for s in spatial)
-        raise LayerGridError(name, f"output {per_sample} per sample (shape {list(shape)}) is a {grid} grid: "
+        raise LayerGridError(None, f"{name}: output {per_sample} per sample (shape {list(shape)}) is a {grid} grid: "
                              f"with one position along an axis, M_k cannot say where a unit fires; "
                              f"dissect an earlier layer or a preset with a larger input")
     return spatial
@@ -149,14 +148,15 @@ def check_layer(model: torch.nn.Module, layer: str, sample, transform: Callable 
     return check_layer_grid(layer, layer_output_shape(model, layer, x), where)
 
 
-def dissect(model: torch.nn.Module, data, layer: str = DEFAULT_LAYER, *,
+def dissect(model: torch.nn.Module, data, layer: str, *,
             q_tail: float = Q_TAIL_PAPER, batch_size: int = 64,
             transform: Callable | None = None, device: str | torch.device | None = None,
-            amp: bool = True, progress: bool = True) -> Dissection:
+            amp: bool = False, progress: bool = True) -> Dissection:
     """One forward pass over ``data`` ([N, ...], batched here) -> :class:`Dissection`.
 
     ``transform`` maps a batch (already on the device) to the network input. The model runs
-    in eval mode under ``torch.inference_mode`` (bf16 autocast on CUDA when ``amp``); its
+    in eval mode under ``torch.inference_mode``, in fp32 on every device (``amp=True``: the
+    device's autocast, whose rounded activations give other T_k and masks); its
     training flags are restored afterwards. Everything is exact (see the package docstring):
     T_k from :class:`TopQuantile` sized for N, r_k and |M_k| from the kept tail, so the cost
     is one forward pass plus one ``torch.topk`` merge per batch.
@@ -171,7 +171,7 @@ def dissect(model: torch.nn.Module, data, layer: str = DEFAULT_LAYER, *,
     q_tail = _check_q(q_tail)
     n = len(data)
     if n == 0:
-        raise DataValueError("data", "no samples to dissect")
+        raise DataValueError(None, "data: no samples to dissect")
     check_layer(model, layer, data[:1], transform)           # a clear error before the pass
     part = PassState(TopQuantile(q_tail, n_samples=n))
     start = time.perf_counter()

@@ -5,17 +5,20 @@ import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from vfcore.constants import AIR_HU, PATCH_SIZE
+from vfcore.constants import AIR_HU, PATCH_SIZE, PATCH_SPACING
+from vfcore.io import atomic_save
+from vfcore.patches import RECORD_NAME, Frame, patch_affine
 from vfcore.run import RunFolder
 
 from .quantile import M_k
 
-__all__ = ["VIEWS", "AIR_HU", "upsample_to_patch", "patch_mask", "best_slice", "canonical_patch_affine",
+__all__ = ["VIEWS", "upsample_to_patch", "patch_mask", "best_slice", "canonical_patch_affine",
            "patch_world_affine", "write_nifti_exemplar", "concept_group", "concept_overlap",
            "vertebra_overlap"]
 
@@ -106,9 +109,6 @@ def patch_world_affine(run_dir: str | Path, case: str, label: int) -> np.ndarray
     """The patch's affine in the original scan's world (``vfcore.patches.patch_affine`` of the
     frame recorded in ``<run>/patches/<case>/case.json``), so exports also overlay the source
     CT; :func:`canonical_patch_affine` when the record is missing."""
-    from vfcore.constants import PATCH_SPACING
-    from vfcore.patches import RECORD_NAME, Frame, patch_affine
-
     record = RunFolder(run_dir).patch(str(case)) / RECORD_NAME
     try:
         rec = json.loads(record.read_text())
@@ -125,10 +125,6 @@ def write_nifti_exemplar(folder: str | Path, stem: str, ct: np.ndarray, activati
     """Three NIfTI files sharing one affine (1 mm; qform and sform set): the CT patch (int16
     HU), the unit's upsampled activation (float32) and the CT inside the unit's mask (``mask``,
     the upsampled M_k; default ``activation > T``), air elsewhere. Written atomically; never NaN."""
-    import nibabel as nib
-
-    from vfcore.io import atomic_save
-
     act = np.nan_to_num(np.asarray(activation, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     ct = np.asarray(ct).astype(np.int16)
     inside = M_k(act, T) if mask is None else np.asarray(mask, dtype=bool)

@@ -471,7 +471,7 @@ def sketch_comparison(model: torch.nn.Module, data, layer: str, T: np.ndarray, *
 
     def passes():
         for out in forward_batches(model, data, [layer], batch_size=batch_size, transform=transform,
-                                   device=device):
+                                   device=device, amp=False):
             A = out.activations[layer]
             bar.update(A.shape[0])
             yield out.start, A

@@ -14,8 +14,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from scipy.stats import bootstrap
 
-from vfcore.errors import DataValueError
+from vfcore.errors import DataValueError, InvalidParameterError
 
 from vfcore.metrics import outcome_masks as outcomes  # the one TP/FP/TN/FN labelling
 
@@ -66,7 +67,7 @@ def correlation(enabled: np.ndarray, subset: np.ndarray, name: str = "subset") -
     subset = np.asarray(subset, dtype=bool)
     n = int(subset.sum())
     if n == 0:
-        raise UndefinedCorrelationError(name, f"c_k is undefined: the dissection set has no "
+        raise UndefinedCorrelationError(None, f"c_k is undefined: the dissection set has no "
                                         f"{SUBSET_NAMES.get(name, name)} (0 of {len(subset)} samples)")
     return enabled[subset].sum(axis=0) / n
 
@@ -76,48 +77,42 @@ MIN_RANKING_N = 5
 #: Bootstrap resamples for the interval of c_k, and the seed of their generator.
 BOOTSTRAP_B = 1000
 BOOTSTRAP_SEED = 0
-_BOOTSTRAP_DRAWS = 1 << 21                                  # draws held at once (16 MB of int64)
+_BOOTSTRAP_CELLS = 1 << 24                 # resampled entries held at once (K x batch x n: 16 MB)
 
 
 def bootstrap_c(enabled: np.ndarray, subset: np.ndarray, B: int = BOOTSTRAP_B, seed: int = BOOTSTRAP_SEED,
                 level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile bootstrap interval of c_k (Eq. 1) over the samples of ``subset``.
+    """Percentile bootstrap interval of c_k (Eq. 1) over the samples of ``subset``
+    (``scipy.stats.bootstrap``, ``method="percentile"``, seeded).
 
     ``enabled`` [N, K] bool (k in E_x), ``subset`` [N] bool with n samples. Each of the ``B``
     resamples draws n of the subset's samples with replacement
-    (``numpy.random.default_rng(seed).integers(0, n, (B, n))``) and recomputes c_k; the interval
-    is the (1 - level)/2 and (1 + level)/2 percentiles of the B values (``numpy.percentile``,
-    linear). Vectorised: the draws become counts [B, n] (how often each sample was drawn),
-    and c^b = counts @ E / n is one matrix product (in blocks of resamples, so memory stays
-    bounded for any n). Returns (c_low [K], c_high [K]).
+    (``numpy.random.default_rng(seed)``) and recomputes c_k, the mean of 1_{E_x}(k) over them;
+    the interval is the (1 - level)/2 and (1 + level)/2 quantiles (linear) of the B values.
+    Resamples come in batches of K x batch x n booleans (bounded memory for any n), the same
+    random stream as one draw. One sample is every resample: the interval is [c_k, c_k].
+    Returns (c_low [K], c_high [K]).
     Raises :class:`UndefinedCorrelationError` for an empty subset.
     """
-    E = np.asarray(enabled, dtype=bool)[np.asarray(subset, dtype=bool)].astype(np.float64)   # [n, K]
-    n = len(E)
+    E = np.asarray(enabled, dtype=bool)[np.asarray(subset, dtype=bool)]          # [n, K]
+    n, K = E.shape
     if n == 0:
-        raise UndefinedCorrelationError("subset", "no bootstrap interval: the subset is empty")
-    rng = np.random.default_rng(seed)
-    c = np.empty((B, E.shape[1]))
-    step = max(1, _BOOTSTRAP_DRAWS // n)                    # resamples per block: bounded memory
-    for s in range(0, B, step):
-        b = min(step, B - s)
-        draws = rng.integers(0, n, size=(b, n))             # the same stream as one (B, n) draw
-        counts = np.bincount((draws + n * np.arange(b)[:, None]).ravel(), minlength=b * n).reshape(b, n)
-        c[s:s + b] = counts.astype(np.float64) @ E / n                                   # [b, K]
-    tail = round(50 * (1 - level), 9)                      # 2.5 for 95 %, not 2.5000000000000022
-    low, high = np.percentile(c, [tail, 100 - tail], axis=0)
-    return low, high
+        raise UndefinedCorrelationError(None, "no bootstrap interval: the subset is empty")
+    if n == 1:                                   # scipy resamples two or more samples
+        c = E[0].astype(np.float64)
+        return c, c.copy()
+    res = bootstrap((E,), np.mean, axis=0, n_resamples=B, batch=max(1, _BOOTSTRAP_CELLS // (n * K)),
+                    vectorized=True, confidence_level=level, method="percentile",
+                    random_state=np.random.default_rng(seed))
+    return res.confidence_interval.low, res.confidence_interval.high
 
 
 def tie_counts(values: np.ndarray, decimals: int = 12) -> np.ndarray:
     """For every unit, how many units (itself included) share its value (rounded to
-    ``decimals``, so 0.3 - 0.1 and 0.2 count as one value; NaN never ties)."""
-    v = np.round(np.asarray(values, dtype=np.float64), decimals)
-    out = np.ones(len(v), dtype=int)
-    ok = ~np.isnan(v)
-    _, inverse, counts = np.unique(v[ok], return_inverse=True, return_counts=True)
-    out[ok] = counts[inverse]
-    return out
+    ``decimals``, so 0.3 - 0.1 and 0.2 count as one value; NaN never ties): pandas
+    ``value_counts``."""
+    v = pd.Series(np.round(np.asarray(values, dtype=np.float64), decimals))
+    return v.map(v.value_counts()).fillna(1).to_numpy(dtype=int)
 
 
 def ranking_note(n: int, subset: str) -> str:
@@ -157,10 +152,11 @@ def ranking_summary(table: pd.DataFrame, key: str, subset: str, top: int = 10) -
 
 def _competition_rank(values: np.ndarray, decimals: int = 12) -> np.ndarray:
     """For a sorted (descending) column: the rank of the first unit with the same value
-    ("1224" ranking: tied units share the best rank)."""
-    v = np.round(np.asarray(values, dtype=np.float64), decimals)
-    first = np.r_[True, v[1:] != v[:-1]]
-    return np.maximum.accumulate(np.where(first, np.arange(1, len(v) + 1), 0))
+    ("1224" ranking: tied units share the best rank; pandas ``rank(method="min")``; NaN, sorted
+    last, never ties: its own position)."""
+    v = pd.Series(np.round(np.asarray(values, dtype=np.float64), decimals))
+    rank = v.rank(method="min", ascending=False)
+    return rank.fillna(pd.Series(np.arange(1, len(v) + 1, dtype=np.float64))).to_numpy(dtype=int)
 
 
 def _add_counts(table: pd.DataFrame, key: str, n: int, low: np.ndarray, high: np.ndarray,
@@ -270,11 +266,11 @@ def exemplars(d: Dissection, subset: np.ndarray | None = None, k: int = 25, by: 
     outside the subset (the published code's defect).
     """
     if by not in EXEMPLAR_SCORES:
-        raise DataValueError("by", f"must be one of {EXEMPLAR_SCORES}, got {by!r}")
+        raise InvalidParameterError("by", f"one of {EXEMPLAR_SCORES}", by)
     score = {"r": d.r, "max": d.max, "mean": d.mean}[by]
     member = np.ones(d.n_samples, dtype=bool) if subset is None else np.asarray(subset, dtype=bool)
     if member.shape != (d.n_samples,):
-        raise DataValueError("subset", f"expected {d.n_samples} booleans, got shape {member.shape}")
+        raise InvalidParameterError("subset", f"{d.n_samples} booleans (one per sample)", member.shape)
     out = {}
     for u in (range(d.n_units) if units is None else units):
         u = int(u)

@@ -46,7 +46,7 @@ def shard_range(n: int, batch_size: int, rank: int, size: int) -> tuple[int, int
     """Samples [lo, hi) of ``rank``: a contiguous run of the one-process pass's batches."""
     n_batches = -(-n // batch_size)
     if n_batches < size:
-        raise DataValueError("data", f"{n} samples make {n_batches} batches of {batch_size}, fewer "
+        raise DataValueError(None, f"data: {n} samples make {n_batches} batches of {batch_size}, fewer "
                              f"than the {size} ranks: use a smaller batch_size or fewer ranks")
     first, last = rank * n_batches // size, (rank + 1) * n_batches // size
     return min(first * batch_size, n), min(last * batch_size, n)
@@ -120,7 +120,7 @@ def _gather(stats: TopQuantile, n: int) -> TopQuantile:
 
 def dissect_sharded(model: torch.nn.Module, data, layer: str, *, q_tail: float = Q_TAIL_PAPER,
                     batch_size: int = 64, transform: Callable | None = None,
-                    device: str | torch.device | None = None, amp: bool = True,
+                    device: str | torch.device | None = None, amp: bool = False,
                     state: str | Path | None = None, save_every: int = 50,
                     stop_after: int | None = None, context: dict | None = None,
                     progress: bool = True) -> Dissection | None:
@@ -138,7 +138,7 @@ def dissect_sharded(model: torch.nn.Module, data, layer: str, *, q_tail: float =
     q_tail = _check_q(q_tail)
     w, n = world(), len(data)
     if n == 0:
-        raise DataValueError("data", "no samples to dissect")
+        raise DataValueError(None, "data: no samples to dissect")
     device = w.device if device is None else torch.device(device)
     lo, hi = shard_range(n, batch_size, w.rank, w.size)
     meta = {"layer": layer, "q_tail": q_tail, "n": n, "batch_size": batch_size,

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import InvalidParameterError
 from .world import collective, world
 
 
@@ -74,10 +75,20 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """DDP + synchronised batch norm on a world of several ranks; the model itself on one."""
+    """DistributedDataParallel on a world of several ranks; the model itself on one.
+
+    Batch norm must already be synchronised (:func:`sync_batchnorm`), and that before the
+    optimiser is built: the conversion makes new parameter tensors, and an optimiser built
+    earlier would go on updating the old ones (the network's batch norm would never train).
+    """
     if world().size == 1:
         return model
-    model = sync_batchnorm(model, device)
+    plain = [name for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and not isinstance(m, (GlooSyncBatchNorm, nn.SyncBatchNorm))]
+    if plain:
+        raise InvalidParameterError("model", "a network whose batch norm sync_batchnorm converted "
+                                    "before its optimiser was built", f"plain batch norm {plain[0]!r}")
     ids = [device.index] if device.type == "cuda" else None
     with collective("broadcasting the initial weights (DistributedDataParallel)"):
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)

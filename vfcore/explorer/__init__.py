@@ -23,11 +23,6 @@ One module a layer, each usable alone:
 Drawing is :mod:`vfcore.viz.units` (the one unit renderer), the geometry and r_k
 :mod:`vfcore.dissect`, so the explorer shows the masks notebook 04 shows.
 """
-from vfcore.constants import AIR_HU, DISPLAY_WINDOW_HU
-from vfcore.dissect import VIEWS
-from vfcore.viz.units import (CONTOUR_RGB, OVERLAY_ALPHA, decode_png, mask_outline, png_bytes,
-                              take_slice, unit_rgb, window_hu)
-
 from .concepts import ConceptBook, load_concepts
 from .data import (N_EXEMPLARS, SCALE, TOP_UNITS, Analysis, Pool, RunData, UnitMap, damaged_artifact,
                    exported_exemplars, load_run_data, outcome)
@@ -36,14 +31,8 @@ from .state import MODES, ExplorerState, Redraw
 from .upload import PATCH_SHAPE, UPLOAD_SUFFIXES, fit_to_patch, read_upload
 from .widgets import CSS_CLASSES, OUTCOMES, Explorer, explore
 
-#: The explorer's picture of one slice (the unit renderer, :func:`vfcore.viz.units.unit_rgb`).
-render_slice = unit_rgb
-#: Air, written where an uploaded patch is padded to 96^3.
-PAD_HU = AIR_HU
-
 __all__ = [
-    "AIR_HU", "DISPLAY_WINDOW_HU", "VIEWS", "CONTOUR_RGB", "OVERLAY_ALPHA", "decode_png", "mask_outline",
-    "png_bytes", "take_slice", "unit_rgb", "render_slice", "window_hu", "PAD_HU", "ConceptBook",
+    "ConceptBook",
     "load_concepts", "N_EXEMPLARS", "SCALE", "TOP_UNITS", "Analysis", "Pool", "RunData", "UnitMap",
     "damaged_artifact", "exported_exemplars", "load_run_data", "outcome", "snapshot_figure",
     "static_figure", "MODES", "ExplorerState", "Redraw", "PATCH_SHAPE", "UPLOAD_SUFFIXES",

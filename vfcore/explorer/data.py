@@ -22,9 +22,13 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from vfcore.dissect import (M_k, SUBSET_NAMES, best_slice, concept_overlap, patch_mask, relevance,
-                            top_units, upsample_to_patch, vertebra_overlap)
+from vfcore.analysis.findings import concept_dictionary
+from vfcore.dissect import (M_k, SUBSET_NAMES, activations, best_slice, exemplars, load_artifacts,
+                            load_network, outcomes, patch_mask, relevance, top_units, upsample_to_patch)
+from vfcore.dissect.artifacts import concept_names, default_split, network_field
+from vfcore.dissect.geometry import concept_overlap, vertebra_overlap
 from vfcore.errors import CorruptFileError, InputError, VfcoreError
+from vfcore.io import sha256_file
 from vfcore.run import ARTIFACTS, RunFolder
 from vfcore.metrics import outcome_names
 from vfcore.viz.units import take_slice, unit_rgb
@@ -255,12 +259,12 @@ class RunData:
         t = self.samples.table
         if isinstance(key, (int, np.integer)):
             if int(key) not in t.index:
-                raise InputError("SAMPLE", f"no sample {key}; the list has 0..{len(t) - 1}")
+                raise InputError(None, f"SAMPLE: no sample {key}; the list has 0..{len(t) - 1}")
             return int(key)
         names = t["case"].astype(str) + " " + t["level"].astype(str)
         hit = np.flatnonzero(names.to_numpy() == str(key))
         if not len(hit):
-            raise InputError("SAMPLE", f"no sample named {key!r} (write '<case> <level>', e.g. {names.iloc[0]!r})")
+            raise InputError(None, f"SAMPLE: no sample named {key!r} (write '<case> <level>', e.g. {names.iloc[0]!r})")
         return int(t.index[hit[0]])
 
     @classmethod
@@ -309,12 +313,10 @@ def exported_exemplars(art, n_units: int) -> tuple[dict[int, list[int]], dict[in
     exported order. Before notebook 04: the same lists computed from the dissection
     (``vfcore.dissect.exemplars`` by r_k among the ground-truth fractures, notebook 04's
     default)."""
-    from vfcore import dissect as dx
-
     if art.exemplars is None:
         d = art.dissection
-        o = dx.outcomes(art.labels, d.probability, art.meta.get("threshold", 0.5))
-        lists = dx.exemplars(d, o[DEFAULT_EXEMPLAR_SUBSET], k=25, by="r")
+        o = outcomes(art.labels, d.probability, art.meta.get("threshold", 0.5))
+        lists = exemplars(d, o[DEFAULT_EXEMPLAR_SUBSET], k=25, by="r")
         return ({int(u): [int(i) for i in v] for u, v in lists.items()},
                 {u: DEFAULT_EXEMPLAR_SUBSET for u in range(n_units)}, "computed")
     exported = art.exemplars.get("exported", {})
@@ -329,19 +331,16 @@ def exported_exemplars(art, n_units: int) -> tuple[dict[int, list[int]], dict[in
 def load_run_data(run_dir: str | Path, split: str | None = None, device: str | None = None) -> RunData:
     """:meth:`RunData.from_run`: the run's network and dissection, checked against each other.
 
-    ``split`` None: the run's default dissection set (:func:`vfcore.dissect.default_split`)."""
-    from vfcore import dissect as dx
-    from vfcore.io import sha256_file
-
+    ``split`` None: the run's default dissection set (:func:`vfcore.dissect.artifacts.default_split`)."""
     run = RunFolder(run_dir)
     manifest = run.require("manifest")
     checkpoint = run.require("checkpoint")
-    net = dx.load_network(run.root)
+    net = load_network(run.root)
     checkpoint_sha = sha256_file(checkpoint)
     if split is None:
-        split = dx.default_split(run.root)
+        split = default_split(run.root)
     try:
-        art = dx.load_artifacts(run.root, expect={
+        art = load_artifacts(run.root, expect={
             "checkpoint_sha256": checkpoint_sha, "split": split, "layer": net.layer,
             "manifest_sha256": sha256_file(manifest)})
     except VfcoreError:
@@ -373,11 +372,11 @@ def load_run_data(run_dir: str | Path, split: str | None = None, device: str | N
     pool = Pool(table=table, load=loader("ct_path", True), load_vertebrae=loader("mask_path", False),
                 load_concepts=loader("concept_path", False))
 
-    def activations(patches: np.ndarray):
-        return dx.activations(net.model, patches, net.layer, transform=net.transform,
-                              device=device, batch_size=8)
+    def run_network(patches: np.ndarray):
+        return activations(net.model, patches, net.layer, transform=net.transform, device=device,
+                           batch_size=8)
 
-    field_slices = art.field if art.meta.get("field") else dx.network_field(net.preset)
+    field_slices = art.field if art.meta.get("field") else network_field(net.preset)
     meta = {k: art.meta.get(k) for k in ("split", "layer", "q_tail", "preset", "n_samples", "dissection_id")}
     meta["checkpoint_sha256"] = checkpoint_sha
     if art.ranking_tp is None:
@@ -385,10 +384,10 @@ def load_run_data(run_dir: str | Path, split: str | None = None, device: str | N
     lists, subsets, source = exported_exemplars(art, d.n_units)
     return RunData(
         thresholds=np.asarray(d.T, dtype=np.float64), c_k=c_k, samples=pool, exemplar_pool=pool,
-        exemplars=lists, activations=activations,
+        exemplars=lists, activations=run_network,
         field=tuple(field_slices), min_input=tuple(s.stop - s.start for s in field_slices),
         concepts=ConceptBook.load(run.concepts, checkpoint_sha, net.layer),
-        meta=meta, concept_names=dx.concept_names(run.root) or {}, c_rank=c_rank,
+        meta=meta, concept_names=concept_names(run.root) or {}, c_rank=c_rank,
         exemplar_subsets=subsets, exemplar_source=source,
         threshold=float(art.meta.get("threshold", 0.5)),
         measured_concepts=_measured_concepts(run),
@@ -396,10 +395,10 @@ def load_run_data(run_dir: str | Path, split: str | None = None, device: str | N
 
 
 def _measured_concepts(run: RunFolder) -> dict[int, str | None] | None:
-    """unit -> the concept it detects, as notebook 06 measured it on the phantom (None when that
-    notebook has not run, or its table cannot be read: the student's labels are used then)."""
-    from vfcore.dissect import concept_dictionary
-
+    """unit -> the concept it detects, as notebook 06 measured it on the phantom. Optional:
+    notebook 05 never needs a later notebook's output; before notebook 06 has run (or when its
+    table cannot be read) this is None and the explorer names units by the student's labels,
+    saying that it shows the measured concepts once notebook 06 has run."""
     path = run.path("alignment_units")
     try:
         return concept_dictionary(pd.read_csv(path)) if path.is_file() else None

@@ -28,7 +28,7 @@ def snapshot_figure(state: ExplorerState, prediction: str = ""):
     """The explorer's two pictures as a figure: left, the shown sample, unit, view, slice and
     mode; right, the unit's selected exemplar at its best slice (the same unit's general
     concept). ``prediction``: a line of text above them."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # heavy: only a static picture loads it, not the widget
 
     a, k = state.analysis, state.unit
     ex = state.exemplars()
@@ -57,7 +57,7 @@ def static_figure(state: ExplorerState, a: Analysis, n_units: int = 5, view: str
     """Top row: the sample ``a`` and its ``n_units`` most relevant units, each at its best
     slice; bottom row: the exemplars of ``unit`` (default: the shown unit when ``a`` is the
     shown sample, else ``a``'s most relevant unit)."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt   # heavy: only a static picture loads it, not the widget
 
     data = state.data
     view = view or state.view

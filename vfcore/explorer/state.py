@@ -82,7 +82,7 @@ class ExplorerState:
         self._require_analysis()
         unit = int(unit)
         if unit not in self.analysis.maps:
-            raise InputError("unit", f"unit {unit} is not among this sample's top {self.top_n} units "
+            raise InputError(None, f"unit {unit} is not among this sample's top {self.top_n} units "
                                      f"{self.analysis.top}")
         self.unit = unit
         self.exemplar = 0
@@ -95,15 +95,15 @@ class ExplorerState:
         overlay mode. Everything is checked before anything changes."""
         self._require_analysis()
         if view is not None and view not in VIEWS:
-            raise InputError("view", f"unknown view {view!r}; choose one of {list(VIEWS)}")
+            raise InputError(None, f"unknown view {view!r}; choose one of {list(VIEWS)}")
         if mode is not None and mode not in MODES:
-            raise InputError("mode", f"unknown mode {mode!r}; choose one of {list(MODES)}")
+            raise InputError(None, f"unknown mode {mode!r}; choose one of {list(MODES)}")
         new_view = view or self.view
         if index is None and new_view != self.view:
             index = self.umap.best_slice(new_view)
         n = self.analysis.patch.shape[VIEWS[new_view]]
         if index is not None and not 0 <= int(index) < n:
-            raise InputError("slice", f"slice {index} outside 0..{n - 1} of the {new_view} view")
+            raise InputError(None, f"slice {index} outside 0..{n - 1} of the {new_view} view")
         changed_view = new_view != self.view
         changed_mode = mode is not None and mode != self.mode
         self.view = new_view
@@ -117,7 +117,7 @@ class ExplorerState:
         self._require_analysis()
         n = len(self.exemplars())
         if not 0 <= int(position) < max(n, 1):
-            raise InputError("exemplar", f"exemplar {position} outside 0..{n - 1} of unit {self.unit}")
+            raise InputError(None, f"exemplar {position} outside 0..{n - 1} of unit {self.unit}")
         self.exemplar = int(position)
         return Redraw(image=False, partner=True)
 

@@ -9,6 +9,9 @@ import html
 
 import pandas as pd
 
+from vfcore.analysis.findings import draft_findings, student_dictionary
+from vfcore.dissect.geometry import concept_overlap, vertebra_overlap
+
 from .data import Analysis, RunData, outcome
 
 OUTCOMES = ("TP", "FP", "TN", "FN")
@@ -41,15 +44,15 @@ def prediction_html(a: Analysis) -> str:
 
 
 def findings_html(data: RunData, a: Analysis) -> str:
-    """The draft finding of this inference (:func:`vfcore.dissect.draft_findings`): its most
-    relevant units named by the concept notebook 06 measured for them, else by the student's
-    labels; a unit without a significant concept is said to have none."""
-    from vfcore.dissect import draft_findings, student_dictionary
-
+    """The draft finding of this inference (:func:`vfcore.analysis.findings.draft_findings`): its most
+    relevant units named by the student's labels; once notebook 06 (a later notebook, optional
+    here) has measured the units' concepts, by those. A unit without a significant concept is
+    said to have none."""
     if data.measured_concepts is not None:
         dictionary, source = data.measured_concepts, "concepts measured in notebook 06"
     else:
-        dictionary, source = student_dictionary({"units": data.concepts.units}), "your concept labels"
+        dictionary = student_dictionary({"units": data.concepts.units})
+        source = "your concept labels; after notebook 06, the concepts it measures"
     level = str(a.truth["level"]) if a.truth is not None else a.name
     text = draft_findings(level, a.probability, a.relevance, dictionary, threshold=data.threshold)
     return f"<i>Draft finding ({source}):</i> {html.escape(text)}"
@@ -65,8 +68,6 @@ def unit_label(data: RunData, a: Analysis, position: int, unit: int) -> str:
 def unit_info_html(data: RunData, a: Analysis, k: int) -> str:
     """r_k, |M_k| and c_k of unit k on the sample; where its mask lies (vertebra mask) and
     which ground-truth concepts it covers (phantom)."""
-    from vfcore.dissect import concept_overlap, vertebra_overlap
-
     mask = a.maps[k].mask
     parts = [f"<b>unit {k}</b> on this sample: r_k = {a.relevance[k]:.4g}, "
              f"M_k = {int(mask.sum())} voxels; c_k = {data.c_k[k]:.3f} "

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
 from vfcore.constants import AIR_HU, PATCH_SIZE
 from vfcore.errors import InputError, VfcoreError
@@ -25,8 +26,6 @@ def _suffix(name: str) -> str:
 
 def _reorient_to_ipl(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Reorder/flip a NIfTI volume so its array axes point (I, P, L), like the patch store."""
-    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
-
     transform = ornt_transform(io_orientation(affine), axcodes2ornt(("I", "P", "L")))
     return apply_orientation(data, transform)
 

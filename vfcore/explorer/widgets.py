@@ -29,7 +29,7 @@ from vfcore.viz.units import ORIENTATION, figure_png, png_bytes
 
 import vfcore.explorer.text as text
 from .data import SCALE, TOP_UNITS, Analysis, RunData
-from .figures import snapshot_figure, static_figure
+from .figures import _unit_panel, snapshot_figure, static_figure
 from .state import MODES, ExplorerState, Redraw
 from .text import OUTCOMES
 from .upload import UPLOAD_SUFFIXES
@@ -85,7 +85,7 @@ def _strip_tags(text: str) -> str:
 
 
 def _letter(text: str = "", width: str = "16px") -> "object":
-    import ipywidgets as w
+    import ipywidgets as w   # optional (notebooks only): the state and tests run without it
 
     return w.HTML(text, layout=w.Layout(width=width, justify_content="center", align_items="center"))
 
@@ -96,7 +96,7 @@ class Explorer:
     never raise: problems are shown in the status line (``status_text``)."""
 
     def __init__(self, data: RunData | None, problem: str | None = None, top: int = TOP_UNITS):
-        import ipywidgets as w
+        import ipywidgets as w   # optional (notebooks only): the state and tests run without it
 
         self.state = ExplorerState(data, top) if data is not None else None
         self.top_n = top
@@ -232,7 +232,7 @@ class Explorer:
         """The explorer's two pictures as one PNG (:func:`~.figures.snapshot_figure`), or None."""
         if self.analysis is None or self.unit is None:
             return None
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt   # heavy: only for a picture
 
         fig = snapshot_figure(self.state, self.prediction_text)
         try:
@@ -242,7 +242,7 @@ class Explorer:
 
     def snapshot(self):
         """The explorer's view as an image for the notebook (``IPython.display.Image``)."""
-        from IPython.display import Image
+        from IPython.display import Image   # optional: only inside a notebook
 
         png = self.snapshot_png()
         if png is None:
@@ -556,9 +556,7 @@ class Explorer:
         self.exemplar_header.value = html.escape(text.exemplar_header(self.data, self.unit, n))
 
     def _exemplar_figure(self, ex, slices) -> None:
-        import matplotlib.pyplot as plt
-
-        from .figures import _unit_panel
+        import matplotlib.pyplot as plt   # heavy: only for a picture
 
         view = self.view
         fig, axes = plt.subplots(1, len(ex), figsize=(2.4 * len(ex), 2.8), squeeze=False)

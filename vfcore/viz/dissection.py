@@ -10,13 +10,14 @@ the size a notebook shows them. Every function returns its figure.
 """
 from __future__ import annotations
 
+import textwrap
 from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from vfcore.dissect import VIEWS, M_k
+from vfcore.dissect import VIEWS, M_k, best_slice, patch_mask, upsample_to_patch
 
 from vfcore.constants import DISPLAY_WINDOW_HU
 
@@ -25,11 +26,6 @@ from .units import colour_range, draw_unit, orientation_letters, take_slice, uni
 
 #: The smallest font of the notebook-03 panels (pt).
 FONT = 8
-
-
-def take(volume: np.ndarray, view: str, index: int) -> np.ndarray:
-    """The 2-D slice ``index`` of a (I, P, L) volume in ``view`` (:func:`vfcore.viz.units.take_slice`)."""
-    return take_slice(volume, view, index)
 
 
 def draw_overlay(ax, ct2d: np.ndarray, act2d: np.ndarray | None = None, T: float | None = None,
@@ -123,15 +119,13 @@ def masks_for_q(ct: np.ndarray, feature_map: np.ndarray, thresholds: Mapping[flo
     smaller mask), each mask upsampled onto the patch (:func:`vfcore.dissect.patch_mask`).
     The CT alone (left, HU colourbar), then one panel per q on one shared A_k colour scale
     (its colourbar right of the last panel); orientation letters on every panel."""
-    from vfcore.dissect import best_slice, patch_mask, upsample_to_patch
-
     qs = sorted(thresholds, reverse=True)
     up = upsample_to_patch(feature_map, field, ct.shape)
     masks = {q: patch_mask(M_k(feature_map[None], [thresholds[q]])[0], field, ct.shape) for q in qs}
     index = best_slice(up, thresholds[min(qs)], view, masks[min(qs)])
-    ct2d, up2d = take(ct, view, index), take(up, view, index)
+    ct2d, up2d = take_slice(ct, view, index), take_slice(up, view, index)
     # one colour scale for every q: the range of A_k inside the largest mask (largest q)
-    low, high = colour_range(up2d, take(masks[max(qs)], view, index))
+    low, high = colour_range(up2d, take_slice(masks[max(qs)], view, index))
     fig, axes = plt.subplots(1, len(qs) + 1, figsize=(2.15 * (len(qs) + 1) + 0.9, 3.0),
                              layout="constrained")
     draw_overlay(axes[0], ct2d, title=f"CT, {view} slice {index}", fontsize=9)
@@ -139,7 +133,7 @@ def masks_for_q(ct: np.ndarray, feature_map: np.ndarray, thresholds: Mapping[flo
     for ax, q in zip(axes[1:], qs):
         T = thresholds[q]
         n_feat = int(M_k(feature_map[None], [T]).sum())
-        draw_overlay(ax, ct2d, up2d, T, "both", fontsize=9, mask2d=take(masks[q], view, index),
+        draw_overlay(ax, ct2d, up2d, T, "both", fontsize=9, mask2d=take_slice(masks[q], view, index),
                      title=f"q = {q}: T_k = {T:.3g}\nM_k: {n_feat} of {feature_map.size} positions",
                      low=low, high=high)
     for ax in axes:
@@ -228,8 +222,6 @@ def collage(tiles: Sequence[tuple], T: float, title: str = "", cols: int = 5, ro
     number of rows): ``tiles`` = (CT slice, activation slice, caption[, mask slice]), each the
     slice of ``view`` where this unit's thresholded activation is largest, drawn by the unit
     renderer (orientation letters on the first tile)."""
-    import textwrap
-
     n_rows, n_cols = collage_grid(len(tiles), cols, rows)
     head = 0.45 * len(textwrap.wrap(title, max(30, int(14 * tile_size * n_cols)))) if title else 0.0
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(tile_size * n_cols, (tile_size + 0.4) * n_rows + head),
@@ -253,8 +245,6 @@ def gallery(rows: Sequence[Mapping], images: Mapping[int, np.ndarray]):
     """Table 2 of the paper as a figure, one row per unit: rank, unit and c_k; its strongest
     exemplars (``images[unit]``: the strip PNG of :func:`vfcore.export.export_units`); the
     measured concept (phantom); and the "clinical explanation" column, empty until filled."""
-    import textwrap
-
     n = len(rows)
     fig = plt.figure(figsize=(14, 1.75 * n + 0.5))
     grid = fig.add_gridspec(n + 1, 4, width_ratios=[1.1, 5.0, 2.0, 2.2], height_ratios=[0.22] + [1] * n,
@@ -291,19 +281,17 @@ def relevance_row(ct: np.ndarray, feature_maps: Mapping[int, np.ndarray], T: Map
     """Table 3 of the paper: the sample (left) and, for its most relevant units (descending
     r_k), the slice where each unit's thresholded activation is largest, with its c_k rank.
     ``feature_maps[k]``: unit k's activation on the feature grid for this sample."""
-    from vfcore.dissect import best_slice, patch_mask, upsample_to_patch
-
     n = len(units)
     fig, axes = plt.subplots(1, n + 1, figsize=(1.9 * (n + 1), 2.9), squeeze=False)
     mid = ct.shape[VIEWS[view]] // 2
-    draw_overlay(axes[0, 0], take(ct, view, mid), title=title or "sample", view=view)
+    draw_overlay(axes[0, 0], take_slice(ct, view, mid), title=title or "sample", view=view)
     for j, (ax, k) in enumerate(zip(axes[0, 1:], units), start=1):
         up = upsample_to_patch(feature_maps[k], field, ct.shape)
         mask = patch_mask(M_k(feature_maps[k][None], [T[k]])[0], field, ct.shape)
         s = best_slice(up, T[k], view, mask)
-        draw_overlay(ax, take(ct, view, s), take(up, view, s), T[k], "both",
+        draw_overlay(ax, take_slice(ct, view, s), take_slice(up, view, s), T[k], "both",
                      title=f"relevance {j}\nunit {k} (c_k rank {c_rank[k]})\nr_k = {r[k]:.3g}",
-                     mask2d=take(mask, view, s), view=view if j == 1 else None)
+                     mask2d=take_slice(mask, view, s), view=view if j == 1 else None)
     fig.tight_layout()
     return fig
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy.ndimage import map_coordinates
 
+from vfcore.errors import DataValueError
 from vfcore.patches import Patch, Spine
 from vfcore.verse import Volume, craniocaudal, level_name
 
@@ -189,7 +190,7 @@ def patch_gallery(manifest: pd.DataFrame, patches_dir: str | os.PathLike, n: int
     groups = [(kind, rows) for kind, rows in (("fractured", [r for _, r in fx.iterrows()]),
                                               ("healthy", picks)) if rows]
     if not groups:
-        raise ValueError("the manifest has no labelled vertebrae to show")
+        raise DataValueError(None, "the manifest has no labelled vertebrae to show")
     n_cols = max(len(rows) for _, rows in groups)
     # two rows (sagittal, coronal) per group, the healthy vertebra of a level under the
     # fractured one; 2.2 inches a tile keeps 8-pt captions readable when shown at full width

@@ -7,12 +7,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from vfcore.verse import read_centroids, read_ct, read_mask
+
 from .slices import WINDOWS, hu_colorbar, show_contours, show_slice, to_ras
 
 
 def _load(ct_path, mask_path=None, centroids_path=None):
-    from vfcore.verse import read_centroids, read_ct, read_mask
-
     ct = read_ct(ct_path)
     mask = read_mask(mask_path) if mask_path else None
     centre = None

@@ -11,6 +11,10 @@ import numpy as np
 from nibabel.orientations import (apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation,
                                   ornt_transform)
 
+from vfcore.errors import InvalidParameterError
+
+from .units import orientation_letters
+
 #: CT windows as (low, high) HU.
 WINDOWS = {
     "bone": (-450.0, 1350.0),
@@ -24,7 +28,7 @@ PLANES = ("sagittal", "coronal", "axial")
 def hu_colorbar(ax, window: tuple[float, float], label: str = "CT (HU)", fontsize: float = 8):
     """A grey colourbar of the CT window (HU) beside ``ax`` (one axis or a list of axes that
     share it): black = ``window[0]``, white = ``window[1]``."""
-    import matplotlib as mpl
+    import matplotlib as mpl   # heavy: only the figures load it (as vfcore.viz.units)
 
     axes = list(ax) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
     axes = [a for a in np.ravel(axes)]
@@ -58,7 +62,7 @@ def world_to_ras_index(point, affine: np.ndarray, data_shape) -> np.ndarray:
 def cut(ras: np.ndarray, spacing, plane: str, index: int | None = None):
     """2-D display image and its ``extent`` (mm) of a RAS-ordered volume at ``index``."""
     if plane not in PLANES:
-        raise ValueError(f"plane must be one of {PLANES}, got {plane!r}")
+        raise InvalidParameterError("plane", f"one of {PLANES}", plane)
     ax = PLANES.index(plane)   # sagittal cuts x, coronal y, axial z
     n = ras.shape[ax]
     i = n // 2 if index is None else int(np.clip(round(index), 0, n - 1))
@@ -85,8 +89,6 @@ def show_slice(ax, data: np.ndarray, affine: np.ndarray, plane: str = "sagittal"
     directions at the edges (:func:`vfcore.viz.units.orientation_letters`); ``colorbar``: the
     window's HU scale beside the axis.  Returns the image artist.
     """
-    from .units import orientation_letters
-
     ras, spacing, origin = to_ras(data, affine)
     index = None
     if at is not None:

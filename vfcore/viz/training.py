@@ -5,8 +5,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.ticker import MaxNLocator
 
+from ..constants import NETWORK_WINDOW_HU
 from ..data import Augment, augment_batch, to_network_input
+from .slices import hu_colorbar
+from .units import orientation_letters
 
 
 def augmentation_gallery(hu: np.ndarray, preset: str, n: int = 10, seed: int = 0,
@@ -14,11 +18,6 @@ def augmentation_gallery(hu: np.ndarray, preset: str, n: int = 10, seed: int = 0
     """One patch as the network sees it (first column) and under ``n`` augmentations:
     mid-sagittal (top row, rows I / columns P) and mid-coronal (bottom row, columns L);
     orientation letters on the first column, the grey scale in HU beside the grid."""
-    from vfcore.constants import NETWORK_WINDOW_HU
-
-    from .slices import hu_colorbar
-    from .units import orientation_letters
-
     batch = torch.from_numpy(np.repeat(np.asarray(hu)[None], n, axis=0))
     views = [to_network_input(hu, preset)[0, 0]] + list(
         augment_batch(batch, preset, torch.Generator().manual_seed(seed), aug)[:, 0])
@@ -47,8 +46,6 @@ def training_curves(history: pd.DataFrame, ax=None):
     the best checkpoint (highest validation F1, ties broken by AUC, then the earliest: as
     training chooses the best checkpoint) as a dotted line. The legend sits right of the axes, off
     the curves. Returns the left axis (``ax.figure.axes[1]`` is the right one)."""
-    from matplotlib.ticker import MaxNLocator
-
     if ax is None:
         _, ax = plt.subplots(figsize=(9, 3.4), layout="constrained")
     ax.plot(history["epoch"], history["loss"], label="training loss (BCE)", color="tab:gray")

@@ -21,9 +21,11 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from PIL import Image
 
 from vfcore.constants import DISPLAY_WINDOW_HU
 from vfcore.dissect import VIEWS
+from vfcore.errors import InvalidParameterError
 
 #: How the mask is drawn (see the module docstring).
 MODES = ("overlay", "contour", "both", "off")
@@ -43,7 +45,7 @@ def take_slice(volume: np.ndarray, view: str, index: int) -> np.ndarray:
     """The 2-D slice ``index`` of a (I, P, L) volume in a view (``vfcore.dissect.VIEWS``):
     sagittal = rows I, columns P; coronal = rows I, columns L; axial = rows P, columns L."""
     if view not in VIEWS:
-        raise ValueError(f"unknown view {view!r}; choose one of {list(VIEWS)}")
+        raise InvalidParameterError("view", f"one of {list(VIEWS)}", view)
     return np.take(volume, int(index), axis=VIEWS[view])
 
 
@@ -81,7 +83,7 @@ def unit_rgb(ct: np.ndarray, mask: np.ndarray | None = None, activation: np.ndar
     becomes a ``scale x scale`` block (nearest neighbour).
     """
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        raise InvalidParameterError("mode", f"one of {MODES}", mode)
     rgb = np.repeat(window_hu(ct, window)[..., None], 3, axis=-1)
     if mask is not None and mode != "off":
         mask = np.asarray(mask, dtype=bool)
@@ -111,7 +113,7 @@ def orientation_letters(ax, view: str, fontsize: float = 8, colour: str = "#7fdb
 
 def unit_colorbar(ax, low: float, high: float, label: str = "A_k inside M_k", fontsize: float = 7):
     """A colourbar beside ``ax`` for the overlay's scale: red = ``low``, yellow = ``high``."""
-    import matplotlib as mpl
+    import matplotlib as mpl   # heavy: only the figures load it, the explorer's PNG path never does
 
     high = high if high > low else low + 1e-6
     sm = mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(low, high), cmap=UNIT_CMAP)
@@ -150,8 +152,6 @@ def draw_unit(ax, ct: np.ndarray, mask: np.ndarray | None = None, activation: np
 
 def png_bytes(rgb: np.ndarray, compress_level: int = 1) -> bytes:
     """Encode an RGB uint8 image as PNG (lossless, so a test can decode the exact pixels)."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
@@ -159,8 +159,6 @@ def png_bytes(rgb: np.ndarray, compress_level: int = 1) -> bytes:
 
 def decode_png(data: bytes) -> np.ndarray:
     """PNG bytes -> RGB uint8 array (the inverse of :func:`png_bytes`)."""
-    from PIL import Image
-
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 

@@ -28,6 +28,7 @@ The concept masks come from the phantom (:class:`RunConcepts`); real data has no
 """
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +37,20 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from scipy.sparse import csr_matrix
 
+from vfcore.dissect.artifacts import concept_names
+from vfcore.dissect.dissection import dissect
+from vfcore.dissect.geometry import upsample_to_patch
+from vfcore.dissect.quantile import Q_TAIL_PAPER, M_k
+from vfcore.dissect.ranking import UndefinedCorrelationError
 from vfcore.errors import DataValueError
-
-from .geometry import upsample_to_patch
-from .quantile import M_k
+from vfcore.forward import forward_batches
+from vfcore.model import ENCODER_LAYERS
+from vfcore.phantom import read_truth
+from vfcore.phantom.concepts import target_concepts
+from vfcore.run import RunFolder
+from vfcore.verse import craniocaudal
 
 #: NetDissect's detector threshold on the IoU (Bau et al. 2017).
 IOU_THRESHOLD = 0.04
@@ -79,8 +89,6 @@ def no_concept_masks(path) -> NoConceptMasksError:
 def _neighbours(vert: np.ndarray, label: int, concept: np.ndarray) -> tuple[int | None, int | None]:
     """The vertebrae above and below ``label`` in the patch (cranio-caudal order of the labels
     present); 26 (sacrum) below when none is and the patch shows the sacrum."""
-    from vfcore.verse import craniocaudal
-
     present = craniocaudal(int(v) for v in np.unique(vert) if v > 0 and v != 26)
     if label not in present:
         return None, None
@@ -100,8 +108,6 @@ def patch_concepts(concept: np.ndarray, vert: np.ndarray, label: int,
     concept, plus the vertebra-level confounders in ``flags`` (the truth's ``confounders``,
     :data:`VERTEBRA_FLAGS`) as the target's vertebral body (empty when the flag is absent).
     """
-    from vfcore.phantom.concepts import target_concepts
-
     concept, vert = np.asarray(concept), np.asarray(vert)
     above, below = _neighbours(vert, int(label), concept)
     out = target_concepts(concept, vert, int(label), above, below)
@@ -141,16 +147,9 @@ class RunConcepts:
     @classmethod
     def from_run(cls, run_dir, rows: pd.DataFrame) -> "RunConcepts":
         """From a run folder: the patch store, the label table and (phantom) truth of its data root."""
-        import json
-
-        from vfcore.run import RunFolder
-
-        from .artifacts import concept_names
-
         run = RunFolder(run_dir)
         truth = None
         try:
-            from vfcore.phantom import read_truth
             root = json.loads(run.path("patch_report").read_text())["root"]
             truth = read_truth(root)
         except (OSError, ValueError, KeyError, TypeError):
@@ -208,7 +207,7 @@ def concept_counts_grids(masks, grids: Sequence[Sequence[int]], field: Sequence[
     grids = [tuple(int(g) for g in grid) for grid in grids]
     for grid in grids:
         if len(grid) != 3 or any(s % g for s, g in zip(size, grid)):
-            raise DataValueError("grid", f"grid {grid} does not divide the field {size}")
+            raise DataValueError(None, f"grid {grid} does not divide the field {size}")
     n = len(masks)
     if n == 0:
         raise no_concept_masks("masks")
@@ -285,8 +284,6 @@ def _entries(entries: Mapping[str, np.ndarray], keep: np.ndarray | None):
 
 def _unit_cells(u, s, p, n_units: int, counts: np.ndarray):
     """W [K, N * cells] sparse: how many mask entries unit k has at (sample, cell)."""
-    from scipy.sparse import csr_matrix
-
     n, cells = counts.shape[:2]
     return csr_matrix((np.ones(len(u)), (u, s * cells + p)), shape=(n_units, n * cells))
 
@@ -334,10 +331,10 @@ def block_alignment(entries: Mapping[str, np.ndarray], counts: ConceptCounts, n_
     N = counts.counts.shape[0]
     keep = None if samples is None else np.asarray(samples, bool)
     if keep is not None and keep.shape != (N,):
-        raise DataValueError("samples", f"expected {N} booleans, got shape {keep.shape}")
+        raise DataValueError(None, f"samples: expected {N} booleans, got shape {keep.shape}")
     u, s, p = _entries(entries, keep)
     if len(s) and (s.max() >= N or p.max() >= counts.counts.shape[1]):
-        raise DataValueError("entries", f"mask entries beyond the counts' {N} samples x "
+        raise DataValueError(None, f"entries: mask entries beyond the counts' {N} samples x "
                              f"{counts.counts.shape[1]} cells: another grid or set?")
     W = _unit_cells(u, s, p, n_units, counts.counts)
     inter = _intersections(W, counts.counts)
@@ -363,8 +360,6 @@ def layer_batches(model: torch.nn.Module, data, layer: str, transform: Callable 
                   batch_size: int = 8, device: str | None = None) -> Iterable[np.ndarray]:
     """A layer's activations A [B, K, *grid] (float32 numpy), batch after batch (the forward
     engine: eval mode, the device's precision policy)."""
-    from vfcore.forward import forward_batches
-
     for out in forward_batches(model, data, [layer], batch_size=batch_size, transform=transform,
                                device=device):
         yield out.activations[layer].float().cpu().numpy()
@@ -408,9 +403,9 @@ def interpolated_alignment(batches, T: np.ndarray, masks, field: Sequence[slice]
                 union_m[units] += Mup.sum(axis=1)
             i += 1
     if inter is None:
-        raise DataValueError("batches", "no samples")
+        raise DataValueError(None, "batches: no samples")
     if i != len(masks):
-        raise DataValueError("batches", f"{i} samples of activations for {len(masks)} concept masks")
+        raise DataValueError(None, f"batches: {i} samples of activations for {len(masks)} concept masks")
     union = union_m[:, None] + totals[None, :] - inter
     return Alignment(list(names), inter, union, "interpolated", n_samples=i, layer=layer)
 
@@ -432,7 +427,7 @@ def unit_table(al: Alignment, concepts: Sequence[str] | None = None, units: Sequ
     names = list(al.names)
     cols = [names.index(c) for c in (names if concepts is None else concepts) if c in names]
     if not cols:
-        raise DataValueError("concepts", f"none of {list(concepts or [])} in the alignment's concepts {names}")
+        raise DataValueError(None, f"concepts: none of {list(concepts or [])} in the alignment's concepts {names}")
     units = np.arange(al.n_units) if units is None else np.asarray(units, dtype=int)
     iou = al.iou[np.ix_(units, cols)]
     best = np.argmax(iou, axis=1)
@@ -493,14 +488,12 @@ def fp_concept_table(al: Alignment, ranking_fp: pd.DataFrame | None, top: int = 
     confounder masks the alignment has (best confounder, its IoU, p, detector), with their
     ``delta`` and ``c_fp``. Raises :class:`~vfcore.dissect.UndefinedCorrelationError` when there
     are no false positives (``ranking_fp`` None or empty)."""
-    from .ranking import UndefinedCorrelationError
-
     if ranking_fp is None or len(ranking_fp) == 0:
-        raise UndefinedCorrelationError("fp", "no false positives in the dissected set: the "
+        raise UndefinedCorrelationError(None, "no false positives in the dissected set: the "
                                         "false-positive ranking and its concepts are undefined")
     have = [c for c in concepts if c in al.names]
     if not have:
-        raise DataValueError("concepts", f"the alignment has none of the confounders {list(concepts)}")
+        raise DataValueError(None, f"concepts: the alignment has none of the confounders {list(concepts)}")
     head = ranking_fp.head(top)
     t = unit_table(al, have, head["unit"].to_numpy(), **kwargs)
     for col in ("rank", "delta", "c_fp", "c_tp"):
@@ -521,9 +514,6 @@ def align_network(model: torch.nn.Module, data, labels, masks, layer: str, field
     the concepts -> (Dissection, Alignment). Any model: the trained one, an untrained one of the
     same preset (control b), another layer (item 7). ``counts``: {grid: ConceptCounts} computed
     earlier (reused when the grid matches), else computed from ``masks``."""
-    from .dissection import dissect
-    from .quantile import Q_TAIL_PAPER
-
     d = dissect(model, data, layer, q_tail=Q_TAIL_PAPER if q_tail is None else q_tail,
                 batch_size=batch_size, transform=transform, device=device, progress=progress)
     grid = tuple(d.spatial_shape)
@@ -535,9 +525,7 @@ def align_network(model: torch.nn.Module, data, labels, masks, layer: str, field
 
 def layers_below(layer: str, n: int = 2, order: Sequence[str] | None = None) -> list[str]:
     """The ``n`` encoder layers below ``layer`` (deepest first), from ``vfcore.model.ENCODER_LAYERS``."""
-    if order is None:
-        from vfcore.model import ENCODER_LAYERS as order
-    order = list(order)
+    order = list(ENCODER_LAYERS if order is None else order)
     if layer not in order:
         raise DataValueError(layer, f"not an encoder layer; encoder layers: {order}")
     i = order.index(layer)

@@ -20,6 +20,7 @@ import torch
 from vfcore.errors import DataValueError
 
 from vfcore.forward import evaluating, find_layer, forward, forward_batches, probabilities
+from vfcore.model import ENCODER_LAYERS, FractureNet
 
 #: The k of the causal check.
 KS = (1, 5, 10, 20)
@@ -48,7 +49,7 @@ def zeroed(model: torch.nn.Module, layer: str, units: Sequence[int] | None = Non
     On exit the hook is removed: the model computes exactly what it did before.
     """
     if (units is None) == (keep is None):
-        raise DataValueError("zeroed", "give exactly one of units= (zero them) or keep= (zero the rest)")
+        raise DataValueError(None, "give exactly one of units= (zero them) or keep= (zero the rest)")
     module = find_layer(model, layer)
 
     def hook(_module, _inputs, output):
@@ -67,9 +68,9 @@ def zeroed(model: torch.nn.Module, layer: str, units: Sequence[int] | None = Non
 def predict(model: torch.nn.Module, data, transform: Callable | None = None, batch_size: int = 16,
             device: str | None = None) -> np.ndarray:
     """P(fracture) [N] of ``data`` (eval mode, no gradients)."""
-    p, _ = forward(model, data, batch_size=batch_size, transform=transform, device=device)
+    p, _ = forward(model, data, batch_size=batch_size, transform=transform, device=device, amp=False)
     if not len(p):
-        raise DataValueError("data", "no samples")
+        raise DataValueError(None, "data: no samples")
     return p
 
 
@@ -88,8 +89,6 @@ CACHE_BYTES = 512 * 2 ** 20
 def _above(model: torch.nn.Module, layer: str) -> Callable | None:
     """The network above ``layer`` as a function of its activations, where known: for
     ``vfcore.model.FractureNet`` and its last encoder layer, head + classifier."""
-    from vfcore.model import ENCODER_LAYERS, FractureNet
-
     if isinstance(model, FractureNet) and layer == ENCODER_LAYERS[-1]:
         return lambda A: model.classifier(model.head(A)).squeeze(1)
     return None
@@ -102,9 +101,11 @@ def _cached_runner(model, sub, layer, transform, batch_size, device) -> Callable
     if above is None:
         return None
     As = []
+    # fp32, as the intact baseline (predict) and the head below; the cache on the CPU, where
+    # the engine leaves the model
     for out in forward_batches(model, sub, [layer], batch_size=batch_size, transform=transform,
-                               device=device):
-        As.append(out.activations[layer].float())
+                               device=device, amp=False):
+        As.append(out.activations[layer].float().cpu())
         if sum(a.numel() for a in As) * 4 > CACHE_BYTES:
             return None
     A = torch.cat(As)
@@ -139,7 +140,7 @@ def ablation_table(model: torch.nn.Module, data, labels, layer: str, ranked: Seq
     labels = np.asarray(labels).astype(int)
     pos = np.flatnonzero(labels == 1)
     if len(pos) == 0:
-        raise DataValueError("labels", "no fractures in the set: recall is undefined")
+        raise DataValueError(None, "labels: no fractures in the set: recall is undefined")
     sub = _Subset(data, pos)
     cached = _cached_runner(model, sub, layer, transform, batch_size, device) if fast else None
 

@@ -33,9 +33,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from vfcore.dissect.geometry import blocks_on_patch
+from vfcore.analysis.alignment import NoConceptMasksError, RunConcepts
+from vfcore.data import read_patch
+from vfcore.dissect.geometry import blocks_on_patch, patch_mask
+from vfcore.dissect.ranking import outcomes
 from vfcore.errors import DataValueError
-from vfcore.forward import evaluating, find_layer, probabilities
+from vfcore.forward import capture, evaluating, find_layer, probabilities
+from vfcore.run import RunFolder
 
 __all__ = ["theoretical_rf", "effective_rf", "layer_output", "mask_gradients", "gradient_on_patch",
            "gradient_share", "neutral_fill", "equal_volume_cells", "occlusion", "FRACTURE_SIGNS",
@@ -142,18 +146,19 @@ def mask_gradients(model: nn.Module, x: torch.Tensor, layer: str, units: Sequenc
     backward gives every unit's gradient); C summed when the input has several channels.
     """
     if x.ndim != 5 or x.shape[0] != 1:
-        raise DataValueError("x", f"expected one network input [1, C, S, S, S], got {tuple(x.shape)}")
+        raise DataValueError(None, f"x: expected one network input [1, C, S, S, S], got {tuple(x.shape)}")
     units = [int(u) for u in units]
     if (masks is None) == (cells is None):
-        raise DataValueError("mask_gradients", "give exactly one of masks= or cells=")
-    xs = x.detach().float().repeat(len(units), 1, 1, 1, 1).requires_grad_(True)
+        raise DataValueError(None, "give exactly one of masks= or cells=")
+    device = next(model.parameters()).device                # wherever the caller keeps the model
+    xs = x.detach().float().to(device).repeat(len(units), 1, 1, 1, 1).requires_grad_(True)
     with evaluating(model), torch.enable_grad():
         A = layer_output(model, xs, layer)                    # [U, K, *grid]
         a = A[torch.arange(len(units)), torch.as_tensor(units)]   # [U, *grid]
         if masks is not None:
             w = torch.as_tensor(np.asarray(masks, dtype=np.float32), device=a.device)
             if w.shape != a.shape:
-                raise DataValueError("masks", f"expected {tuple(a.shape)}, got {tuple(w.shape)}")
+                raise DataValueError(None, f"masks: expected {tuple(a.shape)}, got {tuple(w.shape)}")
         else:
             w = torch.zeros_like(a)
             for n, c in enumerate(cells):
@@ -225,10 +230,12 @@ def equal_volume_cells(candidates: np.ndarray, n_voxels: int, field: Sequence[sl
 
 
 def occlusion(model: nn.Module, transform: Callable, hu: np.ndarray, regions: Mapping[str, np.ndarray],
-              fill: float | Mapping[str, float], device: str | torch.device = "cpu") -> dict[str, float]:
+              fill: float | Mapping[str, float], device: str | torch.device | None = None) -> dict[str, float]:
     """P(fracture) of one HU patch [96^3] unchanged (``"none"``) and with each region (bool
     [96^3]) set to ``fill`` HU (one value or one per region); eval mode, one batch.
-    ``transform``: HU batch -> network input (e.g. ``Network.transform``)."""
+    ``transform``: HU batch -> network input (e.g. ``Network.transform``); ``device``: where
+    the model is (None: the device of its parameters)."""
+    device = next(model.parameters()).device if device is None else device
     hu = np.asarray(hu)
     batch = [hu]
     for name, r in regions.items():
@@ -246,24 +253,17 @@ def occlusion(model: nn.Module, transform: Callable, hu: np.ndarray, regions: Ma
 # --------------------------------------------------------------------------------------------
 
 def _tp_samples(art, max_samples: int | None) -> np.ndarray:
-    from .ranking import outcomes
-
     tp = np.flatnonzero(outcomes(art.labels, art.dissection.probability, art.meta["threshold"])["tp"])
     return tp if max_samples is None else tp[:int(max_samples)]
 
 
 def _patches(run_dir, row) -> tuple[np.ndarray, np.ndarray, int]:
-    from vfcore.data import read_patch
-    from vfcore.run import RunFolder
-
     run = RunFolder(run_dir)
     return read_patch(run.patch(row["ct_path"])), read_patch(run.patch(row["mask_path"])), int(row["label"])
 
 
 def _fracture_signs(run_dir, art, samples: np.ndarray) -> dict[int, np.ndarray] | None:
     """{sample: bool [patch] union of :data:`FRACTURE_SIGNS`}, None without concept masks."""
-    from .alignment import NoConceptMasksError, RunConcepts
-
     try:
         concepts = RunConcepts.from_run(run_dir, art.samples)
     except NoConceptMasksError:
@@ -290,9 +290,6 @@ def run_looking(run_dir, art, net, units: Sequence[int], max_samples: int | None
     :data:`FRACTURE_SIGNS`), ``grad_fracture_other`` (the same map against the signs of the
     next TP sample, the pairing control) and ``chance_fracture``.
     """
-
-    from .geometry import patch_mask
-
     d, field = art.dissection, art.field
     samples = _tp_samples(art, max_samples)
     signs = _fracture_signs(run_dir, art, samples)
@@ -365,9 +362,6 @@ def run_occlusion(run_dir, art, net, units: Sequence[int] = (), max_samples: int
     cells M_k of the unoccluded sample), and ``r_off_target`` / ``r_off_elsewhere``: the same
     over the mask cells whose block holds no voxel of the target (does a cell off the vertebra
     depend on the vertebra?)."""
-
-    from vfcore.forward import capture
-
     d, field = art.dissection, art.field
     samples = _tp_samples(art, max_samples)
     signs = _fracture_signs(run_dir, art, samples)
@@ -391,13 +385,13 @@ def run_occlusion(run_dir, art, net, units: Sequence[int] = (), max_samples: int
             h = batch[0].copy()
             h[r] = fill
             batch.append(h)
-        x = net.transform(torch.as_tensor(np.stack(batch)))
+        x = net.transform(torch.as_tensor(np.stack(batch)).to(next(net.model.parameters()).device))
         with evaluating(net.model), torch.no_grad(), capture(net.model, net.layer) as out:
-            p = probabilities(net.model(x), len(batch)).numpy()
+            p = probabilities(net.model(x), len(batch)).cpu().numpy()
         row = {"sample": int(i), "fill_hu": fill, **{f"voxels_{k}": int(r.sum()) for k, r in regions.items()},
                "p_none": float(p[0]), **{f"p_{k}": float(v) for k, v in zip(regions, p[1:])}}
         if units:
-            A = out[-1][:, units].float().numpy()
+            A = out[-1][:, units].float().cpu().numpy()
             M = d.masks(int(i), units)
             fire = [k for k in range(len(units)) if M[k].any()]
             r0 = np.array([(A[0, k] * M[k]).sum() for k in fire])

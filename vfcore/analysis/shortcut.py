@@ -25,8 +25,11 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
+from vfcore.data import read_store
+from vfcore.dissect.artifacts import load_artifacts
 from vfcore.errors import DataValueError
 from vfcore.metrics import outcome_names
+from vfcore.verse import craniocaudal
 
 __all__ = ["DEFAULT_BINS", "OUTSIDE_LIMIT", "OutOfFieldAnalysis", "out_of_field_analysis",
            "run_out_of_field", "outside_patches", "rank_correlation"]
@@ -83,10 +86,10 @@ def out_of_field_analysis(samples: pd.DataFrame, threshold: float = 0.5,
     """
     for col in ("fracture", "probability", "out_of_field"):
         if col not in samples:
-            raise DataValueError("samples", f"needs a column {col!r} (has {list(samples.columns)})")
+            raise DataValueError(None, f"samples: needs a column {col!r} (has {list(samples.columns)})")
     edges = np.asarray(bins, dtype=np.float64)
     if len(edges) < 2 or np.any(np.diff(edges) <= 0) or edges[0] > 0 or edges[-1] < 1:
-        raise DataValueError("bins", f"needs increasing edges from 0 to 1, got {list(bins)}")
+        raise DataValueError(None, f"bins: needs increasing edges from 0 to 1, got {list(bins)}")
     s = samples.reset_index(drop=True).copy()
     y = s["fracture"].to_numpy(dtype=int)
     prob = s["probability"].to_numpy(dtype=np.float64)
@@ -121,9 +124,6 @@ def run_out_of_field(run_dir: str | Path, bins=DEFAULT_BINS) -> OutOfFieldAnalys
     """:func:`out_of_field_analysis` on a run's dissected set (notebook 03's samples, with the
     threshold recorded in its meta.json); ``out_of_field`` from the patch manifest when
     samples.csv predates that column."""
-    from vfcore.data import read_store
-    from vfcore.dissect import load_artifacts
-
     art = load_artifacts(run_dir)
     samples = art.samples
     if "out_of_field" not in samples:
@@ -136,8 +136,6 @@ def outside_patches(manifest: pd.DataFrame, limit: float = OUTSIDE_LIMIT) -> pd.
     """The manifest's patches more than ``limit`` outside the scan: ``case``, ``level``,
     ``split``, ``out_of_field``, ``end`` (True when it is the most cranial or most caudal
     vertebra of its scan in the manifest: where a real scan truncates). Labelled or not."""
-    from vfcore.verse import craniocaudal
-
     ends = set()
     for case, group in manifest.groupby("case"):
         order = craniocaudal(group["label"].astype(int).tolist())

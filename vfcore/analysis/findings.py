@@ -21,7 +21,7 @@ import pandas as pd
 
 from vfcore.errors import CorruptFileError
 
-from .ranking import top_units
+from vfcore.dissect.ranking import top_units
 
 #: Concepts reported as evidence for a fracture (the rest: context).
 EVIDENCE = ("fracture-deformity zone", "sclerotic condensation band", "superior endplate",
@@ -31,7 +31,7 @@ EVIDENCE = ("fracture-deformity zone", "sclerotic condensation band", "superior 
 
 def concept_dictionary(table: pd.DataFrame) -> dict[int, str | None]:
     """unit -> its measured concept where it is a detector, else None (a
-    :func:`~vfcore.dissect.alignment.unit_table`)."""
+    :func:`~vfcore.analysis.alignment.unit_table`)."""
     return {int(r.unit): (str(r.concept) if bool(r.detector) else None) for r in table.itertuples()}
 
 

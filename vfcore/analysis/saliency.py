@@ -14,9 +14,12 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from monai.visualize import GradCAM
 from torch import nn
 
+from vfcore.dissect.geometry import upsample_to_patch
 from vfcore.errors import DataValueError
+from vfcore.forward import evaluating, find_layer
 
 
 class _Logits2D(nn.Module):
@@ -72,13 +75,9 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: str) -> np.ndarray:
 
     Eval mode and the model's flags are restored afterwards; the weights are not changed.
     """
-    from monai.visualize import GradCAM
-
-    from vfcore.forward import evaluating, find_layer
-
     target = find_layer(model, layer)            # a clear error for a wrong name
     if x.ndim != 5 or x.shape[:2] != (1, 1):
-        raise DataValueError("x", f"expected one network input [1, 1, S, S, S], got {tuple(x.shape)}")
+        raise DataValueError(None, f"x: expected one network input [1, 1, S, S, S], got {tuple(x.shape)}")
     wrapped = _Logits2D(model)
     flags = _no_inplace(model)
     hooks = _hook_keys(target)
@@ -99,8 +98,6 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: str) -> np.ndarray:
 def cam_on_patch(cam: np.ndarray, field: Sequence[slice], patch_shape: Sequence[int] = (96, 96, 96)) -> np.ndarray:
     """A map on the network input grid [S, S, S] -> the patch (trilinear onto ``field``, zero
     outside: :func:`vfcore.dissect.upsample_to_patch`)."""
-    from vfcore.dissect.geometry import upsample_to_patch
-
     return upsample_to_patch(cam, field, patch_shape)
 
 

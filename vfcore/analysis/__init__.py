@@ -1,0 +1,19 @@
+"""Measurements beyond the paper, one question a module (notebook 06 and later notebooks).
+
+The paper's own method, Sec. 2.2-2.3 (T_k, M_k, E_x, c_k, r_k), is :mod:`vfcore.dissect`; this
+package asks what the paper did not, on top of it (it imports :mod:`vfcore.dissect`, never the
+reverse):
+
+* :mod:`~vfcore.analysis.alignment`: do the units detect the concepts we think? NetDissect's
+  IoU between unit masks M_k and concept masks, with a same-class shuffle and controls;
+* :mod:`~vfcore.analysis.ablation`: does the network *use* the top-c_k units? (zero them);
+* :mod:`~vfcore.analysis.looking`: where a unit looks (input gradients of its mask, receptive
+  fields) and occlusion;
+* :mod:`~vfcore.analysis.saliency`: Grad-CAM of the fracture score, against the unit masks;
+* :mod:`~vfcore.analysis.shortcut`: does P(fracture) follow how much of the patch lies outside
+  the scan?
+* :mod:`~vfcore.analysis.findings`: concept dictionaries and draft findings text.
+
+Import the module of the question, e.g. ``from vfcore.analysis import alignment``. Like
+:mod:`vfcore.dissect`, it draws nothing (notebooks and :mod:`vfcore.viz` draw).
+"""
