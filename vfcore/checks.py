@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterable, Sequence
 
 from .errors import DataValueError, FormatError, UnsafePathError, WriteError
+from .io import disk_full_error, is_disk_full
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
@@ -60,8 +61,6 @@ def writable_folder(folder: str | os.PathLike, what: str = "folder") -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        from .io import disk_full_error, is_disk_full
-
         if is_disk_full(err):
             raise disk_full_error(folder / ".write-test", err) from None
         code = err.errno or errno.EACCES

@@ -18,6 +18,8 @@ from typing import IO, Any, Iterator
 
 import numpy as np
 
+from .errors import DiskFullError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -55,8 +57,6 @@ def is_disk_full(err: BaseException) -> bool:
 
 def disk_full_error(path: str | os.PathLike, err: OSError):
     """:class:`~vfcore.errors.DiskFullError` naming the file, the errno and the space left."""
-    from .errors import DiskFullError
-
     code = err.errno if err.errno in _FULL else errno.ENOSPC
     free = free_bytes(Path(path).parent)
     left = "unknown" if free is None else f"{free / 1e6:.1f} MB"

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import InvalidParameterError, RunLockedError
+from .run import ARTIFACTS, RunFolder
 
 #: The lock file's name inside the locked folder (hidden: data-root walkers skip it).
 LOCK_NAME = ".vfcore-writer.lock"
@@ -196,15 +197,11 @@ def writes(command: str, arg: str = "run_dir", run: bool = True, data_root: bool
             if folder is None or not _is_main_rank():
                 return fn(*args, **kwargs)
             if run:
-                from .run import RunFolder
-
                 folder = RunFolder(folder).root
             if Path(folder).exists() and not Path(folder).is_dir():
                 return fn(*args, **kwargs)   # not a folder: the function's own error says so
             with contextlib.ExitStack() as held:
                 if data_root:
-                    from .run import ARTIFACTS
-
                     here = Path(os.path.abspath(folder))
                     if here.name == ARTIFACTS["data"].rel and here.parent.is_dir():
                         held.enter_context(writer_lock(here.parent, command))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import InvalidParameterError
 from .lock import writer_lock
-from .provenance import stale_steps
+from .provenance import model_staleness, stale_steps
 from .run import ARTIFACTS, NOTEBOOKS, RunFolder
 
 #: What each notebook reads from the run folder (artifact names of vfcore.run.ARTIFACTS).
@@ -87,7 +87,6 @@ def _run_step(step: str, run: RunFolder, quick: dict) -> None:
                                   dissect_confounders=p.get("DISSECT_CONFOUNDERS"))
         extract_patches(root, run.root, workers=p.get("WORKERS", 1), seed=0)
     elif step == "training":
-        from .provenance import model_staleness
         from .train import fit
 
         why = model_staleness(run)

@@ -21,7 +21,8 @@ import json
 import os
 from pathlib import Path
 
-from .errors import StaleArtifactError
+from .checkpoint import read_checkpoint
+from .errors import CheckpointError, StaleArtifactError
 from .io import sha256_file
 from .run import ARTIFACTS, RunFolder
 
@@ -83,9 +84,6 @@ def model_staleness(run_dir) -> str | None:
     run = RunFolder(run_dir)
     if not (run.checkpoint.is_file() and run.manifest.is_file()):
         return None
-    from .checkpoint import read_checkpoint
-    from .errors import CheckpointError
-
     try:
         recorded = (read_checkpoint(run.checkpoint).get("config") or {}).get("manifest_sha256")
     except CheckpointError as err:

@@ -22,8 +22,8 @@ import zlib
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from vfcore.errors import DownloadError, FormatError
-from vfcore.io import sha256_file, write_json
+from vfcore.errors import DiskFullError, DownloadError, FormatError
+from vfcore.io import disk_full_error, free_bytes, is_disk_full, sha256_file, write_json
 from vfcore.verse.reading import read_small_json
 
 # --------------------------------------------------------------------------------------------
@@ -85,8 +85,6 @@ def _fetch(url: str, part: Path, *, timeout: float, chunk_size: int, progress: b
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as err:
-            from vfcore.io import disk_full_error, is_disk_full
-
             if not is_disk_full(err):
                 raise
             full = disk_full_error(part, err)
@@ -190,12 +188,8 @@ def _check_sizes(archive: Path, members: list, target: Path, max_bytes: int,
         raise DownloadError(archive, f"members claim {total:,} bytes from a {size:,}-byte archive "
                                      f"(ratio {total / size:.0f}, limit {max_ratio:g}): refused "
                                      f"before extracting (a zip bomb?)")
-    from vfcore.io import free_bytes
-
     free = free_bytes(target)
     if free is not None and total > free:
-        from vfcore.errors import DiskFullError
-
         err = DiskFullError(target, f"disk full (errno 28 ENOSPC): extracting {archive.name} "
                                     f"needs {total / 1e6:.1f} MB, {free / 1e6:.1f} MB free under "
                                     f"{target}; free some space and run again (the archive is kept)")
@@ -236,8 +230,6 @@ def extract_zip(archive: str | os.PathLike, target: str | os.PathLike, *,
         except (zipfile.BadZipFile, zlib.error, EOFError) as err:
             raise DownloadError(archive, f"corrupt zip archive: {err}") from err
         except OSError as err:   # the partial extraction is removed below; the archive is kept
-            from vfcore.io import disk_full_error, is_disk_full
-
             if is_disk_full(err):
                 raise disk_full_error(Path(err.filename or tmp), err) from None
             raise

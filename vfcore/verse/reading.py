@@ -26,6 +26,7 @@ from nibabel.spatialimages import HeaderDataError
 from nibabel.volumeutils import apply_read_scaling
 
 from vfcore.errors import CorruptFileError, DataValueError, FormatError, GeometryError, LabelError
+from vfcore.checks import regular_file
 from vfcore.io import atomic_write
 from vfcore.verse.layout import LEVEL_NAMES, SUBREG_LABELS, VERTEBRA_LABELS, Case, _ranges, level_name
 
@@ -223,8 +224,6 @@ def _require_file(path: Path, what: str) -> None:
     if path.is_dir():
         raise CorruptFileError(path, f"is a folder, not a {what} file")
     if path.exists() and not path.is_file():   # a FIFO or a device would block or never end
-        from vfcore.checks import regular_file
-
         regular_file(path, None, None, f"{what} file")
     if not path.is_file():
         raise CorruptFileError(path, f"no such {what} file")
