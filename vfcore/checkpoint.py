@@ -75,6 +75,47 @@ def read_checkpoint(path: str | Path) -> dict:
     return state
 
 
+#: Bounds on a stored preset's fields (checked before the network is built).
+PRESET_BOUNDS = {"crop": (8, 96), "zoom": (1, 8), "base": (1, 256), "width": (1, 8192), "layers": (1, 16)}
+
+
+def check_preset_fits(path: Path, preset: Preset, weights) -> None:
+    """:class:`CheckpointError` unless the stored preset lies within :data:`PRESET_BOUNDS` and
+    the network it describes has exactly the stored weights' shapes: the network is built on
+    the ``meta`` device (no memory), so a small file claiming a huge preset allocates nothing."""
+    def bad(field, value, bounds):
+        raise CheckpointError(path, f"the stored preset's {field} {value!r} is outside "
+                              f"{bounds[0]}..{bounds[1]}: not a vfcore network (refused before "
+                              f"building it)")
+
+    def whole(field, value, bounds):
+        if isinstance(value, bool) or not isinstance(value, int) or not bounds[0] <= value <= bounds[1]:
+            bad(field, value, bounds)
+
+    for field in ("crop", "zoom", "base"):
+        whole(field, getattr(preset, field), PRESET_BOUNDS[field])
+    for field in ("head", "mlp"):
+        values = getattr(preset, field)
+        whole(f"number of {field} layers", len(values), PRESET_BOUNDS["layers"])
+        for v in values:
+            whole(f"{field} width", v, PRESET_BOUNDS["width"])
+    if not isinstance(weights, dict):
+        raise CheckpointError(path, "its 'model' entry is not a dictionary of weights")
+    try:
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in FractureNet(preset).state_dict().items()}
+    except (ValueError, RuntimeError, TypeError) as err:
+        raise CheckpointError(path, f"the stored preset does not describe a network: {err}") from None
+    stored = {k: tuple(v.shape) for k, v in weights.items() if hasattr(v, "shape")}
+    wrong = [k for k in shapes if stored.get(k) != shapes[k]]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(path, f"weights do not fit the {preset.name!r} architecture its "
+                              f"preset describes (base {preset.base}): {k} is {stored.get(k)} in the file, "
+                              f"{shapes[k]} in that network ({len(wrong)} tensors differ): refused "
+                              f"before building it")
+
+
 def load_checkpoint(path: str | Path, preset: str | Preset | None = None,
                     device: str | torch.device = "cpu") -> tuple[FractureNet, dict]:
     """(model in eval mode, metadata) from a checkpoint; ``preset`` asserts which one it is."""
@@ -87,6 +128,7 @@ def load_checkpoint(path: str | Path, preset: str | Preset | None = None,
         want = get_preset(preset)
         raise CheckpointError(path, f"holds the {stored.name!r} network ({stored}), not the requested "
                               f"{want.name!r} one ({want})")
+    check_preset_fits(path, stored, state["model"])   # before any allocation
     model = FractureNet(stored)
     try:
         model.load_state_dict(state["model"])

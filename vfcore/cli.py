@@ -28,7 +28,7 @@ import os
 import sys
 import warnings
 
-from .errors import InputError, VfcoreError
+from .errors import InputError, InvalidParameterError, VfcoreError
 from .run import RunFolder
 
 #: The exit status of a command whose work partly failed (bad input and usage: 2, as argparse).
@@ -61,6 +61,133 @@ def _fraction(text: str) -> float:
     if not 0.0 < value < 1.0:  # also refuses nan and inf
         raise argparse.ArgumentTypeError(f"{text!r} must lie strictly between 0 and 1")
     return value
+
+
+#: Largest seed a command takes (numpy and torch both take 0 .. 2^32 - 1 everywhere).
+MAX_SEED = 2 ** 32 - 1
+#: Most seeds one ``vfcore train`` trains (one model each).
+MAX_SEEDS = 100
+
+
+#: Most worker processes a command starts (``--workers``).
+MAX_WORKERS = 256
+
+
+def _workers(text: str) -> int:
+    """``--workers``: 1 .. :data:`MAX_WORKERS` processes."""
+    value = _positive_int(text)
+    if value > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at most {MAX_WORKERS}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """A seed: a whole number 0 .. 2^32 - 1 (``--seed``, ``--seeds``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r} must lie between 0 and {MAX_SEED}")
+    return value
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0 (``--top-fp``, ``--dissect-scans``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 0")
+    return value
+
+
+def _share(text: str) -> float:
+    """A number in [0, 1] (``--prevalence``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} must lie between 0 and 1")
+    return value
+
+
+def _rate(text: str) -> float:
+    """A finite number >= 0 (``--dissect-confounders``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return value
+
+
+def check_device(text: str | None) -> None:
+    """``--device``: cpu, cuda, cuda:N (N < the GPUs present) or mps, and only one that this
+    machine has; else :class:`InvalidParameterError` (before any work)."""
+    if text is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise InvalidParameterError("--device", "cpu, cuda, cuda:N or mps", text) from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise InvalidParameterError("--device", "cpu (this PyTorch sees no CUDA GPU)", text)
+        if device.index is not None and device.index >= n:
+            raise InvalidParameterError("--device", f"cuda or cuda:0 .. cuda:{n - 1}", text)
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise InvalidParameterError("--device", "cpu (no Apple MPS device here)", text)
+    elif device.type != "cpu":
+        raise InvalidParameterError("--device", "cpu, cuda, cuda:N or mps", text)
+
+
+def check_environment() -> None:
+    """The environment variables a torchrun job reads, before it starts: ``WORLD_SIZE``,
+    ``RANK``, ``LOCAL_RANK`` whole numbers (rank < world size), ``MASTER_ADDR`` and
+    ``MASTER_PORT`` set when the world has several processes, ``VFCORE_DIST_TIMEOUT`` a
+    positive number of seconds, ``VFCORE_LOCK_WAIT`` seconds >= 0."""
+    env = os.environ
+
+    def whole(name: str, low: int, default: str) -> int:
+        text = env.get(name, default).strip()
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise InvalidParameterError(name, f"a whole number >= {low}", text)
+        return value
+
+    size = whole("WORLD_SIZE", 1, "1")
+    if size > 1:
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if not env.get(name, "").strip():
+                raise InvalidParameterError(name, f"set when WORLD_SIZE is {size} (start the job "
+                                            "with torchrun, which sets it)", env.get(name))
+        whole("MASTER_PORT", 1, "0")
+        rank = whole("RANK", 0, "-1")
+        if rank >= size:
+            raise InvalidParameterError("RANK", f"below WORLD_SIZE ({size})", rank)
+        whole("LOCAL_RANK", 0, "0")
+    text = env.get("VFCORE_DIST_TIMEOUT")
+    if text is not None:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not 0 < value < float("inf"):
+            raise InvalidParameterError("VFCORE_DIST_TIMEOUT", "a positive number of seconds", text)
+    from .lock import wait_seconds
+
+    wait_seconds()
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,6 +265,11 @@ def _train(args) -> int:
     from .data import AUGMENTATIONS
     from .model import PRESETS, default_preset
 
+    check_environment()
+    check_device(args.device)
+    if len(args.seeds) > MAX_SEEDS or len(set(args.seeds)) != len(args.seeds):
+        raise InvalidParameterError("--seeds", f"at most {MAX_SEEDS} different seeds",
+                                    " ".join(map(str, args.seeds)))
     w = _join()
     if args.preset != "auto" and args.preset not in PRESETS:
         raise InputError("--preset", f"unknown preset {args.preset!r}; choose one of "
@@ -151,7 +283,13 @@ def _train(args) -> int:
     run = RunFolder(args.run)
     from .patches import read_manifest
 
-    read_manifest(run.require("manifest"))  # a typed error naming the file, before training
+    manifest = read_manifest(run.require("manifest"))  # a typed error naming the file, first
+    labelled = manifest["fracture"].isin([0, 1]).fillna(False)
+    draws = int((labelled & (manifest["split"] == "train")).sum()) // 2 * 2   # data.balanced_epoch
+    batch = args.batch_size or preset.batch_size
+    if batch > draws:       # no batch in an epoch: nothing would be learnt
+        raise InvalidParameterError("--batch-size", f"at most {draws} (the draws per epoch of the "
+                                    f"training split of {run.manifest})", batch)
     from .train import fit
 
     metrics = fit(run.root, preset, seeds=args.seeds, epochs=args.epochs,
@@ -172,12 +310,17 @@ def _dissect(args) -> int:
     from . import dissect
     from .dissect.artifacts import parse_split
 
-    w = _join()
+    check_environment()
+    check_device(args.device)
     if args.split is not None:  # a bad split is bad input, before anything is read
         try:
-            parse_split(args.split)
+            splits = parse_split(args.split)
         except VfcoreError as err:
             raise InputError("--split", err.problem) from None
+        if "train" in splits:   # the network has seen these vertebrae: T_k would describe them
+            raise InvalidParameterError("--split", "held-out splits only (test, val, dissect or a "
+                                        "union such as test+dissect), never train", args.split)
+    w = _join()
     run = RunFolder(args.run)
     run.require("checkpoint")
 
@@ -229,15 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("phantom", help="write a synthetic VerSe-layout root")
     p.add_argument("root")
     p.add_argument("--scans", type=_positive_int, default=60)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=_positive_int, default=1)
-    p.add_argument("--prevalence", type=float, default=0.12,
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--workers", type=_workers, default=1)
+    p.add_argument("--prevalence", type=_share, default=0.12,
                    help="share of fractured vertebrae in the scans (notebook 01's quick run: 0.2)")
-    p.add_argument("--dissect-scans", type=int, default=0,
+    p.add_argument("--dissect-scans", type=_count, default=0,
                    help="more scans held out for the dissection only (split 'dissect')")
-    p.add_argument("--dissect-prevalence", type=float, default=0.5,
+    p.add_argument("--dissect-prevalence", type=_share, default=0.5,
                    help="share of fractured vertebrae in the dissection-only scans (quick run: 0.3)")
-    p.add_argument("--dissect-confounders", type=float, default=None, metavar="RATE",
+    p.add_argument("--dissect-confounders", type=_rate, default=None, metavar="RATE",
                    help="confounder rate of the dissection-only scans (default: that of the others, "
                         "1; above 1 enriches them in fracture mimics such as strong physiological "
                         "wedges, so that the false-positive ranking has false positives to rank)")
@@ -253,8 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="the run folder (writes its patches/)")
     p.add_argument("--grades", metavar="TABLE",
                    help="the fracture grade table (default: one found in the root)")
-    p.add_argument("--workers", type=_positive_int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="seeds the patient-level split")
+    p.add_argument("--workers", type=_workers, default=1)
+    p.add_argument("--seed", type=_seed, default=0, help="seeds the patient-level split")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_patches)
 
@@ -263,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="auto",
                    help="small (CPU), paper (the published network) or auto (paper with CUDA, else small)")
     p.add_argument("--epochs", type=_positive_int, help="upper limit (default: the preset's)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one model per seed")
+    p.add_argument("--seeds", type=_seed, nargs="+", default=[0],
+                   help=f"one model per seed (0 .. 2^32 - 1, at most {MAX_SEEDS})")
     p.add_argument("--augment", default="preset",
                    help="paper, light, none, or preset (the preset's: small light, paper paper)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
@@ -285,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, ... (default: CUDA when available)")
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--top", type=_positive_int, default=10, help="units exported by c_k over TPs")
-    p.add_argument("--top-fp", type=int, default=5, help="units exported for the false positives")
+    p.add_argument("--top-fp", type=_count, default=5, help="units exported for the false positives")
     p.add_argument("--no-export", action="store_true", help="skip notebook 04's unit exports")
     p.add_argument("--force", action="store_true", help="redo even if an identical dissection exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

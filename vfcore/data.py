@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .checks import patch_array
 from .constants import NETWORK_WINDOW_HU, PATCH_SIZE
 from .errors import CorruptFileError, DataValueError, InvalidParameterError
 from .model import Preset, get_preset
@@ -95,7 +96,7 @@ def read_patch(path: str | Path, mmap: bool = False) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
-        if isinstance(err, FileNotFoundError):
+        if isinstance(err, (FileNotFoundError, PermissionError)):   # not damage: say what it is
             raise
         size = Path(path).stat().st_size if Path(path).is_file() else 0
         raise CorruptFileError(path, f"not a readable patch ({size} bytes: truncated or damaged "
@@ -111,18 +112,23 @@ class PatchArray:
     of 256-1024 open files).
     """
 
-    def __init__(self, paths: Sequence[str | Path]):
+    def __init__(self, paths: Sequence[str | Path], patch_shape: Sequence[int] | None = None):
         self.paths = [Path(p) for p in paths]
+        #: the shape every patch must have (a store's: 96^3 integers); None: not checked
+        self.patch_shape = None if patch_shape is None else tuple(patch_shape)
 
     @classmethod
     def of(cls, run_dir: str | Path, rel_paths: Sequence[str]) -> "PatchArray":
         """The patches of a run's store from their paths relative to it (the manifest's
         ``ct_path``, ``mask_path`` or ``concept_path``)."""
         run = RunFolder(run_dir)
-        return cls([run.patch(p) for p in rel_paths])
+        return cls([run.patch(p) for p in rel_paths], (PATCH_SIZE,) * 3)
 
     def _get(self, i: int) -> np.ndarray:
-        return read_patch(self.paths[i], mmap=True)
+        patch = read_patch(self.paths[i], mmap=True)
+        if self.patch_shape is not None:   # a store's patch: its shape, an integer type
+            patch_array(self.paths[i], patch, self.patch_shape)
+        return patch
 
     def __len__(self) -> int:
         return len(self.paths)

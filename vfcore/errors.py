@@ -77,6 +77,29 @@ class DistributedError(VfcoreError):
     """A multi-process job that cannot go on: a collective timed out or failed (a rank died)."""
 
 
+class RunLockedError(VfcoreError):
+    """Another process is writing the run folder (or data root): the message names the holder
+    (pid, command, since when) and the lock file."""
+
+
+class WriteError(VfcoreError, OSError):
+    """A file or folder that cannot be written (permission, read-only file system): the message
+    names it, the errno and what to do. An :class:`OSError` too."""
+
+    def __str__(self) -> str:  # OSError would print "[Errno N] ..." once errno is set
+        return BaseException.__str__(self)
+
+
+class DiskFullError(WriteError):
+    """A write failed for lack of space (ENOSPC, EDQUOT): the message names the file, the errno
+    and the space left."""
+
+
+class UnsafePathError(VfcoreError):
+    """A path that must not be used: a FIFO, a device, a symlink leaving its root, an absolute
+    or ``../`` path where a path inside a folder is expected."""
+
+
 class PresetError(VfcoreError, KeyError):
     """A network preset name that vfcore does not define (the message lists the known ones)."""
 

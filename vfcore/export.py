@@ -8,6 +8,7 @@ notebooks and the command line call it.
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from vfcore.dissect.geometry import (concept_overlap, patch_world_affine, verteb
 from vfcore.dissect.ranking import EXEMPLAR_SCORES
 from vfcore.errors import StaleArtifactError
 from vfcore.io import atomic_save, atomic_write, sha256_file, write_json
+from vfcore.lock import writes
 from vfcore.run import RunFolder
 from vfcore.viz.dissection import collage
 from vfcore.viz.units import take_slice
@@ -44,6 +46,7 @@ def _load_patch(run_dir: Path, rel: str) -> np.ndarray | None:
     return read_patch(path)
 
 
+@writes("vfcore dissect (export_units)")
 def export_units(run_dir: str | Path, top: int = 10, top_fp: int = 5, k: int = 25,
                  nifti_top: int = 5, subset: str = "positive", by: str = "r",
                  view: str = "sagittal", device: str | None = None, batch_size: int = 16,
@@ -72,9 +75,9 @@ def export_units(run_dir: str | Path, top: int = 10, top_fp: int = 5, k: int = 2
         raise StaleArtifactError(art.folder / "meta.json", f"the dissection was made from another "
                                  f"checkpoint than {ckpt}: run {NOTEBOOK_03} again")
     folder = art.folder
-    RunFolder(run_dir).path("exemplars").unlink(missing_ok=True)   # incomplete until it is rewritten
-    for old in ("collages", "nifti"):
-        shutil.rmtree(folder / old, ignore_errors=True)
+    # drawn into a staging folder; the old exports stay until the new ones are complete
+    stage = folder / ".exports-new"
+    shutil.rmtree(stage, ignore_errors=True)
     o = outcomes(art.labels, d.probability, meta["threshold"])
     score = {"r": d.r, "max": d.max, "mean": d.mean}[by] if by in EXEMPLAR_SCORES else None
     ex = {"format": FORMAT, "dissection_id": meta["dissection_id"], "k": k, "by": by,
@@ -105,14 +108,29 @@ def export_units(run_dir: str | Path, top: int = 10, top_fp: int = 5, k: int = 2
     column = {u: j for j, u in enumerate(units)}
     names = concept_names(run_dir)
     unit_rows, concept_rows = [], []
-    for role, rank, unit, c, sub in tqdm(jobs, desc="collages and NIfTI", disable=not progress):
-        idx = members[(role, unit)]
-        entry, row, concepts = _export_unit(run_dir, folder, art, role, rank, unit, c, sub, idx,
-                                            [maps[i][column[unit]] for i in idx],
-                                            [d.masks(i, [unit])[0] for i in idx], nifti_top, view, names)
-        ex["exported"][f"{role}:{unit}"] = entry
-        unit_rows.append(row)
-        concept_rows.extend(concepts)
+    try:
+        for role, rank, unit, c, sub in tqdm(jobs, desc="collages and NIfTI", disable=not progress):
+            idx = members[(role, unit)]
+            entry, row, concepts = _export_unit(run_dir, stage, art, role, rank, unit, c, sub, idx,
+                                                [maps[i][column[unit]] for i in idx],
+                                                [d.masks(i, [unit])[0] for i in idx], nifti_top,
+                                                view, names)
+            ex["exported"][f"{role}:{unit}"] = entry
+            unit_rows.append(row)
+            concept_rows.extend(concepts)
+    except BaseException:           # the old exports are untouched; the half-drawn set goes
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    RunFolder(run_dir).path("exemplars").unlink(missing_ok=True)   # incomplete until it is rewritten
+    for name in ("collages", "nifti"):                              # swap the new pictures in
+        aside = folder / f".{name}-old"
+        shutil.rmtree(aside, ignore_errors=True)
+        if (folder / name).exists():
+            os.replace(folder / name, aside)
+        if (stage / name).exists():
+            os.replace(stage / name, folder / name)
+        shutil.rmtree(aside, ignore_errors=True)
+    shutil.rmtree(stage, ignore_errors=True)
     with atomic_write(folder / "units.csv", "w") as f:
         pd.DataFrame(unit_rows, columns=UNITS_COLUMNS).to_csv(f, index=False, lineterminator="\n",
                                                               float_format="%.6g")

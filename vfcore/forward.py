@@ -98,6 +98,13 @@ def autocast(device: torch.device, amp: bool = True, policy: Precision | None = 
     return torch.autocast(device.type, dtype=policy.dtype)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model`` is: the device of its first parameter or buffer (the CPU when it has none)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 

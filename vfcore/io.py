@@ -6,15 +6,19 @@ flush it to disk, then rename it over the target (``os.replace`` is atomic on on
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
 import numpy as np
+
+from .errors import DiskFullError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -26,21 +30,66 @@ def _publish(tmp: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+#: errno values that mean "no space left" (ENOSPC; EDQUOT: the user's quota is used up).
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def free_bytes(folder: str | os.PathLike) -> int | None:
+    """Bytes free for this user under ``folder`` (its nearest existing parent), or None."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True for an ``OSError`` that means the disk (or quota) is full: ENOSPC/EDQUOT, or
+    numpy's errno-less "N requested and M written" from a short write."""
+    if not isinstance(err, OSError):
+        return False
+    if err.errno in _FULL:
+        return True
+    return err.errno is None and "requested and" in str(err) and "written" in str(err)
+
+
+def disk_full_error(path: str | os.PathLike, err: OSError):
+    """:class:`~vfcore.errors.DiskFullError` naming the file, the errno and the space left."""
+    code = err.errno if err.errno in _FULL else errno.ENOSPC
+    free = free_bytes(Path(path).parent)
+    left = "unknown" if free is None else f"{free / 1e6:.1f} MB"
+    out = DiskFullError(path, f"disk full (errno {code} {errno.errorcode.get(code, '')}): "
+                        f"{left} free under {Path(path).parent}; free some space (or write "
+                        f"elsewhere) and run the same step again: finished files are kept")
+    out.errno, out.filename = code, str(path)
+    return out
+
+
 @contextlib.contextmanager
 def _temporary(path: Path, suffix: str) -> Iterator[str]:
     """A temporary file name beside ``path``; renamed to ``path`` if the block succeeds (after
-    an fsync), deleted if it raises."""
+    an fsync), deleted if it raises. A full disk -> :class:`~vfcore.errors.DiskFullError`
+    naming ``path`` (the earlier file at ``path``, if any, is left as it was)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error(path, err) from None
+        raise
     os.close(fd)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         _publish(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if is_disk_full(err) and not hasattr(err, "problem"):
+            raise disk_full_error(path, err) from None
         raise
 
 

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 from .errors import InvalidParameterError
+from .lock import writer_lock
+from .provenance import model_staleness, stale_steps
 from .run import ARTIFACTS, NOTEBOOKS, RunFolder
 
 #: What each notebook reads from the run folder (artifact names of vfcore.run.ARTIFACTS).
@@ -56,14 +58,17 @@ def _producer(artifact: str) -> str:
 def missing_steps(run_dir, stage: str) -> list[str]:
     """The steps (of :data:`ORDER`) that must run before ``stage`` can read its inputs.
 
-    From the first step whose output is missing on, every step ``stage`` depends on runs again:
-    a later artifact made from other inputs would be stale.
+    From the first step whose output is missing or stale on (made from other inputs than the
+    run folder holds now: a dissection of an earlier checkpoint after retraining, a model of an
+    earlier patch store; :func:`vfcore.provenance.stale_steps`), every step ``stage`` depends
+    on runs again: a later artifact made from other inputs would be stale.
     """
     run = RunFolder(run_dir)
     needs = NEEDS[_stage_key(stage)]
     steps = [s for s in ORDER if any(_producer(n) == s for n in needs)]
+    stale = stale_steps(run) if any(run.path(n).exists() for n in needs) else {}
     for i, step in enumerate(steps):
-        if any(not run.path(n).exists() for n in needs if _producer(n) == step):
+        if step in stale or any(not run.path(n).exists() for n in needs if _producer(n) == step):
             return steps[i:]
     return []
 
@@ -83,6 +88,16 @@ def _run_step(step: str, run: RunFolder, quick: dict) -> None:
         extract_patches(root, run.root, workers=p.get("WORKERS", 1), seed=0)
     elif step == "training":
         from .train import fit
+
+        why = model_staleness(run)
+        if why:   # trained on another patch store: it cannot resume; kept aside, not deleted
+            aside = run.model.with_name(run.model.name + ".replaced")
+            if aside.exists():
+                import shutil
+
+                shutil.rmtree(aside)
+            run.model.rename(aside)
+            print(f"{why}: the old models are moved to {aside}")
 
         p = quick.get("02_training", {})
         fit(run.root, p.get("PRESET", "small"), seeds=p.get("SEEDS", [0]), epochs=p.get("EPOCHS"),
@@ -110,14 +125,19 @@ def prepare(run_dir, stage: str, *, quick: dict | None = None) -> RunFolder:
     steps = missing_steps(run, stage)
     if not steps:
         return run
+    stale = stale_steps(run)
+    for step in steps:
+        if step in stale:
+            print(f"{NOTEBOOKS[step]}: its output is stale ({stale[step]}): building it again")
     eta = sum(CPU_SECONDS[s] for s in steps)
     how = ("the quick settings (about " f"{eta / 60:.0f} min on a 2-core CPU, less on a GPU)"
            if quick is None else "the settings given (PREPARE)")
     print(f"this notebook needs the output of {', '.join(NOTEBOOKS[s] for s in steps)}, which is not "
           f"in the run folder yet: building it with {how}")
     run.root.mkdir(parents=True, exist_ok=True)
-    for step in tqdm(steps, desc="earlier notebooks", unit="step"):
-        start = time.perf_counter()
-        _run_step(step, run, quick or QUICK)
-        tqdm.write(f"{NOTEBOOKS[step]}: done in {time.perf_counter() - start:.0f} s")
+    with writer_lock(run.root, f"prepare for {NOTEBOOKS[_stage_key(stage)]}"):  # one writer
+        for step in tqdm(steps, desc="earlier notebooks", unit="step"):
+            start = time.perf_counter()
+            _run_step(step, run, quick or QUICK)
+            tqdm.write(f"{NOTEBOOKS[step]}: done in {time.perf_counter() - start:.0f} s")
     return run

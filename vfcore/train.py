@@ -35,10 +35,12 @@ from .data import (Augment, apply_augment, balanced_epoch, draw_augment, get_aug
                    to_network_input)
 from .distributed import (all_reduce_sum, barrier, broadcast, collective, sync_batchnorm, world,
                           wrap_model)
-from .errors import CheckpointError, InvalidParameterError
+from .errors import CheckpointError, DataValueError, InvalidParameterError
 from .forward import forward
 from .runtime import Precision, pick_device, precision
 from .io import atomic_write, sha256_file, versions, write_json
+from .checks import finite_loss, nonfinite_in_epoch
+from .lock import writes
 from .metrics import METRICS, classification_metrics, outcome_names
 from .model import FractureNet, Preset, get_preset
 from .run import RunFolder
@@ -175,6 +177,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, patche
             x = x.contiguous(memory_format=torch.channels_last_3d)
         losses.append(step(model, optimizer, x, labels[ids].float(), dtype=policy.dtype,
                            scaler=scaler if policy.scaler else None))
+        finite_loss(losses[-1], batch=b, ids=ids, patches=patches)   # NaN/inf: stop, name the batch
         if progress is not None:
             progress.set_postfix(loss=f"{np.mean(losses):.3f}")
     return losses
@@ -205,6 +208,7 @@ def _validate(model: torch.nn.Module, val_x, val_y, p: Preset, dev: torch.device
     return dict(zip(METRICS, row.tolist()))
 
 
+@writes("vfcore train (train_seed)")
 def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 0, *,
                epochs: int | None = None, batch_size: int | None = None,
                patience: int | None = None, lr: float | None = None, augment: Augment | str | None = "paper",
@@ -251,7 +255,7 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
     if dev.type == "cuda":   # fastest kernels for the fixed shapes; not bit-reproducible on CUDA
         torch.backends.cudnn.benchmark = True
 
-    train_x, train_y, _ = load_split(run_dir, "train")
+    train_x, train_y, train_rows = load_split(run_dir, "train")
     val_x, val_y, _ = load_split(run_dir, "val")
     # the manifest's checksum: a run folder whose patch store was rebuilt (other scans, other
     # split) must not silently resume or reuse a model trained on the old one
@@ -317,10 +321,16 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
         where = "" if w.size == 1 else f" ({w.size} ranks)"
         bar = tqdm(range(n_batches), desc=f"seed {seed} epoch {epoch + 1}/{epochs}{where}",
                    disable=not (progress and w.is_main), leave=False)
-        losses = train_epoch(step, optimizer, train_x, labels, p, generator, batch_size=batch_size,
-                             augment=augment, policy=policy, scaler=scaler,
-                             part=rank_rows if w.size > 1 else None,
-                             step=collective_step if w.size > 1 else train_step, progress=bar)
+        try:
+            losses = train_epoch(step, optimizer, train_x, labels, p, generator, batch_size=batch_size,
+                                 augment=augment, policy=policy, scaler=scaler,
+                                 part=rank_rows if w.size > 1 else None,
+                                 step=collective_step if w.size > 1 else train_step, progress=bar)
+        except DataValueError as err:    # a non-finite loss: name the epoch, step and files
+            if not hasattr(err, "ids"):
+                raise
+            raise nonfinite_in_epoch(err, epoch, n_batches, train_rows["ct_path"].to_numpy(),
+                                     run.manifest) from None
         loss = torch.tensor([np.mean(losses) if losses else float("nan")], dtype=torch.float64,
                             device=dev)
         loss = float(all_reduce_sum(loss, f"summing the losses of epoch {epoch + 1}")) / w.size
@@ -345,6 +355,7 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
     return folder
 
 
+@writes("vfcore train (fit)")
 def fit(run_dir: str | Path, preset: str | Preset = "small", *, seeds=(0,), epochs: int | None = None,
         batch_size: int | None = None, patience: int | None = None, lr: float | None = None,
         augment: Augment | str | None = "paper", device: str | None = None, compile: bool = False,

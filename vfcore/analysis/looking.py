@@ -38,7 +38,7 @@ from vfcore.data import read_patch
 from vfcore.dissect.geometry import blocks_on_patch, patch_mask
 from vfcore.dissect.ranking import outcomes
 from vfcore.errors import DataValueError
-from vfcore.forward import capture, evaluating, find_layer, probabilities
+from vfcore.forward import capture, evaluating, find_layer, model_device, probabilities
 from vfcore.run import RunFolder
 
 __all__ = ["theoretical_rf", "effective_rf", "layer_output", "mask_gradients", "gradient_on_patch",
@@ -150,7 +150,7 @@ def mask_gradients(model: nn.Module, x: torch.Tensor, layer: str, units: Sequenc
     units = [int(u) for u in units]
     if (masks is None) == (cells is None):
         raise DataValueError(None, "give exactly one of masks= or cells=")
-    device = next(model.parameters()).device                # wherever the caller keeps the model
+    device = model_device(model)                # wherever the caller keeps the model
     xs = x.detach().float().to(device).repeat(len(units), 1, 1, 1, 1).requires_grad_(True)
     with evaluating(model), torch.enable_grad():
         A = layer_output(model, xs, layer)                    # [U, K, *grid]
@@ -235,7 +235,7 @@ def occlusion(model: nn.Module, transform: Callable, hu: np.ndarray, regions: Ma
     [96^3]) set to ``fill`` HU (one value or one per region); eval mode, one batch.
     ``transform``: HU batch -> network input (e.g. ``Network.transform``); ``device``: where
     the model is (None: the device of its parameters)."""
-    device = next(model.parameters()).device if device is None else device
+    device = model_device(model) if device is None else device
     hu = np.asarray(hu)
     batch = [hu]
     for name, r in regions.items():
@@ -385,7 +385,7 @@ def run_occlusion(run_dir, art, net, units: Sequence[int] = (), max_samples: int
             h = batch[0].copy()
             h[r] = fill
             batch.append(h)
-        x = net.transform(torch.as_tensor(np.stack(batch)).to(next(net.model.parameters()).device))
+        x = net.transform(torch.as_tensor(np.stack(batch)).to(model_device(net.model)))
         with evaluating(net.model), torch.no_grad(), capture(net.model, net.layer) as out:
             p = probabilities(net.model(x), len(batch)).cpu().numpy()
         row = {"sample": int(i), "fill_hu": fill, **{f"voxels_{k}": int(r.sum()) for k, r in regions.items()},

@@ -32,7 +32,9 @@ from vfcore.errors import (CorruptFileError, DataValueError, MissingArtifactErro
                            VfcoreError)
 from vfcore.io import atomic_save, atomic_write, sha256_file, versions, write_json
 from vfcore.metrics import outcome_names
+from vfcore.lock import writes
 from vfcore.model import get_preset
+from vfcore.provenance import check_dissection
 from vfcore.run import ARTIFACTS, RunFolder, notebook_path
 from vfcore.runtime import pick_device
 
@@ -227,7 +229,9 @@ def load_artifacts(run_dir: str | Path, expect: Mapping | None = None,
     Raises :class:`MissingArtifactError` naming the notebook that makes a missing file, and
     :class:`StaleArtifactError` when the artifacts come from other inputs (another checkpoint,
     split, q, layer or patch store), or when notebook 04's exports belong to an earlier
-    dissection. ``require_exports``: exemplars.json must exist too.
+    dissection; without ``expect`` too, when the checkpoint or manifest in the run folder now
+    differs from the recorded one (retrained or rebuilt since: ``vfcore.provenance``).
+    ``require_exports``: exemplars.json must exist too.
     """
     run = RunFolder(run_dir)
     folder = run.dissection
@@ -250,6 +254,7 @@ def load_artifacts(run_dir: str | Path, expect: Mapping | None = None,
         if not same:
             raise StaleArtifactError(meta_path, f"stale: made with {key} = {have!r}, expected "
                                      f"{want!r}: run {NOTEBOOK_03} again (parameters of this run)")
+    check_dissection(run, meta, meta_path)   # the checkpoint and manifest there now (provenance)
     for name in ("thresholds.npz", "stats.npz", "tail.npz", "samples.csv"):
         if not (folder / name).is_file():
             raise _missing(folder / name, NOTEBOOK_03, name)
@@ -403,6 +408,7 @@ def _split_counts(samples: pd.DataFrame) -> dict[str, dict[str, int]]:
     return out
 
 
+@writes("vfcore dissect (dissect_run)")
 def dissect_run(run_dir: str | Path, split: str | Sequence[str] | None = None,
                 q_tail: float = Q_TAIL_PAPER, *, batch_size: int | None = None,
                 checkpoint: str | Path | None = None, layer: str | None = None,
@@ -460,15 +466,6 @@ def dissect_run(run_dir: str | Path, split: str | Sequence[str] | None = None,
     if len(labels) == 0:
         raise DataValueError(manifest, f"split {split!r} has no labelled vertebrae")
     check_layer(model, identity["layer"], patches[:1], transform, where=f"preset {preset.name!r}")
-    folder = dissection_dir(run_dir)
-    if w.is_main:                 # one writer: rank 0
-        folder.mkdir(parents=True, exist_ok=True)
-        RunFolder(run_dir).path("dissection_meta").unlink(missing_ok=True)   # incomplete until it lands
-        for old in ("exemplars.json", "units.csv", "unit_concepts.csv", "ranking_tp.csv", "ranking_fp.csv"):
-            (folder / old).unlink(missing_ok=True)
-        for old in ("collages", "nifti"):
-            shutil.rmtree(folder / old, ignore_errors=True)
-
     if batch_size is None:
         batch_size = 128 if torch.cuda.is_available() and device != "cpu" else 16
     # the one pass: with one process the core's dissect(); under torchrun each rank runs its
@@ -476,7 +473,14 @@ def dissect_run(run_dir: str | Path, split: str | Sequence[str] | None = None,
     run_pass = dissect_sharded if ranks else dissect
     d = run_pass(model, patches, identity["layer"], q_tail=q_tail, batch_size=batch_size,
                  transform=transform, device=device, progress=progress)
-    if w.is_main:
+    folder = dissection_dir(run_dir)
+    if w.is_main:                 # one writer: rank 0; the old set is kept until the pass is done
+        folder.mkdir(parents=True, exist_ok=True)
+        RunFolder(run_dir).path("dissection_meta").unlink(missing_ok=True)   # incomplete until it lands
+        for old in ("exemplars.json", "units.csv", "unit_concepts.csv", "ranking_tp.csv", "ranking_fp.csv"):
+            (folder / old).unlink(missing_ok=True)
+        for old in ("collages", "nifti"):
+            shutil.rmtree(folder / old, ignore_errors=True)
         write_artifacts(run_dir, d, identity, rows, labels, threshold=threshold, extra={
             "checkpoint": _relative_to(ckpt, run_dir), "preset": preset.name,
             "field": [[s.start, s.stop] for s in network_field(preset)],

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vfcore.io import write_json
+from vfcore.lock import writer_lock
 from vfcore.run import RunFolder
 
 
@@ -75,7 +76,8 @@ class ConceptBook:
             "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "units": {str(k): v for k, v in sorted(self.units.items())},
         }
-        write_json(self.path, doc)
+        with writer_lock(self.path.parent, "the concept explorer (concepts.json)"):
+            write_json(self.path, doc)
         self.dirty = False
         return self.path
 

@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from vfcore.checks import patient_overlap, regular_file, store_path
 from vfcore.constants import DISSECT_SPLIT, SPLIT_TABLE
 from vfcore.errors import CorruptFileError, DataValueError, FormatError, GradeTableError
 from vfcore.verse import read_grades
@@ -21,6 +22,8 @@ MANIFEST_COLUMNS = ["case", "patient", "label", "level", "fracture", "grade", "s
                     "ct_path", "mask_path", "concept_path", "source_sha256", "out_of_field",
                     "reason"]
 SPLITS = ("train", "val", "test")
+#: Largest grade table read (checked with ``os.stat`` first): the VerSe tables are kilobytes.
+GRADE_TABLE_MAX_BYTES = 64 << 20
 _RELEASE_TO_SPLIT = {"training": "train", "validation": "val", "test": "test"}
 
 
@@ -63,8 +66,9 @@ def read_split_table(root: Path) -> dict[str, str]:
     malformed table raises :class:`FormatError` naming it and the row.
     """
     path = Path(root) / SPLIT_TABLE
-    if not path.is_file():
+    if not path.exists():
         return {}
+    regular_file(path, None, GRADE_TABLE_MAX_BYTES, "split table")
     try:
         table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
@@ -115,15 +119,17 @@ def find_grade_table(root: Path, grades=None) -> tuple[pd.DataFrame | None, str 
     if isinstance(grades, pd.DataFrame):
         return grades, "<table given in Python>"
     if grades is not None:
-        if not Path(grades).is_file():
+        if not Path(grades).exists() or Path(grades).is_dir():
             kind = "a folder, not a table" if Path(grades).is_dir() else "no such file"
             raise GradeTableError(grades, f"grade table not found ({kind})")
+        regular_file(grades, None, GRADE_TABLE_MAX_BYTES, "grade table")   # no FIFO, no device
         return read_grades(grades), str(grades)
     from vfcore.verse import find_grade_table as find_release_table  # the releases' label tables
 
     found = find_release_table(root)
     if found is None:
         return None, None
+    regular_file(found, None, GRADE_TABLE_MAX_BYTES, "grade table")
     return read_grades(found), str(found)
 
 
@@ -204,4 +210,15 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
         raise DataValueError(path, f"a label or out_of_field value is not a number ({err})") from None
     for col in ("fracture", "grade", "shape"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
+    store = Path(path).parent
+    for col in ("ct_path", "mask_path", "concept_path"):   # rows stay inside the store
+        for rel in df[col]:
+            store_path(rel, store, path, col)
+    patient_overlap(df["patient"], df["split"], path)       # no patient in two splits
+    twice = df.duplicated(["case", "label"], keep=False)
+    if twice.any():
+        some = ", ".join(sorted({f"{c} label {lb}" for c, lb in zip(df.loc[twice, "case"],
+                                                                     df.loc[twice, "label"])})[:4])
+        raise DataValueError(path, f"the same vertebra in more than one row ({some}): rebuild "
+                                   f"the store with `vfcore patches`")
     return df

@@ -36,8 +36,10 @@ import pandas as pd
 from scipy.ndimage import spline_filter
 
 from vfcore.constants import PATCH_SIZE, PATCH_SPACING
-from vfcore.errors import GeometryError, VfcoreError
+from vfcore.checks import regular_file, writable_folder
+from vfcore.errors import DataValueError, GeometryError, VfcoreError
 from vfcore.io import save_npy, sha256_file, write_json
+from vfcore.lock import writes
 from vfcore.run import RunFolder
 from vfcore.verse import Case, Volume, craniocaudal, find_cases, level_name, load_case
 
@@ -56,6 +58,8 @@ PATCH_KEYS = ("ct_path", "mask_path", "concept_path")
 #: the out-of-memory killer does); ``<case id>:<flag file>`` only the first time (the flag
 #: file records that it happened). Only read in worker processes (``workers >= 2``).
 KILL_ENV = "VFCORE_TEST_KILL_WORKER"
+#: Largest source file read (checked with ``os.stat`` before hashing): a NIfTI scan, a JSON.
+SOURCE_MAX_BYTES = {"nifti": 4 << 30, "json": 16 << 20}
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,6 +134,9 @@ def _extract_case(case: Case, root: Path, out_dir: Path, params: dict) -> tuple[
     """
     case_dir = out_dir / case.case_id
     record_path = case_dir / RECORD_NAME
+    for role, p in source_files(case).items():   # FIFO, device, symlink out of root: never read
+        regular_file(p, root, SOURCE_MAX_BYTES["json" if role == "centroids" else "nifti"],
+                     f"{role} file")
     hashes = {role: sha256_file(p) for role, p in source_files(case).items()}
     checksum = case_checksum(hashes)
     old = _read_record(record_path)
@@ -140,15 +147,18 @@ def _extract_case(case: Case, root: Path, out_dir: Path, params: dict) -> tuple[
         if redone is None:
             _remove_partial(case_dir)
             return old, None
-    if case_dir.is_dir():  # redo from an empty folder: incomplete until the new record lands
-        shutil.rmtree(case_dir)
-    elif case_dir.exists():
-        case_dir.unlink()
+    # written into a staging folder, swapped in only once complete: the old patches stay
+    # whole (and where the manifest says) until the new set is safely on disk
+    final_dir, case_dir = case_dir, _stage(out_dir, case.case_id, "new")
+    _remove_tree(case_dir)
     case_dir.mkdir(parents=True)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         data = load_case(case)
+        if data.mask is not None and not data.mask.data.any():
+            raise DataValueError(case.mask, "the vertebra mask is all zero: no vertebra is "
+                                 "labelled, so no patch would have a label")
         ref = next(v for v in (data.ct, data.mask, data.concepts) if v is not None)
         if data.centroids is not None:
             centroids = data.centroids.world(ref.affine)
@@ -211,8 +221,41 @@ def _extract_case(case: Case, root: Path, out_dir: Path, params: dict) -> tuple[
               "source_sha256": checksum, "params": params, "vertebrae": vertebrae,
               "skipped": sorted(skipped, key=lambda s: order.index(s["label"])),
               "warnings": sorted({str(w.message) for w in caught})}
-    write_json(record_path, record)
+    write_json(case_dir / RECORD_NAME, record)
+    _swap_in(case_dir, final_dir)
     return record, redone
+
+
+def _stage(out_dir: Path, case_id: str, kind: str) -> Path:
+    """A hidden staging folder beside a case's folder (``.<case>.new`` / ``.<case>.old``)."""
+    return out_dir / f".{case_id}.{kind}"
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _swap_in(new: Path, final: Path) -> None:
+    """Replace ``final`` by the complete ``new`` folder: two renames (the old one aside, the
+    new one in), then the old one removed. Killed in between, the case has no record and is
+    extracted again; the staging folders are cleared by the next run."""
+    old = new.with_name(new.name[:-len(".new")] + ".old")
+    _remove_tree(old)
+    if final.exists() or final.is_symlink():
+        os.replace(final, old)
+    os.replace(new, final)
+    _remove_tree(old)
+
+
+def _clear_stages(out_dir: Path) -> None:
+    """Staging folders of a killed run (``.<case>.new``, ``.<case>.old``)."""
+    for stray in out_dir.glob(".*.new"):
+        _remove_tree(stray)
+    for stray in out_dir.glob(".*.old"):
+        _remove_tree(stray)
 
 
 def _remove_partial(folder: Path) -> None:
@@ -246,7 +289,11 @@ def _extract_worker(case: Case, root: str, out_dir: str, params: dict,
     if in_child:
         _test_kill_hook(case.case_id)
     try:
-        record, redone = _extract_case(case, Path(root), Path(out_dir), params)
+        try:
+            record, redone = _extract_case(case, Path(root), Path(out_dir), params)
+        except BaseException:   # a half-written staging folder is never left behind
+            _remove_tree(_stage(Path(out_dir), case.case_id, "new"))
+            raise
         return {"record": record, "redone": redone}
     except (VfcoreError, OSError, ValueError, MemoryError) as err:
         return {"case": case.case_id, "failed": f"{type(err).__name__}: {err}"}
@@ -323,6 +370,7 @@ def _run_jobs(jobs: list, workers: int, bar) -> tuple[dict[str, dict], list[str]
 # --------------------------------------------------------------------------------------------
 
 
+@writes("vfcore patches (extract_patches)")
 def extract_patches(root: str | os.PathLike, run_dir: str | os.PathLike, *, workers: int = 1,
                     seed: int = 0, grades=None, size: int = PATCH_SIZE,
                     spacing: float = PATCH_SPACING, ct_order: int = 1,
@@ -345,8 +393,9 @@ def extract_patches(root: str | os.PathLike, run_dir: str | os.PathLike, *, work
     table, table_source = find_grade_table(root, grades)  # bad input: nothing written yet
     cases = find_cases(root, require_ct=require_ct)
     params = _params(size, spacing, ct_order)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    writable_folder(out_dir, "patch store")   # before any work: nothing deleted if not
     _remove_partial(out_dir)
+    _clear_stages(out_dir)
 
     failed, unique, seen = [], [], set()
     for case in cases:

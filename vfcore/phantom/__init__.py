@@ -44,6 +44,7 @@ import pandas as pd
 
 from vfcore.errors import FormatError
 from vfcore.io import atomic_save, atomic_write, write_json
+from vfcore.lock import writes
 
 from .anatomy import GRADE_LOSS, SHAPES, ScanSpec
 from .concepts import CONCEPTS, TARGET_CONCEPTS, label_table, target_concepts
@@ -186,6 +187,7 @@ def _write_split_table(root: Path, dissect_cases: list[str]) -> None:
         f.write("patient\tsplit\n" + "".join(f"{c}\t{DISSECT_SPLIT}\n" for c in dissect_cases))
 
 
+@writes("vfcore phantom (write_phantom_root)", arg="root", run=False, data_root=True)
 def write_phantom_root(root: str | os.PathLike, n_scans: int = DEFAULT_SCANS, seed: int = 0,
                        workers: int = 1, prevalence: float = 0.12, confounders: float = 1.0,
                        progress: bool = True, dissect_scans: int = 0,

@@ -22,8 +22,8 @@ import zlib
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from vfcore.errors import DownloadError, FormatError
-from vfcore.io import sha256_file, write_json
+from vfcore.errors import DiskFullError, DownloadError, FormatError
+from vfcore.io import disk_full_error, free_bytes, is_disk_full, sha256_file, write_json
 from vfcore.verse.reading import read_small_json
 
 # --------------------------------------------------------------------------------------------
@@ -75,14 +75,24 @@ def _fetch(url: str, part: Path, *, timeout: float, chunk_size: int, progress: b
         else:
             offset, mode = 0, "wb"  # server ignored Range: start over
         total = _total_size(response.headers)
-        with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B",
-                                         unit_scale=True, unit_divisor=1024, desc=desc,
-                                         disable=not progress) as bar:
-            while block := response.read(chunk_size):
-                f.write(block)
-                bar.update(len(block))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B",
+                                             unit_scale=True, unit_divisor=1024, desc=desc,
+                                             disable=not progress) as bar:
+                while block := response.read(chunk_size):
+                    f.write(block)
+                    bar.update(len(block))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            full = disk_full_error(part, err)
+            kept = part.stat().st_size if part.exists() else 0
+            full.args = (f"{full}; {kept:,} bytes kept in {part.name}: the next call resumes "
+                         f"from there",)
+            full.problem = full.args[0]
+            raise full from None
     size = part.stat().st_size
     if total is not None and size != total:
         raise http.client.IncompleteRead(b"", total - size)
@@ -124,8 +134,13 @@ def _load_record(path: Path) -> dict:
         if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise FormatError(path, f"entry {name!r} has no valid 'sha256' (got {digest!r}): "
                                     "delete the record to start afresh")
-        if not isinstance(entry.get("extracted", ""), str):
+        done = entry.get("extracted", "")
+        if not isinstance(done, str):
             raise FormatError(path, f"entry {name!r}: 'extracted' is not a folder name")
+        if done and (done in (".", "..") or "/" in done or "\\" in done or ":" in done):
+            raise FormatError(path, f"entry {name!r}: 'extracted' {done!r} is not a folder name "
+                                    f"inside {path.parent} (a path elsewhere is refused): delete "
+                                    "the record to start afresh")
     return record
 
 
@@ -152,8 +167,44 @@ def _check_member(info: zipfile.ZipInfo, archive: Path) -> None:
                                      "folder: refused")
 
 
-def extract_zip(archive: str | os.PathLike, target: str | os.PathLike) -> list[Path]:
+#: Bounds on extraction, checked from the archive's directory before anything is written:
+#: the total uncompressed size, and the ratio of that to the archive's size (VerSe's .nii.gz
+#: members do not compress further: about 1; a zip bomb: hundreds to millions).
+MAX_EXTRACT_BYTES = 256 << 30
+MAX_EXTRACT_RATIO = 50.0
+
+
+def _check_sizes(archive: Path, members: list, target: Path, max_bytes: int,
+                 max_ratio: float) -> None:
+    """:class:`DownloadError` for an archive whose members claim more than ``max_bytes`` or
+    more than ``max_ratio`` times the archive's size; :class:`DiskFullError` when the target
+    has not that much space free."""
+    total = sum(max(0, int(i.file_size)) for i in members)
+    size = max(1, archive.stat().st_size)
+    if total > max_bytes:
+        raise DownloadError(archive, f"members claim {total:,} bytes uncompressed, more than the "
+                                     f"limit of {max_bytes:,}: refused before extracting")
+    if total / size > max_ratio:
+        raise DownloadError(archive, f"members claim {total:,} bytes from a {size:,}-byte archive "
+                                     f"(ratio {total / size:.0f}, limit {max_ratio:g}): refused "
+                                     f"before extracting (a zip bomb?)")
+    free = free_bytes(target)
+    if free is not None and total > free:
+        err = DiskFullError(target, f"disk full (errno 28 ENOSPC): extracting {archive.name} "
+                                    f"needs {total / 1e6:.1f} MB, {free / 1e6:.1f} MB free under "
+                                    f"{target}; free some space and run again (the archive is kept)")
+        err.errno, err.filename = 28, str(target)
+        raise err
+
+
+def extract_zip(archive: str | os.PathLike, target: str | os.PathLike, *,
+                max_bytes: int = MAX_EXTRACT_BYTES, max_ratio: float = MAX_EXTRACT_RATIO
+                ) -> list[Path]:
     """Extract safely: check every member, unpack into a hidden temp folder, then rename.
+
+    Refused before anything is written: members escaping the target or symlinks, a total
+    uncompressed size over ``max_bytes`` or over ``max_ratio`` times the archive's size
+    (:class:`DownloadError`), more than the target's free space (:class:`DiskFullError`).
 
     A zip whose members all sit in one top-level folder (VerSe: ``dataset-verse19training/``)
     becomes ``target/<that folder>``; otherwise ``target/<archive stem>``. Existing folders
@@ -168,6 +219,7 @@ def extract_zip(archive: str | os.PathLike, target: str | os.PathLike) -> list[P
                 members = zf.infolist()
                 for info in members:
                     _check_member(info, archive)
+                _check_sizes(archive, members, target, max_bytes, max_ratio)
                 root = tmp.resolve()
                 for info in members:
                     dest = (tmp / info.filename).resolve()
@@ -177,6 +229,10 @@ def extract_zip(archive: str | os.PathLike, target: str | os.PathLike) -> list[P
                 zf.extractall(tmp)
         except (zipfile.BadZipFile, zlib.error, EOFError) as err:
             raise DownloadError(archive, f"corrupt zip archive: {err}") from err
+        except OSError as err:   # the partial extraction is removed below; the archive is kept
+            if is_disk_full(err):
+                raise disk_full_error(Path(err.filename or tmp), err) from None
+            raise
         top = [p for p in tmp.iterdir()]
         if len(top) == 1 and top[0].is_dir():
             source, dest = top[0], target / top[0].name
@@ -291,6 +347,10 @@ def download(archives: Iterable[str] | Mapping[str, str], target: str | os.PathL
     out = []
     for name, url in urls.items():
         filename = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name or f"{name}.zip"
+        if not filename.lower().endswith(".zip") or filename.startswith("."):
+            # the checksum record (RECORD_NAME, .json) and the temporaries can never be an archive
+            raise DownloadError(url, f"archive file name {filename!r} must end in .zip and not "
+                                     "start with '.': refused")
         archive = target / filename
         record = _load_record(record_path)
         if not archive.exists():

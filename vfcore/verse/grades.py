@@ -147,6 +147,12 @@ def _read_text_table(path: Path) -> pd.DataFrame:
         table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise CorruptFileError(path, f"cannot read the table: {err}") from err
+    header = pd.read_csv(path, sep=sep, dtype=str, header=None, nrows=1, keep_default_na=False)
+    names = [str(c).strip() for c in header.iloc[0]] if len(header) else []
+    twice = sorted({c for c in names if names.count(c) > 1})
+    if twice:   # pandas would rename the second one 'grade.1' and read the first
+        raise GradeTableError(path, f"column(s) {', '.join(map(repr, twice))} appear more than "
+                              f"once in the header: which one holds the grades is ambiguous")
     table.columns = [str(c).strip() for c in table.columns]
     if "ID" in table.columns and any(c.startswith("def_") for c in table.columns):
         return _read_fxgrader(path, table)

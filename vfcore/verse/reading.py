@@ -26,6 +26,7 @@ from nibabel.spatialimages import HeaderDataError
 from nibabel.volumeutils import apply_read_scaling
 
 from vfcore.errors import CorruptFileError, DataValueError, FormatError, GeometryError, LabelError
+from vfcore.checks import regular_file
 from vfcore.io import atomic_write
 from vfcore.verse.layout import LEVEL_NAMES, SUBREG_LABELS, VERTEBRA_LABELS, Case, _ranges, level_name
 
@@ -109,6 +110,11 @@ def _decode_nifti(name: str | Path, stream: BinaryIO, present: int | None, gzipp
     if got < n_head:
         raise CorruptFileError(name, f"holds {got} bytes, less than the {n_head}-byte NIfTI header")
     try:
+        raw_header = header_class.from_fileobj(io.BytesIO(bytes(head[:n_head])), check=False)
+        for field in ("scl_slope", "scl_inter"):   # NaN means "unset" (nibabel writes it); inf not
+            if math.isinf(float(raw_header[field])):
+                raise DataValueError(name, f"{field} is {float(raw_header[field])}: the scaled "
+                                           "values would not be finite")
         header = header_class.from_fileobj(io.BytesIO(bytes(head[:n_head])), check=True)
         shape = tuple(int(d) for d in header.get_data_shape())
         dtype = header.get_data_dtype()
@@ -122,6 +128,7 @@ def _decode_nifti(name: str | Path, stream: BinaryIO, present: int | None, gzipp
                                 "not a single-file NIfTI (.nii or .nii.gz)")
     if len(shape) != 3:
         raise FormatError(name, f"expected a 3D image, got shape {shape}")
+    _check_header(name, raw_header, shape, dtype)
     voxels = math.prod(shape)
     payload = voxels * dtype.itemsize
     out_dtype = np.dtype(out_dtype)
@@ -158,6 +165,23 @@ def _decode_nifti(name: str | Path, stream: BinaryIO, present: int | None, gzipp
     if not data.dtype.isnative:
         data = data.astype(data.dtype.newbyteorder("="))
     return apply_read_scaling(data, slope, inter), affine
+
+
+def _check_header(name, header, shape, dtype: np.dtype) -> None:
+    """Refuse, from the header alone, what no reader should turn into a volume: a voxel type
+    that is not one real number (RGB, complex), an empty volume, a zero, negative or
+    non-finite voxel size (the scaling is checked as the header is read)."""
+    if dtype.names is not None or dtype.kind not in "biuf":
+        kind = "RGB/structured" if dtype.names is not None else {
+            "c": "complex"}.get(dtype.kind, dtype.kind)
+        raise FormatError(name, f"voxel type {dtype} ({kind}) is not one real number per voxel: "
+                          f"a CT or mask must be stored as integers or floats")
+    if min(shape) < 1:
+        raise FormatError(name, f"empty volume: shape {list(shape)}")
+    zooms = [float(z) for z in header["pixdim"][1:4]]   # as stored (nibabel's check sets 0 to 1)
+    if not all(math.isfinite(z) and z != 0 for z in zooms):
+        raise GeometryError(name, f"voxel size (pixdim) {zooms} mm: every voxel size must be a "
+                            f"finite number other than 0")
 
 
 def _check_affine(name, affine: np.ndarray) -> None:
@@ -199,6 +223,8 @@ def _require_file(path: Path, what: str) -> None:
     """:class:`CorruptFileError` for a missing file or a folder where a file is expected."""
     if path.is_dir():
         raise CorruptFileError(path, f"is a folder, not a {what} file")
+    if path.exists() and not path.is_file():   # a FIFO or a device would block or never end
+        regular_file(path, None, None, f"{what} file")
     if not path.is_file():
         raise CorruptFileError(path, f"no such {what} file")
 
@@ -495,4 +521,22 @@ def load_case(case: Case) -> CaseData:
         if not volumes:
             raise FormatError(case.centroids, "centroids without an image to check them against")
         centroids = read_centroids(case.centroids, reference=volumes[0])
+    if mask is not None and centroids is not None:
+        check_mask_labels(mask, centroids)
     return CaseData(case, ct, mask, centroids, subreg, concepts)
+
+
+def check_mask_labels(mask: Volume, centroids: Centroids) -> None:
+    """Each centroid must not lie inside another vertebra's label (:class:`GeometryError`
+    naming both labels: the patch would be straightened around the wrong vertebra)."""
+    upper = np.array(mask.shape) - 1
+    wrong = []
+    for label, xyz in sorted(centroids.voxel.items()):
+        i, j, k = np.clip(np.rint(xyz).astype(int), 0, upper)
+        found = int(mask.data[i, j, k])
+        if found not in (0, label):
+            wrong.append(f"{level_name(label)} (label {label}) lies in {level_name(found)} "
+                         f"(label {found})")
+    if wrong:
+        raise GeometryError(centroids.path, f"centroids do not match the mask {mask.path}: "
+                            f"{'; '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}")
