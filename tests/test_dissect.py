@@ -108,6 +108,16 @@ def test_smaller_q_from_the_same_buffer_and_buffer_size():
         tq.thresholds(0.2)
 
 
+def test_numpy_reading_below_the_kept_values_is_refused():
+    from vfcore.dissect.quantile import numpy_quantile_of_top
+    a = np.random.default_rng(9).standard_normal((1, 100)).astype(np.float32)
+    top = -np.sort(-a, axis=1)
+    np.testing.assert_array_equal(numpy_quantile_of_top(top[:, :3], 100, 0.01),
+                                  np.array([np.quantile(a[0], 0.99)], dtype=np.float32))
+    with pytest.raises(DataValueError, match="reads below"):
+        numpy_quantile_of_top(top[:, :3], 100, 0.5)       # the median is not among the top 3
+
+
 def test_the_buffer_is_sorted_once_per_state(monkeypatch):
     rng = np.random.default_rng(8)
     a, b = (rng.standard_normal((12, 3, 8)).astype(np.float32) for _ in range(2))

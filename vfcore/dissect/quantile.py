@@ -48,9 +48,9 @@ def tail_size(n: int, q_tail: float, dtype: str = "float32") -> int:
     (= ceil(q_tail (n - 1)) + 1, up to the rounding of numpy's index (n - 1)(1 - q_tail)).
 
     Asked of the installed numpy rather than computed here, because numpy 2.0-2.3 compute that
-    index in float32 for float32 data (one value lower than float64 can give), the others in
-    float64: a probe of n values of ``dtype``, -inf below the top m, gives a finite quantile
-    exactly when numpy reads only the top m.
+    index in float32 for float32 data, the others in float64, and the two can differ by one
+    (e.g. n = 1042 x 512, q_tail = 0.01): a probe of n values of ``dtype``, -inf below the top
+    m, gives a finite quantile exactly when numpy reads only the top m.
     """
     q = _check_q(q_tail)
     probe = np.zeros(int(n), dtype=dtype)
