@@ -85,7 +85,7 @@ def worker(args) -> None:
     gen = torch.Generator().manual_seed(w.rank)
     share = N // w.size + (w.rank < N % w.size)
     state = {"format": TopQuantile.STATE_FORMAT, "q_tail": 0.005, "n_samples_expected": N,
-             "capacity": m, "n_samples": share, "positions": P, "units": K, "exact_upto": float("inf"),
+             "n_samples": share, "positions": P, "units": K,
              "values": torch.rand(K, m, generator=gen),
              "index": torch.randint(share * P, (K, m), generator=gen),
              "min": torch.zeros(K, dtype=torch.float64), "max": torch.ones(K, dtype=torch.float64),

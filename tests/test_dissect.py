@@ -62,6 +62,15 @@ def test_thresholds_equal_numpy_quantile_for_every_batch_size_and_order(q):
     assert T.dtype == np.float32
 
 
+@pytest.mark.parametrize("q, N", [(0.01, 1042), (0.005, 1559)])
+def test_thresholds_equal_numpy_quantile_where_numpys_index_rounding_varies(q, N):
+    """Sizes where numpy 2.0-2.3 (index (n - 1)(1 - q) in float32) read another order statistic
+    than float64 arithmetic gives: still numpy.quantile of the installed numpy, bit for bit."""
+    a = np.random.default_rng(7).standard_normal((N, 2, 512)).astype(np.float32)
+    T = _stream(a, q, 256, n_samples=N).thresholds()
+    np.testing.assert_array_equal(T, _ref_T(a, q))
+
+
 def test_realised_tail_and_tail_entries_match_a_direct_count():
     rng = np.random.default_rng(2)
     a = _awkward(rng, N=31)
@@ -101,21 +110,48 @@ def test_smaller_q_from_the_same_buffer_and_buffer_size():
         tq.thresholds(0.2)
 
 
-def test_unknown_n_keeps_everything_or_checks_the_capacity():
+def test_numpy_reading_below_the_kept_values_is_refused():
+    from vfcore.dissect.quantile import numpy_quantile_of_top
+    a = np.random.default_rng(9).standard_normal((1, 100)).astype(np.float32)
+    top = -np.sort(-a, axis=1)
+    np.testing.assert_array_equal(numpy_quantile_of_top(top[:, :3], 100, 0.01),
+                                  np.array([np.quantile(a[0], 0.99)], dtype=np.float32))
+    with pytest.raises(DataValueError, match="reads below"):
+        numpy_quantile_of_top(top[:, :3], 100, 0.5)       # the median is not among the top 3
+
+
+def test_the_buffer_is_sorted_once_per_state(monkeypatch):
+    rng = np.random.default_rng(8)
+    a, b = (rng.standard_normal((12, 3, 8)).astype(np.float32) for _ in range(2))
+    tq = _stream(a, 0.05, 5, n_samples=12)
+    sorts = []
+    sort = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda *x, **kw: sorts.append(1) or sort(*x, **kw))
+    for _ in range(2):
+        tq.thresholds(), tq.tail(), tq.realised_tail(), tq.flags(), tq.thresholds(0.01)
+    assert len(sorts) == 2                      # one sort by index, one by value, once
+    np.testing.assert_array_equal(tq.thresholds(), _ref_T(a, 0.05))
+    tq.load_state_dict(_stream(b, 0.05, 5, n_samples=12).state_dict())   # a new state: read anew
+    np.testing.assert_array_equal(tq.thresholds(), _ref_T(b, 0.05))
+    assert len(sorts) == 4
+
+
+def test_the_buffer_needs_every_promised_sample_and_finite_values():
     rng = np.random.default_rng(5)
     a = rng.standard_normal((30, 2, 5)).astype(np.float32)
-    np.testing.assert_array_equal(_stream(a, 0.01, 7).thresholds(), _ref_T(a, 0.01))
-    np.testing.assert_array_equal(_stream(a, 0.01, 7, capacity=10).thresholds(), _ref_T(a, 0.01))
-    with pytest.raises(DataValueError, match="n_samples"):
-        _stream(a, 0.3, 7, capacity=10).thresholds()
+    np.testing.assert_array_equal(_stream(a, 0.01, 7, n_samples=30).thresholds(), _ref_T(a, 0.01))
     with pytest.raises(DataValueError, match="promised"):
         _stream(a[:20], 0.01, 7, n_samples=30).thresholds()
+    with pytest.raises(DataValueError, match="more samples than n_samples"):
+        _stream(a, 0.01, 7, n_samples=20)
     bad = a.copy()
     bad[3, 1, 2] = np.nan
     with pytest.raises(DataValueError, match="NaN"):
         _stream(bad, 0.01, 7, n_samples=30)
     with pytest.raises(DataValueError, match="q_tail"):
-        D.TopQuantile(1.5)
+        D.TopQuantile(1.5, n_samples=30)
+    with pytest.raises(DataValueError, match="n_samples"):
+        D.TopQuantile(0.01, n_samples=0)
 
 
 def test_sampled_sketch_is_only_approximate():

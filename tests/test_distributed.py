@@ -99,14 +99,14 @@ def test_merge_of_shards_equals_one_pass_and_numpy(q):
         assert merged.values.shape[1] <= D.quantile.tail_size(n * 24, q)   # still the split's m
 
 
-def test_merge_into_an_empty_pass_and_with_unsized_buffers():
+def test_merge_into_an_empty_pass():
     a = _awkward(np.random.default_rng(4))
-    full = D.TopQuantile(0.1)                                   # no n_samples: keeps everything
+    full = D.TopQuantile(0.1, n_samples=len(a))
     full.update(torch.from_numpy(a))
-    left, right = D.TopQuantile(0.1), D.TopQuantile(0.1)
+    left, right = D.TopQuantile(0.1, n_samples=len(a)), D.TopQuantile(0.1, n_samples=len(a))
     left.update(torch.from_numpy(a[:10]))
     right.update(torch.from_numpy(a[10:]))
-    merged = D.TopQuantile(0.1).merge(left).merge(right)
+    merged = D.TopQuantile(0.1, n_samples=len(a)).merge(left).merge(right)
     _assert_same(merged, full)
     assert left.n_samples == 10                                 # merge copies, never aliases
 
@@ -148,7 +148,7 @@ def test_a_state_of_another_pass_is_refused_with_the_reason():
     with pytest.raises(StateMismatchError, match="more than n_samples"):
         _pass(a, 0.05, len(a)).merge(_pass(a[:3], 0.05, len(a)))
     with pytest.raises(FormatError):
-        D.TopQuantile(0.05).load_state_dict({"values": torch.zeros(1)})
+        D.TopQuantile(0.05, n_samples=len(a)).load_state_dict({"values": torch.zeros(1)})
 
 
 # --------------------------------------------------------------------------------------------

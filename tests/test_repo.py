@@ -81,6 +81,48 @@ def test_setup_cell_installs_only_on_colab(stem):
     assert "describe_runtime" in code[0]
 
 
+def test_setup_cell_on_colab_never_downgrades_what_is_installed(monkeypatch):
+    """Every notebook's setup cell, run as on Colab (a stand-in ``google.colab`` module, the
+    ``%pip`` magic captured): pip installs vfcore under a constraint for each installed package
+    that is at least its installed version (read here with importlib.metadata), torch pinned."""
+    import shlex
+    import sys
+    import types
+    import warnings
+    from importlib import metadata
+
+    from IPython.core.inputtransformer2 import TransformerManager
+    from packaging.requirements import Requirement
+
+    cells = {"".join([c for c in _load(NOTEBOOKS_DIR / f"{stem}.ipynb")["cells"]
+                      if c["cell_type"] == "code"][0]["source"]) for stem in EXPECTED}
+    assert len(cells) == 1, "the notebooks' setup cells differ"
+    magics = []
+
+    class Shell:
+        def run_line_magic(self, name, line):
+            magics.append((name, shlex.split(line)))
+
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")               # no GPU here: describe_runtime warns
+        exec(TransformerManager().transform_cell(cells.pop()), {"get_ipython": Shell})
+    (name, args), = magics
+    assert name == "pip" and args[:2] == ["install", "-q"]
+    assert args[-1] == "vfcore @ git+https://github.com/vfcore-course/vfcore"
+    constraints = {}
+    for line in Path(args[args.index("-c") + 1]).read_text().splitlines():
+        req = Requirement(line)
+        constraints[req.name] = req.specifier
+    for package in ("numpy", "pandas", "scipy", "matplotlib", "nibabel", "ipywidgets"):
+        installed = metadata.version(package)
+        assert constraints[package].contains(installed)
+        assert all(s.operator == ">=" and s.version == installed for s in constraints[package])
+    torch_version = metadata.version("torch").split("+")[0]
+    assert [(s.operator, s.version) for s in constraints["torch"]] == [("==", torch_version)]
+    assert "vfcore" not in constraints
+
+
 def test_ci_runs_the_readme_commands():
     """.ci/run runs the README's install and test commands (as `python3 -m ...`)."""
     readme = (PROJECT / "README.md").read_text()

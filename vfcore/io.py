@@ -140,7 +140,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def versions() -> dict[str, str]:
     """Versions of Python and the libraries whose behaviour changes results."""
     out = {"python": platform.python_version()}
-    for name in ("vfcore", "numpy", "scipy", "torch", "monai", "nibabel"):
+    for name in ("vfcore", "numpy", "scipy", "pandas", "torch", "monai", "nibabel"):
         try:
             module = __import__(name)
             out[name] = str(getattr(module, "__version__", "?"))  # plain str (TorchVersion is a subclass)

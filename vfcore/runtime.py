@@ -7,6 +7,7 @@ import platform
 import sys
 import warnings
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -125,14 +126,42 @@ def precision_line(device: torch.device | str | None = None) -> str:
             "dissection fp32, default layout")
 
 
+#: Printed by :func:`describe_runtime` beside :func:`vfcore.io.versions`: what draws figures
+#: and widgets (their versions change what a student sees, not the results).
+DISPLAY_PACKAGES = ("matplotlib", "ipywidgets")
+
+
+def stale_imports(names) -> dict[str, tuple[str, str]]:
+    """{name: (version in use, version installed)} for the modules already imported at another
+    version than the one now installed (a pip install in a running kernel): they need a
+    restart of the kernel."""
+    out = {}
+    for name in names:
+        module = sys.modules.get(name)
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        loaded = getattr(module, "__version__", None)
+        if loaded is not None and str(loaded) != installed:
+            out[name] = (str(loaded), installed)
+    return out
+
+
 def describe_runtime() -> dict[str, str]:
     """Print and return package versions, the compute device and the precision path training
     takes there (:func:`vfcore.forward.precision`: which and why).
 
     Warns loudly on a Colab runtime without a GPU: training there takes an hour instead of
-    minutes (Runtime > Change runtime type > GPU).
+    minutes (Runtime > Change runtime type > GPU), and when a package in use is not the version
+    installed (the setup cell upgraded it after it was imported: restart the session).
     """
     info = versions()
+    for name in DISPLAY_PACKAGES:
+        try:
+            info[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
     device = pick_device()
     if device.type == "cuda":
         info["device"] = device_name(device)
@@ -143,7 +172,11 @@ def describe_runtime() -> dict[str, str]:
     policy = precision(device)
     info["training"] = f"{policy.name} ({policy.reason})"
     for key, value in info.items():
-        print(f"{key:>8}: {value}")
+        print(f"{key:>10}: {value}")
+    for name, (loaded, installed) in stale_imports(info).items():
+        warnings.warn(f"{name} {loaded} is in use but {installed} is installed: restart the "
+                      f"session (Runtime > Restart session), then run the notebook again.",
+                      stacklevel=2)
     if on_colab() and device.type != "cuda":
         warnings.warn(
             "This Colab runtime has NO GPU. Training will be very slow. "

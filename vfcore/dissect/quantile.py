@@ -3,12 +3,15 @@
 :func:`M_k` is the one place where a unit mask M_k(x) = A_k(x) > T_k is thresholded.
 
 :class:`TopQuantile` keeps, per unit, the m = ceil(q_tail (n - 1)) + 1 largest values with
-their sample and position and reads T_k exactly as ``numpy.quantile`` does.
+their sample and position, and the installed numpy computes T_k = ``numpy.quantile(a_k,
+1 - q_tail)`` from them (:func:`numpy_quantile_of_top`): equal to numpy's on every numpy
+version, with no copy of numpy's arithmetic.
 :class:`SampledQuantile` is a randomized sketch like the published code's, for comparison only
 (:func:`sketch_comparison`, notebook 03, ``bench/bench_dissect.py``).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -16,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from vfcore.errors import DataValueError
+from vfcore.errors import DataValueError, FormatError, StateMismatchError
 from vfcore.forward import forward_batches
 
 #: The paper's tail probability: P(a_k > T_k) = 0.005 (Sec. 2.2).
@@ -39,32 +42,55 @@ def M_k(A, T, axis: int = 0) -> np.ndarray:
     return A > T
 
 
-def _linear_index(n: int, level: float) -> tuple[int, int, float]:
-    """numpy.quantile(method="linear") on n sorted values: (lower index, upper index, gamma).
+@functools.lru_cache(maxsize=32)
+def tail_size(n: int, q_tail: float, dtype: str = "float32") -> int:
+    """m: how many of the largest of n values ``numpy.quantile(values, 1 - q_tail)`` reads
+    (= ceil(q_tail (n - 1)) + 1, up to the rounding of numpy's index (n - 1)(1 - q_tail)).
 
-    numpy computes the virtual index (n - 1) * level in float64, interpolates between its floor
-    and floor + 1 with weight gamma = index - floor, and clips at the last value.
+    Asked of the installed numpy rather than computed here, because numpy 2.0-2.3 compute that
+    index in float32 for float32 data, the others in float64, and the two can differ by one
+    (e.g. n = 1042 x 512, q_tail = 0.01): a probe of n values of ``dtype``, -inf below the top
+    m, gives a finite quantile exactly when numpy reads only the top m.
     """
-    virtual = (n - 1) * np.float64(level)
-    lo = math.floor(virtual)
-    if virtual >= n - 1:
-        return n - 1, n - 1, float(virtual - lo)
-    return lo, lo + 1, float(virtual - lo)
+    q = _check_q(q_tail)
+    probe = np.zeros(int(n), dtype=dtype)
+
+    def enough(m: int) -> bool:
+        probe[:n - m], probe[n - m:] = -np.inf, 0
+        with np.errstate(invalid="ignore"):        # -inf - -inf when numpy reads below m
+            return bool(np.isfinite(np.quantile(probe, 1.0 - q)))
+
+    m = min(n, math.ceil(q * (n - 1)) + 1)
+    while m < n and not enough(m):
+        m += 1
+    while m > 1 and enough(m - 1):
+        m -= 1
+    return m
 
 
-def _lerp(a: np.ndarray, b: np.ndarray, gamma: float) -> np.ndarray:
-    """numpy's own interpolation formula (``_lerp``), so T_k is bit-identical to np.quantile."""
-    diff = b - a
-    if gamma >= 0.5:
-        return b - diff * (1 - gamma)
-    return a + diff * gamma
+def numpy_quantile_of_top(top: np.ndarray, n: int, q_tail: float) -> np.ndarray:
+    """T_k = ``numpy.quantile(a_k, 1 - q_tail)`` [K] in ``top``'s dtype, from ``top`` [K, m]: per
+    unit the m largest of its n values a_k (any order), m >= :func:`tail_size`.
 
-
-def tail_size(n: int, q_tail: float) -> int:
-    """m: how many of the largest of n values decide the (1 - q_tail) quantile
-    (= ceil(q_tail (n - 1)) + 1 up to float rounding, computed as numpy does)."""
-    lo, _, _ = _linear_index(n, 1.0 - q_tail)
-    return n - lo
+    numpy itself computes each T_k, on n values: the kept ones above n - m values of -inf. Its
+    linear method reads only the two order statistics around its index (n - 1)(1 - q_tail),
+    both among the kept values, so the result is numpy's own, bit for bit, whatever numpy
+    version's index rounding and interpolation; had it read a -inf, T_k would not be finite,
+    and this raises instead. Cost: one numpy.quantile of n values per unit (about 30 ms for
+    n = 10,000 vertebrae x 8^3 on one CPU core); memory: n values.
+    """
+    K, m = top.shape
+    values = np.full(n, -np.inf, dtype=top.dtype)
+    T = []
+    for row in top:
+        values[n - m:] = row
+        with np.errstate(invalid="ignore"):        # checked below
+            T.append(np.quantile(values, 1.0 - q_tail))
+    T = np.array(T)
+    if not np.isfinite(T).all():
+        raise DataValueError("TopQuantile", f"numpy.quantile of {n} values reads below the {m} "
+                             f"kept per unit: the buffer is too small for q_tail={q_tail}")
+    return T.astype(top.dtype)      # numpy < 2 returns float64 for float32 data
 
 
 def _check_q(q_tail: float) -> float:
@@ -86,33 +112,34 @@ def _as_units(acts) -> torch.Tensor:
     return a.reshape(b, k, -1).transpose(0, 1).reshape(k, -1)
 
 
+def _numpy_dtype(t: torch.Tensor) -> str:
+    return str(torch.empty(0, dtype=t.dtype).numpy().dtype)
+
+
 class TopQuantile:
     """Exact per-unit thresholds T_k with P(a_k > T_k) = q_tail, streamed, in bounded memory.
 
-    Like netdissect's ``runningstats``: ``update(acts)`` with batches [B, K, *spatial] (torch
-    or numpy, any device), then ``thresholds()``. Per unit it keeps the m largest values seen
-    (with their flat index sample * positions + position), merged with each batch by
-    ``torch.topk``; T_k is read by linear interpolation between the two order statistics around
-    (1 - q_tail)(n - 1), exactly as ``numpy.quantile(values_k, 1 - q_tail)`` (method "linear").
-    The result does not depend on batch size or order.
+    Like netdissect's ``runningstats``: ``TopQuantile(q_tail, n_samples)``, ``update(acts)``
+    with batches [B, K, *spatial] (torch or numpy, any device), then ``thresholds()``. With n
+    = n_samples x positions values per unit (positions read from the first batch), T_k =
+    ``numpy.quantile(a_k, 1 - q_tail)`` (method "linear") reads only the m = :func:`tail_size`
+    largest values of a_k; per unit this keeps exactly those m (with their flat index sample *
+    positions + position), merged with each batch by ``torch.topk``, and lets numpy compute T_k
+    from them (:func:`numpy_quantile_of_top`). The result does not depend on batch size or order.
 
-    m depends on n, the final number of values per unit. Give ``n_samples`` (the number of
-    samples that will pass; positions are read from the first batch) and the buffer holds
-    exactly m values. Without it, a value dropped early might be needed later, so pass
-    ``capacity`` (values kept per unit; ``thresholds()`` checks it was enough and raises
-    otherwise) or nothing (every value is kept: exact, but memory grows with n).
+    The buffer is sorted once, when a result is first read, and the result kept until the next
+    :meth:`update` or :meth:`merge`.
 
     Memory: K x m values + indices; e.g. 512 units x 25,601 (10,000 vertebrae x 8^3,
     q = 0.005) = 52 MB of values.
     """
 
-    def __init__(self, q_tail: float = Q_TAIL_PAPER, n_samples: int | None = None,
-                 capacity: int | None = None):
+    def __init__(self, q_tail: float, n_samples: int):
         self.q_tail = _check_q(q_tail)
-        if n_samples is not None and n_samples < 1:
+        if int(n_samples) < 1:
             raise DataValueError("n_samples", f"must be >= 1, got {n_samples}")
-        self.n_samples_expected = n_samples
-        self.capacity = capacity
+        self.n_samples_expected = int(n_samples)
+        self.capacity: int | None = None  # m, once the positions per sample are known
         self.n_samples = 0          # samples seen
         self.positions: int | None = None
         self.units: int | None = None
@@ -121,12 +148,17 @@ class TopQuantile:
         self.min: torch.Tensor | None = None
         self.max: torch.Tensor | None = None
         self.zeros: torch.Tensor | None = None    # how many values are <= 0, per unit
-        self._exact_upto: float = math.inf        # the smallest capacity that ever dropped values
+        self._read: dict = {}       # what was read from the buffer since it last changed
 
     @property
     def n_values(self) -> int:
         """n: values per unit seen so far (samples x positions)."""
         return self.n_samples * (self.positions or 0)
+
+    def _size(self) -> None:
+        """The buffer's size m for the whole split, once positions and dtype are known."""
+        self.capacity = tail_size(self.n_samples_expected * self.positions, self.q_tail,
+                                  _numpy_dtype(self.values))
 
     def update(self, acts) -> None:
         """Add a batch of activations [B, K, *spatial]."""
@@ -137,23 +169,23 @@ class TopQuantile:
         positions = bp // b if b else 0
         if self.units is None:
             self.units, self.positions = k, positions
-            if self.n_samples_expected is not None:
-                self.capacity = tail_size(self.n_samples_expected * positions, self.q_tail)
             self.values = flat.new_empty((k, 0))
             self.index = torch.empty((k, 0), dtype=torch.int64, device=flat.device)
             self.min = torch.full((k,), math.inf, dtype=torch.float64, device=flat.device)
             self.max = torch.full((k,), -math.inf, dtype=torch.float64, device=flat.device)
             self.zeros = torch.zeros(k, dtype=torch.int64, device=flat.device)
+            self._size()
         elif (k, positions) != (self.units, self.positions):
             raise DataValueError("activations", f"batch has {k} units x {positions} positions; "
                                  f"earlier batches had {self.units} x {self.positions}")
         if b == 0:
             return
-        if self.n_samples_expected is not None and self.n_samples + b > self.n_samples_expected:
+        if self.n_samples + b > self.n_samples_expected:
             raise DataValueError("activations", f"more samples than n_samples="
                                  f"{self.n_samples_expected} (the buffer was sized for it)")
         if not torch.isfinite(flat).all():
             raise DataValueError("activations", "NaN or inf in the activations: T_k is undefined")
+        self._read = {}
         flat = flat.to(self.values.device, self.values.dtype)
         self.min = torch.minimum(self.min, flat.amin(dim=1).double())
         self.max = torch.maximum(self.max, flat.amax(dim=1).double())
@@ -162,9 +194,8 @@ class TopQuantile:
         base = self.n_samples * positions
         old = self.values.shape[1]
         merged = torch.cat([self.values, flat], dim=1)
-        keep = merged.shape[1] if self.capacity is None else min(self.capacity, merged.shape[1])
+        keep = min(self.capacity, merged.shape[1])
         if keep < merged.shape[1]:
-            self._exact_upto = min(self._exact_upto, keep)
             self.values, pick = torch.topk(merged, keep, dim=1, sorted=False)
             new_index = base + (pick - old)
             self.index = torch.where(pick < old, torch.gather(self.index, 1, pick.clamp(max=max(old - 1, 0)))
@@ -175,27 +206,23 @@ class TopQuantile:
                 bp, device=flat.device).expand(k, bp)], dim=1)
         self.n_samples += b
 
-    def _sorted(self, q_tail: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
         """Kept values and indices, each unit sorted in descending order, equal values by
-        index (numpy, CPU)."""
+        index (numpy, CPU); sorted once per state of the buffer."""
         if self.values is None or self.n_values == 0:
             raise DataValueError("TopQuantile", "no activations were added: call update() first")
-        if self.n_samples_expected is not None and self.n_samples != self.n_samples_expected:
+        if self.n_samples != self.n_samples_expected:
             raise DataValueError("TopQuantile", f"saw {self.n_samples} samples, n_samples="
                                  f"{self.n_samples_expected} was promised: T_k would be wrong")
-        need = tail_size(self.n_values, self.q_tail if q_tail is None else _check_q(q_tail))
-        if need > min(self._exact_upto, self.values.shape[1]):
-            raise DataValueError("TopQuantile", f"the buffer kept {self._exact_upto} values per "
-                                 f"unit but the quantile of {self.n_values} values needs the top "
-                                 f"{need}: pass n_samples= (or a larger capacity=; a smaller "
-                                 f"q_tail than the one the buffer was sized for)")
-        # equal values by their flat index: the same order however the buffer was filled
-        # (one pass, or shards merged), so the tail's file is the same bit for bit
-        index, order = torch.sort(self.index, dim=1, stable=True)
-        values = torch.gather(self.values, 1, order)
-        values, order = torch.sort(values, dim=1, descending=True, stable=True)
-        index = torch.gather(index, 1, order)
-        return values.cpu().numpy(), index.cpu().numpy()
+        if "sorted" not in self._read:
+            # equal values by their flat index: the same order however the buffer was filled
+            # (one pass, or shards merged), so the tail's file is the same bit for bit
+            index, order = torch.sort(self.index, dim=1, stable=True)
+            values = torch.gather(self.values, 1, order)
+            values, order = torch.sort(values, dim=1, descending=True, stable=True)
+            index = torch.gather(index, 1, order)
+            self._read["sorted"] = values.cpu().numpy(), index.cpu().numpy()
+        return self._read["sorted"]
 
     def thresholds(self, q_tail: float | None = None) -> np.ndarray:
         """T_k [K] (dtype of the activations): equal to ``np.quantile(a_k, 1 - q_tail)``.
@@ -203,12 +230,17 @@ class TopQuantile:
         ``q_tail`` defaults to the one given at construction; any smaller one is exact too
         (its tail is inside the buffer), so one pass serves several q.
         """
-        q_tail = self.q_tail if q_tail is None else q_tail
-        values, _ = self._sorted(q_tail)
-        n = self.n_values
-        lo, hi, gamma = _linear_index(n, 1.0 - q_tail)
-        # ascending position i is descending rank n - 1 - i
-        return _lerp(values[:, n - 1 - lo], values[:, n - 1 - hi], gamma)
+        q_tail = self.q_tail if q_tail is None else _check_q(q_tail)
+        values, _ = self._sorted()
+        key = ("T", q_tail)
+        if key not in self._read:
+            need = tail_size(self.n_values, q_tail, str(values.dtype))
+            if need > values.shape[1]:
+                raise DataValueError("TopQuantile", f"the buffer kept {values.shape[1]} values per "
+                                     f"unit but the quantile of {self.n_values} values needs the "
+                                     f"top {need}: a larger q_tail than the buffer was sized for")
+            self._read[key] = numpy_quantile_of_top(values, self.n_values, q_tail)
+        return self._read[key]
 
     def realised_tail(self, T: np.ndarray | None = None, q_tail: float | None = None) -> np.ndarray:
         """P(a_k > T_k) actually obtained (ties at T_k make it smaller than q_tail) [K].
@@ -217,10 +249,9 @@ class TopQuantile:
         thresholds (e.g. a sketch's); a T below the smallest kept value of a unit cannot be
         counted from the buffer (use :func:`tail_fraction` on the activations for that).
         """
-        values, _ = self._sorted(q_tail)
+        values, _ = self._sorted()
         T = self.thresholds(q_tail) if T is None else np.asarray(T)
-        dropped = math.isfinite(self._exact_upto)
-        if dropped and np.any(T < values[:, -1]):
+        if values.shape[1] < self.n_values and np.any(T < values[:, -1]):
             raise DataValueError("T", "thresholds below the smallest value the buffer kept: "
                                  "the values above them were not all kept")
         return M_k(values, T).sum(axis=1) / self.n_values
@@ -228,7 +259,7 @@ class TopQuantile:
     def tail(self, q_tail: float | None = None) -> dict[str, np.ndarray]:
         """The masks M_k of every sample, sparse: every (unit, sample, position, value) with
         value > T_k, ordered by unit, then value (descending), then sample and position."""
-        values, index = self._sorted(q_tail)
+        values, index = self._sorted()
         T = self.thresholds(q_tail)
         above = M_k(values, T)
         unit = np.broadcast_to(np.arange(values.shape[0])[:, None], values.shape)[above]
@@ -258,7 +289,7 @@ class TopQuantile:
     # -- a pass in pieces: checkpoint and resume, shards merged (vfcore.dissect.sharded) ---
 
     #: The ``format`` of :meth:`state_dict`.
-    STATE_FORMAT = "vfcore-topquantile-1"
+    STATE_FORMAT = "vfcore-topquantile-2"
 
     def state_dict(self, context: dict | None = None) -> dict:
         """Everything this pass has seen, as CPU tensors and plain values (``torch.save`` it and
@@ -270,25 +301,20 @@ class TopQuantile:
         def cpu(t):
             return None if t is None else t.detach().cpu().clone()
         return {"format": self.STATE_FORMAT, "q_tail": self.q_tail,
-                "n_samples_expected": self.n_samples_expected, "capacity": self.capacity,
+                "n_samples_expected": self.n_samples_expected,
                 "n_samples": self.n_samples, "positions": self.positions, "units": self.units,
-                "exact_upto": float(self._exact_upto), "values": cpu(self.values),
-                "index": cpu(self.index), "min": cpu(self.min), "max": cpu(self.max),
-                "zeros": cpu(self.zeros), "context": dict(context or {})}
+                "values": cpu(self.values), "index": cpu(self.index), "min": cpu(self.min),
+                "max": cpu(self.max), "zeros": cpu(self.zeros), "context": dict(context or {})}
 
-    def _refuse_other(self, q_tail, n_expected, capacity, shape, what: str) -> None:
-        """StateMismatchError unless q, the promised sample count, capacity and (units,
-        positions) agree with this pass."""
-        from vfcore.errors import StateMismatchError
-
+    def _refuse_other(self, q_tail, n_expected, shape, what: str) -> None:
+        """StateMismatchError unless q, the promised sample count and (units, positions) agree
+        with this pass."""
         problems = []
         if q_tail != self.q_tail:
             problems.append(f"q_tail={q_tail}, this pass uses q_tail={self.q_tail}")
         if n_expected != self.n_samples_expected:
             problems.append(f"sized for n_samples={n_expected} (the split's size), this pass "
                             f"for n_samples={self.n_samples_expected}")
-        elif n_expected is None and capacity != self.capacity:
-            problems.append(f"capacity={capacity}, this pass keeps capacity={self.capacity}")
         if self.units is not None and shape[0] is not None and shape != (self.units, self.positions):
             problems.append(f"{shape[0]} units x {shape[1]} positions, this pass has "
                             f"{self.units} x {self.positions} (another layer or model)")
@@ -300,13 +326,11 @@ class TopQuantile:
         """Continue from ``state`` (:meth:`state_dict`): this object becomes that pass.
 
         Refused with :class:`~vfcore.errors.StateMismatchError` naming the reason when the state
-        was saved with another q_tail, n_samples (split size), capacity, ``units`` (if given) or
+        was saved with another q_tail, n_samples (split size), ``units`` (if given) or
         unit/position count (if this object has seen data), or when a key of ``context``
         (e.g. ``layer``, ``split``) differs from the saved one. ``device``: where the buffers go
         (default: the CPU).
         """
-        from vfcore.errors import FormatError, StateMismatchError
-
         if not isinstance(state, dict) or state.get("format") != self.STATE_FORMAT:
             raise FormatError("TopQuantile state", f"not a threshold state (expected format "
                               f"{self.STATE_FORMAT!r})")
@@ -318,17 +342,19 @@ class TopQuantile:
         if units is not None and state["units"] is not None and state["units"] != units:
             raise StateMismatchError("TopQuantile state", f"has {state['units']} units, this "
                                      f"layer has {units}")
-        self._refuse_other(state["q_tail"], state["n_samples_expected"], state["capacity"],
+        self._refuse_other(state["q_tail"], state["n_samples_expected"],
                            (state["units"], state["positions"]), "TopQuantile state")
         dev = torch.device(device) if device is not None else torch.device("cpu")
 
         def on(t):
             return None if t is None else t.to(dev).clone()
-        self.capacity, self.n_samples = state["capacity"], int(state["n_samples"])
+        self.n_samples = int(state["n_samples"])
         self.positions, self.units = state["positions"], state["units"]
-        self._exact_upto = float(state["exact_upto"])
         self.values, self.index = on(state["values"]), on(state["index"])
         self.min, self.max, self.zeros = on(state["min"]), on(state["max"]), on(state["zeros"])
+        self._read = {}
+        if self.values is not None:
+            self._size()
         return self
 
     def merge(self, other: "TopQuantile") -> "TopQuantile":
@@ -343,32 +369,28 @@ class TopQuantile:
         Shards must be sized alike (the same q_tail and ``n_samples``, the split's full size,
         so each keeps the split's m); else :class:`~vfcore.errors.StateMismatchError`.
         """
-        from vfcore.errors import StateMismatchError
-
         if other.units is None:                       # nothing seen: nothing to add
             return self
-        self._refuse_other(other.q_tail, other.n_samples_expected, other.capacity,
+        self._refuse_other(other.q_tail, other.n_samples_expected,
                            (other.units, other.positions), "TopQuantile.merge")
         if self.units is None:
             return self.load_state_dict(other.state_dict(), device=other.values.device)
         n = self.n_samples + other.n_samples
-        if self.n_samples_expected is not None and n > self.n_samples_expected:
+        if n > self.n_samples_expected:
             raise StateMismatchError("TopQuantile.merge", f"{self.n_samples} + {other.n_samples} "
                                      f"samples, more than n_samples={self.n_samples_expected}")
         dev = self.values.device
         values = torch.cat([self.values, other.values.to(dev, self.values.dtype)], dim=1)
         index = torch.cat([self.index, other.index.to(dev) + self.n_values], dim=1)
-        keep = values.shape[1] if self.capacity is None else min(self.capacity, values.shape[1])
-        if keep < values.shape[1]:
-            self._exact_upto = min(self._exact_upto, keep)
-            values, pick = torch.topk(values, keep, dim=1, sorted=False)      # as update()
+        if self.capacity < values.shape[1]:
+            values, pick = torch.topk(values, self.capacity, dim=1, sorted=False)  # as update()
             index = torch.gather(index, 1, pick)
         self.values, self.index = values, index
-        self._exact_upto = min(self._exact_upto, other._exact_upto)
         self.min = torch.minimum(self.min, other.min.to(dev))
         self.max = torch.maximum(self.max, other.max.to(dev))
         self.zeros = self.zeros + other.zeros.to(dev)
         self.n_samples = n
+        self._read = {}
         return self
 
 

@@ -104,15 +104,14 @@ def _gather(stats: TopQuantile, n: int) -> TopQuantile:
     values = all_gather_rows(stats.values.T.contiguous(), what)          # [m_r, K] per rank
     index = all_gather_rows(stats.index.T.contiguous(), what)
     small = torch.stack([stats.min, stats.max, stats.zeros.double(),
-                         torch.full_like(stats.min, stats.n_samples),
-                         torch.full_like(stats.min, stats._exact_upto)])  # [5, K]
+                         torch.full_like(stats.min, stats.n_samples)])      # [4, K]
     smalls = all_gather_rows(small, what)
     shape = {"format": TopQuantile.STATE_FORMAT, "q_tail": stats.q_tail, "n_samples_expected": n,
-             "capacity": stats.capacity, "positions": stats.positions, "units": stats.units}
+             "positions": stats.positions, "units": stats.units}
     merged = None
     for v, i, s in zip(values, index, smalls):
         part = dict(shape, values=v.T, index=i.T, min=s[0], max=s[1], zeros=s[2].long(),
-                    n_samples=int(s[3, 0]), exact_upto=float(s[4, 0]))
+                    n_samples=int(s[3, 0]))
         part = TopQuantile(stats.q_tail, n_samples=n).load_state_dict(part, device=v.device)
         merged = part if merged is None else merged.merge(part)
     return merged
