@@ -150,7 +150,7 @@ def stale_imports(names) -> dict[str, tuple[str, str]]:
 
 def describe_runtime() -> dict[str, str]:
     """Print and return package versions, the compute device and the precision path training
-    takes there (:func:`vfcore.forward.precision`: which and why).
+    takes there (:func:`precision`: which and why).
 
     Warns loudly on a Colab runtime without a GPU: training there takes an hour instead of
     minutes (Runtime > Change runtime type > GPU), and when a package in use is not the version
