@@ -202,3 +202,9 @@ def test_unit_auc_matches_a_direct_count_and_is_nan_without_a_class():
     direct = np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg])
     assert contrast.unit_auc(v, y)[0] == pytest.approx(direct)
     assert np.isnan(contrast.unit_auc(v, np.zeros(30))).all()
+
+
+def test_call_caption():
+    s = story.call_caption("FP", 0.613, 0, 0.17, "physiological wedging; degenerated disc above", "T8")
+    assert s == "T8 FP P=0.61\nG0, 17 % loss\nwedge, degen. disc"
+    assert story.call_caption("FN", 0.2, 1, None, "").endswith("no confounder")

@@ -358,3 +358,21 @@ def concept_views() -> str:
             "most relative to their union) and the **detector** label (best IoU > 0.04 and beating the same-class "
             "shuffle, notebook 06). Only the detector label is a measured concept; the other two describe where "
             "the mask lies. A unit can be 'on soft tissue' by share, 'vertebral body' by IoU and no detector.")
+
+
+def call_caption(outcome: str, probability: float, grade, height_loss: float | None = None,
+                 confounders: str = "", level: str = "") -> str:
+    """A wrong call's caption: outcome and P, grade and the drawn height loss, what was drawn there."""
+    short = {"physiological wedging": "wedge", "degenerated disc": "degen. disc", "Schmorl node": "Schmorl",
+             "degenerative endplate sclerosis": "sclerosis", "low density": "low density",
+             "osteophyte": "osteophyte"}
+    g = "" if grade is None or (isinstance(grade, float) and not np.isfinite(grade)) else f"G{int(grade)}"
+    hl = "" if height_loss is None or not np.isfinite(height_loss) else f", {100 * height_loss:.0f} % loss"
+    drawn = []
+    for c in str(confounders or "").split(";"):
+        c = c.strip()
+        if c:
+            name = next((v for k, v in short.items() if c.startswith(k)), c)
+            if name not in drawn:
+                drawn.append(name)
+    return f"{level} {outcome} P={probability:.2f}\n{g}{hl}\n{', '.join(drawn) or 'no confounder'}".strip()
