@@ -208,3 +208,11 @@ def test_call_caption():
     s = story.call_caption("FP", 0.613, 0, 0.17, "physiological wedging; degenerated disc above", "T8")
     assert s == "T8 FP P=0.61\nG0, 17 % loss\nwedge, degen. disc"
     assert story.call_caption("FN", 0.2, 1, None, "").endswith("no confounder")
+
+
+def test_fp_units_on_mimics_or_not():
+    s = story.fp_units_where({3: "paraspinal muscle 40% (x2.0), lamina 20% (x1.1)", 5: "lamina 30% (x1.5)"}, 12)
+    assert "none of the 2 sits mostly on a mimic" in s and "unit 3: paraspinal muscle" in s and "handful" in s
+    s = story.fp_units_where({3: "Schmorl node 40% (x9.0)", 5: "lamina 30% (x1.5)"}, 40)
+    assert "1 of 2 sit mostly on a mimic" in s and "handful" not in s
+    assert "no unit could be measured" in story.fp_units_where({3: ""}, 0)

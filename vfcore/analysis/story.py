@@ -376,3 +376,23 @@ def call_caption(outcome: str, probability: float, grade, height_loss: float | N
             if name not in drawn:
                 drawn.append(name)
     return f"{level} {outcome} P={probability:.2f}\n{g}{hl}\n{', '.join(drawn) or 'no confounder'}".strip()
+
+
+#: The phantom's fracture mimics (notebook 01), as concept names.
+MIMICS = ("Schmorl node", "osteophyte", "degenerated disc", "degenerative endplate sclerosis",
+          "physiological wedge", "low density")
+
+
+def fp_units_where(measured: Mapping[int, str], n_fp: int) -> str:
+    """Where the units behind false positives sit (by mask share: ``measured`` unit -> the export's
+    "concept 45% (x1.2), ..." text), against the expectation that they sit on fracture mimics."""
+    head = ("We expect the units behind false positives to sit on fracture mimics (Schmorl nodes, "
+            "osteophytes, degenerated discs, wedged bodies); here, by mask share")
+    first = {u: str(m).split(",")[0].rsplit(" ", 2)[0].strip() for u, m in measured.items() if isinstance(m, str) and m}
+    if not first:
+        return head + ", no unit could be measured (no concept masks or no false positive)."
+    on_mimic = [u for u, c in first.items() if any(c.startswith(m) for m in MIMICS)]
+    listing = "; ".join(f"unit {u}: {c}" for u, c in first.items())
+    verdict = (f"{len(on_mimic)} of {len(first)} sit mostly on a mimic" if on_mimic
+               else f"none of the {len(first)} sits mostly on a mimic")
+    return f"{head}, the largest share of each unit's mask is on {listing}: {verdict}{small(n_fp, 'false positives')}."

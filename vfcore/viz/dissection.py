@@ -246,19 +246,19 @@ def gallery(rows: Sequence[Mapping], images: Mapping[int, np.ndarray]):
     exemplars (``images[unit]``: the strip PNG of :func:`vfcore.export.export_units`); the
     measured concept (phantom); and the "clinical explanation" column, empty until filled."""
     n = len(rows)
-    fig = plt.figure(figsize=(14, 1.75 * n + 0.5))
-    grid = fig.add_gridspec(n + 1, 4, width_ratios=[1.1, 5.0, 2.0, 2.2], height_ratios=[0.22] + [1] * n,
+    fig = plt.figure(figsize=(11, 1.6 * n + 0.5))
+    grid = fig.add_gridspec(n + 1, 4, width_ratios=[1.0, 5.0, 2.2, 1.8], height_ratios=[0.22] + [1] * n,
                             wspace=0.05, hspace=0.12)
     heads = ["rank, unit, c_k", "strongest exemplars (slice of largest thresholded activation)",
-             "measured concept", "clinical explanation"]
+             "mask share (phantom)", "clinical explanation"]
     for j, head in enumerate(heads):
         ax = fig.add_subplot(grid[0, j])
         ax.axis("off")
-        ax.text(0.0, 0.2, head, fontsize=9, weight="bold")
+        ax.text(0.0, 0.2, head, fontsize=10, weight="bold")
     for i, row in enumerate(rows, start=1):
         ax = fig.add_subplot(grid[i, 0])
         ax.axis("off")
-        ax.text(0.0, 0.5, f"rank {row['rank']}\nunit {row['unit']}\nc_k = {row['c_k']:.2f}", fontsize=9,
+        ax.text(0.0, 0.5, f"rank {row['rank']}\nunit {row['unit']}\nc_k = {row['c_k']:.2f}", fontsize=10,
                 va="center")
         ax = fig.add_subplot(grid[i, 1])
         ax.axis("off")
@@ -267,7 +267,7 @@ def gallery(rows: Sequence[Mapping], images: Mapping[int, np.ndarray]):
         ax = fig.add_subplot(grid[i, 2])
         ax.axis("off")
         concept = (row.get("measured_concept") or "-").replace(", ", "\n")
-        ax.text(0.02, 0.5, concept, fontsize=8, va="center")
+        ax.text(0.02, 0.5, concept, fontsize=9, va="center")
         ax = fig.add_subplot(grid[i, 3])
         ax.set_xticks([])
         ax.set_yticks([])
@@ -277,21 +277,28 @@ def gallery(rows: Sequence[Mapping], images: Mapping[int, np.ndarray]):
 
 def relevance_row(ct: np.ndarray, feature_maps: Mapping[int, np.ndarray], T: Mapping[int, float],
                   units: Sequence[int], c_rank: Mapping[int, int], r: Mapping[int, float],
-                  field: Sequence[slice], title: str = "", view: str = "sagittal"):
-    """Table 3 of the paper: the sample (left) and, for its most relevant units (descending
+                  field: Sequence[slice], title: str = "", view: str = "sagittal", cols: int = 4):
+    """Table 3 of the paper: the sample (first tile) and, for its most relevant units (descending
     r_k), the slice where each unit's thresholded activation is largest, with its c_k rank.
-    ``feature_maps[k]``: unit k's activation on the feature grid for this sample."""
+    ``feature_maps[k]``: unit k's activation on the feature grid for this sample. At most
+    ``cols`` tiles a row (2.4 inches each), so 9-pt captions stay readable at notebook width."""
     n = len(units)
-    fig, axes = plt.subplots(1, n + 1, figsize=(1.9 * (n + 1), 2.9), squeeze=False)
+    n_rows, n_cols = collage_grid(n + 1, cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.4 * n_cols, 3.0 * n_rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    flat = axes.ravel()
     mid = ct.shape[VIEWS[view]] // 2
-    draw_overlay(axes[0, 0], take_slice(ct, view, mid), title=title or "sample", view=view)
-    for j, (ax, k) in enumerate(zip(axes[0, 1:], units), start=1):
+    flat[0].axis("on")
+    draw_overlay(flat[0], take_slice(ct, view, mid), title=title or "sample", view=view, fontsize=9)
+    for j, (ax, k) in enumerate(zip(flat[1:], units), start=1):
+        ax.axis("on")
         up = upsample_to_patch(feature_maps[k], field, ct.shape)
         mask = patch_mask(M_k(feature_maps[k][None], [T[k]])[0], field, ct.shape)
         s = best_slice(up, T[k], view, mask)
         draw_overlay(ax, take_slice(ct, view, s), take_slice(up, view, s), T[k], "both",
                      title=f"relevance {j}\nunit {k} (c_k rank {c_rank[k]})\nr_k = {r[k]:.3g}",
-                     mask2d=take_slice(mask, view, s), view=view if j == 1 else None)
+                     mask2d=take_slice(mask, view, s), view=view if j == 1 else None, fontsize=9)
     fig.tight_layout()
     return fig
 
