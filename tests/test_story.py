@@ -216,3 +216,16 @@ def test_fp_units_on_mimics_or_not():
     s = story.fp_units_where({3: "Schmorl node 40% (x9.0)", 5: "lamina 30% (x1.5)"}, 40)
     assert "1 of 2 sit mostly on a mimic" in s and "handful" not in s
     assert "no unit could be measured" in story.fp_units_where({3: ""}, 0)
+
+
+def test_ablation_verdict_names_the_ranking():
+    s = story.ablation_verdict(0.95, 0.70, 0.94, 0.01, 10, 70, 200, what="keeping only", ranking="c_TP - c_TN")
+    assert s.startswith("Keeping only the top 10 units by c_TP - c_TN: AUC 0.950 -> 0.700")
+
+
+def test_confounder_detectors_wedge_or_not():
+    s = story.confounder_detectors({}, 5, 0, 128)
+    assert s.startswith("0 of the top 5") and "no unit's concept" in s
+    s = story.confounder_detectors({7: "Schmorl node"}, 5, 2, 128)
+    assert "unit 7 (Schmorl node)" in s and "2 of all 128 units detect" in s and "no unit's" not in s
+    assert "No false positive" in story.confounder_detectors({}, 0, 0, 128)

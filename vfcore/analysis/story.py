@@ -275,11 +275,11 @@ def relevant_and_ranked(n_detectors_top: int, random_mean: float, k: int) -> str
 
 
 def ablation_verdict(auc_intact: float, auc_top: float, auc_random: float, auc_random_sd: float, k: int,
-                     n_pos: int, n_neg: int, what: str = "zeroing") -> str:
+                     n_pos: int, n_neg: int, what: str = "zeroing", ranking: str = "c_k") -> str:
     """Does the network use the top-k units? Judged by AUC, which a constant 'fracture' cannot win."""
     lost_top, lost_random = auc_intact - auc_top, auc_intact - auc_random
-    head = (f"{what.capitalize()} the top {k} units: AUC {auc_intact:.3f} -> {auc_top:.3f}; {k} random units: "
-            f"-> {auc_random:.3f} ± {auc_random_sd:.3f} ({n_pos} fractures, {n_neg} healthy)")
+    head = (f"{what[:1].upper() + what[1:]} the top {k} units by {ranking}: AUC {auc_intact:.3f} -> {auc_top:.3f}; "
+            f"{k} random units: -> {auc_random:.3f} ± {auc_random_sd:.3f} ({n_pos} fractures, {n_neg} healthy)")
     if lost_top > lost_random + 2 * max(auc_random_sd, 0.005):
         return head + ": the top units matter more than random ones."
     if lost_top < lost_random - 2 * max(auc_random_sd, 0.005):
@@ -396,3 +396,16 @@ def fp_units_where(measured: Mapping[int, str], n_fp: int) -> str:
     verdict = (f"{len(on_mimic)} of {len(first)} sit mostly on a mimic" if on_mimic
                else f"none of the {len(first)} sits mostly on a mimic")
     return f"{head}, the largest share of each unit's mask is on {listing}: {verdict}{small(n_fp, 'false positives')}."
+
+
+def confounder_detectors(fp_detected: Mapping[int, str], n_fp_units: int, wedge_detectors: int, n_units: int) -> str:
+    """Do the units behind false positives detect a confounder? ``fp_detected``: unit -> the
+    confounder it is a detector of (the false-positive ranking's top units that are detectors);
+    ``wedge_detectors``: detectors of the physiological wedge among all ``n_units`` units."""
+    if n_fp_units == 0:
+        return "No false positive: no false-positive unit to check."
+    head = (f"{len(fp_detected)} of the top {n_fp_units} false-positive units are detectors of a confounder"
+            + (": " + ", ".join(f"unit {u} ({c})" for u, c in fp_detected.items()) if fp_detected else ""))
+    return head + (f"; {wedge_detectors} of all {n_units} units detect the physiological wedge"
+                   + (", so the wedge that fools the network is no unit's concept at this layer." if wedge_detectors == 0
+                      else "."))
