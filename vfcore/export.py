@@ -166,7 +166,8 @@ def _export_unit(run_dir: Path, folder: Path, art: DissectionArtifacts, role: st
                             f"exemplars: {SUBSET_NAMES[sub]}", view=view)
     atomic_save(folder / entry["collage"], lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
     plt.close(fig)
-    fig = collage(tiles[:5], T, rows=1, view=view)                  # the gallery's row (Table 2)
+    # the gallery's row (Table 2): drawn at about half its size there, so larger captions
+    fig = collage(tiles[:5], T, rows=1, view=view, fontsize=12)
     atomic_save(folder / entry["strip"], lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
     plt.close(fig)
     concept_rows, measured = [], ""
