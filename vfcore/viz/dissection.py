@@ -54,8 +54,8 @@ def draw_overlay(ax, ct2d: np.ndarray, act2d: np.ndarray | None = None, T: float
 
 def threshold_overview(d, q_tail: float):
     """Left, per unit: T_k and the largest activation over the split (sorted by T_k, log
-    scale): the scales differ by orders of magnitude, so one global threshold cannot serve
-    every unit. Right: the realised tail P(a_k > T_k) of every unit, sorted, against the
+    scale): how far apart the units' scales are decides whether one global threshold could
+    serve every unit (notebook 03 prints the spread). Right: the realised tail P(a_k > T_k) of every unit, sorted, against the
     target q (ties at T_k fall short of q, degenerate units reach 0)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), layout="constrained")
     order = np.argsort(-d.T.astype(np.float64), kind="stable")
@@ -113,12 +113,13 @@ def unit_histograms(values: np.ndarray, units: Sequence[int], T: Sequence[float]
 
 
 def masks_for_q(ct: np.ndarray, feature_map: np.ndarray, thresholds: Mapping[float, float],
-                field: Sequence[slice], view: str = "sagittal", title: str = ""):
+                field: Sequence[slice], view: str = "sagittal", title: str = "", target: np.ndarray | None = None):
     """What q does to the mask: one slice of one sample; the unit's activation (feature grid
     ``feature_map`` [d, h, w]) thresholded at T_k(q) for several q (smaller q: higher T_k,
     smaller mask), each mask upsampled onto the patch (:func:`vfcore.dissect.patch_mask`).
     The CT alone (left, HU colourbar), then one panel per q on one shared A_k colour scale
-    (its colourbar right of the last panel); orientation letters on every panel."""
+    (its colourbar right of the last panel); orientation letters on every panel; ``target``
+    (bool, the patch's shape): the target vertebra, outlined in yellow on every panel."""
     qs = sorted(thresholds, reverse=True)
     up = upsample_to_patch(feature_map, field, ct.shape)
     masks = {q: patch_mask(M_k(feature_map[None], [thresholds[q]])[0], field, ct.shape) for q in qs}
@@ -138,6 +139,9 @@ def masks_for_q(ct: np.ndarray, feature_map: np.ndarray, thresholds: Mapping[flo
                      low=low, high=high)
     for ax in axes:
         orientation_letters(ax, view, fontsize=FONT)
+        if target is not None:
+            ax.contour(take_slice(np.asarray(target, dtype=float), view, index), [0.5], colors="yellow",
+                       linewidths=0.7)
     if high > low:
         unit_colorbar(axes[-1], low, high, label="A_k (upsampled)", fontsize=FONT + 1)
     if title:
