@@ -37,7 +37,8 @@ def test_fracture_levels_clustered_or_not():
     assert "reproduces that clustering" in s and "40 of 60" in s
     elsewhere = [1, 1, 0, 0, 0, 0] * 10
     s = story.fracture_levels(levels, elsewhere)
-    assert "does not reproduce" in s and "T7, T8" in s and "We expect" in s and "here," in s
+    assert "does not reproduce" in s and "T7, T8 (10 each)" in s and "We expect" in s and "here," in s
+    assert "T7 (10)," in story.fracture_levels(levels, [1, 0, 0, 0, 0, 0] * 10)
     assert "no fractured vertebra" in story.fracture_levels(levels, [0] * 60)
 
 
@@ -171,7 +172,8 @@ def test_detector_count_prints_the_smallest_p_at_the_rules_precision():
 
 
 def test_bullets():
-    assert story.bullets(["a", "", "b"]).endswith("* a\n* b")
+    assert story.bullets(["a", "", "b"]) == "* a\n* b"
+    assert story.bullets(["a"], "Computed").startswith("**Computed**")
 
 
 # ---- the contrastive ranking ------------------------------------------------------------------

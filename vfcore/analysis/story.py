@@ -62,12 +62,12 @@ def pct(part: float, whole: float, digits: int = 0) -> str:
 
 def small(n: int, what: str = "samples") -> str:
     """The caveat for a handful of samples ('' when n is large enough)."""
-    return f" (n = {n} {what}: a handful, one sample changes the order)" if n < SMALL_N else ""
+    return f" (n = {n} {what}, a handful: one more or less can change this)" if n < SMALL_N else ""
 
 
-def bullets(lines: Sequence[str], title: str = "Summary (computed from this run)") -> str:
-    """A Markdown summary: a heading line and one bullet per sentence (empty ones dropped)."""
-    return f"**{title}**\n\n" + "\n".join(f"* {s}" for s in lines if s)
+def bullets(lines: Sequence[str], title: str = "") -> str:
+    """A Markdown summary: one bullet per sentence (empty ones dropped), under ``title`` if given."""
+    return (f"**{title}**\n\n" if title else "") + "\n".join(f"* {s}" for s in lines if s)
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def fracture_levels(levels: Sequence[str], fractured: Sequence[int]) -> str:
     return (f"We expect fractures to be rare (VerSe about 6.5 % of vertebrae, the paper's combined set 11.7 %) "
             f"and to cluster at the thoracolumbar junction (T11-L2); here, {pct(k, n, 1)} vertebrae are "
             f"fractured (the phantom's prevalence is a setting of this notebook), the most at "
-            f"{', '.join(peaks)} ({peak} each), and T11-L2 hold {100 * share_f:.0f} % of the fractures "
+            f"{', '.join(peaks)} ({peak}{' each' if len(peaks) > 1 else ''}), and T11-L2 hold {100 * share_f:.0f} % of the fractures "
             f"against {100 * share_v:.0f} % of the vertebrae: "
             + ("the phantom reproduces that clustering." if clusters else
                "the phantom does not reproduce that clustering (it draws fractures at every level)."))
