@@ -88,8 +88,9 @@ def test_threshold_spread_few_fold_or_order_of_magnitude():
 
 
 def test_receptive_field_whole_field_or_not():
-    s = story.receptive_field(8, 96, 64, 20)
-    assert "every cell can see the whole field" in s and "radius of 20 mm" in s and "much smaller" in s
+    s = story.receptive_field(8, 96, 64, 12)
+    assert "every cell can see the whole field" in s and "radius of 12 mm" in s and "local neighbourhood" in s
+    assert "reads the whole patch" in story.receptive_field(8, 96, 64, 36)
     s = story.receptive_field(8, 40, 64)
     assert "sees 62 % of the field" in s
 

@@ -195,8 +195,10 @@ def receptive_field(cell_mm: float, rf_mm: float, field_mm: float, erf_mm: float
         text += f": a cell sees {100 * rf_mm / field_mm:.0f} % of the field's edge"
     if erf_mm is not None:
         text += (f". The effective receptive field (where the input gradient of one cell holds 90 % of its mass) "
-                 f"has a radius of {erf_mm:.0f} mm" + (", much smaller than the theoretical one"
-                                                       if 2 * erf_mm < 0.5 * rf_mm else ""))
+                 f"has a radius of {erf_mm:.0f} mm"
+                 + (f", about the whole field (its half-width is {field_mm / 2:g} mm): this cell reads the whole patch"
+                    if erf_mm >= 0.4 * field_mm else
+                    f", a local neighbourhood of the {field_mm:g} mm field"))
     return text + "."
 
 
