@@ -211,6 +211,9 @@ def test_call_caption():
     s = story.call_caption("FP", 0.613, 0, 0.17, "physiological wedging; degenerated disc above", "T8")
     assert s == "T8 FP P=0.61\nG0, 17 % loss\nwedge, degen. disc"
     assert story.call_caption("FN", 0.2, 1, None, "").endswith("no confounder")
+    long = story.call_caption("FP", 0.8, 0, 0.18, "physiological wedging; Schmorl node; degenerated disc; "
+                                                   "degenerative endplate sclerosis", "T6")
+    assert all(len(line) <= 26 for line in long.splitlines()[2:]) and long.count("\n") >= 3
 
 
 def test_fp_units_on_mimics_or_not():

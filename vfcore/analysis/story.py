@@ -13,6 +13,7 @@ never printed as one that passes). Draws nothing.
 """
 from __future__ import annotations
 
+import textwrap
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -377,7 +378,8 @@ def call_caption(outcome: str, probability: float, grade, height_loss: float | N
             name = next((v for k, v in short.items() if c.startswith(k)), c)
             if name not in drawn:
                 drawn.append(name)
-    return f"{level} {outcome} P={probability:.2f}\n{g}{hl}\n{', '.join(drawn) or 'no confounder'}".strip()
+    what = textwrap.fill(", ".join(drawn), 26) if drawn else "no confounder"
+    return f"{level} {outcome} P={probability:.2f}\n{g}{hl}\n{what}".strip()
 
 
 #: The phantom's fracture mimics (notebook 01), as concept names.

@@ -251,14 +251,14 @@ def gallery(rows: Sequence[Mapping], images: Mapping[int, np.ndarray]):
     measured concept (phantom); and the "clinical explanation" column, empty until filled."""
     n = len(rows)
     fig = plt.figure(figsize=(11, 1.6 * n + 0.5))
-    grid = fig.add_gridspec(n + 1, 4, width_ratios=[1.0, 5.0, 2.2, 1.8], height_ratios=[0.22] + [1] * n,
+    grid = fig.add_gridspec(n + 1, 4, width_ratios=[0.9, 4.6, 2.7, 1.6], height_ratios=[0.22] + [1] * n,
                             wspace=0.05, hspace=0.12)
-    heads = ["rank, unit, c_k", "strongest exemplars (slice of largest thresholded activation)",
-             "mask share (phantom)", "clinical explanation"]
+    heads = ["unit", "strongest exemplars, each at its best slice", "mask share (phantom)",
+             "clinical explanation"]
     for j, head in enumerate(heads):
         ax = fig.add_subplot(grid[0, j])
         ax.axis("off")
-        ax.text(0.0, 0.2, head, fontsize=10, weight="bold")
+        ax.text(0.0, 0.2, head, fontsize=9.5, weight="bold")
     for i, row in enumerate(rows, start=1):
         ax = fig.add_subplot(grid[i, 0])
         ax.axis("off")
@@ -281,11 +281,13 @@ def gallery(rows: Sequence[Mapping], images: Mapping[int, np.ndarray]):
 
 def relevance_row(ct: np.ndarray, feature_maps: Mapping[int, np.ndarray], T: Mapping[int, float],
                   units: Sequence[int], c_rank: Mapping[int, int], r: Mapping[int, float],
-                  field: Sequence[slice], title: str = "", view: str = "sagittal", cols: int = 4):
+                  field: Sequence[slice], title: str = "", view: str = "sagittal", cols: int = 4,
+                  target: np.ndarray | None = None):
     """Table 3 of the paper: the sample (first tile) and, for its most relevant units (descending
     r_k), the slice where each unit's thresholded activation is largest, with its c_k rank.
     ``feature_maps[k]``: unit k's activation on the feature grid for this sample. At most
-    ``cols`` tiles a row (2.4 inches each), so 9-pt captions stay readable at notebook width."""
+    ``cols`` tiles a row (2.4 inches each), so 9-pt captions stay readable at notebook width;
+    ``target`` (bool, the patch's shape): the target vertebra, outlined in yellow on every tile."""
     n = len(units)
     n_rows, n_cols = collage_grid(n + 1, cols)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.4 * n_cols, 3.0 * n_rows), squeeze=False)
@@ -303,6 +305,10 @@ def relevance_row(ct: np.ndarray, feature_maps: Mapping[int, np.ndarray], T: Map
         draw_overlay(ax, take_slice(ct, view, s), take_slice(up, view, s), T[k], "both",
                      title=f"relevance {j}\nunit {k} (c_k rank {c_rank[k]})\nr_k = {r[k]:.3g}",
                      mask2d=take_slice(mask, view, s), view=view if j == 1 else None, fontsize=9)
+        if target is not None:
+            ax.contour(take_slice(np.asarray(target, dtype=float), view, s), [0.5], colors="yellow", linewidths=0.7)
+    if target is not None:
+        flat[0].contour(take_slice(np.asarray(target, dtype=float), view, mid), [0.5], colors="yellow", linewidths=0.7)
     fig.tight_layout()
     return fig
 
