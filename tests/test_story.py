@@ -121,6 +121,7 @@ def test_ranking_detectors_fewer_more_or_as_many_as_random():
     s = story.ranking_detectors(6, 4, 2.2, 10, 31, 128, 20)
     assert "more detectors than 10 random" in s and "fewer than Eq. 1" in s and "did not make many" in s
     assert "about as many" in story.ranking_detectors(2, 2, 2.2, 10, 31, 128)
+    assert "; by AUC: 5." in story.ranking_detectors(2, 0, 2.2, 10, 31, 128, more={"by AUC": 5})
 
 
 # ---- 05/06 ------------------------------------------------------------------------------------

@@ -243,8 +243,10 @@ def ubiquity(c_tp: Sequence[float], c_tn: Sequence[float], k: int) -> str:
 
 
 def ranking_detectors(n_eq1: float, n_contrast: float, random_mean: float, k: int, n_all: int, n_units: int,
-                      n_untrained: int | None = None, contrast: str = "the contrastive ranking") -> str:
-    """Detectors among the top-k by Eq. 1, by a contrastive ranking, and among k random units."""
+                      n_untrained: int | None = None, contrast: str = "the contrastive ranking",
+                      more: Mapping[str, float] | None = None) -> str:
+    """Detectors among the top-k by Eq. 1, by a contrastive ranking (and ``more`` rankings:
+    name -> detectors in its top k), and among k random units."""
     base = n_all / n_units * k if n_units else 0
     if n_eq1 < random_mean - 1:            # a difference of one unit or less is no difference
         verdict = f"Eq. 1's top {k} hold fewer detectors than {k} random units"
@@ -255,6 +257,8 @@ def ranking_detectors(n_eq1: float, n_contrast: float, random_mean: float, k: in
     cmp_ = ("more than" if n_contrast > n_eq1 else "as many as" if n_contrast == n_eq1 else "fewer than")
     text = (f"{verdict} ({n_eq1:g} vs {random_mean:.1f} on average; {n_all} of all {n_units} units are detectors, "
             f"{base:.1f} expected in any {k}); {contrast} puts {n_contrast:g} in its top {k}, {cmp_} Eq. 1")
+    for name, n in (more or {}).items():
+        text += f"; {name}: {n:g}"
     if n_untrained is not None:
         text += f". An untrained network of the same shape has {n_untrained} detectors"
         text += (": training made detectors." if n_all > 2 * max(n_untrained, 1) else
