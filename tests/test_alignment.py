@@ -319,6 +319,11 @@ def test_ablation_with_negatives_reports_fpr_and_auc():
     assert top.loc[("zero", 1), "recall"] == 0.0 and top.loc[("zero", 1), "fpr"] == 0.0
     s = ablation_summary(t).set_index(["mode", "k"])
     assert {"auc_intact", "auc_top", "auc_random", "auc_random_sd", "fpr_top"} <= set(s.columns)
+    both = ablation_table(model, x, labels, "feat", ranked=list(range(8)), ks=(1,), n_random=2, negatives=True,
+                          extra={"other": [3, 0, 1]})
+    s2 = ablation_summary(both).set_index(["mode", "k"])
+    assert s2.loc[("zero", 1), "recall_other"] == 1.0 and s2.loc[("zero", 1), "recall_top"] == 0.0  # unit 3 is not unit 0
+    assert "auc_other" in s2 and "fpr_other" in s2
     plain = ablation_table(model, x, labels, "feat", ranked=list(range(8)), ks=(1,), n_random=2)
     assert "auc" not in plain and "auc_top" not in ablation_summary(plain)
 

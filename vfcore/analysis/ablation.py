@@ -11,7 +11,7 @@ the network is exactly as before. Everything here returns tables; notebook 06 dr
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -139,7 +139,8 @@ def ablation_table(model: torch.nn.Module, data, labels, layer: str, ranked: Seq
                    ks: Sequence[int] = KS, n_random: int = N_RANDOM, keep_only: bool = True,
                    transform: Callable | None = None, threshold: float = 0.5, seed: int = 0,
                    batch_size: int = 16, device: str | None = None, n_units: int | None = None,
-                   fast: bool = True, negatives: bool = False) -> pd.DataFrame:
+                   fast: bool = True, negatives: bool = False,
+                   extra: Mapping[str, Sequence[int]] | None = None) -> pd.DataFrame:
     """The causal check over the ground-truth fractures of ``data`` (only they are run).
 
     ``ranked``: units by c_k, best first (``rank_units(...)["unit"]``). One row per condition:
@@ -155,6 +156,8 @@ def ablation_table(model: torch.nn.Module, data, labels, layer: str, ranked: Seq
 
     ``negatives``: run the healthy vertebrae too and add ``fpr`` (healthy called fractured) and
     ``auc`` per condition: recall alone rewards a network that calls everything fractured.
+    ``extra``: other rankings (name -> units, best first) run on the same conditions (no random
+    draws of their own), as rows with ``selection`` = the name; one cache serves them all.
     """
     labels = np.asarray(labels).astype(int)
     pos = np.flatnonzero(labels == 1)
@@ -173,12 +176,12 @@ def ablation_table(model: torch.nn.Module, data, labels, layer: str, ranked: Seq
         with zeroed(model, layer, **chosen):
             return predict(model, sub, transform, batch_size, device)
 
-    p0 = run()
-    tp = (p0 >= threshold) & is_pos
-    rows = [_row("none", "none", 0, 0, p0, tp, threshold, is_pos)]
     ranked = [int(u) for u in ranked]
     n_units = len(ranked) if n_units is None else int(n_units)
     K = n_units
+    p0 = cached(_gate(K, units=[], layer=layer)) if cached is not None else run()   # intact
+    tp = (p0 >= threshold) & is_pos
+    rows = [_row("none", "none", 0, 0, p0, tp, threshold, is_pos)]
     rng = np.random.default_rng(seed)
     modes = ("zero", "keep") if keep_only else ("zero",)
     for k in ks:
@@ -186,6 +189,8 @@ def ablation_table(model: torch.nn.Module, data, labels, layer: str, ranked: Seq
         for mode in modes:
             arg = "units" if mode == "zero" else "keep"
             rows.append(_row(mode, "top", k, 0, run(**{arg: ranked[:k]}), tp, threshold, is_pos))
+            for name, units in (extra or {}).items():
+                rows.append(_row(mode, name, k, 0, run(**{arg: [int(u) for u in units][:k]}), tp, threshold, is_pos))
             for draw in range(n_random):
                 units = rng.choice(n_units, size=k, replace=False)
                 rows.append(_row(mode, "random", k, draw, run(**{arg: units}), tp, threshold, is_pos))
@@ -198,7 +203,8 @@ def ablation_table(model: torch.nn.Module, data, labels, layer: str, ranked: Seq
 def ablation_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Per mode and k: recall (top), mean and sd of recall (random), recall lost by each from the
     intact network and their ratio (``loss_ratio`` = lost by top / lost by random), and the same
-    for mean_p_tp; with ``negatives``: ``auc_*`` and ``fpr_*`` (intact, top, random mean and sd)."""
+    for mean_p_tp; with ``negatives``: ``auc_*`` and ``fpr_*`` (intact, top, random mean and sd);
+    with ``extra`` rankings: ``recall_<name>``, ``auc_<name>``, ``fpr_<name>``, ``mean_p_tp_<name>``."""
     base = table[table["mode"] == "none"].iloc[0]
     rows = []
     for (mode, k), g in table[table["mode"] != "none"].groupby(["mode", "k"], sort=True):
@@ -212,6 +218,11 @@ def ablation_summary(table: pd.DataFrame) -> pd.DataFrame:
                      "loss_ratio": lost_top / lost_rand if lost_rand > 0 else np.inf if lost_top > 0 else np.nan,
                      "mean_p_tp_top": float(top["mean_p_tp"].mean()),
                      "mean_p_tp_random": float(rand["mean_p_tp"].mean()), "draws": len(rand)})
+        for sel in [s for s in g["selection"].unique() if s not in ("top", "random")]:
+            other = g[g["selection"] == sel]
+            for col in ("recall", "auc", "fpr", "mean_p_tp"):
+                if col in other:
+                    rows[-1][f"{col}_{sel}"] = float(other[col].mean())
         for col in ("auc", "fpr"):
             if col in g:
                 rows[-1].update({f"{col}_intact": base[col], f"{col}_top": float(top[col].mean()),
