@@ -324,6 +324,9 @@ def test_ablation_with_negatives_reports_fpr_and_auc():
     s2 = ablation_summary(both).set_index(["mode", "k"])
     assert s2.loc[("zero", 1), "recall_other"] == 1.0 and s2.loc[("zero", 1), "recall_top"] == 0.0  # unit 3 is not unit 0
     assert "auc_other" in s2 and "fpr_other" in s2
+    few = ablation_table(model, x, labels, "feat", ranked=list(range(8)), ks=(1,), n_random=1, negatives=True,
+                         max_negatives=2)
+    assert few.attrs["n_healthy"] == 2 and few.attrs["n_healthy_all"] == 4
     plain = ablation_table(model, x, labels, "feat", ranked=list(range(8)), ks=(1,), n_random=2)
     assert "auc" not in plain and "auc_top" not in ablation_summary(plain)
 

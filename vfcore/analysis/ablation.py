@@ -139,7 +139,7 @@ def ablation_table(model: torch.nn.Module, data, labels, layer: str, ranked: Seq
                    ks: Sequence[int] = KS, n_random: int = N_RANDOM, keep_only: bool = True,
                    transform: Callable | None = None, threshold: float = 0.5, seed: int = 0,
                    batch_size: int = 16, device: str | None = None, n_units: int | None = None,
-                   fast: bool = True, negatives: bool = False,
+                   fast: bool = True, negatives: bool = False, max_negatives: int | None = None,
                    extra: Mapping[str, Sequence[int]] | None = None) -> pd.DataFrame:
     """The causal check over the ground-truth fractures of ``data`` (only they are run).
 
@@ -155,7 +155,9 @@ def ablation_table(model: torch.nn.Module, data, labels, layer: str, ranked: Seq
     :func:`zeroed`, tested; bounded by :data:`CACHE_BYTES`); other models and layers use the hooks.
 
     ``negatives``: run the healthy vertebrae too and add ``fpr`` (healthy called fractured) and
-    ``auc`` per condition: recall alone rewards a network that calls everything fractured.
+    ``auc`` per condition: recall alone rewards a network that calls everything fractured;
+    ``max_negatives``: at most this many healthy vertebrae, drawn at random (``seed``), to bound
+    the cost (every condition reruns the network above the layer on every vertebra run).
     ``extra``: other rankings (name -> units, best first) run on the same conditions (no random
     draws of their own), as rows with ``selection`` = the name; one cache serves them all.
     """
@@ -163,7 +165,10 @@ def ablation_table(model: torch.nn.Module, data, labels, layer: str, ranked: Seq
     pos = np.flatnonzero(labels == 1)
     if len(pos) == 0:
         raise DataValueError(None, "labels: no fractures in the set: recall is undefined")
-    rows_run = np.arange(len(labels)) if negatives else pos
+    neg = np.flatnonzero(labels == 0) if negatives else np.zeros(0, dtype=int)
+    if max_negatives is not None and len(neg) > max_negatives:
+        neg = np.sort(np.random.default_rng(seed).choice(neg, size=int(max_negatives), replace=False))
+    rows_run = np.sort(np.concatenate([pos, neg]))
     is_pos = labels[rows_run] == 1
     sub = _Subset(data, rows_run)
     cached = _cached_runner(model, sub, layer, transform, batch_size, device) if fast else None
@@ -196,7 +201,7 @@ def ablation_table(model: torch.nn.Module, data, labels, layer: str, ranked: Seq
                 rows.append(_row(mode, "random", k, draw, run(**{arg: units}), tp, threshold, is_pos))
     table = pd.DataFrame(rows)
     table.attrs.update(n_fractures=len(pos), n_tp=int(tp.sum()), threshold=threshold,
-                       n_healthy=int((~is_pos).sum()))
+                       n_healthy=int((~is_pos).sum()), n_healthy_all=int((labels == 0).sum()))
     return table
 
 
