@@ -236,3 +236,8 @@ def test_confounder_detectors_wedge_or_not():
     s = story.confounder_detectors({7: "Schmorl node"}, 5, 2, 128)
     assert "unit 7 (Schmorl node)" in s and "2 of all 128 units detect" in s and "no unit's" not in s
     assert "No false positive" in story.confounder_detectors({}, 0, 0, 128)
+
+
+def test_redundancy_or_not():
+    assert "spread over many units" in story.redundancy(0.91, 0.906, 10, 128, 10)
+    assert "needs more units" in story.redundancy(0.91, 0.70, 10, 128, 10)

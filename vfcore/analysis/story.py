@@ -417,3 +417,12 @@ def confounder_detectors(fp_detected: Mapping[int, str], n_fp_units: int, wedge_
     return head + (f"; {wedge_detectors} of all {n_units} units detect the physiological wedge"
                    + (", so the wedge that fools the network is no unit's concept at this layer." if wedge_detectors == 0
                       else "."))
+
+
+def redundancy(auc_intact: float, auc_keep_random: float, k: int, n_units: int, n_draws: int) -> str:
+    """Is the evidence spread over many units? AUC with only k random units of the layer kept."""
+    head = (f"Keeping only {k} random units of {n_units} (zeroing the rest; mean of {n_draws} draws) gives AUC "
+            f"{auc_keep_random:.3f} against {auc_intact:.3f} intact")
+    if auc_keep_random >= auc_intact - 0.05:
+        return head + ": the evidence is spread over many units, so no small set of units is necessary."
+    return head + ": most of the evidence needs more units than these."
