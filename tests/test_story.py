@@ -149,7 +149,8 @@ def test_where_method_near_zero_or_not():
     s = story.where_method("Occlusion", {"superior endplate": 0.02, "fracture-deformity zone": 0.31})
     assert "overlaps" in s and "0.310" in s
     assert "no fracture sign" in story.where_method("X", {})
-    assert "soft tissue" in story.gradcam_hotspot({"soft tissue": 0.7, "vertebral body": 0.3})
+    assert "mostly on soft tissue" in story.gradcam_hotspot({"soft tissue": 0.7, "vertebral body": 0.3})
+    assert "mostly off the labelled" in story.gradcam_hotspot({"adjacent vertebrae": 0.03, "disc above": 0.01})
 
 
 def test_correlation_significant_or_not_with_the_rules_precision():

@@ -325,7 +325,10 @@ def gradcam_hotspot(share: Mapping[str, float]) -> str:
     if not share:
         return ""
     best = max(share, key=share.get)
-    return f"Its hot region (> 0.5 of its maximum) lies mostly on {best} ({100 * share[best]:.0f} % of it)."
+    if share[best] >= 0.5:
+        return f"Its hot region (> 0.5 of its maximum) lies mostly on {best} ({100 * share[best]:.0f} % of it)."
+    return (f"Its hot region (> 0.5 of its maximum) lies mostly off the labelled structures of the target: the "
+            f"largest share, {100 * share[best]:.0f} %, is on {best}.")
 
 
 def correlation(rho: float, p: float, n: int, what: str, alpha: float = 0.01, expect_none: bool = True) -> str:
