@@ -373,7 +373,7 @@ def concept_views() -> str:
 def call_caption(outcome: str, probability: float, grade, height_loss: float | None = None,
                  confounders: str = "", level: str = "") -> str:
     """A wrong call's caption: outcome and P, grade and the drawn height loss, what was drawn there."""
-    short = {"physiological wedging": "wedge", "degenerated disc": "degen. disc", "Schmorl node": "Schmorl",
+    short = {"physiological wedging": "wedge", "degenerated disc": "degen.\u00a0disc", "Schmorl node": "Schmorl",
              "degenerative endplate sclerosis": "sclerosis", "low density": "low density",
              "osteophyte": "osteophyte"}
     g = "" if grade is None or (isinstance(grade, float) and not np.isfinite(grade)) else f"G{int(grade)}"
