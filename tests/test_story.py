@@ -233,9 +233,9 @@ def test_ablation_verdict_names_the_ranking():
 
 def test_confounder_detectors_wedge_or_not():
     s = story.confounder_detectors({}, 5, 0, 128)
-    assert s.startswith("0 of the top 5") and "no unit's concept" in s
+    assert s.startswith("0 of the top 5") and "no unit of this layer detects the wedge" in s
     s = story.confounder_detectors({7: "Schmorl node"}, 5, 2, 128)
-    assert "unit 7 (Schmorl node)" in s and "2 of all 128 units detect" in s and "no unit's" not in s
+    assert "unit 7 (Schmorl node)" in s and "2 of all 128 units detect" in s and "no unit of this" not in s
     assert "No false positive" in story.confounder_detectors({}, 0, 0, 128)
 
 

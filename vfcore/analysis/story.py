@@ -418,7 +418,7 @@ def confounder_detectors(fp_detected: Mapping[int, str], n_fp_units: int, wedge_
     head = (f"{len(fp_detected)} of the top {n_fp_units} false-positive units are detectors of a confounder"
             + (": " + ", ".join(f"unit {u} ({c})" for u, c in fp_detected.items()) if fp_detected else ""))
     return head + (f"; {wedge_detectors} of all {n_units} units detect the physiological wedge"
-                   + (", so the wedge that fools the network is no unit's concept at this layer." if wedge_detectors == 0
+                   + (": no unit of this layer detects the wedge (notebook 04 says how many false positives carry one)." if wedge_detectors == 0
                       else "."))
 
 
