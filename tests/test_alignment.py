@@ -304,6 +304,33 @@ def test_ablation_table_on_a_toy_with_a_known_answer():
     assert s.loc[("zero", 1), "lost_random"] == pytest.approx(1 - rand["recall"].mean())
 
 
+def test_ablation_with_negatives_reports_fpr_and_auc():
+    """Issue 26: recall alone is won by a network that calls everything fractured; with the
+    healthy vertebrae run too, each condition has its false-positive rate and AUC."""
+    model = _Toy(8)
+    x = torch.rand(12, 1, 4, 4, 4) * 0.2 + 0.6      # all called fractured, healthy ones too
+    labels = np.array([1] * 8 + [0] * 4)
+    t = ablation_table(model, x, labels, "feat", ranked=list(range(8)), ks=(1,), n_random=4, negatives=True)
+    assert t.attrs["n_healthy"] == 4 and t.attrs["n_fractures"] == 8
+    intact = t[t["mode"] == "none"].iloc[0]
+    assert intact["recall"] == 1.0 and intact["fpr"] == 1.0       # recall 1, but every healthy one too
+    assert 0.0 <= intact["auc"] <= 1.0
+    top = t[t["selection"] == "top"].set_index(["mode", "k"])
+    assert top.loc[("zero", 1), "recall"] == 0.0 and top.loc[("zero", 1), "fpr"] == 0.0
+    s = ablation_summary(t).set_index(["mode", "k"])
+    assert {"auc_intact", "auc_top", "auc_random", "auc_random_sd", "fpr_top"} <= set(s.columns)
+    both = ablation_table(model, x, labels, "feat", ranked=list(range(8)), ks=(1,), n_random=2, negatives=True,
+                          extra={"other": [3, 0, 1]})
+    s2 = ablation_summary(both).set_index(["mode", "k"])
+    assert s2.loc[("zero", 1), "recall_other"] == 1.0 and s2.loc[("zero", 1), "recall_top"] == 0.0  # unit 3 is not unit 0
+    assert "auc_other" in s2 and "fpr_other" in s2
+    few = ablation_table(model, x, labels, "feat", ranked=list(range(8)), ks=(1,), n_random=1, negatives=True,
+                         max_negatives=2)
+    assert few.attrs["n_healthy"] == 2 and few.attrs["n_healthy_all"] == 4
+    plain = ablation_table(model, x, labels, "feat", ranked=list(range(8)), ks=(1,), n_random=2)
+    assert "auc" not in plain and "auc_top" not in ablation_summary(plain)
+
+
 def test_ablation_fast_path_equals_the_hooks():
     """The cached activations + network above give what the hooks on the full network give."""
     from vfcore.model import build_model
@@ -324,6 +351,28 @@ def test_ablation_fast_path_equals_the_hooks():
 # --------------------------------------------------------------------------------------------
 # Grad-CAM
 # --------------------------------------------------------------------------------------------
+
+def test_occlusion_map_finds_the_block_the_output_depends_on():
+    """A toy whose logit is the mean of one 8^3 block of the field: occluding that block (and
+    only it) drops P(fracture), so the map is 1 there and 0 elsewhere."""
+    from vfcore.analysis.saliency import occlusion_map
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return (x[:, 0, 8:16, 0:8, 0:8].mean(dim=(1, 2, 3)) * 10 - 5 + self.w)[:, None]
+
+    field = (slice(0, 24),) * 3
+    hu = np.ones((24, 24, 24), dtype=np.float32)
+    m = occlusion_map(Block(), hu, lambda h: h[:, None], field, fill=0.0, cell=8, batch_size=5)
+    assert m.shape == hu.shape and m[8:16, 0:8, 0:8].min() == pytest.approx(1.0)
+    rest = m.copy()
+    rest[8:16, 0:8, 0:8] = 0
+    assert np.abs(rest).max() == 0
+
 
 @pytest.mark.parametrize("preset", ["small", "paper"])
 def test_grad_cam_shapes_and_target_layer(preset):

@@ -520,7 +520,7 @@ def test_draft_finding_names_measured_concepts_or_says_none(tmp_path):
     firing = [int(k) for k in np.argsort(-a.relevance, kind="stable")[:5] if a.relevance[k] > 0]
     assert firing, "the synthetic sample should have firing units"
     plain = text.findings_html(data, a)
-    assert "your concept labels" in plain and "no significant concept" in plain
+    assert "your concept labels" in plain and "no label of yours yet" in plain
     data.measured_concepts = {firing[0]: "superior endplate"}
     measured = text.findings_html(data, a)
     assert "notebook 06" in measured

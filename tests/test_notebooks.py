@@ -25,7 +25,7 @@ def test_series_runs_end_to_end(executed):
     run, notebooks = executed
     assert [p.stem for p in notebooks] == [
         "01_preprocessing", "02_training", "03_quantile_thresholding",
-        "04_correlation_ranking", "05_concept_explorer", "06_concept_alignment",
+        "04_correlation_ranking", "05_concept_explorer", "06_concept_alignment", "07_causal_checks",
     ]
     for path in notebooks:
         nb = nbformat.read(path, as_version=4)
@@ -70,12 +70,13 @@ def test_missing_steps_follow_the_artifacts(tmp_path):
     (tmp_path / "patches" / "manifest.csv").write_text("")
     assert missing_steps(tmp_path, "thresholds") == ["training"]
     with pytest.raises(ValueError, match="notebook or stage must be one of"):
-        missing_steps(tmp_path, "07_nothing")
+        missing_steps(tmp_path, "09_nothing")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stem", ["02_training", "03_quantile_thresholding", "04_correlation_ranking",
-                                  "05_concept_explorer", "06_concept_alignment"])
+                                  "05_concept_explorer", "06_concept_alignment",
+                                  "07_causal_checks"])
 def test_a_notebook_opened_alone_builds_its_earlier_steps(tmp_path, stem):
     """A Colab/Binder badge opens one notebook in an empty run folder: it builds the earlier
     notebooks' outputs itself (at test size here) and runs to the end."""

@@ -17,6 +17,7 @@ EXPECTED = [
     "04_correlation_ranking",
     "05_concept_explorer",
     "06_concept_alignment",
+    "07_causal_checks",
 ]
 
 

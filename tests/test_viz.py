@@ -179,6 +179,24 @@ def test_patch_gallery_letters_colorbar_and_readable_captions(tmp_path):
     assert_readable(fig)
 
 
+def test_wrong_calls_letters_colorbar_captions_and_target_outline(tmp_path):
+    """Issue 26: the wrong calls as pictures: one tile each, letters, HU colour bar, caption."""
+    from vfcore.viz import patches as vp
+
+    manifest = _gallery_store(tmp_path)
+    rows = manifest.head(3).assign(outcome=["FP", "FN", "FP"])
+    fig = vp.wrong_calls(rows, tmp_path, ["a\nb", "c", "d"], cols=2, size=16)
+    tiles = image_axes(fig)
+    assert len(tiles) == 3
+    for ax in tiles:
+        assert_letters(ax, "sagittal")
+        assert ax.get_xlabel() in ("a\nb", "c", "d")
+    assert "HU" in colorbar_of(fig, "gray").ax.get_ylabel()
+    assert_readable(fig)
+    with pytest.raises(Exception):
+        vp.wrong_calls(rows.head(0), tmp_path, [])
+
+
 # --------------------------------------------------------------------------------------------
 # CT slices of scans (RAS): viz.slices
 # --------------------------------------------------------------------------------------------

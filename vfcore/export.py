@@ -157,7 +157,7 @@ def _export_unit(run_dir: Path, folder: Path, art: DissectionArtifacts, role: st
     entry = {"role": role, "rank": rank, "c": c, "subset": sub, "samples": idx, "slices": [],
              "collage": f"collages/unit_{unit:03d}_{role}.png",
              "strip": f"collages/unit_{unit:03d}_{role}_top5.png", "nifti": []}
-    tiles, overlaps, where, n_masks = [], [], [], 0
+    tiles, overlaps, where, n_masks, short = [], [], [], 0, []
     for j, (i, a, M) in enumerate(zip(idx, feature_maps, feature_masks)):
         row = samples.loc[i]
         ct = _load_patch(run_dir, row["ct_path"])
@@ -165,6 +165,7 @@ def _export_unit(run_dir: Path, folder: Path, art: DissectionArtifacts, role: st
         mask = patch_mask(M, art.field, ct.shape)           # M_k of the pass, on the patch
         s = best_slice(up, T, view, mask)
         entry["slices"].append(s)
+        short.append((row["level"], d.r[i, unit]))
         tiles.append((take_slice(ct, view, s), take_slice(up, view, s),
                       f"{row['case']} {row['level']}\nr_k = {d.r[i, unit]:.3g}", take_slice(mask, view, s)))
         if j < nifti_top:
@@ -184,7 +185,9 @@ def _export_unit(run_dir: Path, folder: Path, art: DissectionArtifacts, role: st
                             f"exemplars: {SUBSET_NAMES[sub]}", view=view)
     atomic_save(folder / entry["collage"], lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
     plt.close(fig)
-    fig = collage(tiles[:5], T, rows=1, view=view)                  # the gallery's row (Table 2)
+    # the gallery's row (Table 2): drawn at about 40 % of its size there, so short, large captions
+    fig = collage([(t[0], t[1], f"{lv}, r_k {r:.3g}", *t[3:]) for t, (lv, r) in zip(tiles[:5], short)], T,
+                  rows=1, view=view, fontsize=17)
     atomic_save(folder / entry["strip"], lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
     plt.close(fig)
     concept_rows, measured = [], ""

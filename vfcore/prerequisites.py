@@ -29,6 +29,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "ranking": ("manifest", "checkpoint"),
     "explorer": ("manifest", "checkpoint", "dissection_meta", "exemplars"),
     "alignment": ("manifest", "checkpoint", "dissection_meta", "exemplars"),
+    "causal": ("manifest", "checkpoint", "dissection_meta", "exemplars"),
 }
 
 #: The stages that make artifacts, in the order they must run.

@@ -10,7 +10,7 @@ A run folder (e.g. ``runs/phantom/``) holds everything one pass through the cour
     dissection/              T_k, statistics, rankings              notebook 03/04 / `vfcore dissect`
     dissection/units.csv     the exported units (collages/, nifti/)  notebook 04
     concepts.json            the student's concept dictionary       notebook 05
-    alignment/               concept alignment and controls         notebook 06
+    alignment/               concept alignment and controls         notebook 06 (ablation.csv: 07)
     notebooks/               executed copies of the notebooks       `vfcore run-notebooks`
 
 No other module spells these paths or the notebook names: they ask a :class:`RunFolder`.
@@ -40,6 +40,7 @@ NOTEBOOKS: dict[str, str] = {
     "ranking": "04_correlation_ranking",
     "explorer": "05_concept_explorer",
     "alignment": "06_concept_alignment",
+    "causal": "07_causal_checks",
 }
 
 

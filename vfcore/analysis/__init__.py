@@ -1,4 +1,4 @@
-"""Measurements beyond the paper, one question a module (notebook 06 and later notebooks).
+"""Measurements beyond the paper, one question a module (notebooks 04, 06, 07).
 
 The paper's own method, Sec. 2.2-2.3 (T_k, M_k, E_x, c_k, r_k), is :mod:`vfcore.dissect`; this
 package asks what the paper did not, on top of it (it imports :mod:`vfcore.dissect`, never the
@@ -12,7 +12,9 @@ reverse):
 * :mod:`~vfcore.analysis.saliency`: Grad-CAM of the fracture score, against the unit masks;
 * :mod:`~vfcore.analysis.shortcut`: does P(fracture) follow how much of the patch lies outside
   the scan?
-* :mod:`~vfcore.analysis.findings`: concept dictionaries and draft findings text.
+* :mod:`~vfcore.analysis.findings`: concept dictionaries and draft findings text;
+* :mod:`~vfcore.analysis.contrast`: c_TP - c_TN and each unit's AUC beside Eq. 1 (notebook 04);
+* :mod:`~vfcore.analysis.story`: the notebooks' run-dependent sentences, for either outcome.
 
 Import the module of the question, e.g. ``from vfcore.analysis import alignment``. Like
 :mod:`vfcore.dissect`, it draws nothing (notebooks and :mod:`vfcore.viz` draw).

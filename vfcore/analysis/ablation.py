@@ -11,11 +11,12 @@ the network is exactly as before. Everything here returns tables; notebook 06 dr
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from scipy.stats import rankdata
 
 from vfcore.errors import DataValueError
 
@@ -74,12 +75,27 @@ def predict(model: torch.nn.Module, data, transform: Callable | None = None, bat
     return p
 
 
-def _row(mode: str, selection: str, k: int, draw: int, p: np.ndarray, tp: np.ndarray, threshold: float) -> dict:
+def _auc(p: np.ndarray, pos: np.ndarray) -> float:
+    """AUC of ``p`` for ``pos`` (Mann-Whitney, ties half); NaN without both classes."""
+    n1, n0 = int(pos.sum()), int((~pos).sum())
+    if n1 == 0 or n0 == 0:
+        return np.nan
+    r = rankdata(p)
+    return float((r[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def _row(mode: str, selection: str, k: int, draw: int, p: np.ndarray, tp: np.ndarray, threshold: float,
+         pos: np.ndarray | None = None) -> dict:
     pred = p >= threshold
-    return {"mode": mode, "selection": selection, "k": k, "draw": draw,
-            "recall": float(pred.mean()) if len(p) else np.nan,
-            "tp_kept": float(pred[tp].mean()) if tp.any() else np.nan,
-            "mean_p_tp": float(p[tp].mean()) if tp.any() else np.nan}
+    pos = np.ones(len(p), dtype=bool) if pos is None else pos
+    row = {"mode": mode, "selection": selection, "k": k, "draw": draw,
+           "recall": float(pred[pos].mean()) if pos.any() else np.nan,
+           "tp_kept": float(pred[tp].mean()) if tp.any() else np.nan,
+           "mean_p_tp": float(p[tp].mean()) if tp.any() else np.nan}
+    if not pos.all():
+        row["fpr"] = float(pred[~pos].mean())
+        row["auc"] = _auc(p, pos)
+    return row
 
 
 #: Largest cache of the layer's activations (bytes) for the fast path of :func:`ablation_table`.
@@ -123,7 +139,8 @@ def ablation_table(model: torch.nn.Module, data, labels, layer: str, ranked: Seq
                    ks: Sequence[int] = KS, n_random: int = N_RANDOM, keep_only: bool = True,
                    transform: Callable | None = None, threshold: float = 0.5, seed: int = 0,
                    batch_size: int = 16, device: str | None = None, n_units: int | None = None,
-                   fast: bool = True) -> pd.DataFrame:
+                   fast: bool = True, negatives: bool = False, max_negatives: int | None = None,
+                   extra: Mapping[str, Sequence[int]] | None = None) -> pd.DataFrame:
     """The causal check over the ground-truth fractures of ``data`` (only they are run).
 
     ``ranked``: units by c_k, best first (``rank_units(...)["unit"]``). One row per condition:
@@ -136,12 +153,24 @@ def ablation_table(model: torch.nn.Module, data, labels, layer: str, ranked: Seq
     ``fast``: for the fracture network's dissected layer, compute the layer's activations once
     and rerun only the network above it per condition (the same numbers as the hooks of
     :func:`zeroed`, tested; bounded by :data:`CACHE_BYTES`); other models and layers use the hooks.
+
+    ``negatives``: run the healthy vertebrae too and add ``fpr`` (healthy called fractured) and
+    ``auc`` per condition: recall alone rewards a network that calls everything fractured;
+    ``max_negatives``: at most this many healthy vertebrae, drawn at random (``seed``), to bound
+    the cost (every condition reruns the network above the layer on every vertebra run).
+    ``extra``: other rankings (name -> units, best first) run on the same conditions (no random
+    draws of their own), as rows with ``selection`` = the name; one cache serves them all.
     """
     labels = np.asarray(labels).astype(int)
     pos = np.flatnonzero(labels == 1)
     if len(pos) == 0:
         raise DataValueError(None, "labels: no fractures in the set: recall is undefined")
-    sub = _Subset(data, pos)
+    neg = np.flatnonzero(labels == 0) if negatives else np.zeros(0, dtype=int)
+    if max_negatives is not None and len(neg) > max_negatives:
+        neg = np.sort(np.random.default_rng(seed).choice(neg, size=int(max_negatives), replace=False))
+    rows_run = np.sort(np.concatenate([pos, neg]))
+    is_pos = labels[rows_run] == 1
+    sub = _Subset(data, rows_run)
     cached = _cached_runner(model, sub, layer, transform, batch_size, device) if fast else None
 
     def run(**chosen) -> np.ndarray:
@@ -152,31 +181,35 @@ def ablation_table(model: torch.nn.Module, data, labels, layer: str, ranked: Seq
         with zeroed(model, layer, **chosen):
             return predict(model, sub, transform, batch_size, device)
 
-    p0 = run()
-    tp = p0 >= threshold
-    rows = [_row("none", "none", 0, 0, p0, tp, threshold)]
     ranked = [int(u) for u in ranked]
     n_units = len(ranked) if n_units is None else int(n_units)
     K = n_units
+    p0 = cached(_gate(K, units=[], layer=layer)) if cached is not None else run()   # intact
+    tp = (p0 >= threshold) & is_pos
+    rows = [_row("none", "none", 0, 0, p0, tp, threshold, is_pos)]
     rng = np.random.default_rng(seed)
     modes = ("zero", "keep") if keep_only else ("zero",)
     for k in ks:
         k = min(int(k), n_units)
         for mode in modes:
             arg = "units" if mode == "zero" else "keep"
-            rows.append(_row(mode, "top", k, 0, run(**{arg: ranked[:k]}), tp, threshold))
+            rows.append(_row(mode, "top", k, 0, run(**{arg: ranked[:k]}), tp, threshold, is_pos))
+            for name, units in (extra or {}).items():
+                rows.append(_row(mode, name, k, 0, run(**{arg: [int(u) for u in units][:k]}), tp, threshold, is_pos))
             for draw in range(n_random):
                 units = rng.choice(n_units, size=k, replace=False)
-                rows.append(_row(mode, "random", k, draw, run(**{arg: units}), tp, threshold))
+                rows.append(_row(mode, "random", k, draw, run(**{arg: units}), tp, threshold, is_pos))
     table = pd.DataFrame(rows)
-    table.attrs.update(n_fractures=len(pos), n_tp=int(tp.sum()), threshold=threshold)
+    table.attrs.update(n_fractures=len(pos), n_tp=int(tp.sum()), threshold=threshold,
+                       n_healthy=int((~is_pos).sum()), n_healthy_all=int((labels == 0).sum()))
     return table
 
 
 def ablation_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Per mode and k: recall (top), mean and sd of recall (random), recall lost by each from the
     intact network and their ratio (``loss_ratio`` = lost by top / lost by random), and the same
-    for mean_p_tp."""
+    for mean_p_tp; with ``negatives``: ``auc_*`` and ``fpr_*`` (intact, top, random mean and sd);
+    with ``extra`` rankings: ``recall_<name>``, ``auc_<name>``, ``fpr_<name>``, ``mean_p_tp_<name>``."""
     base = table[table["mode"] == "none"].iloc[0]
     rows = []
     for (mode, k), g in table[table["mode"] != "none"].groupby(["mode", "k"], sort=True):
@@ -190,6 +223,16 @@ def ablation_summary(table: pd.DataFrame) -> pd.DataFrame:
                      "loss_ratio": lost_top / lost_rand if lost_rand > 0 else np.inf if lost_top > 0 else np.nan,
                      "mean_p_tp_top": float(top["mean_p_tp"].mean()),
                      "mean_p_tp_random": float(rand["mean_p_tp"].mean()), "draws": len(rand)})
+        for sel in [s for s in g["selection"].unique() if s not in ("top", "random")]:
+            other = g[g["selection"] == sel]
+            for col in ("recall", "auc", "fpr", "mean_p_tp"):
+                if col in other:
+                    rows[-1][f"{col}_{sel}"] = float(other[col].mean())
+        for col in ("auc", "fpr"):
+            if col in g:
+                rows[-1].update({f"{col}_intact": base[col], f"{col}_top": float(top[col].mean()),
+                                 f"{col}_random": float(rand[col].mean()),
+                                 f"{col}_random_sd": float(rand[col].std(ddof=1)) if len(rand) > 1 else np.nan})
     return pd.DataFrame(rows)
 
 

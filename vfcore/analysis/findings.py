@@ -67,13 +67,14 @@ def _grouped(pairs: Iterable[tuple[str, int]]) -> str:
 
 def draft_findings(level: str, probability: float, r: np.ndarray, dictionary: Mapping[int, str | None], *,
                    n_units: int = 5, threshold: float = 0.5,
-                   evidence: Sequence[str] = EVIDENCE) -> str:
+                   evidence: Sequence[str] = EVIDENCE, none: str = "no significant concept") -> str:
     """The findings text for one inference.
 
     ``level`` (e.g. ``"T7"``), ``probability`` P(fracture), ``r`` [K] r_k of this sample (Eq. 2;
     ``Dissection.r[i]``), ``dictionary`` unit -> concept or None. The ``n_units`` most relevant
     units that fire (r_k > 0), in order of r_k, are grouped by concept: fracture signs as
-    "Evidence", other concepts as "also uses", the rest as "no significant concept".
+    "Evidence", other concepts as "also uses", the rest as ``none`` ("no significant concept" for
+    a measured dictionary; the explorer says "no label of yours yet" for the student's).
     """
     suspected = probability >= threshold
     head = f"{level}: {'fracture suspected' if suspected else 'no fracture suspected'} (p = {probability:.2f})."
@@ -84,14 +85,14 @@ def draft_findings(level: str, probability: float, r: np.ndarray, dictionary: Ma
     labelled = [(dictionary.get(u), u) for u in units]
     ev = [(c, u) for c, u in labelled if c is not None and c in evidence]
     ctx = [(c, u) for c, u in labelled if c is not None and c not in evidence]
-    none = [u for c, u in labelled if c is None]
+    unlabelled = [u for c, u in labelled if c is None]
     parts = []
     if ev:
         parts.append(f"Evidence: {_grouped(ev)}")
     if ctx:
         parts.append(("also uses " if ev else "Uses ") + _grouped(ctx))
     text = head + (" " + "; ".join(parts) + "." if parts else "")
-    if none:
-        verb = "has" if len(none) == 1 else "have"
-        text += f" {_unit_list(none).capitalize()} {verb} no significant concept."
+    if unlabelled:
+        verb = "has" if len(unlabelled) == 1 else "have"
+        text += f" {_unit_list(unlabelled).capitalize()} {verb} {none}."
     return text

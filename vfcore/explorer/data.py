@@ -214,7 +214,7 @@ class RunData:
             if a.concept_patch is not None and self.concept_names:
                 ov = concept_overlap(mask, a.concept_patch, self.concept_names, field=self.field)
                 ov = ov[ov["concept"] != "background"]
-                row["phantom concept"] = (f"{ov['concept'].iloc[0]} ({ov['fraction'].iloc[0]:.0%})"
+                row["mask share (phantom)"] = (f"{ov['concept'].iloc[0]} ({ov['fraction'].iloc[0]:.0%})"
                                           if len(ov) else "")
             row["concept label"] = self.concepts.get(k)["label"]
             rows.append(row)

@@ -46,15 +46,17 @@ def prediction_html(a: Analysis) -> str:
 def findings_html(data: RunData, a: Analysis) -> str:
     """The draft finding of this inference (:func:`vfcore.analysis.findings.draft_findings`): its most
     relevant units named by the student's labels; once notebook 06 (a later notebook, optional
-    here) has measured the units' concepts, by those. A unit without a significant concept is
-    said to have none."""
+    here) has measured the units' concepts, by those. A unit without a measured concept "has no
+    significant concept (no detector)"; a unit the student has not labelled "has no label of yours yet"."""
     if data.measured_concepts is not None:
         dictionary, source = data.measured_concepts, "concepts measured in notebook 06"
+        none = "no significant concept (no detector)"
     else:
         dictionary = student_dictionary({"units": data.concepts.units})
         source = "your concept labels; after notebook 06, the concepts it measures"
+        none = "no label of yours yet"
     level = str(a.truth["level"]) if a.truth is not None else a.name
-    text = draft_findings(level, a.probability, a.relevance, dictionary, threshold=data.threshold)
+    text = draft_findings(level, a.probability, a.relevance, dictionary, threshold=data.threshold, none=none)
     return f"<i>Draft finding ({source}):</i> {html.escape(text)}"
 
 
@@ -80,7 +82,7 @@ def unit_info_html(data: RunData, a: Analysis, k: int) -> str:
         ov = concept_overlap(mask, a.concept_patch, data.concept_names, field=data.field)
         ov = ov[ov["concept"] != "background"].head(3)
         if len(ov):
-            parts.append("phantom ground truth: " + ", ".join(
+            parts.append("mask share by phantom structure (where the mask lies, not a detector label): " + ", ".join(
                 f"{html.escape(c)} {f:.0%}" for c, f in zip(ov["concept"], ov["fraction"])))
     return "<br>".join(parts)
 

@@ -54,8 +54,8 @@ def draw_overlay(ax, ct2d: np.ndarray, act2d: np.ndarray | None = None, T: float
 
 def threshold_overview(d, q_tail: float):
     """Left, per unit: T_k and the largest activation over the split (sorted by T_k, log
-    scale): the scales differ by orders of magnitude, so one global threshold cannot serve
-    every unit. Right: the realised tail P(a_k > T_k) of every unit, sorted, against the
+    scale): how far apart the units' scales are decides whether one global threshold could
+    serve every unit (notebook 03 prints the spread). Right: the realised tail P(a_k > T_k) of every unit, sorted, against the
     target q (ties at T_k fall short of q, degenerate units reach 0)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), layout="constrained")
     order = np.argsort(-d.T.astype(np.float64), kind="stable")
@@ -113,12 +113,13 @@ def unit_histograms(values: np.ndarray, units: Sequence[int], T: Sequence[float]
 
 
 def masks_for_q(ct: np.ndarray, feature_map: np.ndarray, thresholds: Mapping[float, float],
-                field: Sequence[slice], view: str = "sagittal", title: str = ""):
+                field: Sequence[slice], view: str = "sagittal", title: str = "", target: np.ndarray | None = None):
     """What q does to the mask: one slice of one sample; the unit's activation (feature grid
     ``feature_map`` [d, h, w]) thresholded at T_k(q) for several q (smaller q: higher T_k,
     smaller mask), each mask upsampled onto the patch (:func:`vfcore.dissect.patch_mask`).
     The CT alone (left, HU colourbar), then one panel per q on one shared A_k colour scale
-    (its colourbar right of the last panel); orientation letters on every panel."""
+    (its colourbar right of the last panel); orientation letters on every panel; ``target``
+    (bool, the patch's shape): the target vertebra, outlined in yellow on every panel."""
     qs = sorted(thresholds, reverse=True)
     up = upsample_to_patch(feature_map, field, ct.shape)
     masks = {q: patch_mask(M_k(feature_map[None], [thresholds[q]])[0], field, ct.shape) for q in qs}
@@ -138,6 +139,9 @@ def masks_for_q(ct: np.ndarray, feature_map: np.ndarray, thresholds: Mapping[flo
                      low=low, high=high)
     for ax in axes:
         orientation_letters(ax, view, fontsize=FONT)
+        if target is not None:
+            ax.contour(take_slice(np.asarray(target, dtype=float), view, index), [0.5], colors="yellow",
+                       linewidths=0.7)
     if high > low:
         unit_colorbar(axes[-1], low, high, label="A_k (upsampled)", fontsize=FONT + 1)
     if title:
@@ -246,19 +250,19 @@ def gallery(rows: Sequence[Mapping], images: Mapping[int, np.ndarray]):
     exemplars (``images[unit]``: the strip PNG of :func:`vfcore.export.export_units`); the
     measured concept (phantom); and the "clinical explanation" column, empty until filled."""
     n = len(rows)
-    fig = plt.figure(figsize=(14, 1.75 * n + 0.5))
-    grid = fig.add_gridspec(n + 1, 4, width_ratios=[1.1, 5.0, 2.0, 2.2], height_ratios=[0.22] + [1] * n,
+    fig = plt.figure(figsize=(11, 1.6 * n + 0.5))
+    grid = fig.add_gridspec(n + 1, 4, width_ratios=[0.9, 4.6, 2.7, 1.6], height_ratios=[0.22] + [1] * n,
                             wspace=0.05, hspace=0.12)
-    heads = ["rank, unit, c_k", "strongest exemplars (slice of largest thresholded activation)",
-             "measured concept", "clinical explanation"]
+    heads = ["unit", "strongest exemplars, each at its best slice", "mask share (phantom)",
+             "clinical explanation"]
     for j, head in enumerate(heads):
         ax = fig.add_subplot(grid[0, j])
         ax.axis("off")
-        ax.text(0.0, 0.2, head, fontsize=9, weight="bold")
+        ax.text(0.0, 0.2, head, fontsize=9.5, weight="bold")
     for i, row in enumerate(rows, start=1):
         ax = fig.add_subplot(grid[i, 0])
         ax.axis("off")
-        ax.text(0.0, 0.5, f"rank {row['rank']}\nunit {row['unit']}\nc_k = {row['c_k']:.2f}", fontsize=9,
+        ax.text(0.0, 0.5, f"rank {row['rank']}\nunit {row['unit']}\nc_k = {row['c_k']:.2f}", fontsize=10,
                 va="center")
         ax = fig.add_subplot(grid[i, 1])
         ax.axis("off")
@@ -267,7 +271,7 @@ def gallery(rows: Sequence[Mapping], images: Mapping[int, np.ndarray]):
         ax = fig.add_subplot(grid[i, 2])
         ax.axis("off")
         concept = (row.get("measured_concept") or "-").replace(", ", "\n")
-        ax.text(0.02, 0.5, concept, fontsize=8, va="center")
+        ax.text(0.02, 0.5, concept, fontsize=9, va="center")
         ax = fig.add_subplot(grid[i, 3])
         ax.set_xticks([])
         ax.set_yticks([])
@@ -277,21 +281,34 @@ def gallery(rows: Sequence[Mapping], images: Mapping[int, np.ndarray]):
 
 def relevance_row(ct: np.ndarray, feature_maps: Mapping[int, np.ndarray], T: Mapping[int, float],
                   units: Sequence[int], c_rank: Mapping[int, int], r: Mapping[int, float],
-                  field: Sequence[slice], title: str = "", view: str = "sagittal"):
-    """Table 3 of the paper: the sample (left) and, for its most relevant units (descending
+                  field: Sequence[slice], title: str = "", view: str = "sagittal", cols: int = 4,
+                  target: np.ndarray | None = None):
+    """Table 3 of the paper: the sample (first tile) and, for its most relevant units (descending
     r_k), the slice where each unit's thresholded activation is largest, with its c_k rank.
-    ``feature_maps[k]``: unit k's activation on the feature grid for this sample."""
+    ``feature_maps[k]``: unit k's activation on the feature grid for this sample. At most
+    ``cols`` tiles a row (2.4 inches each), so 9-pt captions stay readable at notebook width;
+    ``target`` (bool, the patch's shape): the target vertebra, outlined in yellow on every tile."""
     n = len(units)
-    fig, axes = plt.subplots(1, n + 1, figsize=(1.9 * (n + 1), 2.9), squeeze=False)
+    n_rows, n_cols = collage_grid(n + 1, cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.4 * n_cols, 3.0 * n_rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    flat = axes.ravel()
     mid = ct.shape[VIEWS[view]] // 2
-    draw_overlay(axes[0, 0], take_slice(ct, view, mid), title=title or "sample", view=view)
-    for j, (ax, k) in enumerate(zip(axes[0, 1:], units), start=1):
+    flat[0].axis("on")
+    draw_overlay(flat[0], take_slice(ct, view, mid), title=title or "sample", view=view, fontsize=9)
+    for j, (ax, k) in enumerate(zip(flat[1:], units), start=1):
+        ax.axis("on")
         up = upsample_to_patch(feature_maps[k], field, ct.shape)
         mask = patch_mask(M_k(feature_maps[k][None], [T[k]])[0], field, ct.shape)
         s = best_slice(up, T[k], view, mask)
         draw_overlay(ax, take_slice(ct, view, s), take_slice(up, view, s), T[k], "both",
                      title=f"relevance {j}\nunit {k} (c_k rank {c_rank[k]})\nr_k = {r[k]:.3g}",
-                     mask2d=take_slice(mask, view, s), view=view if j == 1 else None)
+                     mask2d=take_slice(mask, view, s), view=view if j == 1 else None, fontsize=9)
+        if target is not None:
+            ax.contour(take_slice(np.asarray(target, dtype=float), view, s), [0.5], colors="yellow", linewidths=0.7)
+    if target is not None:
+        flat[0].contour(take_slice(np.asarray(target, dtype=float), view, mid), [0.5], colors="yellow", linewidths=0.7)
     fig.tight_layout()
     return fig
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -258,3 +259,38 @@ def split_table(manifest: pd.DataFrame) -> pd.DataFrame:
                      "scans": part["case"].nunique(), "vertebrae": len(part),
                      "labelled": len(lab), "fractured": int((lab["fracture"] == 1).sum())})
     return pd.DataFrame(rows).set_index("split")
+
+
+def wrong_calls(rows: pd.DataFrame, patches_dir: str | os.PathLike, captions: Sequence[str],
+                cols: int = 6, size: int = 96, title: str = ""):
+    """The wrong calls as pictures (fast.ai's "top losses"): for each row (with ``ct_path``,
+    ``mask_path``, ``label``, ``outcome``), the mid-sagittal slice with the target vertebra
+    outlined (red: a missed fracture, FN; orange: a healthy vertebra called fractured, FP), its
+    caption below, orientation letters and the CT window's colour bar. At most ``cols`` a row,
+    2.1 inches a tile, so 8-pt captions stay readable at notebook width."""
+    rows = rows.reset_index(drop=True)
+    if rows.empty:
+        raise DataValueError(None, "no wrong call to show")
+    n = len(rows)
+    cols = min(cols, n)
+    nrows = -(-n // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(2.1 * cols + 0.9, 2.85 * nrows), squeeze=False,
+                             layout="constrained")
+    mid = size // 2
+    for ax in axes.ravel()[n:]:
+        ax.set_axis_off()
+    for ax, (_, row), cap in zip(axes.ravel(), rows.iterrows(), captions):
+        arrays = load_patch(patches_dir, row)
+        colour = FRACTURE_COLOUR if row["outcome"] == "FN" else "orange"
+        if arrays["ct"] is not None:
+            ax.imshow(arrays["ct"][:, :, mid], cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1])
+        if arrays["mask"] is not None:
+            ax.contour(arrays["mask"][:, :, mid] == row["label"], [0.5], colors=colour, linewidths=0.8)
+        orientation_letters(ax, "sagittal", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(cap, fontsize=8, color=colour)
+    hu_colorbar(axes, WINDOW)
+    fig.suptitle(title or "wrong calls, mid-sagittal (red outline: missed fracture FN; orange: false positive FP)",
+                 fontsize=10)
+    return fig
