@@ -252,3 +252,20 @@ def test_notebook_02_hand_written_step_uses_the_device_and_a_small_batch():
     cell = _step_cell()
     assert "preset.batch_size]" not in cell                     # not the preset's 64
     assert ".to(device)" in cell and "DEMO_BATCH" in cell
+
+
+def test_default_batch_on_a_cpu_fits_its_memory():
+    """On a CPU the paper preset's batch of 64 is halved until a step needs at most half of what
+    is available (8 GB: a free Colab runtime less what it uses); Binder's 2 GB keeps the small
+    preset's 16; a GPU keeps the preset's (its preload plan makes room for the step)."""
+    gib, cpu = 2 ** 30, torch.device("cpu")
+    fp32 = runtime.Precision(None, False, True, "")
+    bf16 = runtime.Precision(torch.bfloat16, False, True, "")
+    # fp32: 64 -> 25 GB, 32 -> 12.7, 16 -> 6.4, 8 -> 3.3 GB (<= 4); bf16 halves the activations
+    assert train.default_batch_size("paper", cpu, fp32, available=8 * gib) == 8
+    assert train.default_batch_size("paper", cpu, bf16, available=8 * gib) == 16
+    assert train.default_batch_size("paper", cpu, fp32, available=64 * gib) == 64
+    assert train.default_batch_size("small", cpu, fp32, available=2 * gib) == 16
+    assert train.default_batch_size("paper", torch.device("cuda"), available=gib) == 64
+    for batch in (8, 16):
+        assert train.step_bytes("paper", batch, None if batch == 8 else torch.bfloat16) <= 4 * gib

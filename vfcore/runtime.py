@@ -118,6 +118,29 @@ def precision(device: torch.device, *, capability: tuple[int, int] | None = None
     return Precision(None, False, False, f"{device.type}: fp32, default layout")
 
 
+def host_memory_available() -> int | None:
+    """Bytes this process can still use: /proc/meminfo's MemAvailable, lowered to what the
+    cgroup allows (Binder's 2 GB and docker limits live there; MemAvailable shows the host's).
+    None where neither is known (not Linux)."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            cap = Path(limit).read_text().strip()
+            if cap != "max" and int(cap) < 2 ** 60:
+                found.append(int(cap) - int(Path(usage).read_text().strip()))
+        except (OSError, ValueError):
+            continue
+    return min(found) if found else None
+
+
 def precision_line(device: torch.device | str | None = None) -> str:
     """What runs where, for benches and logs: training's path and why, and the dissection's."""
     device = pick_device(str(device) if device is not None else None)

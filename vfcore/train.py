@@ -37,7 +37,7 @@ from .distributed import (all_reduce_sum, barrier, broadcast, collective, sync_b
                           wrap_model)
 from .errors import CheckpointError, DataValueError, InvalidParameterError
 from .forward import forward
-from .runtime import Precision, pick_device, precision
+from .runtime import Precision, host_memory_available, pick_device, precision
 from .io import atomic_write, sha256_file, versions, write_json
 from .checks import finite_loss, nonfinite_in_epoch
 from .lock import writes
@@ -80,6 +80,27 @@ def step_bytes(preset: str | Preset, batch_size: int, dtype: torch.dtype | None 
         h.remove()
     size = torch.empty(0, dtype=dtype or torch.float32).element_size()
     return size * sum(elements) + 16 * sum(t.numel() for t in net.parameters())
+
+
+def default_batch_size(preset: str | Preset, device: torch.device, policy: Precision | None = None,
+                       available: int | None = None, share: float = 0.5) -> int:
+    """The preset's batch size, halved on a CPU until one training step (:func:`step_bytes`)
+    needs at most ``share`` of the memory still available (``runtime.host_memory_available``):
+    the paper preset's 64 would need about 25 GB in fp32, more than a free Colab runtime's
+    12.7 GB or a laptop's. GPUs keep the preset's (the preload plan makes room for the step)."""
+    p = get_preset(preset)
+    if device.type != "cpu":
+        return p.batch_size
+    policy = precision(device) if policy is None else policy
+    available = host_memory_available() if available is None else available
+    batch = p.batch_size
+    while available is not None and batch > 1 and step_bytes(p, batch, policy.dtype) > share * available:
+        batch //= 2
+    if batch < p.batch_size:
+        print(f"batch size {batch} instead of the {p.name} preset's {p.batch_size}: one training step at "
+              f"{p.batch_size} needs about {step_bytes(p, p.batch_size, policy.dtype) / 2**30:.1f} GB, "
+              f"and {available / 2**30:.1f} GB are available (pass batch_size= to choose)")
+    return batch
 
 
 def preload_split(patches, device: torch.device, preload: bool | None = None, *,
@@ -239,8 +260,11 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
 
     w = world()
     p = get_preset(preset)
+    dev = w.device if device is None and w.size > 1 else pick_device(device)
+    policy = precision(dev)
     epochs = p.max_epochs if epochs is None else epochs
-    batch_size = p.batch_size if batch_size is None else batch_size
+    if batch_size is None:
+        batch_size = default_batch_size(p, dev, policy) if w.size == 1 else p.batch_size
     patience = p.patience if patience is None else patience
     lr = p.lr if lr is None else lr                            # small 3e-4, paper 1e-3
     if batch_size % w.size:
@@ -250,8 +274,6 @@ def train_seed(run_dir: str | Path, preset: str | Preset = "small", seed: int = 
     augment = get_augment(augment)
     run = RunFolder(run_dir)
     folder = run.seed_dir(seed)
-    dev = w.device if device is None and w.size > 1 else pick_device(device)
-    policy = precision(dev)
     if dev.type == "cuda":   # fastest kernels for the fixed shapes; not bit-reproducible on CUDA
         torch.backends.cudnn.benchmark = True
 
