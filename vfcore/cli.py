@@ -42,11 +42,17 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _positive_int(text: str) -> int:
+def _parse(text: str, kind: type):
+    """``text`` as an int or a float, or argparse's error naming what it is not."""
     try:
-        value = int(text)
+        return kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        what = "a whole number" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _parse(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
     return value
@@ -54,10 +60,7 @@ def _positive_int(text: str) -> int:
 
 def _fraction(text: str) -> float:
     """A number strictly between 0 and 1 (``--q``, ``--threshold``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _parse(text, float)
     if not 0.0 < value < 1.0:  # also refuses nan and inf
         raise argparse.ArgumentTypeError(f"{text!r} must lie strictly between 0 and 1")
     return value
@@ -83,10 +86,7 @@ def _workers(text: str) -> int:
 
 def _seed(text: str) -> int:
     """A seed: a whole number 0 .. 2^32 - 1 (``--seed``, ``--seeds``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    value = _parse(text, int)
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"{text!r} must lie between 0 and {MAX_SEED}")
     return value
@@ -94,10 +94,7 @@ def _seed(text: str) -> int:
 
 def _count(text: str) -> int:
     """A whole number >= 0 (``--top-fp``, ``--dissect-scans``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    value = _parse(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 0")
     return value
@@ -105,10 +102,7 @@ def _count(text: str) -> int:
 
 def _share(text: str) -> float:
     """A number in [0, 1] (``--prevalence``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _parse(text, float)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{text!r} must lie between 0 and 1")
     return value
