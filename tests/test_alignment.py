@@ -447,6 +447,11 @@ def test_findings_text_on_a_constructed_case():
     assert text == ("T7: fracture suspected (p = 0.98). Evidence: superior endplate (units 87, 71), "
                     "fracture-deformity zone (unit 103); also uses disc above (unit 4). "
                     "Unit 9 has no significant concept.")
+    # units 87 and 71 detect the endplate over the set, but miss it on this vertebra
+    away = draft_findings("T7", 0.98, r, concept_dictionary(table), off_target=[87, 71])
+    assert away == ("T7: fracture suspected (p = 0.98). Evidence: fracture-deformity zone (unit 103); "
+                    "also uses disc above (unit 4); detectors whose masks miss their concept on this "
+                    "vertebra: superior endplate (units 87, 71). Unit 9 has no significant concept.")
     low = draft_findings("L1", 0.12, np.zeros(5), {})
     assert low.startswith("L1: no fracture suspected (p = 0.12).") and "No unit" in low
 

@@ -111,7 +111,7 @@ def test_saturation_or_not():
 
 
 def test_ubiquity_or_selectivity():
-    assert "not on fractures" in story.ubiquity([1, 1, 1, 1], [0.9, 0.8, 0.95, 0.1], 4)
+    assert "fire on most vertebrae, fractured or not" in story.ubiquity([1, 1, 1, 1], [0.9, 0.8, 0.95, 0.1], 4)
     assert "selective" in story.ubiquity([1, 1, 1, 1], [0.1, 0.2, 0.3, 0.9], 4)
 
 
@@ -121,6 +121,9 @@ def test_ranking_detectors_fewer_more_or_as_many_as_random():
     s = story.ranking_detectors(6, 4, 2.2, 10, 31, 128, 20)
     assert "more detectors than 10 random" in s and "fewer than Eq. 1" in s and "did not make many" in s
     assert "about as many" in story.ranking_detectors(2, 2, 2.2, 10, 31, 128)
+    # 0 vs 2 among 10 of 128 units with 26 detectors (2.0 expected, sd 1.4): within chance
+    assert "fewer than Eq. 1 (within chance for 10 units)" in story.ranking_detectors(2, 0, 2.1, 10, 26, 128)
+    assert "within chance" not in story.ranking_detectors(0, 6, 2.1, 10, 26, 128)
     assert "; by AUC: 5." in story.ranking_detectors(2, 0, 2.2, 10, 31, 128, more={"by AUC": 5})
 
 
@@ -149,6 +152,8 @@ def test_where_method_near_zero_or_not():
     s = story.where_method("Occlusion", {"superior endplate": 0.02, "fracture-deformity zone": 0.31})
     assert "overlaps" in s and "0.310" in s
     assert "no fracture sign" in story.where_method("X", {})
+    assert "weakly" in story.where_method("Occlusion", {"superior endplate": 0.053})   # the run's 0.053
+    assert "clearly" in story.where_method("Occlusion", {"superior endplate": 0.114})
     assert "mostly on soft tissue" in story.gradcam_hotspot({"soft tissue": 0.7, "vertebral body": 0.3})
     assert "mostly off the labelled" in story.gradcam_hotspot({"adjacent vertebrae": 0.03, "disc above": 0.01})
 
@@ -241,4 +246,6 @@ def test_confounder_detectors_wedge_or_not():
 
 def test_redundancy_or_not():
     assert "spread over many units" in story.redundancy(0.91, 0.906, 10, 128, 10)
+    assert "suffices" in story.redundancy(0.91, 0.906, 10, 128, 10)
+    assert "necessary." not in story.redundancy(0.91, 0.906, 10, 128, 10)
     assert "needs more units" in story.redundancy(0.91, 0.70, 10, 128, 10)

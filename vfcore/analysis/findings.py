@@ -67,7 +67,8 @@ def _grouped(pairs: Iterable[tuple[str, int]]) -> str:
 
 def draft_findings(level: str, probability: float, r: np.ndarray, dictionary: Mapping[int, str | None], *,
                    n_units: int = 5, threshold: float = 0.5,
-                   evidence: Sequence[str] = EVIDENCE, none: str = "no significant concept") -> str:
+                   evidence: Sequence[str] = EVIDENCE, none: str = "no significant concept",
+                   off_target: Iterable[int] = ()) -> str:
     """The findings text for one inference.
 
     ``level`` (e.g. ``"T7"``), ``probability`` P(fracture), ``r`` [K] r_k of this sample (Eq. 2;
@@ -75,6 +76,9 @@ def draft_findings(level: str, probability: float, r: np.ndarray, dictionary: Ma
     units that fire (r_k > 0), in order of r_k, are grouped by concept: fracture signs as
     "Evidence", other concepts as "also uses", the rest as ``none`` ("no significant concept" for
     a measured dictionary; the explorer says "no label of yours yet" for the student's).
+    ``off_target``: units whose mask on *this* vertebra does not touch their concept (a detector
+    is measured over the dissected set): named as detectors of it that fire elsewhere here, not
+    as evidence.
     """
     suspected = probability >= threshold
     head = f"{level}: {'fracture suspected' if suspected else 'no fracture suspected'} (p = {probability:.2f})."
@@ -82,15 +86,20 @@ def draft_findings(level: str, probability: float, r: np.ndarray, dictionary: Ma
     units = [int(u) for u in top_units(r, n_units) if r[u] > 0]
     if not units:
         return head + " No unit of the dissected layer fires on this vertebra."
+    off = {int(u) for u in off_target}
     labelled = [(dictionary.get(u), u) for u in units]
-    ev = [(c, u) for c, u in labelled if c is not None and c in evidence]
-    ctx = [(c, u) for c, u in labelled if c is not None and c not in evidence]
+    ev = [(c, u) for c, u in labelled if c is not None and c in evidence and u not in off]
+    ctx = [(c, u) for c, u in labelled if c is not None and c not in evidence and u not in off]
+    away = [(c, u) for c, u in labelled if c is not None and u in off]
     unlabelled = [u for c, u in labelled if c is None]
     parts = []
     if ev:
         parts.append(f"Evidence: {_grouped(ev)}")
     if ctx:
         parts.append(("also uses " if ev else "Uses ") + _grouped(ctx))
+    if away:
+        parts.append(("d" if parts else "D") + f"etectors whose masks miss their concept on this vertebra: "
+                     f"{_grouped(away)}")
     text = head + (" " + "; ".join(parts) + "." if parts else "")
     if unlabelled:
         verb = "has" if len(unlabelled) == 1 else "have"

@@ -238,7 +238,8 @@ def ubiquity(c_tp: Sequence[float], c_tn: Sequence[float], k: int) -> str:
     ubiq = int((b >= 0.5).sum())
     return (f"Of the top {len(a)} units by c_k, {ubiq} also fire on at least half of the true negatives "
             f"(their c over the true negatives: {b.min():.2f}-{b.max():.2f})"
-            + (": they fire on vertebrae, not on fractures." if ubiq > len(a) / 2 else
+            + (": Eq. 1 ranks them high because they fire on most vertebrae, fractured or not; how much "
+               "more often they fire on fractures is the contrast below." if ubiq > len(a) / 2 else
                ": most are selective for the true positives."))
 
 
@@ -254,9 +255,13 @@ def ranking_detectors(n_eq1: float, n_contrast: float, random_mean: float, k: in
         verdict = f"Eq. 1's top {k} hold more detectors than {k} random units"
     else:
         verdict = f"Eq. 1's top {k} hold about as many detectors as {k} random units"
-    cmp_ = ("more than" if n_contrast > n_eq1 else "as many as" if n_contrast == n_eq1 else "fewer than")
+    cmp_ = ("as many as" if n_contrast == n_eq1 else
+            ("more than" if n_contrast > n_eq1 else "fewer than") + " Eq. 1"
+            + ("" if abs(n_contrast - n_eq1) > max(1.0, 2 * (base * (1 - k / max(n_units, 1))) ** 0.5)
+               else " (within chance for " + str(k) + " units)"))
     text = (f"{verdict} ({n_eq1:g} vs {random_mean:.1f} on average; {n_all} of all {n_units} units are detectors, "
-            f"{base:.1f} expected in any {k}); {contrast} puts {n_contrast:g} in its top {k}, {cmp_} Eq. 1")
+            f"{base:.1f} expected in any {k}); {contrast} puts {n_contrast:g} in its top {k}, "
+            f"{cmp_ if cmp_ != 'as many as' else 'as many as Eq. 1'}")
     for name, n in (more or {}).items():
         text += f"; {name}: {n:g}"
     if n_untrained is not None:
@@ -317,7 +322,8 @@ def where_method(name: str, iou: Mapping[str, float], near_zero: float = 0.05) -
     if iou[best] < near_zero:
         return (f"{name} does not locate the fracture: its IoU with every fracture sign is below {near_zero:g} "
                 f"(best {best}, {iou[best]:.3f}).")
-    return f"{name} overlaps the fracture signs: best IoU {iou[best]:.3f} ({best})."
+    strength = "weakly (under twice the line)" if iou[best] < 2 * near_zero else "clearly"
+    return f"{name} overlaps the fracture signs {strength}: best IoU {iou[best]:.3f} ({best})."
 
 
 def gradcam_hotspot(share: Mapping[str, float]) -> str:
@@ -427,5 +433,6 @@ def redundancy(auc_intact: float, auc_keep_random: float, k: int, n_units: int, 
     head = (f"Keeping only {k} random units of {n_units} (zeroing the rest; mean of {n_draws} draws) gives AUC "
             f"{auc_keep_random:.3f} against {auc_intact:.3f} intact")
     if auc_keep_random >= auc_intact - 0.05:
-        return head + ": the evidence is spread over many units, so no small set of units is necessary."
-    return head + ": most of the evidence needs more units than these."
+        return head + (": any such small set suffices, so the evidence is spread over many units "
+                       "(whether a set is *necessary* is what zeroing it tests).")
+    return head + ": a random small set does not suffice; the evidence needs more units than these."
