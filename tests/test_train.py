@@ -249,11 +249,11 @@ def test_training_curves_mark_the_epoch_of_best_pt(store):
     _, meta = checkpoint.load_checkpoint(folder / "best.pt")
     ax = vt.training_curves(pd.read_csv(folder / "history.csv"))
     marks = [line.get_xdata()[0] for line in ax.figure.axes[1].lines if line.get_linestyle() == ":"]
-    assert marks == [meta["epoch"]]
+    assert marks == [meta["epoch"] + 1]   # the figure counts epochs from 1
     # ties in F1 are broken by AUC, as training does
     h = pd.DataFrame({"epoch": [0, 1, 2], "loss": [1.0] * 3, "val_f1": [0.8, 0.8, 0.1], "val_auc": [0.6, 0.9, 1.0]})
     ax = vt.training_curves(h)
-    assert [line.get_xdata()[0] for line in ax.figure.axes[1].lines if line.get_linestyle() == ":"] == [1]
+    assert [line.get_xdata()[0] for line in ax.figure.axes[1].lines if line.get_linestyle() == ":"] == [2]
 
 
 # --------------------------------------------------------------------------------------------

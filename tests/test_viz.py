@@ -238,9 +238,11 @@ def test_training_curves_labelled_legend_off_the_curves_best_epoch_named():
     for a in (ax, right):
         assert not overlaps(box, a.get_window_extent())        # the legend covers no curve
     labels = [t.get_text() for t in (ax.get_legend() or fig.legends[0]).get_texts()]
-    # best: highest F1 (0.7 at epochs 2 and 4), tie broken by AUC (0.8 both), then the earliest
-    assert any("best" in s and "2" in s for s in labels)
-    assert [ln.get_xdata()[0] for ln in right.lines if ln.get_linestyle() == ":"] == [2]
+    # best: highest F1 (0.7 at epochs 2 and 4 counted from 0), tie broken by AUC (0.8 both), then
+    # the earliest; plotted and named counted from 1: epoch 3
+    assert any("best checkpoint (epoch 3)" in s for s in labels)
+    assert [ln.get_xdata()[0] for ln in right.lines if ln.get_linestyle() == ":"] == [3]
+    assert list(right.lines[0].get_xdata()) == [1, 2, 3, 4, 5, 6]   # x axis from 1
 
 
 def test_augmentation_gallery_letters_and_hu_colorbar():

@@ -44,21 +44,24 @@ def augmentation_gallery(hu: np.ndarray, preset: str, n: int = 10, seed: int = 0
 def training_curves(history: pd.DataFrame, ax=None):
     """Training loss (left axis) and validation F1 / AUC (right axis) per epoch; the epoch of
     the best checkpoint (highest validation F1, ties broken by AUC, then the earliest: as
-    training chooses the best checkpoint) as a dotted line. The legend sits right of the axes, off
-    the curves. Returns the left axis (``ax.figure.axes[1]`` is the right one)."""
+    training chooses the best checkpoint) as a dotted line. Epochs are numbered from 1 on the x
+    axis and in the legend (``history["epoch"]`` counts from 0), as the notebooks' text counts
+    them. The legend sits right of the axes, off the curves. Returns the left axis
+    (``ax.figure.axes[1]`` is the right one)."""
     if ax is None:
         _, ax = plt.subplots(figsize=(9, 3.4), layout="constrained")
-    ax.plot(history["epoch"], history["loss"], label="training loss (BCE)", color="tab:gray")
+    epoch = history["epoch"] + 1   # numbered from 1, as the text counts epochs
+    ax.plot(epoch, history["loss"], label="training loss (BCE)", color="tab:gray")
     ax.set_xlabel("epoch", fontsize=9)
     ax.set_ylabel("training loss (BCE)", fontsize=9)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     right = ax.twinx()
-    right.plot(history["epoch"], history["val_f1"], label="validation F1", color="tab:red")
-    right.plot(history["epoch"], history["val_auc"], label="validation AUC", color="tab:blue")
+    right.plot(epoch, history["val_f1"], label="validation F1", color="tab:red")
+    right.plot(epoch, history["val_auc"], label="validation AUC", color="tab:blue")
     right.set_ylabel("validation F1 / AUC", fontsize=9)
     # the epoch of the best checkpoint: highest validation F1, ties broken by AUC, then the earliest
     key = history.assign(val_auc=history["val_auc"].fillna(0.0))
-    best = key.sort_values(["val_f1", "val_auc"], ascending=False, kind="stable")["epoch"].iloc[0]
+    best = int(key.sort_values(["val_f1", "val_auc"], ascending=False, kind="stable")["epoch"].iloc[0]) + 1
     right.axvline(best, color="k", ls=":", lw=1.2, label=f"best checkpoint (epoch {best})")
     right.set_ylim(0, 1.02)
     for a in (ax, right):
