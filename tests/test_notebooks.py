@@ -34,8 +34,7 @@ def test_series_runs_end_to_end(executed):
         assert not errors, f"{path.name}: {errors[0]['ename']}: {errors[0]['evalue']}"
         images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                   if "image/png" in o.get("data", {})]
-        # 06 (alignment and its controls) shows tables only since it was split from 07
-        assert images or path.stem == "06_concept_alignment", f"{path.name} shows no static figure"
+        assert images, f"{path.name} shows no static figure"
 
 
 #: A floor that catches a broken pipeline (shuffled labels, inputs that lost the vertebra: AUC

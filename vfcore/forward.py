@@ -119,8 +119,7 @@ def on_device(model: torch.nn.Module, device: torch.device,
     ``channels_last_3d`` inside the block if asked and back in its own layout afterwards. So
     after a GPU pass in a notebook, the notebook's model is still where the notebook put it.
     """
-    first = next(iter(model.parameters()), None)
-    if first is not None and not _same_device(first.device, device):
+    if not _same_device(model_device(model), device):
         copy = deepcopy(model).to(device)
         yield copy.to(memory_format=torch.channels_last_3d) if channels_last else copy
         return
