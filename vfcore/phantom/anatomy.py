@@ -167,6 +167,10 @@ class VertebraSpec:
     sclerosis_inf: float = 0.0  # ... facing the disc below
     low_density: bool = False
     heights: dict[str, float] = field(default_factory=dict)   # as drawn, see measure_heights
+    #: local box ((lo), (hi), mm) the body is drawn in; None: from its own shape. A healed
+    #: twin keeps its fractured original's box, so that the body's texture draws the same
+    #: random numbers (vfcore.phantom.twins)
+    body_box: tuple | None = None
 
     @property
     def grade(self) -> int:

@@ -26,6 +26,9 @@ def body_fields(v: VertebraSpec, x, y, z):
 
 
 def _body_box(v: VertebraSpec):
+    """Local box (lo, hi) around the body: its own extent, or ``v.body_box`` when set."""
+    if v.body_box is not None:
+        return v.body_box
     a, b = v.W / 2, v.D / 2
     hmax = v.H * max(v.h_ant, v.h_post, 1.0) * 0.5 * 1.15 + 1.0
     grow = 1.0 + (0.15 * v.fracture.loss if v.fracture else 0.0)
