@@ -50,7 +50,7 @@ GRADE1_LOSS = 0.20
 def _index(spec: ScanSpec, label: int) -> int:
     labels = spec.labels
     if label not in labels:
-        raise InvalidParameterError("label", labels, label)
+        raise InvalidParameterError("label", f"a vertebra of {spec.case} ({labels})", label)
     k = labels.index(label)
     if spec.vertebrae[k].fracture is None:
         raise DataValueError(spec.case, f"vertebra {label} has no fracture to heal")
