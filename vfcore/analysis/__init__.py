@@ -12,6 +12,8 @@ reverse):
 * :mod:`~vfcore.analysis.saliency`: Grad-CAM of the fracture score, against the unit masks;
 * :mod:`~vfcore.analysis.shortcut`: does P(fracture) follow how much of the patch lies outside
   the scan?
+* :mod:`~vfcore.analysis.twins`: healed twins, the same scan with one fracture healed: how
+  P(fracture) and each unit change (issue 22);
 * :mod:`~vfcore.analysis.findings`: concept dictionaries and draft findings text;
 * :mod:`~vfcore.analysis.contrast`: c_TP - c_TN and each unit's AUC beside Eq. 1 (notebook 04);
 * :mod:`~vfcore.analysis.story`: the notebooks' run-dependent sentences, for either outcome.

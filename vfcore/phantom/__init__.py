@@ -24,7 +24,8 @@ confounders (physiological wedging, Schmorl nodes, degenerated discs with endpla
 osteophytes, low bone density) make naive cues fail.  See ``anatomy`` (geometry and its
 dataclasses), ``sampling`` (drawing a geometry from a seed), ``acquisition`` (spacing,
 orientation, field of view), ``render`` with ``canvas``, ``background`` and ``bones``
-(voxels) and ``concepts`` (the concept mask and per-vertebra concept masks).
+(voxels), ``concepts`` (the concept mask and per-vertebra concept masks) and ``twins`` (a
+scan's healed twin: one fracture healed, everything else and the noise the same).
 
 Same seed -> byte-identical files.  Scans already complete are skipped on a re-run.
 """
