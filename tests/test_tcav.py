@@ -12,7 +12,7 @@ from torch import nn
 from vfcore.analysis.alignment import ConceptCounts
 from vfcore.analysis.tcav import (TooFewExamplesError, cell_examples, cell_pools, cell_vectors, directional_derivatives,
                                   fit_cav, layer_gradients, logistic_regression, significance, tcav_magnitude,
-                                  tcav_score, tcav_test, vertebra_vectors)
+                                  tcav_score, tcav_test, vertebra_pools, vertebra_vectors)
 from vfcore.errors import DataValueError, InvalidParameterError
 
 K, GRID = 4, (2, 2, 2)
@@ -105,6 +105,7 @@ def test_cav_points_along_the_planted_direction():
     assert v @ u > 0.95
 
 
+@pytest.mark.filterwarnings("ignore:Precision loss")   # scipy's own call on the constant set 'c'
 def test_significance_against_a_hand_computed_t_test():
     conc = {"a": [0.9, 0.8, 1.0, 0.95, 0.85], "b": [0.5, 0.6, 0.4, 0.55, 0.45], "c": [1.0, 1.0, 1.0, 1.0, 1.0]}
     rand = np.array([0.4, 0.6, 0.5, 0.7, 0.3, 0.55])
@@ -172,8 +173,24 @@ def test_cell_vectors_and_examples_follow_the_counts_order():
     with pytest.raises(TooFewExamplesError, match="need at least 10"):
         cell_examples(cc, "x")
     assert "need at least" in cell_pools(cc, ["y"], min_examples=2)["y"]
+    counts[:, :, 1] = 64                               # "y" covers every cell but 0 and 15: the region
+    counts[0, 0, 1] = counts[1, 7, 1] = 0
+    pos, neg = cell_pools(cc, ["x"], min_examples=2, within="y")["x"]
+    np.testing.assert_array_equal(pos, [2, 5])
+    np.testing.assert_array_equal(neg, [3, 4, 6, 7])   # without x (0, 3, 4, 6, 7, 15) and inside y
     with pytest.raises(DataValueError, match="not a concept"):
         cell_examples(cc, "z")
+
+
+def test_vertebra_pools_by_hand():
+    flag = np.zeros(30, bool)
+    flag[[1, 4, 7, 8, 9, 12, 20, 21, 22, 25, 29]] = True
+    pos, neg = vertebra_pools({"wedge": flag}, 30)["wedge"]
+    np.testing.assert_array_equal(pos, [1, 4, 7, 8, 9, 12, 20, 21, 22, 25, 29])
+    assert len(neg) == 19 and not set(neg) & set(pos)
+    assert vertebra_pools({"rare": flag & (np.arange(30) < 5)}, 30)["rare"].startswith("2 vertebrae with it")
+    with pytest.raises(DataValueError, match="30 booleans"):
+        vertebra_pools({"bad": flag[:10]}, 30)
 
 
 def test_bad_input_gets_typed_errors():
@@ -184,7 +201,7 @@ def test_bad_input_gets_typed_errors():
         tcav_test(grad, np.zeros((50, 5)), {})
     with pytest.raises(InvalidParameterError, match="n_runs"):
         tcav_test(grad, np.zeros((50, 4)), {}, n_runs=1)
-    with pytest.raises(TooFewExamplesError, match="positive"):
+    with pytest.raises(TooFewExamplesError, match="1 positive"):
         fit_cav(np.zeros((1, 4)), np.ones((5, 4)))
     with pytest.raises(DataValueError, match="same K"):
         fit_cav(np.zeros((5, 4)), np.ones((5, 3)))
