@@ -50,6 +50,21 @@ def test_linear_model_gradient_is_w_and_score_is_the_sign_of_w_dot_v():
     np.testing.assert_allclose(directional_derivatives(G, np.array([1.0, 0, 1, 0])), np.full(5, 12.0))
 
 
+def test_weights_put_v_where_the_concept_is():
+    rng = np.random.default_rng(2)
+    G = rng.normal(size=(6, K, *GRID))
+    v = rng.normal(size=K)
+    W = rng.uniform(size=(6, 8)) * (rng.uniform(size=(6, 8)) > 0.5)
+    W[0] = 0                                                  # sample 0 has none of the concept
+    S = np.array([sum(W[i, c] * G[i, :, c // 4, (c // 2) % 2, c % 2] @ v for c in range(8)) for i in range(6)])
+    np.testing.assert_allclose(directional_derivatives(G, v, weights=W), S)
+    assert tcav_score(G, v, weights=W) == pytest.approx(np.mean(S > 0))
+    per = np.einsum("nkc,k->nc", G.reshape(6, K, 8), v) * W
+    assert tcav_score(G, v, per_cell=True, weights=W) == pytest.approx(np.mean(per[W > 0] > 0))
+    with pytest.raises(DataValueError, match="weights"):
+        directional_derivatives(G, v, weights=W[:, :4])
+
+
 def test_nonlinear_model_fraction_by_numpy():
     """logit = sum_c (a_c . w)^2 / 2 after a 1x1 conv: grad_c = (a_c . w) w, so
     S = (w . v) sum_c a_c . w; a = the conv of x computed here with einsum."""
@@ -152,6 +167,15 @@ def test_tcav_test_planted_concept_is_significant_and_a_random_one_is_not():
     assert t.loc["signal", "runs"] == 30 and t.loc["signal", "n"] == 30 and t.loc["signal", "positives"] == 300
     assert t.loc["rare", "reason"].startswith("3 cells") and np.isnan(t.loc["rare", "mean"])
     assert "Bonferroni over 2" in t.attrs["rule"]                       # the untested one is not counted
+
+
+def test_tcav_test_with_weights_scores_only_the_true_positives_with_the_concept():
+    grad, X, pools = _planted()
+    W = np.zeros((30, 8))
+    W[:12, :3] = 0.5                                          # 12 true positives have the concept
+    t = tcav_test(grad.reshape(30, 8, 2, 2, 2), X, {"signal": pools["signal"]}, n_runs=5,
+                  weights={"signal": W.reshape(30, 2, 2, 2)}).set_index("concept")
+    assert t.loc["signal", "n"] == 12 and t.loc["signal", "mean"] == 1.0
 
 
 def test_cell_vectors_and_examples_follow_the_counts_order():

@@ -1,26 +1,23 @@
 """Does the fracture score *use* a concept? TCAV (Kim et al., ICML 2018) at the dissected layer.
 
-Alignment asks whether single units fire on a concept; TCAV whether a *direction* of the
-layer that encodes it moves the fracture logit:
-
 1. **CAV** (:func:`fit_cav`): the unit normal v [K] of an L2 logistic regression separating
    positive from negative examples, K-vectors from the *training* split: grid **cells**
    (positives: cells a concept covers for >= ``min_share`` of their voxels, :func:`cell_examples`;
    negatives: random cells without it, or only such cells of one tissue, ``within``), or, without
    concept masks (real data), whole **vertebrae** (cells pooled) from sets the student names.
 2. **Score** (:func:`tcav_score`): grad [N, K, *grid] = d logit / dA on the dissected set's true
-   positives (:func:`layer_gradients`); S_i = sum over cells of grad_i[:, cell] . v, the concept
-   added along v at every cell at once (default: one number per vertebra, as the paper has per
-   image; ``per_cell=True`` counts each (vertebra, cell)); TCAV_Q = #{S > 0} / N. Magnitude
-   variant: :func:`tcav_magnitude`.
+   positives (:func:`layer_gradients`); S_i = sum over cells of w_i(cell) grad_i[:, cell] . v and
+   TCAV_Q = #{S > 0} / N. Default w = 1: v added at every cell, one number per vertebra as the
+   paper has per image. ``weights`` = the concept's share of each cell of that vertebra: v added
+   where the concept is. ``per_cell``: each (vertebra, cell) counts. Magnitude: :func:`tcav_magnitude`.
 3. **Significance** (the paper's and Captum's tutorial procedure, :func:`tcav_test`): ``n_runs``
    CAVs per concept against fresh random negatives, ``n_runs`` random-vs-random CAVs, a two-sided
    ``scipy.stats.ttest_ind`` of the scores, Bonferroni over the concepts tested.
 
-Two-sided: a score far *below* the random ones (the direction lowers the logit) is significant
-too. The negatives shape the CAV (Nicolson et al. 2024): against cells of the whole field it also
-encodes "tissue vs background", so run the untrained network of the same preset beside it.
-Any [K] vector (e.g. a Net2Vec probe) can be scored. Draws nothing.
+Two-sided: a score far *below* the random ones (v lowers the logit) is significant too. Read
+with the untrained network of the same preset beside it: the negatives shape the CAV (Nicolson
+et al. 2024), and an InstanceNorm right above the layer (the small preset's head) cancels most of
+a shift added at every cell. Any [K] vector (a Net2Vec probe) can be scored. Draws nothing.
 """
 from __future__ import annotations
 
@@ -56,18 +53,12 @@ class TooFewExamplesError(DataValueError):
     """A concept has too few examples (cells or vertebrae) to fit a CAV."""
 
 
-# --------------------------------------------------------------------------------------------
-# The layer: activations and gradients of the fracture logit
-# --------------------------------------------------------------------------------------------
-
 def _logit(output, batch: int) -> torch.Tensor:
     """The fracture logit [B]: one output; for two classes log P1/P0 = z1 - z0."""
     y = (output[0] if isinstance(output, (tuple, list)) else output).reshape(batch, -1)
-    if y.shape[1] == 1:
-        return y[:, 0]
-    if y.shape[1] == 2:
-        return y[:, 1] - y[:, 0]
-    raise DataValueError(None, f"model output: expected one logit (or two classes) per sample, got {tuple(y.shape)}")
+    if y.shape[1] not in (1, 2):
+        raise DataValueError(None, f"model output: expected one logit (or two classes) per sample, got {tuple(y.shape)}")
+    return y[:, 0] if y.shape[1] == 1 else y[:, 1] - y[:, 0]
 
 
 def layer_gradients(model: torch.nn.Module, patches, layer: str, transform: Callable | None = None,
@@ -85,10 +76,8 @@ def layer_gradients(model: torch.nn.Module, patches, layer: str, transform: Call
     held: list[torch.Tensor] = []
 
     def hook(_m, _i, output):
-        out = output[0] if isinstance(output, (tuple, list)) else output
-        leaf = out.detach().float().requires_grad_(True)
-        held.append(leaf)
-        return leaf
+        held.append((output[0] if isinstance(output, (tuple, list)) else output).detach().float().requires_grad_(True))
+        return held[-1]
 
     acts, grads = [], []
     handle = module.register_forward_hook(hook)
@@ -160,10 +149,8 @@ def cell_pools(counts: ConceptCounts, concepts: Sequence[str], min_share: float 
         try:
             pos = cell_examples(counts, c, None, min_share=min_share, min_examples=min_examples)
             neg = cell_examples(counts, c, None, without=True, min_examples=min_examples)
-            if region is not None:
-                neg = np.intersect1d(neg, region)
-                if len(neg) < min_examples:
-                    raise TooFewExamplesError(c, f"{len(neg)} cells of {within!r} without it, need {min_examples}")
+            if region is not None and len(neg := np.intersect1d(neg, region)) < min_examples:
+                raise TooFewExamplesError(c, f"{len(neg)} cells of {within!r} without it, need {min_examples}")
             out[c] = (pos, neg)
         except TooFewExamplesError as e:
             out[c] = e.problem
@@ -229,57 +216,67 @@ def fit_cav(pos: np.ndarray, neg: np.ndarray, l2: float = 0.01, min_examples: in
     return w / np.linalg.norm(w)
 
 
-def directional_derivatives(grad: np.ndarray, cav: np.ndarray, per_cell: bool = False) -> np.ndarray:
-    """S [N] = sum over cells of grad[:, :, cell] . v (``per_cell``: [N, cells], each cell's own)."""
+def directional_derivatives(grad: np.ndarray, cav: np.ndarray, per_cell: bool = False,
+                            weights: np.ndarray | None = None) -> np.ndarray:
+    """S [N] = sum over cells of w[:, cell] grad[:, :, cell] . v, w = 1 or ``weights`` [N, cells]
+    (e.g. the concept's share of each cell: v added where the concept is); ``per_cell``:
+    [N, cells], each cell's own (times w)."""
     grad = np.asarray(grad)
     v = np.asarray(cav, dtype=np.float64).reshape(-1)
     if grad.ndim < 2 or grad.shape[1] != len(v):
         raise DataValueError(None, f"grad {grad.shape} and cav {v.shape}: expected [N, K, ...] and [K]")
     per = np.einsum("nkc,k->nc", grad.reshape(grad.shape[0], grad.shape[1], -1).astype(np.float64), v)
+    if weights is not None:
+        if np.size(weights) != per.size:
+            raise DataValueError(None, f"weights {np.shape(weights)}: expected one per sample and cell, {per.shape}")
+        per = per * np.asarray(weights, dtype=np.float64).reshape(per.shape)
     return per if per_cell else per.sum(axis=1)
 
 
-def tcav_score(grad: np.ndarray, cav: np.ndarray, per_cell: bool = False) -> float:
-    """TCAV_Q: the fraction of S > 0 (:func:`directional_derivatives`; S = 0 counts as not)."""
-    return float(np.mean(directional_derivatives(grad, cav, per_cell) > 0))
+def tcav_score(grad: np.ndarray, cav: np.ndarray, per_cell: bool = False, weights: np.ndarray | None = None) -> float:
+    """TCAV_Q: the fraction of S > 0 (:func:`directional_derivatives`; S = 0 counts as not; with
+    ``weights`` and ``per_cell`` only the cells of weight > 0 count)."""
+    S = directional_derivatives(grad, cav, per_cell, weights)
+    if per_cell and weights is not None:
+        S = S[np.asarray(weights).reshape(S.shape) > 0]
+    return float(np.mean(S > 0))
 
 
-def tcav_magnitude(grad: np.ndarray, cav: np.ndarray, per_cell: bool = False) -> float:
+def tcav_magnitude(grad: np.ndarray, cav: np.ndarray, per_cell: bool = False, weights: np.ndarray | None = None) -> float:
     """Captum's magnitude score: sum of the positive S over sum of |S| (NaN when all S are 0)."""
-    S = directional_derivatives(grad, cav, per_cell)
+    S = directional_derivatives(grad, cav, per_cell, weights)
     total = np.abs(S).sum()
     return float(S[S > 0].sum() / total) if total > 0 else float("nan")
 
 
-def significance(scores: Mapping[str, Sequence[float]], random_scores: Sequence[float],
-                 alpha: float = ALPHA) -> pd.DataFrame:
+def significance(scores: Mapping[str, Sequence[float]], random_scores, alpha: float = ALPHA) -> pd.DataFrame:
     """One row per concept: ``mean``, ``std`` (ddof 1) of its TCAV scores, ``p`` of the two-sided
-    t-test against ``random_scores`` (``scipy.stats.ttest_ind``, equal variances as tensorflow/tcav),
-    ``p_bonferroni`` = min(1, p m) with m = len(scores), ``p_shown`` (at the rule's precision,
-    :func:`~vfcore.analysis.story.format_p`), ``significant`` (p_bonferroni < alpha; False when p
-    is undefined: both sets constant and equal), ``runs``."""
-    r = np.asarray(random_scores, dtype=np.float64)
+    t-test against the random CAVs' scores (``random_scores``: one list, or one per concept;
+    ``scipy.stats.ttest_ind``, equal variances as tensorflow/tcav), ``p_bonferroni`` = min(1, p m)
+    with m = len(scores), ``p_shown`` (at the rule's precision, :func:`~vfcore.analysis.story.format_p`),
+    ``significant`` (p_bonferroni < alpha; False when p is undefined: both sets constant), ``runs``."""
     m = len(scores)
     rows = []
     for name, s in scores.items():
         s = np.asarray(s, dtype=np.float64)
+        r = np.asarray(random_scores[name] if isinstance(random_scores, Mapping) else random_scores, dtype=np.float64)
         with warnings.catch_warnings():      # a constant set (every run 1.0) warns; its p stays valid
             warnings.filterwarnings("ignore", "Precision loss", RuntimeWarning)
             p = float(ttest_ind(s, r).pvalue) if len(s) > 1 and len(r) > 1 else float("nan")
         pb = min(1.0, p * m) if np.isfinite(p) else float("nan")
-        rows.append({"concept": name, "mean": float(s.mean()), "std": float(s.std(ddof=1)) if len(s) > 1 else np.nan,
-                     "random_mean": float(r.mean()), "random_std": float(r.std(ddof=1)) if len(r) > 1 else np.nan,
+        rows.append({"concept": name, "mean": s.mean(), "std": s.std(ddof=1) if len(s) > 1 else np.nan,
+                     "random_mean": r.mean(), "random_std": r.std(ddof=1) if len(r) > 1 else np.nan,
                      "p": p, "p_bonferroni": pb, "p_shown": format_p(pb, alpha),
                      "significant": bool(np.isfinite(pb) and pb < alpha), "runs": len(s)})
     table = pd.DataFrame(rows)
-    table.attrs["rule"] = f"two-sided t-test against {len(r)} random CAVs, Bonferroni over {m} concepts: p < {alpha:g}"
+    table.attrs["rule"] = f"two-sided t-test against random CAVs, Bonferroni over {m} concepts: p < {alpha:g}"
     return table
 
 
 def tcav_test(grad: np.ndarray, examples: np.ndarray, pools: Mapping[str, tuple[np.ndarray, np.ndarray] | str],
               n_runs: int = N_RUNS, n_examples: int = 100, l2: float = 0.01, alpha: float = ALPHA,
-              seed: int = 0, per_cell: bool = False, holdout: float = 1 / 3,
-              random_pool: np.ndarray | None = None) -> pd.DataFrame:
+              seed: int = 0, per_cell: bool = False, holdout: float = 1 / 3, random_pool: np.ndarray | None = None,
+              weights: Mapping[str, np.ndarray] | None = None) -> pd.DataFrame:
     """TCAV with its significance test, one row per concept of ``pools``.
 
     ``grad`` [N, K, *grid] of the fracture logit on the true positives (:func:`layer_gradients`);
@@ -288,83 +285,84 @@ def tcav_test(grad: np.ndarray, examples: np.ndarray, pools: Mapping[str, tuple[
     reason string (the row says it, untested). Run j: up to ``n_examples`` positives and as many
     negatives drawn at random, ``holdout`` of each kept out to measure the CAV's accuracy, the
     CAV fitted on the rest and scored; random CAVs: two random sets of ``n_examples`` rows of
-    ``random_pool`` (default: all). Columns of :func:`significance` plus ``n`` (true positives),
+    ``random_pool`` (default: all). ``weights`` {concept: [N, cells]}: S only where the concept
+    is (:func:`directional_derivatives`), over the true positives that have it, the random CAVs
+    scored the same way. Columns of :func:`significance` plus ``n`` (true positives scored),
     ``positives`` (the pool), ``accuracy`` (mean held-out), ``magnitude`` (mean), ``reason``."""
     grad, X = np.asarray(grad), np.asarray(examples)
     if X.ndim != 2 or grad.ndim < 2 or grad.shape[1] != X.shape[1]:
         raise DataValueError(None, f"grad {grad.shape} and examples {X.shape}: expected [N, K, ...] and [M, K], same K")
-    if int(n_runs) < 2:
-        raise InvalidParameterError("n_runs", "at least 2 (the paper and Captum: many; default 30)", n_runs)
-    if not 0 <= holdout < 1:
-        raise InvalidParameterError("holdout", "a share in [0, 1)", holdout)
+    if not 0 <= holdout < 1 or int(n_runs) < 2:
+        raise InvalidParameterError("n_runs, holdout", ">= 2 (default 30) and a share in [0, 1)", (n_runs, holdout))
     rng = np.random.default_rng(seed)
-    if not per_cell:           # S = (sum over cells of grad) . v: sum once, not in every run
-        grad = grad.reshape(grad.shape[0], grad.shape[1], -1).sum(axis=2, dtype=np.float64)[:, :, None]
+    grad = grad.reshape(grad.shape[0], grad.shape[1], -1)
 
-    def run(pos_pool, neg_pool, size):
+    def fit(pos_pool, neg_pool, size) -> tuple[np.ndarray, float]:
         pos = rng.choice(pos_pool, size=min(size, len(pos_pool)), replace=False)
         neg = rng.choice(neg_pool, size=len(pos), replace=False)
         cut = int(round(len(pos) * (1 - holdout)))
         w, b = logistic_regression(np.vstack([X[pos[:cut]], X[neg[:cut]]]), np.r_[np.ones(cut), np.zeros(cut)], l2)
-        v = w / np.linalg.norm(w)
         right = np.r_[X[pos[cut:]] @ w + b > 0, X[neg[cut:]] @ w + b <= 0]        # held-out accuracy
-        return tcav_score(grad, v, per_cell), tcav_magnitude(grad, v, per_cell), right.mean() if len(right) else np.nan
+        return w / np.linalg.norm(w), right.mean() if len(right) else np.nan
 
     everything = np.arange(len(X)) if random_pool is None else np.asarray(random_pool)
-    random_runs = []
+    random_cavs = []
     for _ in range(int(n_runs)):
         both = rng.choice(everything, size=min(2 * n_examples, len(everything)), replace=False)
-        half = len(both) // 2
-        random_runs.append(run(both[:half], both[half:], half))
-    tested, extra, untested = {}, {}, []
+        random_cavs.append(fit(both[:len(both) // 2], both[len(both) // 2:], len(both) // 2))
+    scores, random_scores, extra, untested = {}, {}, {}, []
     for name, pool in pools.items():
         if isinstance(pool, str):
             untested.append({"concept": name, "reason": pool})
             continue
-        res = np.array([run(np.asarray(pool[0]), np.asarray(pool[1]), n_examples) for _ in range(int(n_runs))])
-        tested[name] = res[:, 0]
-        extra[name] = {"positives": len(pool[0]), "accuracy": np.nanmean(res[:, 2]), "magnitude": np.nanmean(res[:, 1])}
-    table = significance(tested, [r[0] for r in random_runs], alpha) if tested else pd.DataFrame()
+        g, wt = grad, None if weights is None else np.asarray(weights[name]).reshape(len(grad), -1)
+        if wt is not None:
+            have = wt.sum(axis=1) > 0                                   # true positives with the concept
+            g, wt = grad[have], wt[have]
+        if not per_cell:                  # S = (sum over cells of w grad) . v: sum once, not in every run
+            g, wt = (g if wt is None else g * wt[:, None, :]).sum(axis=2, dtype=np.float64)[:, :, None], None
+        cavs = [fit(np.asarray(pool[0]), np.asarray(pool[1]), n_examples) for _ in range(int(n_runs))]
+        scores[name] = [tcav_score(g, v, per_cell, wt) for v, _ in cavs]
+        random_scores[name] = [tcav_score(g, v, per_cell, wt) for v, _ in random_cavs]
+        extra[name] = {"n": len(g), "positives": len(pool[0]), "accuracy": np.nanmean([a for _, a in cavs]),
+                       "magnitude": np.mean([tcav_magnitude(g, v, per_cell, wt) for v, _ in cavs])}
+    table = significance(scores, random_scores, alpha) if scores else pd.DataFrame()
     rule = table.attrs.get("rule", "")
-    for col in ("positives", "accuracy", "magnitude"):
+    for col in ("n", "positives", "accuracy", "magnitude"):
         table[col] = [extra[c][col] for c in table.get("concept", [])]
     table = pd.concat([table, pd.DataFrame(untested, columns=["concept", "reason"])], ignore_index=True)
-    table.insert(1, "n", grad.shape[0] * (int(np.prod(grad.shape[2:])) if per_cell else 1))   # TPs (x cells)
     table["reason"] = table["reason"].fillna("")
-    r = np.array(random_runs, dtype=np.float64)
-    table.attrs.update(rule=rule, random_accuracy=np.nanmean(r[:, 2]), random_magnitude=np.nanmean(r[:, 1]))
+    table.attrs.update(rule=rule, random_accuracy=float(np.nanmean([a for _, a in random_cavs])), per_cell=per_cell)
     return table
-
-
-def default_concepts(names: Sequence[str]) -> list[str]:
-    """The fracture signs and the confounders (``outside the scan`` among them) that ``names`` has."""
-    return [c for c in (*FRACTURE_CONCEPTS, *CONFOUNDERS) if c in names]
 
 
 @dataclass
 class TcavRun:
-    """:func:`run_tcav`'s result: the ``table`` (:func:`tcav_test`), the training cells'
-    concept ``counts`` (reuse them for another model), ``seconds`` per step, ``n_train`` vertebrae."""
+    """:func:`run_tcav`'s result: the ``table`` (:func:`tcav_test`), the concept counts of the
+    training cells and of the true positives (``counts``, ``tp_counts``: reuse them for another
+    model), ``seconds`` per step, ``n_train`` vertebrae."""
 
     table: pd.DataFrame
     counts: ConceptCounts | None
+    tp_counts: ConceptCounts | None = None
     seconds: dict[str, float] = dc_field(default_factory=dict)
     n_train: int = 0
 
 
-def run_tcav(run_dir, model: torch.nn.Module | None = None, concepts: Sequence[str] | None = None,
-             counts: ConceptCounts | None = None, vertebra_sets: Mapping[str, np.ndarray] | None = None,
+def run_tcav(run_dir, model: torch.nn.Module | None = None, concepts: Sequence[str] | None = None, *,
+             counts: ConceptCounts | None = None, tp_counts: ConceptCounts | None = None, local: bool = False,
+             within: str | None = None, vertebra_sets: Mapping[str, np.ndarray] | None = None,
              n_runs: int = N_RUNS, n_examples: int = 100, min_share: float = MIN_SHARE, seed: int = 0,
-             batch_size: int = 8, within: str | None = None, **kwargs) -> TcavRun:
+             batch_size: int = 8, **kwargs) -> TcavRun:
     """TCAV of the fracture logit on a run's dissected true positives, CAVs from its training split.
 
     ``model``: default the run's network (an untrained one of the same preset is the control);
     the layer and input transform are the run's. Cells and concept masks by default (the phantom:
     :class:`~vfcore.analysis.alignment.RunConcepts`, raising ``NoConceptMasksError`` on real
-    data); ``vertebra_sets`` {name: bool [N_train]} (training rows with the flag) makes the
-    examples whole vertebrae instead, negatives the rows without it. ``within``: negatives and
-    random sets from that concept's cells only (:func:`cell_pools`). Other arguments: :func:`tcav_test`.
-    """
+    data); ``local``: S only on each true positive's own cells of the concept (weights: its share
+    of each cell); ``within``: negatives and random sets from that concept's cells only
+    (:func:`cell_pools`); ``vertebra_sets`` {name: bool [N_train]} (training rows with the flag):
+    whole vertebrae as examples (:func:`vertebra_pools`). Other arguments: :func:`tcav_test`."""
     seconds: dict[str, float] = {}
     art, net = load_artifacts(run_dir), load_network(run_dir)
     model = net.model if model is None else model
@@ -385,13 +383,17 @@ def run_tcav(run_dir, model: torch.nn.Module | None = None, concepts: Sequence[s
     else:
         if counts is None:
             counts = concept_counts(RunConcepts.from_run(run_dir, rows), A.shape[2:], art.field)
-            seconds["concept_counts"] = time.perf_counter() - t
-            t = time.perf_counter()
+        if local and tp_counts is None:
+            tp_counts = concept_counts(RunConcepts.from_run(run_dir, art.samples.iloc[tp]), A.shape[2:], art.field)
+        seconds["concept_counts"], t = time.perf_counter() - t, time.perf_counter()
         X = cell_vectors(A)
-        pools = cell_pools(counts, default_concepts(counts.names) if concepts is None else concepts, min_share,
-                           within=within)
+        default = [c for c in (*FRACTURE_CONCEPTS, *CONFOUNDERS) if c in counts.names]   # "outside the scan" too
+        pools = cell_pools(counts, default if concepts is None else concepts, min_share, within=within)
         if within is not None:
             kwargs["random_pool"] = cell_examples(counts, within, None, min_share=min_share)
+        if local:
+            kwargs["weights"] = {c: tp_counts.counts[..., tp_counts.names.index(c)] / tp_counts.cell_volume
+                                 for c in pools}
     table = tcav_test(grad, X, pools, n_runs, n_examples, seed=seed, **kwargs)
     seconds["cavs"] = time.perf_counter() - t
-    return TcavRun(table, counts, seconds, len(A))
+    return TcavRun(table, counts, tp_counts, seconds, len(A))
