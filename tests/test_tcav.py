@@ -12,8 +12,9 @@ from torch import nn
 from vfcore.analysis.alignment import ConceptCounts
 from vfcore.analysis.tcav import (TooFewExamplesError, cell_examples, cell_pools, cell_vectors, directional_derivatives,
                                   fit_cav, layer_gradients, logistic_regression, significance, tcav_magnitude,
-                                  tcav_score, tcav_test, vertebra_pools, vertebra_vectors)
+                                  run_tcav, tcav_score, tcav_test, vertebra_pools, vertebra_vectors)
 from vfcore.errors import DataValueError, InvalidParameterError
+from tiny_run import tiny_run  # noqa: F401  (fixture: a small real run folder)
 
 K, GRID = 4, (2, 2, 2)
 
@@ -229,3 +230,25 @@ def test_bad_input_gets_typed_errors():
         fit_cav(np.zeros((1, 4)), np.ones((5, 4)))
     with pytest.raises(DataValueError, match="same K"):
         fit_cav(np.zeros((5, 4)), np.ones((5, 3)))
+
+
+def test_run_tcav_on_a_tiny_run_counts_its_true_positives_and_their_concepts(tiny_run):  # noqa: F811
+    """The wiring: n = the true positives of samples.csv whose own concept mask reaches the field
+    (read here from the masks), n_train = the training split's vertebrae."""
+    from vfcore.analysis.alignment import RunConcepts
+    from vfcore.data import load_split
+    from vfcore.dissect import load_artifacts
+
+    art = load_artifacts(tiny_run)
+    tp = np.flatnonzero(art.samples["outcome"].to_numpy() == "TP")
+    if len(tp) == 0:
+        pytest.skip("the tiny run has no true positive")
+    r = run_tcav(tiny_run, n_runs=2, n_examples=20, min_share=0.05)
+    t = r.table.set_index("concept")
+    assert r.n_train == len(load_split(tiny_run, "train")[1])
+    masks = RunConcepts.from_run(tiny_run, art.samples)
+    for concept in t.index[t["reason"] == ""]:
+        have = sum(bool(masks[int(i)][concept][art.field].any()) for i in tp)
+        assert t.loc[concept, "n"] == have, concept
+    flat = run_tcav(tiny_run, n_runs=2, n_examples=20, min_share=0.05, local=False, counts=r.counts)
+    assert set(flat.table.loc[flat.table["reason"] == "", "n"]) == {len(tp)}

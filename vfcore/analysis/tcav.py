@@ -242,7 +242,7 @@ def tcav_score(grad: np.ndarray, cav: np.ndarray, per_cell: bool = False, weight
     return float(np.mean(S > 0))
 
 
-def tcav_magnitude(grad: np.ndarray, cav: np.ndarray, per_cell: bool = False, weights: np.ndarray | None = None) -> float:
+def tcav_magnitude(grad: np.ndarray, cav: np.ndarray, per_cell: bool = False, weights=None) -> float:
     """Captum's magnitude score: sum of the positive S over sum of |S| (NaN when all S are 0)."""
     S = directional_derivatives(grad, cav, per_cell, weights)
     total = np.abs(S).sum()
@@ -332,6 +332,7 @@ def tcav_test(grad: np.ndarray, examples: np.ndarray, pools: Mapping[str, tuple[
         table[col] = [extra[c][col] for c in table.get("concept", [])]
     table = pd.concat([table, pd.DataFrame(untested, columns=["concept", "reason"])], ignore_index=True)
     table["reason"] = table["reason"].fillna("")
+    table[["n", "runs", "positives"]] = table[["n", "runs", "positives"]].astype("Int64")
     table.attrs.update(rule=rule, random_accuracy=float(np.nanmean([a for _, a in random_cavs])), per_cell=per_cell)
     return table
 
@@ -350,7 +351,7 @@ class TcavRun:
 
 
 def run_tcav(run_dir, model: torch.nn.Module | None = None, concepts: Sequence[str] | None = None, *,
-             counts: ConceptCounts | None = None, tp_counts: ConceptCounts | None = None, local: bool = False,
+             counts: ConceptCounts | None = None, tp_counts: ConceptCounts | None = None, local: bool = True,
              within: str | None = None, vertebra_sets: Mapping[str, np.ndarray] | None = None,
              n_runs: int = N_RUNS, n_examples: int = 100, min_share: float = MIN_SHARE, seed: int = 0,
              batch_size: int = 8, **kwargs) -> TcavRun:
@@ -358,15 +359,14 @@ def run_tcav(run_dir, model: torch.nn.Module | None = None, concepts: Sequence[s
 
     ``model``: default the run's network (an untrained one of the same preset is the control);
     the layer and input transform are the run's. Cells and concept masks by default (the phantom:
-    :class:`~vfcore.analysis.alignment.RunConcepts`, raising ``NoConceptMasksError`` on real
-    data); ``local``: S only on each true positive's own cells of the concept (weights: its share
-    of each cell); ``within``: negatives and random sets from that concept's cells only
-    (:func:`cell_pools`); ``vertebra_sets`` {name: bool [N_train]} (training rows with the flag):
-    whole vertebrae as examples (:func:`vertebra_pools`). Other arguments: :func:`tcav_test`."""
-    seconds: dict[str, float] = {}
+    :class:`~vfcore.analysis.alignment.RunConcepts`; ``NoConceptMasksError`` on real data).
+    ``local``: S on each true positive's own cells of the concept (weights: its share of each
+    cell; the default, as an InstanceNorm above the layer cancels a shift at every cell). ``within``:
+    negatives and random sets from that concept's cells (:func:`cell_pools`). ``vertebra_sets``
+    {name: bool [N_train]} (training rows with the flag): whole vertebrae as examples
+    (:func:`vertebra_pools`; S over every cell). Other arguments: :func:`tcav_test`."""
     art, net = load_artifacts(run_dir), load_network(run_dir)
-    model = net.model if model is None else model
-    t = time.perf_counter()
+    model, seconds, t = net.model if model is None else model, {}, time.perf_counter()
     tp = np.flatnonzero(art.samples["outcome"].to_numpy() == "TP")
     if len(tp) == 0:
         raise DataValueError(run_dir, "no true positives in the dissected set: the TCAV score is undefined")
