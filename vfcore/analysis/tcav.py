@@ -268,7 +268,8 @@ def significance(scores: Mapping[str, Sequence[float]], random_scores, alpha: fl
                      "random_mean": r.mean(), "random_std": r.std(ddof=1) if len(r) > 1 else np.nan,
                      "p": p, "p_bonferroni": pb, "p_shown": format_p(pb, alpha),
                      "significant": bool(np.isfinite(pb) and pb < alpha), "runs": len(s)})
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=["concept", "mean", "std", "random_mean", "random_std", "p", "p_bonferroni",
+                                        "p_shown", "significant", "runs"])
     table.attrs["rule"] = f"two-sided t-test against random CAVs, Bonferroni over {m} concepts: p < {alpha:g}"
     return table
 
@@ -312,13 +313,12 @@ def tcav_test(grad: np.ndarray, examples: np.ndarray, pools: Mapping[str, tuple[
         random_cavs.append(fit(both[:len(both) // 2], both[len(both) // 2:], len(both) // 2))
     scores, random_scores, extra, untested = {}, {}, {}, []
     for name, pool in pools.items():
-        if isinstance(pool, str):
-            untested.append({"concept": name, "reason": pool})
+        wt = None if weights is None or isinstance(pool, str) else np.asarray(weights[name]).reshape(len(grad), -1)
+        have = np.ones(len(grad), bool) if wt is None else wt.sum(axis=1) > 0     # true positives with it
+        if isinstance(pool, str) or not have.any():
+            untested.append({"concept": name, "reason": pool if isinstance(pool, str) else "no true positive has it"})
             continue
-        g, wt = grad, None if weights is None else np.asarray(weights[name]).reshape(len(grad), -1)
-        if wt is not None:
-            have = wt.sum(axis=1) > 0                                   # true positives with the concept
-            g, wt = grad[have], wt[have]
+        g, wt = grad[have], None if wt is None else wt[have]
         if not per_cell:                  # S = (sum over cells of w grad) . v: sum once, not in every run
             g, wt = (g if wt is None else g * wt[:, None, :]).sum(axis=2, dtype=np.float64)[:, :, None], None
         cavs = [fit(np.asarray(pool[0]), np.asarray(pool[1]), n_examples) for _ in range(int(n_runs))]
@@ -326,8 +326,8 @@ def tcav_test(grad: np.ndarray, examples: np.ndarray, pools: Mapping[str, tuple[
         random_scores[name] = [tcav_score(g, v, per_cell, wt) for v, _ in random_cavs]
         extra[name] = {"n": len(g), "positives": len(pool[0]), "accuracy": np.nanmean([a for _, a in cavs]),
                        "magnitude": np.mean([tcav_magnitude(g, v, per_cell, wt) for v, _ in cavs])}
-    table = significance(scores, random_scores, alpha) if scores else pd.DataFrame()
-    rule = table.attrs.get("rule", "")
+    table = significance(scores, random_scores, alpha)
+    rule = table.attrs["rule"]
     for col in ("n", "positives", "accuracy", "magnitude"):
         table[col] = [extra[c][col] for c in table.get("concept", [])]
     table = pd.concat([table, pd.DataFrame(untested, columns=["concept", "reason"])], ignore_index=True)
