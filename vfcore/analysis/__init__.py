@@ -10,6 +10,8 @@ reverse):
 * :mod:`~vfcore.analysis.looking`: where a unit looks (input gradients of its mask, receptive
   fields) and occlusion;
 * :mod:`~vfcore.analysis.saliency`: Grad-CAM of the fracture score, against the unit masks;
+* :mod:`~vfcore.analysis.tcav`: does the fracture score move along a concept's direction of the
+  layer? TCAV (concept activation vectors) with its test against random directions;
 * :mod:`~vfcore.analysis.shortcut`: does P(fracture) follow how much of the patch lies outside
   the scan?
 * :mod:`~vfcore.analysis.twins`: healed twins, the same scan with one fracture healed: how
