@@ -123,6 +123,24 @@ def test_relative_and_binary_features():
     assert np.array_equal(V.cell_targets(_counts(np.full((1, CELLS, 2), 2)), "mix", "any"), np.ones((1, CELLS)))
 
 
+def test_coarse_cells_on_a_finer_grid_are_kronecker_blocks():
+    rng = np.random.default_rng(7)
+    A = rng.standard_normal((2, 3, 8)).astype(np.float32)          # a 2^3 grid
+    fine = V.on_finer_grid(A, (2, 2, 2), 2)
+    for i in range(2):
+        for k in range(3):
+            ref = np.kron(A[i, k].reshape(2, 2, 2), np.ones((2, 2, 2)))
+            assert np.array_equal(fine[i, k], ref.ravel())
+
+
+def test_cross_validation_of_a_recoverable_concept():
+    A, cc, _ = _mix_data(120, 0)
+    groups = np.repeat(np.arange(30), 4)                 # 4 vertebrae a patient
+    assert V.cross_val_iou(A, cc, "mix", groups, n_folds=3, l2=1e-6, max_iter=200) > 0.85
+    with pytest.raises(InvalidParameterError, match="n_folds"):
+        V.cross_val_iou(A, cc, "mix", groups, n_folds=31)
+
+
 # --------------------------------------------------------------------------------------------
 # dictionaries
 # --------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ compares them (detectors, mean best IoU, best IoU per fracture sign).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping
 
 import numpy as np
@@ -40,7 +41,7 @@ N_ATOMS = 128
 N_PCA = 64          # x 2 signs
 N_RANDOM = 128
 #: Rows (cells) of the training split the NMF is fitted on (a seeded sample; all if fewer).
-NMF_ROWS = 40_000
+NMF_ROWS = 20_000
 
 
 def cell_vectors(A) -> np.ndarray:
@@ -70,6 +71,19 @@ def _check_count(name: str, n, most: int | None = None) -> int:
 # NMF (multiplicative updates), PCA, random
 # --------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _flush_denormals():
+    """Flush float32 denormals to zero inside the block (``torch.set_flush_denormal``): the
+    updates drive many entries towards 0, and denormal arithmetic made 200 iterations 10x
+    slower than 100 on a CPU (measured: 7.4 s vs 0.8 s for 20,000 x 128 cells, J = 32)."""
+    changed = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if changed:
+            torch.set_flush_denormal(False)
+
+
 def nmf(X, n_atoms: int = N_ATOMS, n_iter: int = 200, seed: int = 0, eps: float = 1e-9) -> tuple[np.ndarray, np.ndarray]:
     """(U [n, J], W [J, K]) >= 0 with X ~ U W, by Lee & Seung's multiplicative updates
 
@@ -77,8 +91,8 @@ def nmf(X, n_atoms: int = N_ATOMS, n_iter: int = 200, seed: int = 0, eps: float 
 
     which never increase ||X - U W||_F^2 (Lee & Seung 2001, Theorem 1). Random non-negative start
     scaled to X's mean (as scikit-learn's ``init="random"``), seeded; atoms scaled to unit length
-    at the end (the codes take the scale). ``X`` [n, K] >= 0, float32 torch on one thread: about
-    0.1 s per iteration for 40,000 x 128 rows and J = 128 (a 2-core laptop)."""
+    at the end (the codes take the scale). ``X`` [n, K] >= 0, float32 torch; 200 iterations on
+    20,000 x 128 cells take about 1 s for J = 32 and 6 s for J = 128 (one CPU thread)."""
     X = _check_matrix(X, nonnegative=True)
     n, K = X.shape
     J = _check_count("n_atoms", n_atoms)
@@ -86,9 +100,10 @@ def nmf(X, n_atoms: int = N_ATOMS, n_iter: int = 200, seed: int = 0, eps: float 
     scale = float(np.sqrt(max(float(X.mean()), eps) / J))
     U = torch.rand(n, J, generator=g) * scale
     W = torch.rand(J, K, generator=g) * scale
-    for _ in range(int(n_iter)):
-        U *= (X @ W.T) / (U @ (W @ W.T) + eps)
-        W *= (U.T @ X) / ((U.T @ U) @ W + eps)
+    with _flush_denormals():
+        for _ in range(int(n_iter)):
+            U *= (X @ W.T) / (U @ (W @ W.T) + eps)
+            W *= (U.T @ X) / ((U.T @ U) @ W + eps)
     norm = W.norm(dim=1).clamp_min(eps)
     return (U * norm).numpy(), (W / norm[:, None]).numpy()
 
@@ -103,8 +118,9 @@ def nmf_codes(X, atoms, n_iter: int = 200, seed: int = 0, eps: float = 1e-9) -> 
     g = torch.Generator().manual_seed(int(seed))
     U = torch.rand(X.shape[0], W.shape[0], generator=g) * float(np.sqrt(max(float(X.mean()), eps) / W.shape[0]))
     XW, WW = X @ W.T, W @ W.T
-    for _ in range(int(n_iter)):
-        U *= XW / (U @ WW + eps)
+    with _flush_denormals():
+        for _ in range(int(n_iter)):
+            U *= XW / (U @ WW + eps)
     return U.numpy()
 
 

@@ -6,15 +6,19 @@ unit's. Here, per grid cell x of the dissected layer (8^3 cells of 8 mm on the p
 
     p_c(x) = sigmoid(w . z(x) + b),   z(x) = the cell's K activations, standardised on the training split
 
-fitted on the **training** split by the class-weighted cross-entropy of Net2Vec
-(``src/linearprobe_pytorch.py``: alpha = 1 - mean concept fraction weighs the rare class up)
+fitted on the **training** split by the cross-entropy with soft targets t(x), the fraction of
+the cell inside the concept (:func:`cell_targets`; Net2Vec's per-pixel loss of a prediction
+that is constant on a block is exactly this soft target),
 
-    L = - mean_x [ alpha t(x) log p(x) + (1 - alpha) (1 - t(x)) log(1 - p(x)) ] + l2 |w|^2,
+    L = - mean_x [ alpha t(x) log p(x) + (1 - alpha) (1 - t(x)) log(1 - p(x)) ] / Z + l2 |w|^2,
 
-with t(x) the fraction of the cell inside the concept (:func:`cell_targets`; Net2Vec's per-pixel
-loss of a prediction that is constant on a block is exactly this soft target). The probe's mask
-on a vertebra is the cells where p_c(x) > theta; theta is chosen on the training split too
-(:func:`best_cut`: the set IoU is maximal there), never on the held-out set.
+alpha = 1/2 by default (plain BCE: p estimates the cell's expected concept fraction, the order
+in which block cells best raise the set IoU); Net2Vec's class weighting alpha = 1 - mean t
+(``src/linearprobe_pytorch.py``) is ``weighting="net2vec"``; Z = the mean class weight. The
+default was chosen on the training split alone: patient-grouped 2-fold cross-validation
+(:func:`cross_val_iou`) preferred it to Net2Vec's weighting for each of 10 phantom concepts.
+The probe's mask on a vertebra is the cells where p_c(x) > theta, theta chosen on the training
+split too (:func:`best_cut`: the set IoU is maximal there), never on the held-out set.
 
 Scored like a unit: the block mask's IoU with the concept summed over the held-out dissected
 set, with the same-class shuffle (:func:`probe_alignment` hands the masks to
@@ -50,7 +54,7 @@ PROBE_CONCEPTS = FRACTURE_CONCEPTS + ("vertebral body", "trabecular core", "disc
 FEATURES = ("raw", "relative", "binary")
 #: The cell's target: the fraction of the cell inside the concept, or 1 if any voxel is.
 TARGETS = ("fraction", "any")
-#: The class weighting: Net2Vec's alpha = 1 - mean target, or none (alpha = 1/2, plain BCE).
+#: The class weighting: Net2Vec's alpha = 1 - mean target, or none (alpha = 1/2, plain BCE; the default).
 WEIGHTINGS = ("net2vec", "none")
 #: The k of the IoU-vs-units curve (0 stands for all units).
 KS = (1, 2, 3, 5, 10, 20, 30, 64, 0)
@@ -194,7 +198,7 @@ class Probe:
     train_iou: float = 0.0
     features: str = "raw"
     target: str = "fraction"
-    weighting: str = "net2vec"
+    weighting: str = "none"
     unit_T: np.ndarray | None = field(default=None, repr=False)
     n_train: int = 0
 
@@ -219,7 +223,7 @@ class Probe:
 
 
 def fit_probe(A, counts: ConceptCounts, concept: str, *, units: Sequence[int] | None = None,
-              features: str = "raw", target: str = "fraction", weighting: str = "net2vec",
+              features: str = "raw", target: str = "fraction", weighting: str = "none",
               threshold: float | str = "train", l2: float = 1e-4, max_iter: int = 100,
               q_tail: float = Q_TAIL_PAPER) -> Probe:
     """Fit the read-out of ``concept`` on A [N, K, cells] (training split) and its concept counts.
@@ -245,8 +249,8 @@ def fit_probe(A, counts: ConceptCounts, concept: str, *, units: Sequence[int] | 
         raise DataValueError("units", f"need unit indices in [0, {A.shape[1]}), got {units.tolist()}")
     T = unit_thresholds(A, q_tail) if features == "binary" else None
     x = _design(A, units, features, T)                              # [N * cells, k]
-    mean, std = (torch.from_numpy(v.astype(np.float32)) for v in (x.numpy().mean(axis=0), x.numpy().std(axis=0)))
-    std = torch.where(std > 0, std, torch.ones_like(std))   # numpy's: 10x faster than torch's here
+    mean, std = x.numpy().mean(axis=0), x.numpy().std(axis=0)      # numpy's: 10x faster than torch's here
+    mean, std = torch.from_numpy(mean), torch.from_numpy(np.where(std > 0, std, 1).astype(np.float32))
     x = (x - mean) / std
     y = t.reshape(-1)
     ybar = float(y.mean())
@@ -267,8 +271,8 @@ def fit_probe(A, counts: ConceptCounts, concept: str, *, units: Sequence[int] | 
         return loss
 
     opt.step(closure)
-    probe = Probe(concept, int(A.shape[1]), units, w.detach().numpy(), float(b.detach()), mean.numpy(), std.numpy(), features=features, target=target, weighting=weighting, unit_T=T,
-                  n_train=int(A.shape[0]))
+    probe = Probe(concept, int(A.shape[1]), units, w.detach().numpy(), float(b.detach()), mean.numpy(), std.numpy(),
+                  features=features, target=target, weighting=weighting, unit_T=T, n_train=int(A.shape[0]))
     with torch.no_grad():
         p = torch.sigmoid(x @ w + b).numpy().reshape(A.shape[0], -1)
     count = counts.counts[:, :, j]
@@ -369,7 +373,8 @@ def probe_table(A_train, counts_train: ConceptCounts, A_test, counts_test: Conce
     given); ``oracle_iou``: the ceiling of block masks; ``n_train``, ``n_test``.
     """
     A_train, A_test = check_activations(A_train, counts_train, "A_train"), check_activations(A_test, counts_test, "A_test")
-    concepts = [c for c in concepts if concept_index(counts_train, c) >= 0 and concept_index(counts_test, c) >= 0]
+    for c in concepts:          # unknown names raise before any fit
+        concept_index(counts_train, c), concept_index(counts_test, c)
     probes = [fit_probe(A_train, counts_train, c, q_tail=q_tail, **fit) for c in concepts]
     al = probe_alignment(probes, A_test, counts_test, labels_test, n_perm, seed)
     train_units = unit_alignment(A_train, counts_train, q_tail)
@@ -424,3 +429,17 @@ def cross_val_iou(A, counts: ConceptCounts, concept: str, groups, n_folds: int =
         inter += i
         union += mask.sum() * counts.cell_volume + float(counts.totals[test, j].sum()) - i
     return inter / union if union > 0 else 0.0
+
+
+def on_finer_grid(A, grid, factor: int = 2) -> np.ndarray:
+    """A [N, K, prod(grid)] -> [N, K, prod(grid * factor)]: each cell's activations copied into
+    its factor^3 sub-cells (C order), so a coarse layer can be read beside a finer one
+    (``numpy.concatenate`` along K) on the finer layer's grid."""
+    A = check_activations(A)
+    grid = tuple(int(g) for g in grid)
+    if len(grid) != 3 or int(np.prod(grid)) != A.shape[2]:
+        raise DataValueError("grid", f"{grid} does not have the activations' {A.shape[2]} cells")
+    a = A.reshape(A.shape[:2] + grid)
+    for axis in (2, 3, 4):
+        a = np.repeat(a, int(factor), axis=axis)
+    return a.reshape(A.shape[0], A.shape[1], -1)
