@@ -240,3 +240,17 @@ def test_bad_input_raises_typed_errors():
         Y.nmf(np.ones((5, 3)), 0)
     with pytest.raises(DataValueError, match="groups"):
         V.cross_val_iou(A, cc, "mix", np.arange(5))
+
+
+def test_probe_table_columns_on_constructed_data():
+    A, cc, _ = _mix_data(150, 0)
+    A_test, cc_test, y_test = _mix_data(100, 1)
+    noise, noise_test = np.repeat(A[:, 3:4], 6, axis=1), np.repeat(A_test[:, 3:4], 6, axis=1)   # "untrained"
+    t = V.probe_table(A, cc, A_test, cc_test, y_test, ["mix"], noise, noise_test, n_perm=20, q_tail=0.05,
+                      l2=1e-6, max_iter=200)
+    row = t.iloc[0]
+    assert row["iou"] > 0.9 and row["unit_iou"] < 0.5 and row["untrained_iou"] < 0.5
+    assert row["oracle_iou"] == pytest.approx(1.0) and row["oracle_iou"] >= row["iou"]
+    assert (row["n_train"], row["n_test"]) == (150, 100)
+    with pytest.raises(InvalidParameterError, match="concept"):
+        V.probe_table(A, cc, A_test, cc_test, y_test, ["mix", "nope"], n_perm=0)

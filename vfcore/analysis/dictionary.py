@@ -153,7 +153,9 @@ def direction_scores(A, directions) -> np.ndarray:
 
 
 def nmf_scores(A, atoms, n_iter: int = 200, seed: int = 0) -> np.ndarray:
-    """S [N, J, cells]: the NMF codes (:func:`nmf_codes`) of every cell of A [N, K, cells]."""
+    """S [N, J, cells]: the NMF codes (:func:`nmf_codes`) of every cell of A [N, K, cells]. Cost
+    grows with J^2: for 316 vertebrae x 8^3 cells and 200 iterations about 40 s at J = 128,
+    a few seconds at J = 32 (one thread, measured on the phantom run)."""
     A = check_activations(A)
     U = nmf_codes(cell_vectors(A), atoms, n_iter, seed)
     return np.ascontiguousarray(U.reshape(A.shape[0], A.shape[2], -1).transpose(0, 2, 1))

@@ -167,13 +167,21 @@ def best_cut(scores, count, cell_volume: int, total: int | None = None) -> tuple
     return float((sorted_s[m] + below) / 2), float(iou[m])
 
 
-def oracle_iou(counts: ConceptCounts, concept: str) -> float:
-    """The largest set IoU any block mask on this grid can reach: the cells chosen knowing the
-    concept (most concept voxels first), the ceiling of every unit, probe and direction."""
+def oracle_mask(counts: ConceptCounts, concept: str) -> np.ndarray:
+    """[N, cells] bool: the block mask with the largest set IoU any mask on this grid can reach,
+    the cells chosen *knowing* the concept (most concept voxels first; :func:`best_cut` of the
+    counts themselves): the ceiling of every unit, probe and direction."""
     j = concept_index(counts, concept)
     c = counts.counts[:, :, j]
-    return float(_iou_curve(c.astype(np.float64).ravel(), c.ravel(), int(counts.totals[:, j].sum()),
-                            counts.cell_volume)[1].max())
+    theta, _ = best_cut(c, c, counts.cell_volume, int(counts.totals[:, j].sum()))
+    return c > theta
+
+
+def oracle_iou(counts: ConceptCounts, concept: str) -> float:
+    """The set IoU of :func:`oracle_mask`."""
+    j = concept_index(counts, concept)
+    return _set_iou(oracle_mask(counts, concept), counts.counts[:, :, j], int(counts.totals[:, j].sum()),
+                    counts.cell_volume)
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,7 +378,10 @@ def probe_table(A_train, counts_train: ConceptCounts, A_test, counts_test: Conce
     ``unit``, ``unit_train_iou``, ``unit_iou``, ``unit_p``: the best single unit chosen on the
     training split, its mask on the held-out set at the held-out T_k (as dissected);
     ``untrained_iou``/``untrained_p``: the same probe on the untrained network's activations (if
-    given); ``oracle_iou``: the ceiling of block masks; ``n_train``, ``n_test``.
+    given); ``oracle_iou``: the ceiling of block masks (:func:`oracle_mask`) and
+    ``oracle_shuffled_iou`` its same-class shuffle: even the perfect mask beats its shuffle only
+    by oracle_iou / oracle_shuffled_iou where a concept sits in the same place in every
+    vertebra of a class; ``train_iou``/``threshold`` of the probe; ``n_train``, ``n_test``.
     """
     A_train, A_test = check_activations(A_train, counts_train, "A_train"), check_activations(A_test, counts_test, "A_test")
     for c in concepts:          # unknown names raise before any fit
@@ -380,6 +391,8 @@ def probe_table(A_train, counts_train: ConceptCounts, A_test, counts_test: Conce
     train_units = unit_alignment(A_train, counts_train, q_tail)
     picks = [int(np.argmax(train_units.iou[:, counts_train.names.index(c)])) for c in concepts]
     al_units = unit_alignment(A_test, counts_test, q_tail, labels_test, n_perm, seed, units=picks)
+    al_oracle = mask_alignment(np.stack([oracle_mask(counts_test, c) for c in concepts], axis=1), counts_test,
+                               labels_test, n_perm, seed)
     rows = []
     for i, c in enumerate(concepts):
         j = counts_test.names.index(c)
@@ -388,7 +401,9 @@ def probe_table(A_train, counts_train: ConceptCounts, A_test, counts_test: Conce
                      "unit": picks[i], "unit_train_iou": train_units.iou[picks[i], counts_train.names.index(c)],
                      "unit_iou": al_units.iou[i, j],
                      "unit_p": al_units.p[i, j] if al_units.p is not None else np.nan,
-                     "oracle_iou": oracle_iou(counts_test, c), "train_iou": probes[i].train_iou,
+                     "oracle_iou": al_oracle.iou[i, j],
+                     "oracle_shuffled_iou": al_oracle.null_iou[i, j] if al_oracle.null_iou is not None else np.nan,
+                     "train_iou": probes[i].train_iou,
                      "threshold": probes[i].threshold})
     table = pd.DataFrame(rows)
     if A_train_untrained is not None and A_test_untrained is not None:
