@@ -6,6 +6,10 @@ reverse):
 
 * :mod:`~vfcore.analysis.alignment`: do the units detect the concepts we think? NetDissect's
   IoU between unit masks M_k and concept masks, with a same-class shuffle and controls;
+* :mod:`~vfcore.analysis.directions`: is a concept a linear read-out of many units (Net2Vec
+  probes fitted on the training split, scored like units on the held-out set)?
+* :mod:`~vfcore.analysis.dictionary`: other bases of the layer (NMF, PCA, random directions),
+  each direction dissected like a unit;
 * :mod:`~vfcore.analysis.ablation`: does the network *use* the top-c_k units? (zero them);
 * :mod:`~vfcore.analysis.looking`: where a unit looks (input gradients of its mask, receptive
   fields) and occlusion;
