@@ -26,6 +26,7 @@ def test_series_runs_end_to_end(executed):
     assert [p.stem for p in notebooks] == [
         "01_preprocessing", "02_training", "03_quantile_thresholding",
         "04_correlation_ranking", "05_concept_explorer", "06_concept_alignment", "07_causal_checks",
+        "08_concept_directions",
     ]
     for path in notebooks:
         nb = nbformat.read(path, as_version=4)
@@ -76,7 +77,7 @@ def test_missing_steps_follow_the_artifacts(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("stem", ["02_training", "03_quantile_thresholding", "04_correlation_ranking",
                                   "05_concept_explorer", "06_concept_alignment",
-                                  "07_causal_checks"])
+                                  "07_causal_checks", "08_concept_directions"])
 def test_a_notebook_opened_alone_builds_its_earlier_steps(tmp_path, stem):
     """A Colab/Binder badge opens one notebook in an empty run folder: it builds the earlier
     notebooks' outputs itself (at test size here) and runs to the end."""

@@ -18,6 +18,7 @@ EXPECTED = [
     "05_concept_explorer",
     "06_concept_alignment",
     "07_causal_checks",
+    "08_concept_directions",
 ]
 
 

@@ -249,3 +249,97 @@ def test_redundancy_or_not():
     assert "suffices" in story.redundancy(0.91, 0.906, 10, 128, 10)
     assert "necessary." not in story.redundancy(0.91, 0.906, 10, 128, 10)
     assert "needs more units" in story.redundancy(0.91, 0.70, 10, 128, 10)
+
+
+# ---- 08 · where the concepts live ---------------------------------------------------------------
+
+def test_direction_vs_unit_both_ways():
+    good = story.direction_vs_unit("fracture-deformity zone", 0.30, 0.10, 0.09, 0.15, 0.004, 316)
+    assert "3.0x the best single unit" in good and "3.3x the same read-out of an untrained" in good
+    assert "marks this vertebra's" in good and "p = 0.004" in good and "n = 316" in good
+    bad = story.direction_vs_unit("fracture-deformity zone", 0.10, 0.12, 0.11, 0.10, 0.4, 316)
+    assert "no more than the best single unit" in bad and "untrained network's read-out gets as much" in bad
+    assert "does not beat the same-class shuffle" in bad and "p = 0.400" in bad
+    # a p exactly at the rule fails and is printed so
+    assert "does not beat" in story.direction_vs_unit("x", 0.3, 0.1, 0.1, 0.1, 0.010, 10)
+
+
+def test_units_needed_spread_single_or_none():
+    ks, curve = [1, 10, 30, 128], [0.01, 0.05, 0.15, 0.20]
+    text = story.units_needed("zone", ks, curve, 0.02)
+    assert "Half of the full direction's IoU takes 30 units, 90 % takes 128" in text and "spread over many" in text
+    one = story.units_needed("zone", ks, [0.15, 0.18, 0.19, 0.2], 0.15)
+    assert "takes 1 unit," in one and "one unit carries most" in one
+    assert "No read-out" in story.units_needed("zone", ks, [0, 0, 0, 0], 0.0)
+
+
+def test_basis_detectors_units_best_or_another():
+    sizes = {"units, trained": 128, "NMF (128 atoms), trained": 128, "random (128), trained": 128,
+             "units, untrained": 128, "NMF (128 atoms), untrained": 128, "random (128), untrained": 128}
+    units_best = {"units, trained": 26, "NMF (128 atoms), trained": 10, "random (128), trained": 5,
+                  "units, untrained": 3, "NMF (128 atoms), untrained": 2, "random (128), untrained": 1}
+    text = story.basis_detectors(units_best, sizes)
+    assert "units: 26 of 128 (untrained 3)" in text and "No other basis finds clearly more" in text
+    assert "Random directions" not in text            # 4 % against 20 %: random directions are no match here
+    nmf_best = dict(units_best, **{"NMF (128 atoms), trained": 40})
+    assert "NMF (128 atoms) finds clearly more per direction (31% against 20% of the units)" in story.basis_detectors(nmf_best, sizes)
+    # this run's case: 7 of 32 atoms (22 %) is not clearly more than 26 of 128 units (20 %); random finds 25 of 128
+    run = dict(units_best, **{"NMF (128 atoms), trained": 7, "random (128), trained": 25})
+    text = story.basis_detectors(run, dict(sizes, **{"NMF (128 atoms), trained": 32}))
+    assert "No other basis finds clearly more" in text and "training, not the basis (the untrained network's bases: 3 at most)" in text
+
+
+def _tcav_table(rows, rule="two-sided t-test, Bonferroni over 3 concepts, significant if p < 0.05"):
+    import pandas as pd
+    t = pd.DataFrame(rows, columns=["concept", "n", "mean", "random_mean", "significant", "significant_untrained", "reason"])
+    t["mean_untrained"], t["random_mean_untrained"] = t["mean"], t["random_mean"]   # same sign as trained
+    t.attrs["rule"] = rule
+    return t
+
+
+def test_tcav_verdict_expected_or_not():
+    t = _tcav_table([("fracture-deformity zone", 82, 0.98, 0.52, True, False, ""),
+                     ("sclerotic condensation band", 69, 0.97, 0.53, True, False, ""),
+                     ("outside the scan", 16, 0.55, 0.52, False, False, ""),
+                     ("Schmorl node", 0, float("nan"), float("nan"), False, False, "too few examples")])
+    text = story.tcav_verdict(t, ["fracture-deformity zone", "sclerotic condensation band"])
+    assert "raising the fracture logit: fracture-deformity zone, sclerotic condensation band" in text
+    assert "2 of 2 fracture signs do, and 'outside the scan' is not significant" in text
+    assert "none of the raising concepts raises the logit significantly" in text and "Schmorl" not in text
+    t2 = _tcav_table([("fracture-deformity zone", 82, 0.10, 0.52, True, True, ""),
+                      ("outside the scan", 16, 0.70, 0.50, True, True, "")])
+    text = story.tcav_verdict(t2, ["fracture-deformity zone", "sclerotic condensation band"])
+    assert "lowering it: fracture-deformity zone" in text and "0 of 1 fracture signs do" in text
+    assert "'outside the scan' is significant too" in text and "CAVs raise the logit significantly for outside the scan" in text
+    t2.loc[1, "mean_untrained"] = 0.2       # significant in the untrained network, but lowering: not the same
+    assert "none of the raising concepts raises" in story.tcav_verdict(t2, ["fracture-deformity zone"])
+
+
+def test_twin_drop_all_most_or_few():
+    assert "the network's evidence is the fracture" in story.twin_drop([-0.5] * 30, 30)
+    most = story.twin_drop([-0.5] * 28 + [0.05, 0.02], 20)
+    assert "28 of 30 (93 %)" in most and "most of the evidence" in most and "range -0.50 to +0.05" in most
+    few = story.twin_drop([-0.5] * 5 + [0.1] * 5, 3)
+    assert "not (only) the fracture" in few and "a handful" in few
+    assert "not measured" in story.twin_drop([], 0)
+
+
+def test_ranking_grades_names_the_costliest_or_none():
+    import pandas as pd
+    g = pd.DataFrame([{"ranking": "Eq. 1 (c_k)", "top units": "1, 2", "detectors": 2, "AUC, zeroed": 0.95},
+                      {"ranking": "healed twins", "top units": "3, 4", "detectors": 3, "AUC, zeroed": 0.80},
+                      {"ranking": "random 10 units", "top units": "", "detectors": 2.0, "AUC, zeroed": 0.96}])
+    text = story.ranking_grades(g, 10, 2.0, 0.97)
+    assert "Eq. 1 (c_k) 2, healed twins 3" in text and "Removing the healed twins units costs the most AUC (0.170)" in text
+    g.loc[1, "AUC, zeroed"] = 0.955
+    assert "No ranking's top 10 costs clearly more" in story.ranking_grades(g, 10, 2.0, 0.97)
+
+
+def test_tcav_verdict_reads_an_object_column_with_untested_rows():
+    # after a merge, 'significant' holds True/False objects and NaN for untested rows: ~ on it would give -2/-1
+    t = _tcav_table([("fracture-deformity zone", 82, 0.98, 0.52, True, False, ""),
+                     ("outside the scan", 16, 0.50, 0.50, False, float("nan"), ""),
+                     ("Schmorl node", None, None, None, float("nan"), float("nan"), "too few examples")])
+    t["significant"] = t["significant"].astype(object)
+    text = story.tcav_verdict(t, ["fracture-deformity zone"])
+    assert "raising the fracture logit: fracture-deformity zone;" in text and "not significant: outside the scan." in text

@@ -30,6 +30,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "explorer": ("manifest", "checkpoint", "dissection_meta", "exemplars"),
     "alignment": ("manifest", "checkpoint", "dissection_meta", "exemplars"),
     "causal": ("manifest", "checkpoint", "dissection_meta", "exemplars"),
+    "directions": ("manifest", "checkpoint", "dissection_meta", "exemplars"),
 }
 
 #: The stages that make artifacts, in the order they must run.

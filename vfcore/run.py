@@ -11,6 +11,7 @@ A run folder (e.g. ``runs/phantom/``) holds everything one pass through the cour
     dissection/units.csv     the exported units (collages/, nifti/)  notebook 04
     concepts.json            the student's concept dictionary       notebook 05
     alignment/               concept alignment and controls         notebook 06 (ablation.csv: 07)
+    directions/              probes, bases, TCAV, healed twins       notebook 08
     notebooks/               executed copies of the notebooks       `vfcore run-notebooks`
 
 No other module spells these paths or the notebook names: they ask a :class:`RunFolder`.
@@ -41,6 +42,7 @@ NOTEBOOKS: dict[str, str] = {
     "explorer": "05_concept_explorer",
     "alignment": "06_concept_alignment",
     "causal": "07_causal_checks",
+    "directions": "08_concept_directions",
 }
 
 
@@ -78,6 +80,7 @@ ARTIFACTS: dict[str, Artifact] = {
     "alignment": Artifact("alignment", "the concept alignment", "alignment"),
     "alignment_units": Artifact("alignment/units.csv", "the measured concept of every unit",
                                 "alignment"),
+    "directions": Artifact("directions", "concept directions, TCAV and healed twins", "directions"),
     "notebooks": Artifact("notebooks", "the executed notebooks", "preprocessing", "vfcore run-notebooks"),
 }
 

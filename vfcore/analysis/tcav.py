@@ -354,7 +354,7 @@ def run_tcav(run_dir, model: torch.nn.Module | None = None, concepts: Sequence[s
              counts: ConceptCounts | None = None, tp_counts: ConceptCounts | None = None, local: bool = True,
              within: str | None = None, vertebra_sets: Mapping[str, np.ndarray] | None = None,
              n_runs: int = N_RUNS, n_examples: int = 100, min_share: float = MIN_SHARE, seed: int = 0,
-             batch_size: int = 8, **kwargs) -> TcavRun:
+             batch_size: int = 8, train_activations: np.ndarray | None = None, **kwargs) -> TcavRun:
     """TCAV of the fracture logit on a run's dissected true positives, CAVs from its training split.
 
     ``model``: default the run's network (an untrained one of the same preset is the control);
@@ -364,7 +364,8 @@ def run_tcav(run_dir, model: torch.nn.Module | None = None, concepts: Sequence[s
     cell; the default, as an InstanceNorm above the layer cancels a shift at every cell). ``within``:
     negatives and random sets from that concept's cells (:func:`cell_pools`). ``vertebra_sets``
     {name: bool [N_train]} (training rows with the flag): whole vertebrae as examples
-    (:func:`vertebra_pools`; S over every cell). Other arguments: :func:`tcav_test`."""
+    (:func:`vertebra_pools`; S over every cell). ``train_activations``: ``model``'s activations of
+    the training split [N_train, K, *grid], if already computed. Other arguments: :func:`tcav_test`."""
     art, net = load_artifacts(run_dir), load_network(run_dir)
     model, seconds, t = net.model if model is None else model, {}, time.perf_counter()
     tp = np.flatnonzero(art.samples["outcome"].to_numpy() == "TP")
@@ -375,7 +376,14 @@ def run_tcav(run_dir, model: torch.nn.Module | None = None, concepts: Sequence[s
     seconds["gradients"] = time.perf_counter() - t
     t = time.perf_counter()
     train, _, rows = load_split(run_dir, "train")
-    A = layer_activations(model, train, net.layer, net.transform, 2 * batch_size)
+    if train_activations is None:
+        A = layer_activations(model, train, net.layer, net.transform, 2 * batch_size)
+    else:                                            # [N, K, *grid] or [N, K, cells]
+        A = np.asarray(train_activations)
+        if A.shape[0] != len(train) or A[0].size != np.prod(grad.shape[1:]):
+            raise DataValueError("train_activations", f"shape {A.shape}: expected [{len(train)} training vertebrae, "
+                                 f"{', '.join(map(str, grad.shape[1:]))}] (the layer's activations)")
+        A = A.reshape(len(train), *grad.shape[1:])
     seconds["train_activations"] = time.perf_counter() - t
     t = time.perf_counter()
     if vertebra_sets is not None:
