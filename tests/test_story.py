@@ -343,3 +343,10 @@ def test_tcav_verdict_reads_an_object_column_with_untested_rows():
     t["significant"] = t["significant"].astype(object)
     text = story.tcav_verdict(t, ["fracture-deformity zone"])
     assert "raising the fracture logit: fracture-deformity zone;" in text and "not significant: outside the scan." in text
+
+
+def test_direction_layers_dissected_or_below():
+    text = story.direction_layers("zone", {"down_tr512": 0.17, "down_tr256": 0.12}, {"down_tr512": 0.08, "down_tr256": 0.07})
+    assert "down_tr512 0.170 / 0.080, down_tr256 0.120 / 0.070" in text and "the most at the dissected layer down_tr512" in text
+    text = story.direction_layers("zone", {"down_tr512": 0.17, "down_tr256": 0.20}, {"down_tr512": 0.08, "down_tr256": 0.05})
+    assert "more at down_tr256 than at the dissected layer" in text

@@ -482,6 +482,19 @@ def units_needed(concept: str, ks: Sequence[int], ious: Sequence[float], best_un
                    + (f" (the best single unit: {best_unit_iou:.3f})." if best_unit_iou < 0.5 * full else "."))
 
 
+def direction_layers(concept: str, iou: Mapping[str, float], untrained: Mapping[str, float]) -> str:
+    """The concept direction's held-out IoU by layer (the dissected one first), trained / untrained."""
+    if not iou:
+        return ""
+    layers = list(iou)
+    each = ", ".join(f"{l} {iou[l]:.3f} / {untrained.get(l, float('nan')):.3f}" for l in layers)
+    best = max(layers, key=lambda l: iou[l] - untrained.get(l, 0.0))
+    text = f"The {concept} direction by layer, held-out IoU trained / untrained: {each}."
+    if best == layers[0]:
+        return text + f" Training added the most at the dissected layer {layers[0]}."
+    return text + f" Training added more at {best} than at the dissected layer: the concept is read better below it."
+
+
 def basis_detectors(detectors: Mapping[str, int], sizes: Mapping[str, int], margin: float = 0.05) -> str:
     """Detectors per basis of the cell space ('<basis>, trained' / '<basis>, untrained' keys; the first
     trained basis is the units). A basis 'finds more' only with a share of detectors ``margin`` above
