@@ -74,10 +74,22 @@ def test_missing_steps_follow_the_artifacts(tmp_path):
         missing_steps(tmp_path, "09_nothing")
 
 
+#: Notebooks 05-08 need the same earlier steps (vfcore.prerequisites.NEEDS, checked below): 05 builds
+#: them from an empty folder; 06-08 are opened on a copy of a folder holding only those steps (the
+#: build is the same code path; each build at test size costs about two minutes of CI).
+SAME_NEEDS = ["06_concept_alignment", "07_causal_checks", "08_concept_directions"]
+
+
+def test_notebooks_05_to_08_need_the_same_earlier_steps(tmp_path):
+    from vfcore.prerequisites import NEEDS, _stage_key, missing_steps
+    assert len({NEEDS[_stage_key(s)] for s in ["05_concept_explorer", *SAME_NEEDS]}) == 1
+    for stem in SAME_NEEDS:
+        assert missing_steps(tmp_path, stem) == ["preprocessing", "training", "ranking"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stem", ["02_training", "03_quantile_thresholding", "04_correlation_ranking",
-                                  "05_concept_explorer", "06_concept_alignment",
-                                  "07_causal_checks", "08_concept_directions"])
+                                  "05_concept_explorer"])
 def test_a_notebook_opened_alone_builds_its_earlier_steps(tmp_path, stem):
     """A Colab/Binder badge opens one notebook in an empty run folder: it builds the earlier
     notebooks' outputs itself (at test size here) and runs to the end."""
@@ -93,3 +105,29 @@ def test_a_notebook_opened_alone_builds_its_earlier_steps(tmp_path, stem):
     assert f"run folder: {run.resolve()}" in text
     assert "building it with the settings given" in text
     assert (run / "patches" / "manifest.csv").is_file()
+
+
+@pytest.fixture(scope="module")
+def earlier_steps_only(tmp_path_factory):
+    """A run folder holding only what notebooks 05-08 read (built at test size, as opened alone)."""
+    from vfcore.prerequisites import prepare
+    run = tmp_path_factory.mktemp("earlier") / "run"
+    prepare(run, SAME_NEEDS[0], quick=TINY_PREPARE)
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stem", SAME_NEEDS)
+def test_a_notebook_opened_on_its_earlier_steps_runs_to_the_end(earlier_steps_only, tmp_path, stem):
+    """06-08 opened alone, on a copy of a folder with just their earlier steps: they run to the end."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(earlier_steps_only, run)
+    out = run_notebooks(run, only=[stem], parameters={stem: {"PREPARE": TINY_PREPARE}})
+    nb = nbformat.read(out[0], as_version=4)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert not errors, f"{stem}: {errors[0]['ename']}: {errors[0]['evalue']}"
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.get("outputs", []) if o.get("output_type") == "stream")
+    assert f"run folder: {run.resolve()}" in text and "building it" not in text
