@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vfcore.analysis import contrast, story
+from vfcore.analysis import concept_story, contrast, story
 
 
 # ---- formatting -------------------------------------------------------------------------------
@@ -254,23 +254,26 @@ def test_redundancy_or_not():
 # ---- 08 · where the concepts live ---------------------------------------------------------------
 
 def test_direction_vs_unit_both_ways():
-    good = story.direction_vs_unit("fracture-deformity zone", 0.30, 0.10, 0.09, 0.15, 0.004, 316)
+    good = concept_story.direction_vs_unit("fracture-deformity zone", 0.30, 0.10, 0.09, 0.15, 0.004, 316)
     assert "3.0x the best single unit" in good and "3.3x the same read-out of an untrained" in good
-    assert "marks this vertebra's" in good and "p = 0.004" in good and "n = 316" in good
-    bad = story.direction_vs_unit("fracture-deformity zone", 0.10, 0.12, 0.11, 0.10, 0.4, 316)
+    assert "marks this vertebra's" in good and "keeps only 50% of its IoU" in good and "p = 0.004" in good and "n = 316" in good
+    # this run's case: p at the floor of 200 shuffles, but 91 % of the IoU survives the shuffle
+    run = concept_story.direction_vs_unit("zone", 0.173, 0.041, 0.081, 0.157, 1 / 201, 316)
+    assert "the smallest 200 shuffles allow" in run and "91% of its IoU survives" in run and "specific to this vertebra is 0.016" in run
+    bad = concept_story.direction_vs_unit("fracture-deformity zone", 0.10, 0.12, 0.11, 0.10, 0.4, 316)
     assert "no more than the best single unit" in bad and "untrained network's read-out gets as much" in bad
     assert "does not beat the same-class shuffle" in bad and "p = 0.400" in bad
     # a p exactly at the rule fails and is printed so
-    assert "does not beat" in story.direction_vs_unit("x", 0.3, 0.1, 0.1, 0.1, 0.010, 10)
+    assert "does not beat" in concept_story.direction_vs_unit("x", 0.3, 0.1, 0.1, 0.1, 0.010, 10)
 
 
 def test_units_needed_spread_single_or_none():
     ks, curve = [1, 10, 30, 128], [0.01, 0.05, 0.15, 0.20]
-    text = story.units_needed("zone", ks, curve, 0.02)
+    text = concept_story.units_needed("zone", ks, curve, 0.02)
     assert "Half of the full direction's IoU takes 30 units, 90 % takes 128" in text and "spread over many" in text
-    one = story.units_needed("zone", ks, [0.15, 0.18, 0.19, 0.2], 0.15)
+    one = concept_story.units_needed("zone", ks, [0.15, 0.18, 0.19, 0.2], 0.15)
     assert "takes 1 unit," in one and "one unit carries most" in one
-    assert "No read-out" in story.units_needed("zone", ks, [0, 0, 0, 0], 0.0)
+    assert "No read-out" in concept_story.units_needed("zone", ks, [0, 0, 0, 0], 0.0)
 
 
 def test_basis_detectors_units_best_or_another():
@@ -278,14 +281,14 @@ def test_basis_detectors_units_best_or_another():
              "units, untrained": 128, "NMF (128 atoms), untrained": 128, "random (128), untrained": 128}
     units_best = {"units, trained": 26, "NMF (128 atoms), trained": 10, "random (128), trained": 5,
                   "units, untrained": 3, "NMF (128 atoms), untrained": 2, "random (128), untrained": 1}
-    text = story.basis_detectors(units_best, sizes)
+    text = concept_story.basis_detectors(units_best, sizes)
     assert "units: 26 of 128 (untrained 3)" in text and "No other basis finds clearly more" in text
     assert "Random directions" not in text            # 4 % against 20 %: random directions are no match here
     nmf_best = dict(units_best, **{"NMF (128 atoms), trained": 40})
-    assert "NMF (128 atoms) finds clearly more per direction (31% against 20% of the units)" in story.basis_detectors(nmf_best, sizes)
+    assert "NMF (128 atoms) finds clearly more per direction (31% against 20% of the units)" in concept_story.basis_detectors(nmf_best, sizes)
     # this run's case: 7 of 32 atoms (22 %) is not clearly more than 26 of 128 units (20 %); random finds 25 of 128
     run = dict(units_best, **{"NMF (128 atoms), trained": 7, "random (128), trained": 25})
-    text = story.basis_detectors(run, dict(sizes, **{"NMF (128 atoms), trained": 32}))
+    text = concept_story.basis_detectors(run, dict(sizes, **{"NMF (128 atoms), trained": 32}))
     assert "No other basis finds clearly more" in text and "training, not the basis (the untrained network's bases: 3 at most)" in text
 
 
@@ -302,26 +305,28 @@ def test_tcav_verdict_expected_or_not():
                      ("sclerotic condensation band", 69, 0.97, 0.53, True, False, ""),
                      ("outside the scan", 16, 0.55, 0.52, False, False, ""),
                      ("Schmorl node", 0, float("nan"), float("nan"), False, False, "too few examples")])
-    text = story.tcav_verdict(t, ["fracture-deformity zone", "sclerotic condensation band"])
+    text = concept_story.tcav_verdict(t, ["fracture-deformity zone", "sclerotic condensation band"])
     assert "raising the fracture logit: fracture-deformity zone, sclerotic condensation band" in text
     assert "2 of 2 fracture signs do, and 'outside the scan' is not significant" in text
-    assert "none of the raising concepts raises the logit significantly" in text and "Schmorl" not in text
+    assert "In the untrained network 0 of 3 are significant (0 raising the logit, 0 lowering it)" in text and "Schmorl" not in text
+    assert "not in the untrained one (the evidence that training made the network use a concept): fracture-deformity zone, sclerotic" in text
     t2 = _tcav_table([("fracture-deformity zone", 82, 0.10, 0.52, True, True, ""),
                       ("outside the scan", 16, 0.70, 0.50, True, True, "")])
-    text = story.tcav_verdict(t2, ["fracture-deformity zone", "sclerotic condensation band"])
+    text = concept_story.tcav_verdict(t2, ["fracture-deformity zone", "sclerotic condensation band"])
     assert "lowering it: fracture-deformity zone" in text and "0 of 1 fracture signs do" in text
-    assert "'outside the scan' is significant too" in text and "CAVs raise the logit significantly for outside the scan" in text
-    t2.loc[1, "mean_untrained"] = 0.2       # significant in the untrained network, but lowering: not the same
-    assert "none of the raising concepts raises" in story.tcav_verdict(t2, ["fracture-deformity zone"])
+    assert "'outside the scan' is significant too" in text and "(1 raising the logit, 1 lowering it)" in text
+    assert "training made the network use a concept): none." in text and "local sensitivity over the 16 true positives" in text
+    t2.loc[1, "mean_untrained"] = 0.2       # significant in the untrained network, but lowering: evidence again
+    assert "use a concept): outside the scan." in concept_story.tcav_verdict(t2, ["fracture-deformity zone"])
 
 
 def test_twin_drop_all_most_or_few():
-    assert "the network's evidence is the fracture" in story.twin_drop([-0.5] * 30, 30)
-    most = story.twin_drop([-0.5] * 28 + [0.05, 0.02], 20)
+    assert "the network's evidence is the fracture" in concept_story.twin_drop([-0.5] * 30, 30)
+    most = concept_story.twin_drop([-0.5] * 28 + [0.05, 0.02], 20)
     assert "28 of 30 (93 %)" in most and "most of the evidence" in most and "range -0.50 to +0.05" in most
-    few = story.twin_drop([-0.5] * 5 + [0.1] * 5, 3)
+    few = concept_story.twin_drop([-0.5] * 5 + [0.1] * 5, 3)
     assert "not (only) the fracture" in few and "a handful" in few
-    assert "not measured" in story.twin_drop([], 0)
+    assert "not measured" in concept_story.twin_drop([], 0)
 
 
 def test_ranking_grades_names_the_costliest_or_none():
@@ -329,10 +334,19 @@ def test_ranking_grades_names_the_costliest_or_none():
     g = pd.DataFrame([{"ranking": "Eq. 1 (c_k)", "top units": "1, 2", "detectors": 2, "AUC, zeroed": 0.95},
                       {"ranking": "healed twins", "top units": "3, 4", "detectors": 3, "AUC, zeroed": 0.80},
                       {"ranking": "random 10 units", "top units": "", "detectors": 2.0, "AUC, zeroed": 0.96}])
-    text = story.ranking_grades(g, 10, 2.0, 0.97)
+    text = concept_story.ranking_grades(g, 10, 2.0, 0.97)
     assert "Eq. 1 (c_k) 2, healed twins 3" in text and "Removing the healed twins units costs the most AUC (0.170)" in text
     g.loc[1, "AUC, zeroed"] = 0.955
-    assert "No ranking's top 10 costs clearly more" in story.ranking_grades(g, 10, 2.0, 0.97)
+    assert "No ranking's top 10 costs clearly more" in concept_story.ranking_grades(g, 10, 2.0, 0.97)
+    g["AUC, zeroed"] = [0.926, 0.927, 0.926]      # this run: nothing moves the AUC, random units neither
+    text = concept_story.ranking_grades(g, 10, 2.0, 0.926, overlap={"Eq. 1 (c_k)": [75]})
+    assert "cannot tell the rankings apart" in text and "Units shared with the healed twins top 10: Eq. 1 (c_k) 1 (75)." in text
+
+
+def test_directions_untrained_some_or_none():
+    text = concept_story.directions_untrained(["zone", "vertebral body"], [0.17, 0.45], [0.08, 0.52])
+    assert "For 1 of 2 concepts an untrained network's direction reads as well or better (vertebral body)" in text
+    assert "For all 2 concepts" in concept_story.directions_untrained(["zone", "body"], [0.17, 0.5], [0.08, 0.4])
 
 
 def test_tcav_verdict_reads_an_object_column_with_untested_rows():
@@ -341,12 +355,12 @@ def test_tcav_verdict_reads_an_object_column_with_untested_rows():
                      ("outside the scan", 16, 0.50, 0.50, False, float("nan"), ""),
                      ("Schmorl node", None, None, None, float("nan"), float("nan"), "too few examples")])
     t["significant"] = t["significant"].astype(object)
-    text = story.tcav_verdict(t, ["fracture-deformity zone"])
+    text = concept_story.tcav_verdict(t, ["fracture-deformity zone"])
     assert "raising the fracture logit: fracture-deformity zone;" in text and "not significant: outside the scan." in text
 
 
 def test_direction_layers_dissected_or_below():
-    text = story.direction_layers("zone", {"down_tr512": 0.17, "down_tr256": 0.12}, {"down_tr512": 0.08, "down_tr256": 0.07})
+    text = concept_story.direction_layers("zone", {"down_tr512": 0.17, "down_tr256": 0.12}, {"down_tr512": 0.08, "down_tr256": 0.07})
     assert "down_tr512 0.170 / 0.080, down_tr256 0.120 / 0.070" in text and "the most at the dissected layer down_tr512" in text
-    text = story.direction_layers("zone", {"down_tr512": 0.17, "down_tr256": 0.20}, {"down_tr512": 0.08, "down_tr256": 0.05})
+    text = concept_story.direction_layers("zone", {"down_tr512": 0.17, "down_tr256": 0.20}, {"down_tr512": 0.08, "down_tr256": 0.05})
     assert "more at down_tr256 than at the dissected layer" in text
