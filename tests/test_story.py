@@ -364,3 +364,8 @@ def test_direction_layers_dissected_or_below():
     assert "down_tr512 0.170 / 0.080, down_tr256 0.120 / 0.070" in text and "the most at the dissected layer down_tr512" in text
     text = concept_story.direction_layers("zone", {"down_tr512": 0.17, "down_tr256": 0.20}, {"down_tr512": 0.08, "down_tr256": 0.05})
     assert "more at down_tr256 than at the dissected layer" in text
+
+
+def test_where_method_names_no_best_when_all_are_zero():
+    text = story.where_method("Grad-CAM", {"anterior cortex": 0.0, "superior endplate": 0.0})
+    assert "(all 0.000)" in text and "best" not in text
