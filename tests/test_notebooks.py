@@ -74,6 +74,16 @@ def test_missing_steps_follow_the_artifacts(tmp_path):
         missing_steps(tmp_path, "09_nothing")
 
 
+def _printed_without_errors(path, stem: str) -> str:
+    """An executed notebook's printed text, after checking that no cell raised."""
+    nb = nbformat.read(path, as_version=4)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert not errors, f"{stem}: {errors[0]['ename']}: {errors[0]['evalue']}"
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.get("outputs", []) if o.get("output_type") == "stream")
+
+
 #: Notebooks 05-08 need the same earlier steps (vfcore.prerequisites.NEEDS, checked below): 05 builds
 #: them from an empty folder; 06-08 are opened on a copy of a folder holding only those steps (the
 #: build is the same code path; each build at test size costs about two minutes of CI).
@@ -96,12 +106,7 @@ def test_a_notebook_opened_alone_builds_its_earlier_steps(tmp_path, stem):
     run = tmp_path / "fresh"
     own = {"PREPARE": TINY_PREPARE, **TINY_PREPARE.get(stem, {})}   # 02 trains: at test size too
     out = run_notebooks(run, only=[stem], parameters={stem: own})
-    nb = nbformat.read(out[0], as_version=4)
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if o.get("output_type") == "error"]
-    assert not errors, f"{stem}: {errors[0]['ename']}: {errors[0]['evalue']}"
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                   for o in c.get("outputs", []) if o.get("output_type") == "stream")
+    text = _printed_without_errors(out[0], stem)
     assert f"run folder: {run.resolve()}" in text
     assert "building it with the settings given" in text
     assert (run / "patches" / "manifest.csv").is_file()
@@ -124,10 +129,5 @@ def test_a_notebook_opened_on_its_earlier_steps_runs_to_the_end(earlier_steps_on
     run = tmp_path / "run"
     shutil.copytree(earlier_steps_only, run)
     out = run_notebooks(run, only=[stem], parameters={stem: {"PREPARE": TINY_PREPARE}})
-    nb = nbformat.read(out[0], as_version=4)
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if o.get("output_type") == "error"]
-    assert not errors, f"{stem}: {errors[0]['ename']}: {errors[0]['evalue']}"
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                   for o in c.get("outputs", []) if o.get("output_type") == "stream")
+    text = _printed_without_errors(out[0], stem)
     assert f"run folder: {run.resolve()}" in text and "building it" not in text
