@@ -1,4 +1,4 @@
-"""Measurements beyond the paper, one question a module (notebooks 04, 06, 07).
+"""Measurements beyond the paper, one question a module (notebooks 04, 06, 07, 08).
 
 The paper's own method, Sec. 2.2-2.3 (T_k, M_k, E_x, c_k, r_k), is :mod:`vfcore.dissect`; this
 package asks what the paper did not, on top of it (it imports :mod:`vfcore.dissect`, never the
@@ -22,7 +22,8 @@ reverse):
   P(fracture) and each unit change (issue 22);
 * :mod:`~vfcore.analysis.findings`: concept dictionaries and draft findings text;
 * :mod:`~vfcore.analysis.contrast`: c_TP - c_TN and each unit's AUC beside Eq. 1 (notebook 04);
-* :mod:`~vfcore.analysis.story`: the notebooks' run-dependent sentences, for either outcome.
+* :mod:`~vfcore.analysis.story`: the notebooks' run-dependent sentences, for either outcome
+  (notebook 08's in :mod:`~vfcore.analysis.concept_story`).
 
 Import the module of the question, e.g. ``from vfcore.analysis import alignment``. Like
 :mod:`vfcore.dissect`, it draws nothing (notebooks and :mod:`vfcore.viz` draw).
