@@ -9,6 +9,7 @@ import hashlib
 import math
 
 import numpy as np
+import scipy
 import pandas as pd
 import pytest
 import torch
@@ -71,6 +72,14 @@ def _local(scan, mask, frame):
 # The phantom: healing, the twin's voxels, the unchanged renders
 # ------------------------------------------------------------------------------------------
 
+#: numpy and scipy versions with which CROP_SHA256 was checked (Colab's numpy 2.0.2 / scipy 1.13.1 and
+#: 2.4.6 / 1.17.1): the oldest supported (numpy 1.24, scipy 1.10) draw the scan a little differently
+#: (floating-point rounding), so there the checksum cannot say whether the twins changed a render.
+CHECKSUM_VERSIONS = tuple(int(v) for v in np.__version__.split(".")[:2]) >= (2, 0) and \
+    tuple(int(v) for v in scipy.__version__.split(".")[:2]) >= (1, 13)
+
+
+@pytest.mark.skipif(not CHECKSUM_VERSIONS, reason="CROP_SHA256 was recorded with numpy >= 2.0 and scipy >= 1.13")
 def test_unmodified_render_is_unchanged(spec):
     assert _sha(render_scan(spec)) == CROP_SHA256
     heal(spec, HEALS)                                   # healing copies: spec is not changed
