@@ -32,7 +32,7 @@ import torch
 
 from vfcore.analysis.alignment import (ALPHA, FRACTURE_CONCEPTS, IOU_THRESHOLD, N_PERM, Alignment, ConceptCounts,
                                        block_alignment, layer_summary)
-from vfcore.analysis.directions import check_activations
+from vfcore.analysis.directions import cell_vectors, check_activations
 from vfcore.dissect.quantile import Q_TAIL_PAPER, TopQuantile
 from vfcore.errors import DataValueError, InvalidParameterError
 
@@ -42,12 +42,6 @@ N_PCA = 64          # x 2 signs
 N_RANDOM = 128
 #: Rows (cells) of the training split the NMF is fitted on (a seeded sample; all if fewer).
 NMF_ROWS = 20_000
-
-
-def cell_vectors(A) -> np.ndarray:
-    """X [N * cells, K] float32 (row = sample * cells + cell) from A [N, K, cells]."""
-    A = check_activations(A)
-    return np.ascontiguousarray(A.transpose(0, 2, 1)).reshape(-1, A.shape[1])
 
 
 def _check_matrix(X, name: str = "X", nonnegative: bool = False) -> torch.Tensor:
@@ -157,7 +151,7 @@ def nmf_scores(A, atoms, n_iter: int = 200, seed: int = 0) -> np.ndarray:
     grows with J^2: for 316 vertebrae x 8^3 cells and 200 iterations about 40 s at J = 128,
     a few seconds at J = 32 (one thread, measured on the phantom run)."""
     A = check_activations(A)
-    U = nmf_codes(cell_vectors(A), atoms, n_iter, seed)
+    U = nmf_codes(cell_vectors(check_activations(A)), atoms, n_iter, seed)
     return np.ascontiguousarray(U.reshape(A.shape[0], A.shape[2], -1).transpose(0, 2, 1))
 
 

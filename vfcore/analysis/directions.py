@@ -72,6 +72,14 @@ def cell_activations(model: torch.nn.Module, patches, layer: str, transform: Cal
     return A.reshape(A.shape[0], A.shape[1], -1)
 
 
+def cell_vectors(A) -> np.ndarray:
+    """A [N, K, *grid] or [N, K, cells] -> X [N * cells, K]: row i * cells + c is cell c (C order) of
+    sample i, as the rows of ``ConceptCounts.counts.reshape(-1, C)``."""
+    a = np.asarray(A)
+    a = a.reshape(len(a), a.shape[1], -1)
+    return np.ascontiguousarray(a.transpose(0, 2, 1)).reshape(-1, a.shape[1])
+
+
 def check_activations(A, counts: ConceptCounts | None = None, name: str = "A") -> np.ndarray:
     """``A`` as float32 [N, K, cells]; :class:`DataValueError` when it is not 3-D, not finite,
     or does not match ``counts`` (same samples and cells)."""

@@ -33,11 +33,12 @@ from scipy.stats import ttest_ind
 
 from vfcore.analysis.alignment import (CONFOUNDERS, FRACTURE_CONCEPTS, ConceptCounts, RunConcepts,
                                        concept_counts)
+from vfcore.analysis.directions import cell_activations, cell_vectors
 from vfcore.analysis.story import format_p
 from vfcore.data import PatchArray, load_split
 from vfcore.dissect.artifacts import load_artifacts, load_network
 from vfcore.errors import DataValueError, InvalidParameterError
-from vfcore.forward import evaluating, find_layer, forward_batches, model_device
+from vfcore.forward import evaluating, find_layer, model_device
 
 #: Significance level after the Bonferroni correction.
 ALPHA = 0.05
@@ -98,23 +99,6 @@ def layer_gradients(model: torch.nn.Module, patches, layer: str, transform: Call
     if not acts:
         raise DataValueError(None, "patches: no samples")
     return np.concatenate(acts).astype(np.float32), np.concatenate(grads).astype(np.float32)
-
-
-def layer_activations(model: torch.nn.Module, patches, layer: str, transform: Callable | None = None,
-                      batch_size: int = 16) -> np.ndarray:
-    """A [N, K, *grid] float32 of ``layer`` (the forward engine in exact fp32, ``amp=False``)."""
-    out = [b.activations[layer].cpu().numpy() for b in
-           forward_batches(model, patches, [layer], batch_size=batch_size, transform=transform, amp=False)]
-    if not out:
-        raise DataValueError(None, "patches: no samples")
-    return np.concatenate(out)
-
-
-def cell_vectors(A: np.ndarray) -> np.ndarray:
-    """A [N, K, *grid] -> [N * cells, K]: row i * cells + c is cell c (C order) of sample i, as
-    the rows of ``ConceptCounts.counts.reshape(-1, C)``."""
-    a = np.asarray(A).reshape(len(A), np.shape(A)[1], -1)
-    return a.transpose(0, 2, 1).reshape(-1, a.shape[1])
 
 
 def vertebra_vectors(A: np.ndarray) -> np.ndarray:
@@ -377,7 +361,7 @@ def run_tcav(run_dir, model: torch.nn.Module | None = None, concepts: Sequence[s
     t = time.perf_counter()
     train, _, rows = load_split(run_dir, "train")
     if train_activations is None:
-        A = layer_activations(model, train, net.layer, net.transform, 2 * batch_size)
+        A = cell_activations(model, train, net.layer, net.transform, 2 * batch_size).reshape(len(train), *grad.shape[1:])
     else:                                            # [N, K, *grid] or [N, K, cells]
         A = np.asarray(train_activations)
         if A.shape[0] != len(train) or A[0].size != np.prod(grad.shape[1:]):
