@@ -66,7 +66,7 @@ def units_needed(concept: str, ks: Sequence[int], ious: Sequence[float], best_un
             f"Half of the full direction's IoU takes {at(0.5)} unit{'s' if at(0.5) > 1 else ''}, 90 % takes {at(0.9)}")
     if at(0.5) == 1:
         return text + ": one unit carries most of what the direction reads."
-    return text + (f": the concept is spread over many units; no single one reads it"
+    return text + (": the concept is spread over many units; no single one reads it"
                    + (f" (the best single unit: {best_unit_iou:.3f})." if best_unit_iou < 0.5 * full else "."))
 
 
