@@ -525,3 +525,12 @@ def test_draft_finding_names_measured_concepts_or_says_none(tmp_path):
     measured = text.findings_html(data, a)
     assert "notebook 06" in measured
     assert re.search(rf"Evidence: superior endplate \(unit {firing[0]}\)", measured), measured
+
+
+def test_snapshot_title_keeps_the_prediction_and_the_draft_finding_apart(setup):
+    """The widget shows them on two lines (<br>); the snapshot's plain text must not run them together."""
+    app, _, _ = setup
+    app.sample_select.value = 4
+    lines = app.prediction_text.split("\n")
+    assert len(lines) == 2 and lines[1].startswith("Draft finding")
+    assert "<" not in app.prediction_text

@@ -46,7 +46,7 @@ def snapshot_figure(state: ExplorerState, prediction: str = ""):
     else:
         axes[0, 1].axis("off")
         axes[0, 1].text(0.5, 0.5, f"unit {k}: no exemplars", ha="center", va="center")
-    lines = [prediction, state.readout()] if prediction else [state.readout()]
+    lines = [*prediction.split("\n"), state.readout()] if prediction else [state.readout()]
     fig.suptitle("\n".join(textwrap.fill(t, 130) for t in lines), fontsize=9)
     fig.tight_layout()
     return fig

@@ -261,8 +261,8 @@ class Explorer:
 
     @property
     def prediction_text(self) -> str:
-        """The prediction line as plain text."""
-        return html.unescape(_strip_tags(self.prediction.value))
+        """The prediction and draft-finding lines as plain text, one line each."""
+        return html.unescape(_strip_tags(self.prediction.value.replace("<br>", "\n")))
 
     def expected_rgb(self, unit: int | None = None, view: str | None = None, index: int | None = None,
                      mode: str | None = None) -> np.ndarray:
