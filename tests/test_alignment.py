@@ -502,3 +502,15 @@ def test_block_alignment_of_a_run_matches_direct_numpy(tiny_run):  # noqa: F811 
     dense = np.stack([_blocks(d.masks(i, units), b) for i in range(d.n_samples)])
     ref = _direct_iou(dense, [masks[i] for i in range(d.n_samples)], counts.names, field)
     np.testing.assert_allclose(al.iou[units], ref, atol=1e-12)
+
+
+def test_off_target_names_detectors_whose_mask_misses_their_concept_here():
+    from vfcore.analysis.findings import off_target
+    concept = np.zeros((4, 4, 4), bool)
+    concept[0] = True                                    # this vertebra's endplate: the first slab
+    masks = [np.zeros((4, 4, 4), bool) for _ in range(3)]
+    masks[0][0, 0, 0] = True                             # unit 10 touches it
+    masks[1][3, 3, 3] = True                             # unit 11 fires elsewhere
+    masks[2][3, 3, 3] = True                             # unit 12's concept is not on this vertebra
+    dictionary = {10: "superior endplate", 11: "superior endplate", 12: "Schmorl node"}
+    assert off_target([10, 11, 12], masks, {"superior endplate": concept}, dictionary) == [11]

@@ -65,6 +65,16 @@ def _grouped(pairs: Iterable[tuple[str, int]]) -> str:
     return ", ".join(f"{c} ({_unit_list(us)})" for c, us in groups.items())
 
 
+def off_target(units: Sequence[int], unit_masks, concepts: Mapping[str, np.ndarray],
+               dictionary: Mapping[int, str | None]) -> list[int]:
+    """The ``units`` whose concept (``dictionary``; measured over the dissected set) is one of this
+    vertebra's ``concepts`` {name: bool [patch]} but whose mask M_k [patch] here touches none of it:
+    detectors that fire elsewhere on this vertebra (:func:`draft_findings`' ``off_target``).
+    ``unit_masks``: the units' masks in the order of ``units``."""
+    return [int(u) for u, m in zip(units, unit_masks)
+            if dictionary.get(int(u)) in concepts and not (np.asarray(m) & concepts[dictionary[int(u)]]).any()]
+
+
 def draft_findings(level: str, probability: float, r: np.ndarray, dictionary: Mapping[int, str | None], *,
                    n_units: int = 5, threshold: float = 0.5,
                    evidence: Sequence[str] = EVIDENCE, none: str = "no significant concept",

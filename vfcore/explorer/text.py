@@ -9,7 +9,8 @@ import html
 
 import pandas as pd
 
-from vfcore.analysis.findings import draft_findings, student_dictionary
+from vfcore.analysis.alignment import VERTEBRA_FLAGS, patch_concepts
+from vfcore.analysis.findings import draft_findings, off_target, student_dictionary
 from vfcore.dissect.geometry import concept_overlap, vertebra_overlap
 
 from .data import Analysis, RunData, outcome
@@ -56,7 +57,15 @@ def findings_html(data: RunData, a: Analysis) -> str:
         source = "your concept labels; after notebook 06, the concepts it measures"
         none = "no label of yours yet"
     level = str(a.truth["level"]) if a.truth is not None else a.name
-    text = draft_findings(level, a.probability, a.relevance, dictionary, threshold=data.threshold, none=none)
+    off = []
+    if data.measured_concepts is not None and a.concept_patch is not None and a.vertebrae is not None \
+            and a.label is not None:      # phantom: is each measured detector's mask on its concept here?
+        here = patch_concepts(a.concept_patch, a.vertebrae, a.label, data.concept_names)
+        here = {c: m for c, m in here.items() if c not in VERTEBRA_FLAGS.values()}   # flags unknown here
+        shown = [u for u in a.top if u in a.maps]
+        off = off_target(shown, [a.maps[u].mask for u in shown], here, dictionary)
+    text = draft_findings(level, a.probability, a.relevance, dictionary, threshold=data.threshold, none=none,
+                          off_target=off)
     return f"<i>Draft finding ({source}):</i> {html.escape(text)}"
 
 
