@@ -14,7 +14,7 @@ import torch
 from vfcore import dissect as D
 from vfcore.constants import AIR_HU
 from vfcore.export import export_units
-from vfcore.errors import (DataValueError, LayerNotFoundError, MissingArtifactError,
+from vfcore.errors import (DataValueError, InvalidParameterError, LayerNotFoundError, MissingArtifactError,
                            StaleArtifactError)
 
 torch.set_num_threads(1)
@@ -148,10 +148,12 @@ def test_the_buffer_needs_every_promised_sample_and_finite_values():
     bad[3, 1, 2] = np.nan
     with pytest.raises(DataValueError, match="NaN"):
         _stream(bad, 0.01, 7, n_samples=30)
-    with pytest.raises(DataValueError, match="q_tail"):
+    with pytest.raises(InvalidParameterError, match=r"^q_tail must be in \(0, 1\).*; got 1\.5$"):
         D.TopQuantile(1.5, n_samples=30)
-    with pytest.raises(DataValueError, match="n_samples"):
+    with pytest.raises(InvalidParameterError, match=r"^n_samples must be a whole number >= 1; got 0$"):
         D.TopQuantile(0.01, n_samples=0)
+    with pytest.raises(DataValueError, match=r"^TopQuantile\.update: NaN"):     # names the object, not a parameter
+        _stream(bad, 0.01, 7, n_samples=30)
 
 
 def test_sampled_sketch_is_only_approximate():

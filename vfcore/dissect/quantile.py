@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from vfcore.errors import DataValueError, FormatError, StateMismatchError
+from vfcore.errors import DataValueError, FormatError, InvalidParameterError, StateMismatchError
 from vfcore.forward import forward_batches
 
 #: The paper's tail probability: P(a_k > T_k) = 0.005 (Sec. 2.2).
@@ -96,8 +96,8 @@ def numpy_quantile_of_top(top: np.ndarray, n: int, q_tail: float) -> np.ndarray:
 def _check_q(q_tail: float) -> float:
     q = float(q_tail)
     if not 0.0 < q < 1.0:
-        raise DataValueError("q_tail", f"must lie in (0, 1), got {q_tail!r} "
-                             f"(the paper uses {Q_TAIL_PAPER}, the published code {Q_TAIL_PUBLISHED})")
+        raise InvalidParameterError("q_tail", f"in (0, 1) (the paper uses {Q_TAIL_PAPER}, the published "
+                                    f"code {Q_TAIL_PUBLISHED})", q_tail)
     return q
 
 
@@ -105,7 +105,7 @@ def _as_units(acts) -> torch.Tensor:
     """[B, K, *spatial] -> [K, B * positions] (sample-major: index = sample * positions + pos)."""
     a = torch.as_tensor(acts)
     if a.ndim < 2:
-        raise DataValueError("activations", f"expected [batch, units, ...], got shape {tuple(a.shape)}")
+        raise DataValueError("TopQuantile.update", f"expected activations [batch, units, ...], got shape {tuple(a.shape)}")
     if not a.is_floating_point():
         a = a.float()
     b, k = a.shape[:2]
@@ -137,7 +137,7 @@ class TopQuantile:
     def __init__(self, q_tail: float, n_samples: int):
         self.q_tail = _check_q(q_tail)
         if int(n_samples) < 1:
-            raise DataValueError("n_samples", f"must be >= 1, got {n_samples}")
+            raise InvalidParameterError("n_samples", "a whole number >= 1", n_samples)
         self.n_samples_expected = int(n_samples)
         self.capacity: int | None = None  # m, once the positions per sample are known
         self.n_samples = 0          # samples seen
@@ -176,15 +176,15 @@ class TopQuantile:
             self.zeros = torch.zeros(k, dtype=torch.int64, device=flat.device)
             self._size()
         elif (k, positions) != (self.units, self.positions):
-            raise DataValueError("activations", f"batch has {k} units x {positions} positions; "
+            raise DataValueError("TopQuantile.update", f"batch has {k} units x {positions} positions; "
                                  f"earlier batches had {self.units} x {self.positions}")
         if b == 0:
             return
         if self.n_samples + b > self.n_samples_expected:
-            raise DataValueError("activations", f"more samples than n_samples="
+            raise DataValueError("TopQuantile.update", f"more samples than n_samples="
                                  f"{self.n_samples_expected} (the buffer was sized for it)")
         if not torch.isfinite(flat).all():
-            raise DataValueError("activations", "NaN or inf in the activations: T_k is undefined")
+            raise DataValueError("TopQuantile.update", "NaN or inf in the activations: T_k is undefined")
         self._read = {}
         flat = flat.to(self.values.device, self.values.dtype)
         self.min = torch.minimum(self.min, flat.amin(dim=1).double())
