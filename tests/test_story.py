@@ -215,12 +215,14 @@ def test_unit_auc_matches_a_direct_count_and_is_nan_without_a_class():
 
 
 def test_call_caption():
-    s = story.call_caption("FP", 0.613, 0, 0.17, "physiological wedging; degenerated disc above", "T8")
-    assert s == "T8 FP P=0.61\nG0, 17 % loss\nwedge, degen.\u00a0disc"
+    s = story.call_caption("FP", 0.613, 0, 0.17, "physiological wedging; degenerated disc above", "T8",
+                           "sub-phantom012")
+    assert s == "sub-phantom012 T8\nFP P=0.61\nG0, 17 % loss\nwedge, degen.\u00a0disc"
+    assert story.call_caption("FP", 0.613, 0, 0.17, "", "T8").startswith("T8\nFP P=0.61\n")
     assert story.call_caption("FN", 0.2, 1, None, "").endswith("no confounder")
     long = story.call_caption("FP", 0.8, 0, 0.18, "physiological wedging; Schmorl node; degenerated disc; "
                                                    "degenerative endplate sclerosis", "T6")
-    assert all(len(line) <= 26 for line in long.splitlines()[2:]) and long.count("\n") >= 3
+    assert all(len(line) <= 26 for line in long.splitlines()[3:]) and long.count("\n") >= 4
 
 
 def test_fp_units_on_mimics_or_not():

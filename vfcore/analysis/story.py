@@ -377,8 +377,9 @@ def concept_views() -> str:
 
 
 def call_caption(outcome: str, probability: float, grade, height_loss: float | None = None,
-                 confounders: str = "", level: str = "") -> str:
-    """A wrong call's caption: outcome and P, grade and the drawn height loss, what was drawn there."""
+                 confounders: str = "", level: str = "", case: str = "") -> str:
+    """A wrong call's caption: the case and level (as in the table above it), outcome and P, grade
+    and the drawn height loss, what was drawn there."""
     short = {"physiological wedging": "wedge", "degenerated disc": "degen.\u00a0disc", "Schmorl node": "Schmorl",
              "degenerative endplate sclerosis": "sclerosis", "low density": "low density",
              "osteophyte": "osteophyte"}
@@ -392,7 +393,8 @@ def call_caption(outcome: str, probability: float, grade, height_loss: float | N
             if name not in drawn:
                 drawn.append(name)
     what = textwrap.fill(", ".join(drawn), 26) if drawn else "no confounder"
-    return f"{level} {outcome} P={probability:.2f}\n{g}{hl}\n{what}".strip()
+    where = f"{case} {level}".strip()
+    return (f"{where}\n" if where else "") + f"{outcome} P={probability:.2f}\n{g}{hl}\n{what}"
 
 
 #: The phantom's fracture mimics (notebook 01), as concept names.

@@ -274,7 +274,7 @@ def wrong_calls(rows: pd.DataFrame, patches_dir: str | os.PathLike, captions: Se
     n = len(rows)
     cols = min(cols, n)
     nrows = -(-n // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(2.1 * cols + 0.9, 2.85 * nrows), squeeze=False,
+    fig, axes = plt.subplots(nrows, cols, figsize=(2.1 * cols + 0.9, 3.1 * nrows), squeeze=False,
                              layout="constrained")
     mid = size // 2
     for ax in axes.ravel()[n:]:
