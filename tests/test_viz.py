@@ -362,6 +362,28 @@ def test_masks_for_q_letters_hu_and_shared_activation_colorbar(view):
     assert_readable(fig)
 
 
+def test_relevance_row_one_colour_scale_and_slice_numbers():
+    """Two units on different scales share one colour bar (smallest T_k shown .. largest
+    activation shown); each tile names the slice it shows, where its unit fires."""
+    import re
+
+    from vfcore.viz import dissection as vd
+
+    ct = np.zeros((16, 16, 16), dtype=np.int16)
+    a, b = np.zeros((4, 4, 4), np.float32), np.zeros((4, 4, 4), np.float32)
+    a[:2, :2, :2] = 3.0                   # unit 2 fires in the cells that cover voxels 0..7
+    b[2:, 2:, 2:] = 10.0                  # unit 5: voxels 8..15, on a larger scale
+    fig = vd.relevance_row(ct, {2: a, 5: b}, {2: 0.5, 5: 2.0}, [2, 5], {2: 1, 5: 2}, {2: 1.0, 5: 9.0},
+                           (slice(0, 16),) * 3, title="sub-x L1")
+    bars = {ax.get_ylabel(): ax.get_ylim() for ax in fig.axes if ax.get_ylabel()}
+    np.testing.assert_allclose(bars["A_k inside M_k (all units)"], (0.5, 10.0))
+    assert "CT (HU)" in bars
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title().startswith("relevance")]
+    slices = [int(re.search(r"slice (\d+)", t).group(1)) for t in titles]
+    assert slices[0] <= 7 and slices[1] >= 8, titles
+    assert_readable(fig)
+
+
 def test_collage_gallery_and_relevance_row_still_draw():
     """Signatures kept: collage, relevance_row and draw_overlay as notebook 04 calls them."""
     from vfcore.viz import dissection as vd

@@ -287,29 +287,42 @@ def relevance_row(ct: np.ndarray, feature_maps: Mapping[int, np.ndarray], T: Map
     r_k), the slice where each unit's thresholded activation is largest, with its c_k rank.
     ``feature_maps[k]``: unit k's activation on the feature grid for this sample. At most
     ``cols`` tiles a row (2.4 inches each), so 9-pt captions stay readable at notebook width;
-    ``target`` (bool, the patch's shape): the target vertebra, outlined in yellow on every tile."""
+    ``target`` (bool, the patch's shape): the target vertebra, outlined in yellow on every tile.
+    One colour scale for all units (their activation inside M_k, from the smallest T_k shown to
+    the largest activation shown), so colours compare across tiles as r_k does; each tile names
+    its slice."""
     n = len(units)
     n_rows, n_cols = collage_grid(n + 1, cols)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.4 * n_cols, 3.0 * n_rows), squeeze=False)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.4 * n_cols + 1.2, 3.1 * n_rows), squeeze=False,
+                             layout="constrained")
     for ax in axes.ravel():
         ax.axis("off")
     flat = axes.ravel()
     mid = ct.shape[VIEWS[view]] // 2
     flat[0].axis("on")
-    draw_overlay(flat[0], take_slice(ct, view, mid), title=title or "sample", view=view, fontsize=9)
-    for j, (ax, k) in enumerate(zip(flat[1:], units), start=1):
-        ax.axis("on")
+    draw_overlay(flat[0], take_slice(ct, view, mid), title=f"{title or 'sample'}\n{view} slice {mid}", view=view,
+                 fontsize=9)
+    tiles = []
+    for k in units:
         up = upsample_to_patch(feature_maps[k], field, ct.shape)
         mask = patch_mask(M_k(feature_maps[k][None], [T[k]])[0], field, ct.shape)
-        s = best_slice(up, T[k], view, mask)
+        tiles.append((k, up, mask, best_slice(up, T[k], view, mask)))
+    inside = [up[mask] for _, up, mask, _ in tiles if mask.any()]
+    low = min((float(T[k]) for k, *_ in tiles), default=0.0)
+    high = max((float(v.max()) for v in inside), default=low)
+    for j, (ax, (k, up, mask, s)) in enumerate(zip(flat[1:], tiles), start=1):
+        ax.axis("on")
         draw_overlay(ax, take_slice(ct, view, s), take_slice(up, view, s), T[k], "both",
-                     title=f"relevance {j}\nunit {k} (c_k rank {c_rank[k]})\nr_k = {r[k]:.3g}",
-                     mask2d=take_slice(mask, view, s), view=view if j == 1 else None, fontsize=9)
+                     title=f"relevance {j}: unit {k}\nc_k rank {c_rank[k]}, r_k = {r[k]:.3g}\n{view} slice {s}",
+                     mask2d=take_slice(mask, view, s), view=view if j == 1 else None, fontsize=9,
+                     low=low, high=high)
         if target is not None:
             ax.contour(take_slice(np.asarray(target, dtype=float), view, s), [0.5], colors="yellow", linewidths=0.7)
     if target is not None:
         flat[0].contour(take_slice(np.asarray(target, dtype=float), view, mid), [0.5], colors="yellow", linewidths=0.7)
-    fig.tight_layout()
+    if tiles:
+        unit_colorbar(list(axes.ravel()), low, high, label="A_k inside M_k (all units)", fontsize=9)
+    hu_colorbar(list(axes.ravel()), DISPLAY_WINDOW_HU)
     return fig
 
 
