@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))              # the vfcore of this checkout
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from store_helpers import write_store  # noqa: E402
 
