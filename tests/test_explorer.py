@@ -527,6 +527,30 @@ def test_draft_finding_names_measured_concepts_or_says_none(tmp_path):
     assert re.search(rf"Evidence: superior endplate \(unit {firing[0]}\)", measured), measured
 
 
+def test_measured_concepts_of_an_earlier_network_are_not_used(tmp_path):
+    """Notebook 06's table names concepts only for the dissection it was made from: one older
+    than dissection/meta.json (the network was retrained and dissected again) is ignored."""
+    import os
+
+    from vfcore.explorer.data import _measured_concepts
+    from vfcore.run import RunFolder
+
+    run = RunFolder(tmp_path)
+    units, meta = run.path("alignment_units"), run.path("dissection_meta")
+    units.parent.mkdir(parents=True)
+    meta.parent.mkdir(parents=True)
+    units.write_text("unit,concept,detector\n3,superior endplate,True\n4,disc above,False\n")
+    meta.write_text("{}")
+    os.utime(meta, (1_800_000_000, 1_800_000_000))                         # 06 ran on this dissection
+    os.utime(units, (1_900_000_000, 1_900_000_000))
+    assert _measured_concepts(run) == {3: "superior endplate", 4: None}
+    os.utime(meta, (2_000_000_000, 2_000_000_000))                         # dissected again after 06 ran
+    os.utime(units, (1_900_000_000, 1_900_000_000))
+    assert _measured_concepts(run) is None
+    os.utime(units, (2_000_000_100, 2_000_000_100))                        # 06 rerun on it
+    assert _measured_concepts(run) == {3: "superior endplate", 4: None}
+
+
 def test_snapshot_title_keeps_the_prediction_and_the_draft_finding_apart(setup):
     """The widget shows them on two lines (<br>); the snapshot's plain text must not run them together."""
     app, _, _ = setup

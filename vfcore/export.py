@@ -180,9 +180,9 @@ def _export_unit(run_dir: Path, folder: Path, art: DissectionArtifacts, role: st
             vertebrae = _load_patch(run_dir, row.get("mask_path", ""))
             if vertebrae is not None:
                 where.append(vertebra_overlap(mask, vertebrae, int(row["label"])))
-    kind = "true" if role == "tp" else "false"
-    fig = collage(tiles, T, f"unit {unit}: rank {rank} by c_k over {kind} positives (c = {c:.2f}); "
-                            f"exemplars: {SUBSET_NAMES[sub]}", view=view)
+    ranked = (f"rank {rank} by c_k over true positives (c = {c:.2f})" if role == "tp" else
+              f"rank {rank} by c_FP - c_TP (c_FP = {c:.2f})")        # ranking_fp's order (its rank column)
+    fig = collage(tiles, T, f"unit {unit}: {ranked}; exemplars: {SUBSET_NAMES[sub]}", view=view)
     atomic_save(folder / entry["collage"], lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
     plt.close(fig)
     # the gallery's row (Table 2): drawn at about 40 % of its size there, so short, large captions

@@ -239,7 +239,7 @@ def ubiquity(c_tp: Sequence[float], c_tn: Sequence[float], k: int) -> str:
     return (f"Of the top {len(a)} units by c_k, {ubiq} also fire on at least half of the true negatives "
             f"(their c over the true negatives: {b.min():.2f}-{b.max():.2f})"
             + (": Eq. 1 ranks them high because they fire on most vertebrae, fractured or not; how much "
-               "more often they fire on fractures is the contrast below." if ubiq > len(a) / 2 else
+               "more often they fire on fractures is the contrastive ranking c_TP - c_TN (section 1b)." if ubiq > len(a) / 2 else
                ": most are selective for the true positives."))
 
 

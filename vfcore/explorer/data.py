@@ -398,9 +398,12 @@ def _measured_concepts(run: RunFolder) -> dict[int, str | None] | None:
     """unit -> the concept it detects, as notebook 06 measured it on the phantom. Optional:
     notebook 05 never needs a later notebook's output; before notebook 06 has run (or when its
     table cannot be read) this is None and the explorer names units by the student's labels,
-    saying that it shows the measured concepts once notebook 06 has run."""
-    path = run.path("alignment_units")
+    saying that it shows the measured concepts once notebook 06 has run. A table older than the
+    dissection (``dissection/meta.json``: notebook 06 ran on an earlier network) is not used."""
+    path, meta = run.path("alignment_units"), run.path("dissection_meta")
     try:
-        return concept_dictionary(pd.read_csv(path)) if path.is_file() else None
+        if not path.is_file() or (meta.is_file() and path.stat().st_mtime < meta.stat().st_mtime):
+            return None
+        return concept_dictionary(pd.read_csv(path))
     except (OSError, ValueError, KeyError, AttributeError):
         return None

@@ -22,7 +22,7 @@ from vfcore.dissect import VIEWS, M_k, best_slice, patch_mask, upsample_to_patch
 from vfcore.constants import DISPLAY_WINDOW_HU
 
 from .slices import hu_colorbar
-from .units import colour_range, draw_unit, orientation_letters, take_slice, unit_colorbar
+from .units import OVERLAY_TARGET_COLOUR, colour_range, draw_unit, orientation_letters, take_slice, unit_colorbar
 
 #: The smallest font of the notebook-03 panels (pt).
 FONT = 8
@@ -119,7 +119,7 @@ def masks_for_q(ct: np.ndarray, feature_map: np.ndarray, thresholds: Mapping[flo
     smaller mask), each mask upsampled onto the patch (:func:`vfcore.dissect.patch_mask`).
     The CT alone (left, HU colourbar), then one panel per q on one shared A_k colour scale
     (its colourbar right of the last panel); orientation letters on every panel; ``target``
-    (bool, the patch's shape): the target vertebra, outlined in yellow on every panel."""
+    (bool, the patch's shape): the target vertebra, outlined in lime on every panel."""
     qs = sorted(thresholds, reverse=True)
     up = upsample_to_patch(feature_map, field, ct.shape)
     masks = {q: patch_mask(M_k(feature_map[None], [thresholds[q]])[0], field, ct.shape) for q in qs}
@@ -140,7 +140,7 @@ def masks_for_q(ct: np.ndarray, feature_map: np.ndarray, thresholds: Mapping[flo
     for ax in axes:
         orientation_letters(ax, view, fontsize=FONT)
         if target is not None:
-            ax.contour(take_slice(np.asarray(target, dtype=float), view, index), [0.5], colors="yellow",
+            ax.contour(take_slice(np.asarray(target, dtype=float), view, index), [0.5], colors=OVERLAY_TARGET_COLOUR,
                        linewidths=0.7)
     if high > low:
         unit_colorbar(axes[-1], low, high, label="A_k (upsampled)", fontsize=FONT + 1)
@@ -287,7 +287,7 @@ def relevance_row(ct: np.ndarray, feature_maps: Mapping[int, np.ndarray], T: Map
     r_k), the slice where each unit's thresholded activation is largest, with its c_k rank.
     ``feature_maps[k]``: unit k's activation on the feature grid for this sample. At most
     ``cols`` tiles a row (2.4 inches each), so 9-pt captions stay readable at notebook width;
-    ``target`` (bool, the patch's shape): the target vertebra, outlined in yellow on every tile.
+    ``target`` (bool, the patch's shape): the target vertebra, outlined in lime on every tile.
     One colour scale for all units (their activation inside M_k, from the smallest T_k shown to
     the largest activation shown), so colours compare across tiles as r_k does; each tile names
     its slice."""
@@ -317,9 +317,11 @@ def relevance_row(ct: np.ndarray, feature_maps: Mapping[int, np.ndarray], T: Map
                      mask2d=take_slice(mask, view, s), view=view if j == 1 else None, fontsize=9,
                      low=low, high=high)
         if target is not None:
-            ax.contour(take_slice(np.asarray(target, dtype=float), view, s), [0.5], colors="yellow", linewidths=0.7)
+            ax.contour(take_slice(np.asarray(target, dtype=float), view, s), [0.5], colors=OVERLAY_TARGET_COLOUR,
+                       linewidths=0.7)
     if target is not None:
-        flat[0].contour(take_slice(np.asarray(target, dtype=float), view, mid), [0.5], colors="yellow", linewidths=0.7)
+        flat[0].contour(take_slice(np.asarray(target, dtype=float), view, mid), [0.5], colors=OVERLAY_TARGET_COLOUR,
+                        linewidths=0.7)
     if tiles:
         unit_colorbar(list(axes.ravel()), low, high, label="A_k inside M_k (all units)", fontsize=9)
     hu_colorbar(list(axes.ravel()), DISPLAY_WINDOW_HU)

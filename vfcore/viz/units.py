@@ -33,6 +33,9 @@ OVERLAY_ALPHA = 0.5
 CONTOUR_RGB = np.array([0.0, 255.0, 255.0])
 #: The colour map of the overlay: red (lowest activation inside the mask) to yellow (highest).
 UNIT_CMAP = "autumn"
+#: The target vertebra's outline over a unit overlay: not a colour of the red-to-yellow map
+#: (yellow was the map's top: an outline and a strong activation looked the same).
+OVERLAY_TARGET_COLOUR = "lime"
 #: The patient direction each edge of a view's slice faces: (top, bottom, left, right).
 ORIENTATION: dict[str, tuple[str, str, str, str]] = {
     "sagittal": ("S", "I", "A", "P"),
