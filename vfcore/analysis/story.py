@@ -322,7 +322,8 @@ def where_method(name: str, iou: Mapping[str, float], near_zero: float = 0.05) -
     if iou[best] < near_zero:
         return (f"{name} does not locate the fracture: its IoU with every fracture sign is below {near_zero:g} "
                 + (f"(all {iou[best]:.3f})." if round(iou[best], 3) == 0 else f"(best {best}, {iou[best]:.3f})."))
-    strength = "weakly (under twice the line)" if iou[best] < 2 * near_zero else "clearly"
+    strength = (f"weakly (below {2 * near_zero:g}, twice the near-zero line of {near_zero:g})"
+                if iou[best] < 2 * near_zero else "clearly")
     return f"{name} overlaps the fracture signs {strength}: best IoU {iou[best]:.3f} ({best})."
 
 

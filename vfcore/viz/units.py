@@ -114,7 +114,7 @@ def orientation_letters(ax, view: str, fontsize: float = 8, colour: str = "#7fdb
     ax.text(0.985, 0.5, right, ha="right", va="center", **style)
 
 
-def unit_colorbar(ax, low: float, high: float, label: str = "A_k inside M_k", fontsize: float = 7):
+def unit_colorbar(ax, low: float, high: float, label: str = "A_k inside M_k (upsampled)", fontsize: float = 7):
     """A colourbar beside ``ax`` (one axis, or a list of axes that share it) for the overlay's
     scale: red = ``low``, yellow = ``high``."""
     import matplotlib as mpl   # heavy: only the figures load it, the explorer's PNG path never does
