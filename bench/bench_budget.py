@@ -56,23 +56,18 @@ ALTERNATIVES = {
 
 
 def build_store(root: Path, scans: int) -> Path:
-    """Phantom + patches with notebook 01's quick settings and ``scans`` scans; reused if complete."""
+    """Phantom + patches as notebook 01 makes them (``vfcore.prerequisites.prepare``) with the
+    quick settings and ``scans`` scans; reused if complete."""
     from vfcore.notebooks import NOTEBOOKS, QUICK
-    from vfcore.patches import extract_patches
-    from vfcore.phantom import write_phantom_root
-    from vfcore.run import RunFolder
+    from vfcore.prerequisites import prepare
 
     store = root / f"store-{scans}"
     done = store / "timing.json"
     if done.is_file():
         return store
-    p = QUICK[NOTEBOOKS["preprocessing"]]
-    run = RunFolder(store)
+    first = NOTEBOOKS["preprocessing"]
     t0 = time.perf_counter()
-    data = write_phantom_root(run.data, n_scans=scans, seed=0, workers=p["WORKERS"], prevalence=p["PREVALENCE"],
-                              dissect_scans=p["N_DISSECT_SCANS"], dissect_prevalence=p["DISSECT_PREVALENCE"],
-                              dissect_confounders=p["DISSECT_CONFOUNDERS"], progress=False)
-    extract_patches(data, run.root, workers=p["WORKERS"], seed=0, progress=False)
+    prepare(store, "training", quick={**QUICK, first: {**QUICK[first], "N_SCANS": scans}})
     done.write_text(json.dumps({"seconds": time.perf_counter() - t0}))
     return store
 
@@ -142,11 +137,11 @@ def figures(folder: Path, seed: int, layer: str | None) -> dict:
                                             art.field)
     probe = directions.probe_table(A_train, counts_train, A_test, counts, labels, concepts=[CONCEPT],
                                    n_perm=N_PERM, seed=0).iloc[0]
-    metrics = json.loads(run.metrics.read_text())["per_seed"][str(seed)]
+    metrics = json.loads(run.metrics.read_text())
+    test = metrics["per_seed"][str(seed)]
     outcome = samples["outcome"].value_counts()
     return {"seed": seed, "layer": meta["layer"], "grid": "x".join(map(str, d.spatial_shape)), "units": d.n_units,
-            "test_auc": metrics["auc"], "test_f1": metrics["f1"],
-            "n_test": int(json.loads(run.metrics.read_text())["n_test"]),
+            "test_auc": test["auc"], "test_f1": test["f1"], "n_test": int(metrics["n_test"]),
             "n_dissected": int(len(samples)), "tp": int(outcome.get("TP", 0)), "fp": int(outcome.get("FP", 0)),
             "detectors": int(table["detector"].sum()),
             "top10_detectors": int(table.loc[top, "detector"].sum()) if top else None,

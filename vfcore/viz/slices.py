@@ -30,10 +30,8 @@ def hu_colorbar(ax, window: tuple[float, float], label: str = "CT (HU)", fontsiz
     share it): black = ``window[0]``, white = ``window[1]``."""
     import matplotlib as mpl   # heavy: only the figures load it (as vfcore.viz.units)
 
-    axes = list(ax) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
-    axes = [a for a in np.ravel(axes)]
     sm = mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(*window), cmap="gray")
-    bar = axes[0].figure.colorbar(sm, ax=axes if len(axes) > 1 else axes[0], fraction=0.046, pad=0.03)
+    bar = np.ravel(ax)[0].figure.colorbar(sm, ax=ax, fraction=0.046, pad=0.03)   # colorbar takes one or many
     bar.set_label(label, fontsize=fontsize)
     bar.ax.tick_params(labelsize=fontsize)
     return bar

@@ -119,10 +119,9 @@ def unit_colorbar(ax, low: float, high: float, label: str = "A_k inside M_k (ups
     scale: red = ``low``, yellow = ``high``."""
     import matplotlib as mpl   # heavy: only the figures load it, the explorer's PNG path never does
 
-    axes = [a for a in np.ravel(ax)] if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
     high = high if high > low else low + 1e-6
     sm = mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(low, high), cmap=UNIT_CMAP)
-    bar = axes[0].figure.colorbar(sm, ax=axes if len(axes) > 1 else axes[0], fraction=0.046, pad=0.03)
+    bar = np.ravel(ax)[0].figure.colorbar(sm, ax=ax, fraction=0.046, pad=0.03)   # colorbar takes one or many
     bar.set_label(label, fontsize=fontsize)
     bar.ax.tick_params(labelsize=fontsize - 1)
     return bar
